@@ -1,0 +1,1 @@
+"""Calibration: observers (range estimators) and calibration data (raw files, images, arrays)."""

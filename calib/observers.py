@@ -1,0 +1,297 @@
+"""Observers: estimate the range [min, max] a tensor should be quantized over.
+
+An observer sees calibration batches through :meth:`Observer.update` and turns what it saw into a
+range (per tensor, or per channel along ``axis``). The range becomes a scale and zero point in
+exactly one place, :func:`deployq.qformula.qparams_from_range`.
+
+| name          | range                                                                          |
+|---------------|--------------------------------------------------------------------------------|
+| ``minmax``    | smallest and largest value seen                                                |
+| ``ema_minmax``| exponential moving average of per-batch min / max (``momentum``)              |
+| ``percentile``| the ``lower`` / ``upper`` percentiles (default 0.01 / 99.99; the thesis drops 3%) |
+| ``mse``       | the clipping range, shrunk from min/max, that minimizes quantization MSE       |
+| ``kl``        | the clipping threshold minimizing KL(P || Q) of the histogram (TensorRT entropy) |
+
+Histogram-based observers keep ``bins`` counts per channel over a range that grows with the data;
+when a batch falls outside, the old counts are re-binned by interpolating their cumulative sum.
+NaN / Inf in a batch, an observer that saw nothing, and a range of zero width are errors that
+name the quant point.
+"""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+import torch
+
+from deployq.qformula import qparams_from_range
+from deployq.qspec import QuantSpec
+from deployq.registry import Registry
+
+OBSERVERS: Registry[type["Observer"]] = Registry("observer")
+
+
+def _per_channel_view(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """(C, N) view of `x` (C = 1 per tensor), float32 on the CPU."""
+    x = x.detach().float()
+    if axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+class Observer:
+    """Base class. Subclasses implement `_update(x2d)` and `_range()` (numpy arrays of shape C)."""
+
+    def __init__(self, spec: QuantSpec, axis: int | None, name: str) -> None:
+        self.spec = spec
+        self.axis = axis if spec.per_channel else None
+        self.name = name
+        self.batches = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        x2d = _per_channel_view(x, self.axis)
+        if not torch.isfinite(x2d).all():
+            bad = int((~torch.isfinite(x2d)).sum())
+            raise ValueError(
+                f"{self.name}: calibration batch {self.batches + 1} has {bad} NaN/Inf values; "
+                "check the input data and the float model"
+            )
+        self._update(x2d)
+        self.batches += 1
+
+    def compute_range(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.batches == 0:
+            raise ValueError(
+                f"{self.name}: no calibration data reached this quant point (empty calibration "
+                "set, or a branch the calibration inputs never take)"
+            )
+        lo, hi = self._range()
+        if self.axis is None:
+            return np.asarray(lo).reshape(()), np.asarray(hi).reshape(())
+        return np.asarray(lo), np.asarray(hi)
+
+    def qparams(self) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.compute_range()
+        return qparams_from_range(lo, hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric, self.name)
+
+    def _update(self, x2d: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _range(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+@OBSERVERS.register("minmax")
+class MinMaxObserver(Observer):
+    def __init__(self, spec: QuantSpec, axis: int | None, name: str) -> None:
+        super().__init__(spec, axis, name)
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+
+    def _update(self, x2d: torch.Tensor) -> None:
+        lo, hi = x2d.amin(dim=1), x2d.amax(dim=1)
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+
+    def _range(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.min.double().numpy(), self.max.double().numpy()
+
+
+@OBSERVERS.register("ema_minmax")
+class EMAMinMaxObserver(MinMaxObserver):
+    """min/max tracked as m ← momentum·m + (1 − momentum)·batch (the first batch initializes)."""
+
+    def __init__(self, spec: QuantSpec, axis: int | None, name: str, momentum: float = 0.9) -> None:
+        super().__init__(spec, axis, name)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"{name}: ema_minmax momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+
+    def _update(self, x2d: torch.Tensor) -> None:
+        lo, hi = x2d.amin(dim=1), x2d.amax(dim=1)
+        if self.min is None:
+            self.min, self.max = lo, hi
+        else:
+            m = self.momentum
+            self.min = m * self.min + (1 - m) * lo
+            self.max = m * self.max + (1 - m) * hi
+
+
+class _Histogram:
+    """Per-channel histograms with `bins` equal bins over a range [lo, hi] that grows with the data."""
+
+    def __init__(self, bins: int) -> None:
+        if bins < 16:
+            raise ValueError(f"histogram needs at least 16 bins, got {bins}")
+        self.bins = bins
+        self.counts: np.ndarray | None = None  # (C, bins) float64
+        self.lo: np.ndarray | None = None  # histogram range, per channel
+        self.hi: np.ndarray | None = None
+        self.data_lo: np.ndarray | None = None  # exact extremes of the data
+        self.data_hi: np.ndarray | None = None
+
+    def add(self, x2d: torch.Tensor) -> None:
+        blo = x2d.amin(dim=1).double().numpy()
+        bhi = x2d.amax(dim=1).double().numpy()
+        if self.counts is None:
+            self.data_lo, self.data_hi = blo, bhi
+            self.lo, self.hi = blo, np.where(bhi > blo, bhi, blo + 1e-12)
+            self.counts = np.zeros((x2d.shape[0], self.bins))
+        elif np.any(blo < self.lo) or np.any(bhi > self.hi):
+            self._rebin(np.minimum(self.lo, blo), np.maximum(self.hi, bhi))
+        self.data_lo, self.data_hi = np.minimum(self.data_lo, blo), np.maximum(self.data_hi, bhi)
+        lo = torch.from_numpy(self.lo).float()[:, None]
+        width = torch.from_numpy((self.hi - self.lo) / self.bins).float()[:, None]
+        idx = torch.clamp(((x2d - lo) / width).floor().long(), 0, self.bins - 1)
+        offsets = torch.arange(x2d.shape[0])[:, None] * self.bins
+        counts = torch.bincount((idx + offsets).reshape(-1), minlength=x2d.shape[0] * self.bins)
+        self.counts += counts.reshape(x2d.shape[0], self.bins).double().numpy()
+
+    def _rebin(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        new = np.zeros_like(self.counts)
+        for c in range(self.counts.shape[0]):
+            old_edges = np.linspace(self.lo[c], self.hi[c], self.bins + 1)
+            cdf = np.concatenate([[0.0], np.cumsum(self.counts[c])])
+            new_edges = np.linspace(lo[c], hi[c], self.bins + 1)
+            new[c] = np.diff(np.interp(new_edges, old_edges, cdf))
+        self.counts, self.lo, self.hi = new, lo, hi
+
+    def edges(self, c: int) -> np.ndarray:
+        return np.linspace(self.lo[c], self.hi[c], self.bins + 1)
+
+    def centers(self, c: int) -> np.ndarray:
+        e = self.edges(c)
+        return (e[:-1] + e[1:]) / 2
+
+    def quantile(self, c: int, q: float) -> float:
+        cdf = np.concatenate([[0.0], np.cumsum(self.counts[c])])
+        return float(np.interp(q * cdf[-1], cdf, self.edges(c)))
+
+
+class _HistogramObserver(Observer):
+    def __init__(self, spec: QuantSpec, axis: int | None, name: str, bins: int = 2048) -> None:
+        super().__init__(spec, axis, name)
+        self.hist = _Histogram(bins)
+
+    def _update(self, x2d: torch.Tensor) -> None:
+        self.hist.add(x2d)
+
+    def _range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel; a channel whose every value was the same keeps that (zero-width) range."""
+        h = self.hist
+        pairs = [(h.data_lo[c], h.data_hi[c]) if h.data_lo[c] == h.data_hi[c] else self._channel_range(c)
+                 for c in range(h.counts.shape[0])]
+        return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+    def _channel_range(self, c: int) -> tuple[float, float]:
+        raise NotImplementedError
+
+
+@OBSERVERS.register("percentile")
+class PercentileObserver(_HistogramObserver):
+    """Range between the `lower` and `upper` percentiles (in %) of everything seen."""
+
+    def __init__(self, spec: QuantSpec, axis: int | None, name: str, lower: float = 0.01,
+                 upper: float = 99.99, bins: int = 2048) -> None:
+        super().__init__(spec, axis, name, bins)
+        if not 0.0 <= lower < upper <= 100.0:
+            raise ValueError(f"{name}: percentile needs 0 <= lower < upper <= 100, got {lower}, {upper}")
+        self.lower, self.upper = lower, upper
+
+    def _channel_range(self, c: int) -> tuple[float, float]:
+        return self.hist.quantile(c, self.lower / 100), self.hist.quantile(c, self.upper / 100)
+
+
+def _fake_quant_error(centers: np.ndarray, counts: np.ndarray, lo: float, hi: float,
+                      spec: QuantSpec) -> float:
+    """Σ count · (x̂ − x)² of the bin centers quantized over [lo, hi] (the histogram's MSE)."""
+    try:
+        scale, zp = qparams_from_range(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
+    except ValueError:
+        return math.inf
+    s, z = float(scale), float(zp)
+    q = np.clip(np.rint(centers / s) + z, spec.qmin, spec.qmax)
+    return float(np.sum(counts * ((q - z) * s - centers) ** 2))
+
+
+@OBSERVERS.register("mse")
+class MSEObserver(_HistogramObserver):
+    """Clipping range [t·min, t·max], t searched on a grid in [`min_ratio`, 1], minimizing MSE."""
+
+    def __init__(self, spec: QuantSpec, axis: int | None, name: str, steps: int = 100,
+                 min_ratio: float = 0.2, bins: int = 2048) -> None:
+        super().__init__(spec, axis, name, bins)
+        self.ratios = np.linspace(min_ratio, 1.0, steps)
+
+    def _channel_range(self, c: int) -> tuple[float, float]:
+        centers, counts = self.hist.centers(c), self.hist.counts[c]
+        lo, hi = float(self.hist.lo[c]), float(self.hist.hi[c])
+        errors = [_fake_quant_error(centers, counts, t * lo, t * hi, self.spec) for t in self.ratios]
+        t = float(self.ratios[int(np.argmin(errors))])
+        return t * lo, t * hi
+
+
+def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+@OBSERVERS.register("kl")
+class KLObserver(_HistogramObserver):
+    """TensorRT-style entropy calibration on the histogram of |x|.
+
+    For each candidate threshold T (a bin edge), P is the histogram clipped at T (outliers added to
+    the last bin) and Q is P merged into as many levels as the code has on one side and spread back
+    over the non-empty bins; the threshold with the smallest KL(P || Q) wins. The range is then
+    [max(min, −T), min(max, T)]. At widths with more levels than bins, clipping cannot help and
+    the full range is used.
+    """
+
+    def __init__(self, spec: QuantSpec, axis: int | None, name: str, bins: int = 2048) -> None:
+        super().__init__(spec, axis, name, bins)
+        self.min = MinMaxObserver(spec, axis, name)
+
+    def _update(self, x2d: torch.Tensor) -> None:
+        self.min._update(x2d)
+        self.hist.add(x2d.abs())
+
+    def _range(self) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self._channel_range(c) for c in range(self.hist.counts.shape[0])]
+        return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+    def _channel_range(self, c: int) -> tuple[float, float]:
+        lo, hi = float(self.min.min[c]), float(self.min.max[c])
+        if lo == hi:
+            return lo, hi
+        levels = self.spec.qmax + 1 if self.spec.signed or self.spec.symmetric else (self.spec.qmax + 1) // 2
+        counts = self.hist.counts[c]
+        bins = len(counts)
+        if levels * 2 > bins or counts.sum() == 0:
+            return lo, hi
+        best_i, best_kl = bins, math.inf
+        for i in range(levels, bins + 1, max(1, (bins - levels) // 256)):
+            p = counts[:i].copy()
+            p[-1] += counts[i:].sum()
+            chunks = np.array_split(np.arange(i), levels)
+            q = np.zeros(i)
+            for idx in chunks:
+                nonzero = counts[idx] > 0
+                if nonzero.any():
+                    q[idx[nonzero]] = counts[idx].sum() / nonzero.sum()
+            if q[p > 0].min(initial=1.0) <= 0:
+                continue
+            kl = _kl_divergence(p / p.sum(), q / q.sum())
+            if kl < best_kl:
+                best_i, best_kl = i, kl
+        threshold = float(self.hist.edges(c)[best_i])
+        return max(lo, -threshold), min(hi, threshold)
+
+
+def create_observer(spec: QuantSpec, axis: int | None, name: str) -> Observer:
+    cls = OBSERVERS.get(spec.observer)
+    try:
+        return cls(spec, axis, name, **dict(spec.observer_args))
+    except TypeError as err:
+        raise ValueError(f"{name}: bad observer_args for {spec.observer!r}: {err}") from None

@@ -1,0 +1,194 @@
+"""deployq checkpoints: weights + quant config + learned qparams + input spec + model factory.
+
+A checkpoint is a dict of plain types and tensors saved with ``torch.save`` and read back with
+``torch.load(..., weights_only=True)``: nothing in the file is unpickled as code. The model is
+rebuilt by calling its factory (``package.module:function`` with JSON-able kwargs) and
+:func:`deployq.prepare`; a factory is imported only if it lives inside deployq or the caller
+names it explicitly (``--model``).
+
+    {"format": "deployq-checkpoint", "version": 1, "deployq_version": "0.1.0",
+     "factory": "deployq.examples.lowlight.model:build", "factory_kwargs": {"width": 8},
+     "inputs": [{"name": "x", "shape": [1, 4, 64, 64], "dtype": "float32"}],
+     "config": {...QConfig.to_dict()...}, "state_dict": {...}, "qparams": {...qparams.json...},
+     "meta": {...training notes: epoch, metrics...}}
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import fx, nn
+
+from deployq import qparams as qp
+from deployq._version import __version__
+from deployq.config import QConfig, from_dict
+from deployq.files import atomic_path
+from deployq.prepare import prepare, quant_points
+from deployq.qat import qparams_of, set_mode
+
+FORMAT, VERSION = "deployq-checkpoint", 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or used; the message names the file."""
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def example(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=getattr(torch, self.dtype))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class Checkpoint:
+    factory: str
+    factory_kwargs: dict[str, Any]
+    inputs: list[InputSpec]
+    config: QConfig
+    state_dict: dict[str, torch.Tensor]
+    qparams: dict[str, qp.QParams] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Optional[Path] = None
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return tuple(i.example() for i in self.inputs)
+
+
+def save(path: str | Path, model: fx.GraphModule, *, factory: str, factory_kwargs: Optional[dict] = None,
+         inputs: Sequence[InputSpec], meta: Optional[dict] = None) -> Path:
+    """Write `model` (a prepared, calibrated GraphModule) to `path`, atomically."""
+    model = getattr(model, "module", model)
+    config: QConfig = model.get_submodule("act_quant").config
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "deployq_version": __version__,
+        "factory": factory,
+        "factory_kwargs": dict(factory_kwargs or {}),
+        "inputs": [i.to_json() for i in inputs],
+        "config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "qparams": qp.dump(qparams_of(model).values()),
+        "meta": dict(meta or {}),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def read_payload(path: str | Path) -> Any:
+    """The object stored in a torch file, loaded with weights_only=True (tensors and plain data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first}. It is corrupt, truncated, or holds objects "
+            "other than tensors and plain data (deployq never unpickles code)."
+        ) from None
+
+
+def is_checkpoint(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def load(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    return parse(read_payload(path), path)
+
+
+def parse(payload: Any, path: Path) -> Checkpoint:
+    if not is_checkpoint(payload):
+        raise CheckpointError(
+            f"{path} is not a deployq checkpoint (a plain state_dict? then pass it with "
+            "--model PKG.MODULE:FACTORY and --calib DATA for post-training quantization)"
+        )
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not supported")
+    try:
+        return Checkpoint(
+            factory=payload["factory"],
+            factory_kwargs=dict(payload.get("factory_kwargs") or {}),
+            inputs=[InputSpec(i["name"], tuple(i["shape"]), i.get("dtype", "float32")) for i in payload["inputs"]],
+            config=from_dict(payload["config"], f"{path}:config"),
+            state_dict=payload["state_dict"],
+            qparams=qp.load(payload["qparams"]) if payload.get("qparams") else {},
+            meta=dict(payload.get("meta") or {}),
+            path=path,
+        )
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: missing or malformed field {err}") from None
+
+
+def plain_state_dict(payload: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A float state_dict from a torch file: the dict itself, or under 'state_dict' / 'model'."""
+    if isinstance(payload, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(payload.get(key), dict):
+                payload = payload[key]
+                break
+        if payload and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
+            return payload
+    raise CheckpointError(f"{path} holds neither a deployq checkpoint nor a state_dict of tensors")
+
+
+def import_factory(reference: str, allowed: bool) -> Callable[..., nn.Module]:
+    """Import ``package.module:function``. Outside deployq this needs `allowed` (the user named it)."""
+    module_name, _, attr = reference.partition(":")
+    if not module_name or not attr:
+        raise CheckpointError(f"model factory {reference!r} must look like package.module:function")
+    if not allowed and not (module_name == "deployq" or module_name.startswith("deployq.")):
+        raise CheckpointError(
+            f"the checkpoint names the model factory {reference!r}, outside deployq; deployq does "
+            f"not import code named inside a file. Pass --model {reference} to allow it."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise CheckpointError(f"cannot import model factory module {module_name!r}: {err}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CheckpointError(f"{module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def float_model(ckpt: Checkpoint, factory: Optional[str] = None) -> nn.Module:
+    """The float model, built by the checkpoint's factory (or `factory`, which the user named)."""
+    build = import_factory(factory or ckpt.factory, allowed=factory is not None)
+    model = build(**ckpt.factory_kwargs)
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"model factory {factory or ckpt.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build(ckpt: Checkpoint, factory: Optional[str] = None) -> fx.GraphModule:
+    """The QAT model of a checkpoint, weights and qparams loaded, in quantize mode (eval)."""
+    model = prepare(float_model(ckpt, factory), ckpt.example_inputs(), ckpt.config)
+    missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
+    if missing or unexpected:
+        where = ckpt.path or "checkpoint"
+        raise CheckpointError(
+            f"{where} does not fit the model its factory builds: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    calibrated = all(bool(model.get_submodule(p.quantizer).initialized)
+                     for p in quant_points(model).values() if p.kind != "weight")
+    set_mode(model, "quantize" if calibrated else "float")
+    return model.eval()

@@ -1,0 +1,63 @@
+"""Writing outputs so that a failure never leaves a half-written file behind.
+
+Each output is written to a temporary file beside its destination and renamed into place only
+when every output of the job has been written (``os.replace`` is atomic on one filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+class AtomicOutputs:
+    """Collect outputs, then publish them all at once::
+
+        with AtomicOutputs() as out:
+            out.write(dir / "model.onnx", lambda tmp: onnx.save(model, tmp))
+            out.write_text(dir / "qparams.json", text)
+        # all renamed into place here; on an exception none of them is
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+
+    def write(self, path: Path | str, writer: Callable[[str], None]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self._pending.append((Path(tmp), path))
+        writer(tmp)
+        return path
+
+    def write_text(self, path: Path | str, text: str) -> Path:
+        return self.write(path, lambda tmp: Path(tmp).write_text(text))
+
+    def write_bytes(self, path: Path | str, data: bytes) -> Path:
+        return self.write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+    def __enter__(self) -> "AtomicOutputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            for tmp, final in self._pending:
+                os.replace(tmp, final)
+        else:
+            for tmp, _ in self._pending:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+        self._pending.clear()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[str]:
+    """A temporary path to write `path` through: ``with atomic_path(p) as tmp: save(tmp)``."""
+    with AtomicOutputs() as out:
+        holder: list[str] = []
+        out.write(path, holder.append)
+        yield holder[0]

@@ -1,0 +1,1 @@
+"""Runnable examples; their model factories live inside deployq, so checkpoints may name them."""

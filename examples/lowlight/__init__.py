@@ -1,0 +1,1 @@
+"""The flagship example: raw low-light enhancement (DBF + DBLE)."""

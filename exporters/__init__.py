@@ -1,0 +1,1 @@
+"""ONNX export and the graph rewriter (one module per pass)."""

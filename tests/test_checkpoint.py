@@ -1,0 +1,90 @@
+"""Checkpoints: round trip, weights_only safety, factory import policy, clear errors."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import deployq
+from deployq import checkpoint as ck
+from deployq.cli import main
+from deployq.examples import zoo
+
+SHAPE = (1, 3, 16, 16)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    config = {"weight": {"quantizer": "lsq"}, "activation": {"quantizer": "lsq+"}, "layers": {"out": {"activation": 10}}}
+    qmodel = deployq.prepare(zoo.unet(width=4), torch.randn(*SHAPE), config)
+    deployq.calibrate(qmodel, [torch.randn(2, 3, 16, 16) for _ in range(3)], progress=False)
+    with torch.no_grad():  # move the learned qparams away from their calibrated values
+        qmodel.get_submodule("act_quant.cat").scale.mul_(1.1)
+    path = ck.save(tmp_path / "qat.pt", qmodel, factory="deployq.examples.zoo:unet",
+                   factory_kwargs={"width": 4}, inputs=[ck.InputSpec("x", SHAPE)], meta={"epoch": 3})
+    return qmodel.eval(), path
+
+
+def test_round_trip_gives_the_same_model_and_qparams(saved):
+    qmodel, path = saved
+    loaded = ck.build(ck.load(path))
+    x = torch.randn(*SHAPE)
+    assert torch.equal(loaded(x), qmodel(x))
+    ours, theirs = deployq.qparams_of(qmodel), deployq.qparams_of(loaded)
+    assert ours == theirs and theirs["out"].bits == 10
+    assert ck.load(path).meta == {"epoch": 3}
+
+
+def test_checkpoint_is_plain_data(saved):
+    _, path = saved
+    payload = torch.load(path, weights_only=True)  # would raise on pickled code
+    assert payload["format"] == "deployq-checkpoint"
+    assert {q["name"] for q in payload["qparams"]["quant_points"]} >= {"x", "cat", "out.weight"}
+
+
+def test_corrupt_and_truncated_files_are_clear_errors(saved, tmp_path):
+    _, path = saved
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ck.CheckpointError, match="cut.pt"):
+        ck.load(cut)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ck.CheckpointError, match="junk.pt"):
+        ck.load(junk)
+    with pytest.raises(ck.CheckpointError, match="does not exist"):
+        ck.load(tmp_path / "missing.pt")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "deployq-checkpoint", "payload": zoo.UNet}, evil)  # a class: needs unpickling code
+    with pytest.raises(ck.CheckpointError, match="never unpickles code"):
+        ck.load(evil)
+
+
+def test_factories_outside_deployq_need_the_users_word(saved):
+    _, path = saved
+    c = ck.load(path)
+    c.factory = "os.path:join"
+    with pytest.raises(ck.CheckpointError, match="outside deployq.*--model os.path:join"):
+        ck.build(c)
+    with pytest.raises(ck.CheckpointError, match="cannot import"):
+        ck.import_factory("no_such_pkg_xyz.mod:f", allowed=True)
+
+
+def test_cli_inspect_reads_checkpoints_and_factories(saved):
+    _, path = saved
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", "--ckpt", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"name": "cat"' in result.output and '"bits": 10' in result.output
+    result = runner.invoke(main, ["inspect", "--model", "deployq.examples.zoo:reused", "--input-shape", "1,3,8,8"])
+    assert result.exit_code == 0 and "lrelu_dup3" in result.output
+    result = runner.invoke(main, ["inspect", "--model", "deployq.examples.zoo:reused"])
+    assert result.exit_code == 1 and "--input-shape" in result.output
+
+
+def test_cli_version_and_help():
+    runner = CliRunner()
+    assert deployq.__version__ in runner.invoke(main, ["--version"]).output
+    assert "inspect" in runner.invoke(main, ["--help"]).output

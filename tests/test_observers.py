@@ -1,0 +1,85 @@
+"""Observers give the expected range on known distributions and fail clearly on bad data."""
+
+import numpy as np
+import pytest
+import torch
+
+from deployq.calib.observers import OBSERVERS, create_observer
+from deployq.qspec import QuantSpec
+
+U8 = QuantSpec(bits=8)
+S8_SYM = QuantSpec(bits=8, signed=True, symmetric=True)
+
+
+def observe(name, batches, spec=U8, axis=None, **args):
+    spec = QuantSpec(**{**spec.to_dict(), "observer": name, "observer_args": args})
+    obs = create_observer(spec, axis, "layer.x")
+    for b in batches:
+        obs.update(torch.as_tensor(b))
+    return obs
+
+
+def test_minmax_per_tensor_and_per_channel(rng):
+    a, b = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 3, 8)) * 3
+    lo, hi = observe("minmax", [a, b]).compute_range()
+    assert lo == pytest.approx(min(a.min(), b.min())) and hi == pytest.approx(max(a.max(), b.max()))
+    per = QuantSpec(bits=8, per_channel=True)
+    lo, hi = observe("minmax", [a, b], spec=per, axis=1).compute_range()
+    both = np.concatenate([a, b])
+    np.testing.assert_allclose(lo, both.min(axis=(0, 2)), rtol=1e-6)
+    np.testing.assert_allclose(hi, both.max(axis=(0, 2)), rtol=1e-6)
+
+
+def test_ema_minmax_follows_the_formula():
+    obs = observe("ema_minmax", [np.array([-1.0, 1.0]), np.array([-3.0, 5.0])], momentum=0.75)
+    lo, hi = obs.compute_range()
+    assert lo == pytest.approx(0.75 * -1 + 0.25 * -3) and hi == pytest.approx(0.75 * 1 + 0.25 * 5)
+
+
+def test_percentile_on_a_gaussian(rng):
+    batches = [rng.normal(size=200_000).astype(np.float32) for _ in range(5)]
+    lo, hi = observe("percentile", batches, lower=0.1, upper=99.9).compute_range()
+    assert hi == pytest.approx(3.09, rel=0.02) and lo == pytest.approx(-3.09, rel=0.02)
+    lo3, hi3 = observe("percentile", batches, lower=3, upper=97).compute_range()  # the thesis' 3% tails
+    assert hi3 == pytest.approx(1.88, rel=0.02)
+
+
+def test_percentile_survives_a_growing_range(rng):
+    batches = [rng.uniform(0, 1, 100_000), rng.uniform(0, 4, 100_000), rng.uniform(0, 2, 100_000)]
+    _, hi = observe("percentile", batches, lower=0, upper=50).compute_range()
+    everything = np.concatenate(batches)
+    assert hi == pytest.approx(np.percentile(everything, 50), rel=0.02)
+
+
+def test_mse_keeps_the_range_of_uniform_data_and_clips_outliers(rng):
+    uniform = [rng.uniform(-1, 1, 100_000).astype(np.float32)]
+    lo, hi = observe("mse", uniform, spec=S8_SYM).compute_range()
+    assert hi == pytest.approx(1.0, abs=0.03)
+    heavy = [np.concatenate([rng.laplace(0, 0.1, 200_000), [25.0]]).astype(np.float32)]
+    _, hi = observe("mse", heavy, spec=QuantSpec(bits=4, signed=True, symmetric=True)).compute_range()
+    assert hi < 0.5 * 25
+
+
+def test_kl_clips_a_far_outlier_and_not_uniform_data(rng):
+    data = [np.concatenate([rng.normal(0, 1, 300_000), [40.0]]).astype(np.float32)]
+    _, hi = observe("kl", data, spec=S8_SYM).compute_range()
+    assert 2.0 < hi < 20.0
+    _, hi = observe("kl", [rng.uniform(-1, 1, 300_000).astype(np.float32)], spec=S8_SYM).compute_range()
+    assert hi > 0.9
+
+
+@pytest.mark.parametrize("name", list(OBSERVERS))
+def test_errors_name_the_quant_point(name):
+    with pytest.raises(ValueError, match="layer.x.*NaN"):
+        observe(name, [np.array([1.0, np.nan])])
+    with pytest.raises(ValueError, match="layer.x.*no calibration data"):
+        observe(name, []).qparams()
+    with pytest.raises(ValueError, match="layer.x.*zero width"):
+        observe(name, [np.zeros(10)]).qparams()
+
+
+@pytest.mark.parametrize("name", list(OBSERVERS))
+def test_scale_is_always_positive(name, rng):
+    obs = observe(name, [rng.normal(size=10_000).astype(np.float32)])
+    scale, zp = obs.qparams()
+    assert scale > 0 and 0 <= zp <= 255

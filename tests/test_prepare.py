@@ -1,0 +1,149 @@
+"""prepare(): tracing, de-duplication, fusion, quant points, modes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deployq
+from deployq.examples import zoo
+from deployq.fused import QuantLayer
+from deployq.prepare import TraceError, quant_points
+
+
+@pytest.mark.parametrize("name", sorted(zoo.FACTORIES))
+def test_float_mode_is_bit_identical_to_the_original(name):
+    factory, shape = zoo.FACTORIES[name]
+    model = factory()
+    x = torch.randn(*shape)
+    qmodel = deployq.prepare(model, x)
+    assert torch.equal(qmodel(x), model(x))
+    model.train(), qmodel.train()
+    assert torch.equal(qmodel(x), model(x))  # BN in training mode too
+
+
+def test_prepare_leaves_the_input_model_alone():
+    model = zoo.resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qmodel = deployq.prepare(model, torch.randn(1, 3, 16, 16))
+    deployq.calibrate(qmodel, [torch.randn(2, 3, 16, 16)], progress=False)
+    qmodel.train()(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_reused_modules_get_a_name_and_quantizer_per_call_site():
+    qmodel = deployq.prepare(zoo.reused(), torch.randn(1, 3, 16, 16))
+    points = quant_points(qmodel)
+    assert [n for n in points if n.startswith("lrelu")] == ["lrelu", "lrelu_dup1", "lrelu_dup2", "lrelu_dup3"]
+    assert "shared.weight" in points and "shared_dup1.weight" in points
+    a, b = qmodel.get_submodule("shared").layer, qmodel.get_submodule("shared_dup1").layer
+    assert a.weight is b.weight  # the copy shares the parameters: same model, own quantizer
+    assert qmodel.get_submodule("act_quant.lrelu") is not qmodel.get_submodule("act_quant.lrelu_dup1")
+
+
+def test_structures_have_the_expected_quant_points():
+    def names(factory, shape):
+        return list(quant_points(deployq.prepare(factory(), torch.randn(*shape))))
+
+    unet = names(zoo.unet, (1, 3, 16, 16))
+    assert {"x", "enc1.2", "up.weight", "up", "cat", "dec.0.weight", "dec.1", "out"} <= set(unet)
+    assert "pool" not in unet  # max-pool carries quantization
+    res = names(zoo.resnet, (1, 3, 16, 16))
+    assert {"blocks.0.bn2", "blocks.0.add", "blocks.0.relu_1"} <= set(res)
+    ca = names(zoo.channel_attention, (1, 3, 16, 16))
+    assert {"ca.pool", "ca.relu", "ca.sigmoid", "ca.mul"} <= set(ca)
+    s2d = names(zoo.space_to_depth, (1, 1, 16, 16))
+    assert s2d == ["x", "conv1.weight", "relu", "conv2.weight", "relu_dup1", "out.weight", "out"]
+    cnn = names(zoo.plain_cnn, (1, 3, 16, 16))
+    assert {"relu", "fc.weight", "fc", "adaptive_avg_pool2d"} <= set(cnn)
+
+
+def test_weight_points_know_the_quant_point_that_feeds_them():
+    points = quant_points(deployq.prepare(zoo.unet(), torch.randn(1, 3, 16, 16)))
+    assert points["enc2.0.weight"].input == "enc1.2"  # through the max-pool
+    assert points["dec.0.weight"].input == "cat"
+    assert points["enc1.0.weight"].input == "x"
+
+
+def test_leaky_relu_fuses_only_when_configured():
+    plain = quant_points(deployq.prepare(zoo.unet(), torch.randn(1, 3, 16, 16)))
+    assert "dec.0" in plain and "dec.1" in plain
+    fused = quant_points(deployq.prepare(zoo.unet(), torch.randn(1, 3, 16, 16),
+                                         {"fuse_activations": ["relu", "leaky_relu"]}))
+    assert "dec.0" not in fused and fused["dec.1"].op == "Conv2d+LeakyReLU"
+
+
+def test_fused_conv_bn_equals_conv_then_bn():
+    model = zoo.plain_cnn()
+    qmodel = deployq.prepare(model, torch.randn(1, 3, 16, 16))
+    layer = qmodel.get_submodule("block2.0")
+    assert isinstance(layer, QuantLayer) and layer.kind == "Conv2d+BatchNorm2d+ReLU"
+    x = torch.randn(4, 8, 8, 8)
+    conv, bn = model.block2[0], model.block2[1]
+    assert torch.equal(layer(x), F.relu(bn(conv(x))))  # float mode
+    w, b = layer.folded_weight_and_bias()
+    torch.testing.assert_close(F.conv2d(x, w, b, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_statistics_update_in_qat_and_freeze_on_request():
+    qmodel = deployq.prepare(zoo.plain_cnn(), torch.randn(1, 3, 16, 16))
+    deployq.calibrate(qmodel, [torch.randn(4, 3, 16, 16)], progress=False)
+    bn = qmodel.get_submodule("block1.0").bn
+    qmodel.train()
+    before = bn.running_mean.clone()
+    qmodel(torch.randn(4, 3, 16, 16) + 1)
+    assert not torch.equal(bn.running_mean, before)
+    deployq.freeze_bn_stats(qmodel)
+    frozen = bn.running_mean.clone()
+    qmodel(torch.randn(4, 3, 16, 16) + 1)
+    assert torch.equal(bn.running_mean, frozen)
+
+
+def test_qat_step_sends_gradients_to_weights_and_learned_scales():
+    config = {"weight": {"quantizer": "lsq"}, "activation": {"quantizer": "lsq+"}}
+    qmodel = deployq.prepare(zoo.unet(), torch.randn(1, 3, 16, 16), config)
+    deployq.calibrate(qmodel, [torch.randn(2, 3, 16, 16) for _ in range(3)], progress=False)
+    qmodel.train()
+    qmodel(torch.randn(2, 3, 16, 16)).square().mean().backward()
+    assert qmodel.get_submodule("out").layer.weight.grad.abs().sum() > 0
+    assert qmodel.get_submodule("act_quant.cat").scale.grad.abs() > 0
+    assert qmodel.get_submodule("out.weight_quant").scale.grad.abs().sum() > 0
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else -x
+
+
+class HasBranchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.gate = Branchy()
+
+    def forward(self, x):
+        return self.gate(self.conv(x))
+
+
+def test_trace_failure_names_the_module_and_the_fix():
+    with pytest.raises(TraceError, match=r"(?s)'gate' \(Branchy\).*leaf_modules=\['gate'\]"):
+        deployq.prepare(HasBranchy(), torch.randn(1, 3, 4, 4))
+    qmodel = deployq.prepare(HasBranchy(), torch.randn(1, 3, 4, 4), leaf_modules=["gate"])
+    assert "gate" in quant_points(qmodel)
+
+
+def test_bad_example_inputs_are_reported():
+    with pytest.raises(ValueError, match="example input shapes: \\[\\(1, 5, 16, 16\\)\\]"):
+        deployq.prepare(zoo.unet(), torch.randn(1, 5, 16, 16))
+
+
+def test_set_mode_rejects_unknown_modes():
+    qmodel = deployq.prepare(zoo.reused(), torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="float, observe, quantize"):
+        deployq.set_mode(qmodel, "int8")
+
+
+def test_empty_calibration_set_is_an_error():
+    qmodel = deployq.prepare(zoo.reused(), torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        deployq.calibrate(qmodel, [], progress=False)

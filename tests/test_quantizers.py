@@ -1,0 +1,153 @@
+"""Quantizers: forward bit-exact to an independent numpy integer reference; gradients per paper."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from deployq.qspec import QuantSpec
+from deployq.quantizers import QUANTIZERS, create_quantizer, soft_round
+
+ALL = ["fixed", "lsq", "lsq+", "dsq", "dsq_lsq", "pact"]
+
+
+def numpy_fake_quant(x, s, zp, qmin, qmax, axis=None):
+    """Independent reference: x̂ = (clip(rint(x / s) + zp, qmin, qmax) − zp) · s in float32."""
+    x = np.asarray(x, np.float32)
+    s = np.asarray(s, np.float32)
+    zp = np.asarray(zp, np.float32)
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        s, zp = s.reshape(shape), zp.reshape(shape)
+    q = np.clip(np.rint(np.divide(x, s, dtype=np.float32)) + zp, qmin, qmax)
+    return ((q - zp) * s).astype(np.float32)
+
+
+def make(name, bits, signed=False, symmetric=False, per_channel=False, channels=1, is_weight=False):
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=symmetric or name == "pact",
+                     per_channel=per_channel, quantizer=name)
+    q = create_quantizer(spec, "t", axis=0 if per_channel else None, channels=channels, is_weight=is_weight)
+    q.mode = "quantize"
+    return q
+
+
+def data(rng, lo, hi, n=4000):
+    """Random values across (and beyond) the range, plus exact half-way ties."""
+    return np.concatenate([rng.uniform(lo * 1.3, hi * 1.3, n), np.linspace(lo, hi, 997)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bits", [2, 4, 8, 10, 16])
+@pytest.mark.parametrize("training", [False, True])
+def test_forward_is_the_integer_formula(name, bits, training, rng):
+    signed = name == "pact" and bits % 2 == 0
+    q = make(name, bits, signed=signed)
+    lo, hi = (-2.0, 3.0) if name != "pact" else ((-3.0, 3.0) if signed else (0.0, 3.0))
+    q.set_qparams(np.float32((hi - lo) / (q.qmax - q.qmin)), np.array(0.0 if name == "pact" else round(-lo / ((hi - lo) / (q.qmax - q.qmin)))))
+    q.train(training)
+    x = data(rng, lo, hi)
+    s, zp = (t.numpy() for t in q.qparams())
+    out = q(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_array_equal(out, numpy_fake_quant(x, s, zp, q.qmin, q.qmax))
+
+
+@pytest.mark.parametrize("name", ["fixed", "lsq", "lsq+", "dsq", "dsq_lsq"])
+def test_per_channel_weights_match_reference(name, rng):
+    q = make(name, 8, signed=True, symmetric=True, per_channel=True, channels=6, is_weight=True)
+    w = rng.normal(size=(6, 3, 3, 3)).astype(np.float32) * np.arange(1, 7, dtype=np.float32)[:, None, None, None]
+    out = q(torch.from_numpy(w)).detach().numpy()  # weights calibrate from themselves
+    s, zp = (t.numpy() for t in q.qparams())
+    assert s.shape == (6,)
+    np.testing.assert_allclose(s, np.abs(w).reshape(6, -1).max(1) / 127, rtol=1e-6)
+    np.testing.assert_array_equal(out, numpy_fake_quant(w, s, zp, -128, 127, axis=0))
+
+
+def test_ten_bit_quantizer_has_exactly_1024_levels():
+    q = make("fixed", 10)
+    q.set_qparams(np.float32(4.0 / 1023), np.array(256))
+    out = q(torch.linspace(-5, 5, 200_000))
+    assert out.unique().numel() == 1024
+
+
+def lsq_reference_grads(x, s, zp, qmin, qmax, g):
+    """LSQ (Esser et al. 2020, eq. 3) and LSQ+ (Bhalgat et al. 2020): per-element ∂x̂/∂s and
+    ∂x̂/∂zp, summed (loss = Σ x̂) and scaled by g."""
+    v = x / s
+    r = np.rint(v)
+    low, high = r + zp < qmin, r + zp > qmax
+    inside = ~(low | high)
+    ds = np.where(inside, r - v, np.where(low, qmin - zp, qmax - zp))
+    dzp = np.where(inside, 0.0, -s)
+    return g * ds.sum(), g * dzp.sum()
+
+
+@pytest.mark.parametrize("name", ["lsq", "lsq+"])
+def test_lsq_gradients_match_the_papers(name, rng):
+    q = make(name, 4, signed=False)
+    s, zp = np.float32(0.2), 3.0
+    q.set_qparams(s, np.array(zp))
+    x = rng.uniform(-1.5, 3.5, size=(8, 50)).astype(np.float32)
+    q(torch.from_numpy(x)).sum().backward()
+    g = 1.0 / math.sqrt(50 * q.qmax)  # N = features per sample, Qp = qmax
+    want_s, want_zp = lsq_reference_grads(x.astype(np.float64), float(s), zp, q.qmin, q.qmax, g)
+    assert q.scale.grad.item() == pytest.approx(want_s, rel=1e-4)
+    if name == "lsq+":
+        assert q.zero_point.grad.item() == pytest.approx(want_zp, rel=1e-4)
+        assert want_zp != 0
+
+
+def test_soft_round_approaches_rint_as_alpha_shrinks():
+    v = torch.linspace(-4.4, 4.4, 100_001, dtype=torch.float64)
+    alphas = (0.4, 0.1, 0.01, 1e-4, 1e-8, 1e-12)
+    errors = [(soft_round(v, torch.tensor(a, dtype=torch.float64)) - torch.round(v)).abs() for a in alphas]
+    means = [float(e.mean()) for e in errors]
+    assert means == sorted(means, reverse=True)  # k = log(2/α − 1) grows as α shrinks
+    away_from_jumps = (v - v.floor() - 0.5).abs() > 0.1
+    assert float(errors[-1][away_from_jumps].max()) < 0.005 < float(errors[0][away_from_jumps].max())
+
+
+@pytest.mark.parametrize("name", ["dsq", "dsq_lsq"])
+def test_dsq_alpha_receives_gradient(name, rng):
+    q = make(name, 4)
+    q.set_qparams(np.float32(0.25), np.array(2.0))
+    q.train()
+    x = torch.from_numpy(rng.uniform(-0.4, 3.0, 500).astype(np.float32))
+    ((q(x) - x) ** 2).sum().backward()
+    assert q.alpha.grad is not None and torch.isfinite(q.alpha.grad) and q.alpha.grad.abs() > 0
+
+
+def test_pact_alpha_gradient_counts_clipped_values(rng):
+    q = make("pact", 8)
+    q.set_qparams(np.float32(2.0 / 255), np.array(0))
+    x = torch.from_numpy(rng.uniform(-1, 3, 1000).astype(np.float32))
+    q(x).sum().backward()
+    assert q.alpha.grad.item() == pytest.approx(float((x >= q.alpha.detach()).sum()))
+
+
+def test_registry_lists_known_names():
+    assert set(ALL) <= set(QUANTIZERS)
+    with pytest.raises(KeyError, match="known: .*lsq"):
+        QUANTIZERS.get("lsq++")
+
+
+def test_activation_quantizer_refuses_to_run_uncalibrated():
+    q = make("fixed", 8)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        q(torch.ones(3))
+
+
+def test_observe_then_quantize_freezes_qparams(rng):
+    from deployq.qat import set_mode
+
+    q = make("lsq", 8)
+    model = torch.nn.Sequential(q)
+    set_mode(model, "observe")
+    q(torch.tensor([-1.0, 2.0]))
+    q(torch.tensor([0.0, 4.0]))
+    set_mode(model, "quantize")
+    s, zp = q.qparams()
+    assert s.item() == pytest.approx(5.0 / 255, rel=1e-6) and zp.item() == round(1 / (5.0 / 255))
+    q(torch.tensor([100.0]))  # quantize mode does not observe
+    assert q.qparams()[0].item() == s.item()
