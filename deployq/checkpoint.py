@@ -178,9 +178,10 @@ def float_model(ckpt: Checkpoint, factory: Optional[str] = None) -> nn.Module:
     return model
 
 
-def build(ckpt: Checkpoint, factory: Optional[str] = None) -> fx.GraphModule:
-    """The QAT model of a checkpoint, weights and qparams loaded, in quantize mode (eval)."""
-    model = prepare(float_model(ckpt, factory), ckpt.example_inputs(), ckpt.config)
+def build(ckpt: Checkpoint, factory: Optional[str] = None, model: Optional[nn.Module] = None) -> fx.GraphModule:
+    """The QAT model of a checkpoint, weights and qparams loaded, in quantize mode (eval).
+    `model`: the float model to prepare, if already built (else the factory builds it)."""
+    model = prepare(model if model is not None else float_model(ckpt, factory), ckpt.example_inputs(), ckpt.config)
     missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
     if missing or unexpected:
         where = ckpt.path or "checkpoint"

@@ -113,6 +113,59 @@ def inspect(ckpt: Optional[str], factory: Optional[str], config: Optional[str],
     console.print(table)
 
 
+@main.command()
+@model_options
+@click.option("--calib", type=click.Path(exists=True),
+              help="Calibration data (folder of raw files, images, .npy/.npz): post-training quantization.")
+@click.option("--calib-batches", type=click.IntRange(1), default=100, show_default=True,
+              help="How many calibration inputs to observe (the thesis: ~100 is enough).")
+@click.option("--target", type=click.Choice(["int8", "int16", "fp32"]), default="int8", show_default=True,
+              help="int8: 8-bit body, special layers at their bits; int16: everything 16-bit; fp32: float only.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="deployq-out", show_default=True,
+              help="Output folder for model.float.onnx, model.<target>.onnx and qparams.json.")
+@click.option("--opset", type=click.IntRange(21), default=21, show_default=True, help="ONNX opset (>= 21).")
+@click.option("--weight-bits", type=click.IntRange(2, 16),
+              help="Bits of the 8-bit-body weights, e.g. 7 for CPUs without VNNI (u8 x s8 saturation).")
+@click.option("--act-signed", is_flag=True, help="Signed 8-bit activations (s8s8 kernels; exact, same grid).")
+@handle_errors
+def export(ckpt: Optional[str], factory: Optional[str], config: Optional[str], input_shape: Optional[tuple[int, ...]],
+           calib: Optional[str], calib_batches: int, target: str, out_dir: str, opset: int,
+           weight_bits: Optional[int], act_signed: bool) -> None:
+    """Export a checkpoint to ONNX: the float model and the integer (QDQ) model.
+
+    \b
+    deployq export --ckpt qat.pt --target int8 --out build/
+    deployq export --ckpt float.pth --model pkg.mod:build --input-shape 1,3,224,224 --calib images/
+
+    BatchNorm is folded and Conv+activation fused by the rewriter; every quant point gets
+    QuantizeLinear/DequantizeLinear with the learned scales and zero points (9-16-bit layers as
+    Clip + 16-bit Q/DQ, exact). Files appear only when the whole export succeeded.
+    """
+    from deployq.export import bit_width_summary, export as run_export
+    from deployq.model_source import resolve_model
+
+    if ckpt is None:
+        raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model)")
+    source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape)
+    result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
+                        act_signed=act_signed, calib=calib, calib_limit=calib_batches)
+    table = Table(title=f"deployq export -> {result.out_dir}  ({result.seconds:.1f} s)")
+    table.add_column("what")
+    table.add_column("value")
+    for kind, counts in bit_width_summary(result.records).items():
+        table.add_row(f"{kind} quant points", ", ".join(f"{n} x {b}-bit" for b, n in sorted(counts.items())))
+    sizes = result.sizes()
+    for name, path in result.files.items():
+        table.add_row(str(path.name), f"{sizes[name] / 1024:.1f} KiB")
+    if target in sizes:
+        table.add_row(f"{target} / float size", f"{sizes[target] / sizes['float']:.1%}")
+    for what, n in sorted(result.log.counts.items()):
+        table.add_row("rewriter", f"{what}: {n}")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[dim]{note}[/dim]")
+
+
 def run() -> None:  # pragma: no cover - console entry point
     main(prog_name="deployq")
 

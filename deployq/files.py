@@ -24,6 +24,9 @@ class AtomicOutputs:
 
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []
+        umask = os.umask(0)
+        os.umask(umask)
+        self._mode = 0o666 & ~umask  # what a plain open() would have given the file
 
     def write(self, path: Path | str, writer: Callable[[str], None]) -> Path:
         path = Path(path)
@@ -46,6 +49,7 @@ class AtomicOutputs:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             for tmp, final in self._pending:
+                os.chmod(tmp, self._mode)
                 os.replace(tmp, final)
         else:
             for tmp, _ in self._pending:

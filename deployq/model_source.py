@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from torch import fx
+from torch import fx, nn
 
 from deployq import checkpoint as ck
 from deployq.checkpoint import CheckpointError, InputSpec
@@ -22,12 +22,25 @@ from deployq.prepare import prepare, quant_points
 @dataclass
 class ModelSource:
     qmodel: fx.GraphModule
+    float_model: nn.Module  # the model qmodel was prepared from (float weights of the source)
     inputs: list[InputSpec]
     factory: str
     factory_kwargs: dict
     config: QConfig
     calibrated: bool
     checkpoint: Optional[ck.Checkpoint] = None
+
+    def example_inputs(self) -> tuple:
+        return tuple(i.example() for i in self.inputs)
+
+    def with_config(self, config: QConfig) -> fx.GraphModule:
+        """The model prepared again under `config`, with this source's weights (and the old
+        qparams, to be replaced by the caller)."""
+        if config == self.config:
+            return self.qmodel
+        model = prepare(self.float_model, self.example_inputs(), config)
+        model.load_state_dict(self.qmodel.state_dict(), strict=False)
+        return model
 
 
 def _inputs(shape: Optional[tuple[int, ...]], default: Optional[list[InputSpec]]) -> list[InputSpec]:
@@ -53,10 +66,11 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
                              "--config applies only to a plain state_dict with --model")
         inputs = _inputs(input_shape, c.inputs)
         c.inputs = inputs
-        qmodel = ck.build(c, factory)
+        model = ck.float_model(c, factory)
+        qmodel = ck.build(c, factory, model)
         calibrated = all(bool(qmodel.get_submodule(p.quantizer).initialized)
                          for p in quant_points(qmodel).values() if p.kind != "weight")
-        return ModelSource(qmodel, inputs, factory or c.factory, c.factory_kwargs, c.config, calibrated, c)
+        return ModelSource(qmodel, model, inputs, factory or c.factory, c.factory_kwargs, c.config, calibrated, c)
     if factory is None:
         raise CheckpointError(
             f"{ckpt} is not a deployq checkpoint; to quantize a plain state_dict name its model "
@@ -73,4 +87,4 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
     inputs = _inputs(input_shape, None)
     qconfig = load_config(config)
     qmodel = prepare(model, tuple(i.example() for i in inputs), qconfig)
-    return ModelSource(qmodel, inputs, factory, {}, qconfig, False)
+    return ModelSource(qmodel, model, inputs, factory, {}, qconfig, False)

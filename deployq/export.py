@@ -1,0 +1,161 @@
+"""The export job: a deployq model -> model.float.onnx, model.<target>.onnx, qparams.json.
+
+    source (checkpoint, or factory + state_dict + calibration)  ->  config for the target
+      -> torch.onnx export of the float graph, quant points named  ->  rewrite passes
+      -> files written together, atomically, with a summary
+
+Targets: ``int8`` - the config as trained (8-bit body, special layers at their own bits);
+``int16`` - every quant point at 16 bits; ``fp32`` - only the rewritten float model. For CPUs
+without VNNI (DESIGN contract 5): ``act_signed`` gives s8 activations (the same grid, zero point
+shifted by 128 - exact), ``weight_bits=7`` narrows the 8-bit weights so u8×s8 products cannot
+saturate int16.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import fx
+
+from deployq import qparams as qp
+from deployq.config import LayerOverride, QConfig
+from deployq.exporters.graph import PassLog
+from deployq.exporters.rewriter import rewrite
+from deployq.exporters.torch_export import export_float
+from deployq.files import AtomicOutputs
+from deployq.model_source import ModelSource
+from deployq.prepare import quant_points
+from deployq.qat import calibrate, qparams_of, set_mode
+from deployq.qformula import qparams_from_range, qrange
+
+TARGETS = ("int8", "int16", "fp32")
+MIN_OPSET = 21
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: dict[str, Path]
+    records: dict[str, qp.QParams]
+    target: str
+    seconds: float
+    log: PassLog
+    qmodel: fx.GraphModule
+    float_model: onnx.ModelProto
+    quant_model: Optional[onnx.ModelProto]
+    notes: list[str] = field(default_factory=list)
+
+    def sizes(self) -> dict[str, int]:
+        return {name: path.stat().st_size for name, path in self.files.items()}
+
+
+def target_config(config: QConfig, target: str, weight_bits: Optional[int] = None,
+                  act_signed: bool = False) -> QConfig:
+    """The config the exported model follows: the trained one, all-16-bit, or narrowed for VNNI."""
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if target == "int16":
+        config = replace(config, layers=config.layers + (LayerOverride("*", {"bits": 16}, {"bits": 16}),))
+    if weight_bits is not None:
+        config = replace(config, weight=config.weight.updated({"bits": weight_bits}))
+    if act_signed:
+        config = replace(config, activation=config.activation.updated({"signed": True}),
+                         input={**config.input, "signed": True})
+    return config
+
+
+def convert_qparams(rec: qp.QParams, bits: int, signed: bool, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Qparams for a new code width / signedness covering the same range as `rec`.
+
+    A signedness change at the same width and affine scheme keeps the grid: same scale, zero point
+    shifted by the offset of the ranges (exact). Anything else keeps the represented range
+    [(qmin − zp)·s, (qmax − zp)·s] and recomputes the scale for the new width.
+    """
+    qmin, qmax = qrange(bits, signed)
+    if bits == rec.bits and not symmetric and not rec.symmetric:
+        zero_point = rec.zero_point_array + (qmin - rec.qmin)
+        return rec.scale_array, zero_point
+    s, zp = rec.scale_array.astype(np.float64), rec.zero_point_array.astype(np.float64)
+    return qparams_from_range((rec.qmin - zp) * s, (rec.qmax - zp) * s, qmin, qmax, symmetric, rec.name)
+
+
+def _convert_all(model: fx.GraphModule, old: dict[str, qp.QParams]) -> None:
+    """Give every quant point of `model` the qparams of `old`, converted where its width or
+    signedness changed (observer-driven weights follow their weights and need none)."""
+    for name, point in quant_points(model).items():
+        q = model.get_submodule(point.quantizer)
+        if point.kind == "weight" and q.weights_follow_observer:
+            continue
+        rec, spec = old[name], point.spec
+        if (rec.bits, rec.signed) == (spec.bits, spec.signed):
+            q.set_qparams(rec.scale_array, rec.zero_point_array)
+        else:
+            q.set_qparams(*convert_qparams(rec, spec.bits, spec.signed, spec.symmetric))
+
+
+def prepare_for_target(source: ModelSource, target: str, *, weight_bits: Optional[int] = None,
+                       act_signed: bool = False, calib: Optional[str] = None, calib_limit: int = 100,
+                       progress: bool = True) -> fx.GraphModule:
+    """The quantized torch model whose quant points the exported QDQ graph reproduces."""
+    config = target_config(source.config, target, weight_bits, act_signed)
+    model = source.with_config(config)
+    if calib is not None:
+        from deployq.calib.data import load_inputs
+
+        arrays = load_inputs(calib, source.inputs[0].shape, limit=calib_limit)
+        calibrate(model, (torch.from_numpy(a) for a in arrays), max_batches=calib_limit, progress=progress)
+    elif not source.calibrated:
+        raise ValueError("the model has no calibrated qparams: pass --calib DATA (a folder of raw "
+                         "files, images, or .npy/.npz) to calibrate it (post-training quantization)")
+    elif model is not source.qmodel:
+        _convert_all(model, qparams_of(source.qmodel))
+        set_mode(model, "quantize")
+    return model.eval()
+
+
+def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", opset: int = MIN_OPSET,
+           weight_bits: Optional[int] = None, act_signed: bool = False, calib: Optional[str] = None,
+           calib_limit: int = 100, progress: bool = True) -> ExportResult:
+    """Export `source` for `target` into `out_dir`; nothing is written unless everything succeeds."""
+    start = time.perf_counter()
+    if opset < MIN_OPSET:
+        raise ValueError(f"--opset must be at least {MIN_OPSET} (16-bit QuantizeLinear needs opset 21), got {opset}")
+    if weight_bits is not None and not 2 <= weight_bits <= 16:
+        raise ValueError(f"--weight-bits must be from 2 to 16, got {weight_bits}")
+    if target == "fp32":
+        qmodel, records = source.qmodel.eval(), None
+    else:
+        qmodel = prepare_for_target(source, target, weight_bits=weight_bits, act_signed=act_signed,
+                                    calib=calib, calib_limit=calib_limit, progress=progress)
+        records = qparams_of(qmodel)
+    examples = tuple(i.example() for i in source.inputs)
+    float_onnx = export_float(qmodel, examples, opset)
+    config: QConfig = qmodel.get_submodule("act_quant").config
+    result = rewrite(float_onnx, records, config.fuse_activations, opset)
+    out_dir = Path(out_dir)
+    files = {"float": out_dir / "model.float.onnx"}
+    with AtomicOutputs() as out:
+        out.write_bytes(files["float"], result.float_model.SerializeToString())
+        if result.quant_model is not None:
+            files[target] = out_dir / f"model.{target}.onnx"
+            out.write_bytes(files[target], result.quant_model.SerializeToString())
+            files["qparams"] = out_dir / "qparams.json"
+            out.write_text(files["qparams"], json.dumps(qp.dump(records.values()), indent=1) + "\n")
+    return ExportResult(out_dir, files, records or {}, target, time.perf_counter() - start, result.log,
+                        qmodel, result.float_model, result.quant_model, list(result.log.notes))
+
+
+def bit_width_summary(records: dict[str, qp.QParams]) -> dict[str, Counter]:
+    """Quant points by kind and width, e.g. {'activation': {8: 30, 10: 6}, 'weight': {...}}."""
+    summary: dict[str, Counter] = {}
+    for r in records.values():
+        summary.setdefault("activation" if r.kind == "input" else r.kind, Counter())[r.bits] += 1
+    return summary

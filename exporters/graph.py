@@ -1,0 +1,116 @@
+"""Small helpers over onnx-graphsurgeon graphs, shared by the rewrite passes.
+
+Every pass is a function ``Graph -> Graph`` that reports what it changed through a
+:class:`PassLog`; an unsupported pattern is a :class:`RewriteError` naming the node.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+LOG = logging.getLogger("deployq.exporters")
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings are about its own optional deps
+IR_VERSION = 10  # onnxruntime 1.20+ loads IR 10; opset 21 (int16 Q/DQ) needs IR >= 10
+
+
+class RewriteError(ValueError):
+    """A pattern the rewriter cannot handle; the message names the node or tensor."""
+
+
+@dataclass
+class PassLog:
+    """Counts of what each pass changed, and notes on what it left alone (and why)."""
+
+    counts: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.counts[what] += n
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+        LOG.info(message)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "no changes"
+
+
+def producer(tensor: gs.Tensor) -> Optional[gs.Node]:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def constant_value(tensor: gs.Tensor) -> Optional[np.ndarray]:
+    """The value of an initializer / Constant-node output, or None for computed tensors."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant" and "value" in node.attrs:
+        value = node.attrs["value"]
+        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+    return None
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
+
+
+def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor, keep: Iterable[gs.Node] = ()) -> None:
+    """Make every consumer of `old` (except the nodes in `keep`) read `new`."""
+    keep = set(map(id, keep))
+    for node in consumers(old):
+        if id(node) in keep:
+            continue
+        node.inputs = [new if t is old else t for t in node.inputs]
+
+
+def layer_axis(node: gs.Node) -> int:
+    """Output-channel axis of the weight (input 1) of Conv / ConvTranspose / Gemm / MatMul."""
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "MatMul":
+        return 1
+    raise RewriteError(f"node {node.name!r} ({node.op}) is not a weight layer")
+
+
+def to_model(graph: gs.Graph, opset: int) -> onnx.ModelProto:
+    """Export a graph with the opset and IR version deployq targets."""
+    graph.opset = opset
+    model = gs.export_onnx(graph)
+    model.ir_version = IR_VERSION
+    del model.opset_import[:]
+    model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    if any(n.domain == "com.microsoft" for n in model.graph.node):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    model.producer_name = "deployq"
+    return model
+
+
+def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference and the full ONNX checker; a failure names the problem."""
+    try:
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise RewriteError(f"the rewritten graph is not valid ONNX: {err}") from None
+    return model

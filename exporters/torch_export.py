@@ -1,0 +1,144 @@
+"""Export the float graph of a prepared model with torch.onnx, every quant point named (contract 1).
+
+The graph that is exported is the prepared model's own fx graph in float mode, with the fake
+quantizers taken out and each fused QuantLayer expanded back into Layer -> BatchNorm -> activation,
+BN unfolded, so that the ONNX rewriter does the folding (the same passes then serve ONNX models
+deployq did not export). To pin names on tensors the exporter would otherwise call ``conv2d_3``,
+each quant-point tensor and each layer's raw output is made a graph output with that name
+(``output_names``), and these extra outputs are dropped again after export:
+
+* tensor ``NAME`` is the value at activation quant point NAME (the input keeps its own name);
+* tensor ``PATH`` is the raw output of layer PATH, produced by the node named ``PATH``, whose
+  weight and bias initializers are ``PATH.weight`` / ``PATH.bias`` (the weight quant point).
+
+Node metadata (stack traces, fx dumps) is stripped: the file is small and the same checkpoint
+exports to the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from typing import Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from torch import fx
+
+from deployq.exporters.graph import RewriteError, producer, to_model
+from deployq.fused import QuantLayer
+from deployq.prepare import ACT_QUANT
+from deployq.qat import set_mode
+
+
+def export_module(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[str], list[str], int, dict[str, str]]:
+    """The float export GraphModule, its input names, output names, the number of real model
+    outputs (the rest are naming outputs) and {layer path: layer path} for the weight layers."""
+    gm = copy.deepcopy(getattr(qmodel, "module", qmodel))
+    set_mode(gm, "float")
+    gm.eval()
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    named: dict[fx.Node, str] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith(f"{ACT_QUANT}."):
+            source = node.args[0]
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            if source.op != "placeholder":
+                named[source] = str(node.target)[len(ACT_QUANT) + 1:]
+    layers: dict[fx.Node, str] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], QuantLayer):
+            continue
+        layer, path = modules[node.target], str(node.target)
+        with graph.inserting_before(node):
+            raw = current = graph.call_module(f"{path}.layer", node.args, node.kwargs)
+            if layer.bn is not None:
+                current = graph.call_module(f"{path}.bn", (current,))
+            if layer.act is not None:
+                current = graph.call_module(f"{path}.act", (current,))
+        node.replace_all_uses_with(current)
+        if node in named:
+            named[current] = named.pop(node)
+        graph.erase_node(node)
+        layers[raw] = path
+
+    output = next(n for n in graph.nodes if n.op == "output")
+    results = output.args[0]
+    flat = list(results) if isinstance(results, (tuple, list)) else [results]
+    if not all(isinstance(r, fx.Node) for r in flat):
+        raise RewriteError("the model must return a tensor or a tuple/list of tensors to be exported")
+    output_names, seen = [], set()
+    for i, node in enumerate(flat):
+        name = named.get(node) or layers.get(node) or ("output" if len(flat) == 1 else f"output_{i}")
+        if name in seen:
+            raise RewriteError(f"the model returns the same tensor {name!r} twice")
+        seen.add(name)
+        output_names.append(name)
+    extras = []
+    for node, name in list(named.items()) + list(layers.items()):
+        if node not in flat and name not in seen:
+            extras.append(node)
+            output_names.append(name)
+            seen.add(name)
+    output.args = (tuple(flat + extras),)
+    graph.lint()
+    gm.recompile()
+    inputs = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    return gm, inputs, output_names, len(flat), {p: p for p in layers.values()}
+
+
+def _name_layers(graph: gs.Graph, layers: dict[str, str]) -> None:
+    """Node producing tensor PATH is named PATH; its initializers become PATH.weight / PATH.bias."""
+    tensors = graph.tensors()
+    for path in layers:
+        tensor = tensors.get(path)
+        node = producer(tensor) if tensor is not None else None
+        if node is None or node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            raise RewriteError(f"layer {path!r}: the exported graph has no Conv/ConvTranspose/Gemm/MatMul "
+                               f"producing {path!r} (found {node.op if node else 'nothing'})")
+        node.name = path
+        for index, suffix in ((1, "weight"), (2, "bias")):
+            if index >= len(node.inputs) or not isinstance(node.inputs[index], gs.Constant):
+                continue
+            const = node.inputs[index]
+            if len(const.outputs) > 1:  # shared (reused layer, or exporter de-duplicated equal values)
+                const = gs.Constant(f"{path}.{suffix}", const.values.copy())
+                node.inputs[index] = const
+            else:
+                const.name = f"{path}.{suffix}"
+
+
+def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opset: int = 21) -> onnx.ModelProto:
+    """The float ONNX model of `qmodel` (BN not yet folded), tensors named by quant points."""
+    gm, input_names, output_names, n_outputs, layers = export_module(qmodel)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # e.g. "torchvision is not installed": not ours to report
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        batch = torch.export.Dim("batch")
+        program = torch.onnx.export(gm, tuple(example_inputs), None, input_names=input_names,
+                                    output_names=output_names, opset_version=opset, dynamo=True,
+                                    external_data=False, verbose=False,
+                                    dynamic_shapes=tuple({0: batch} for _ in example_inputs))
+    quiet.setLevel(level)
+    model = program.model_proto
+    graph = gs.import_onnx(model)
+    graph.outputs = graph.outputs[:n_outputs]
+    _name_layers(graph, layers)
+    graph.cleanup().toposort()
+    graph.doc_string = ""
+    for node in graph.nodes:
+        node.domain = node.domain or None
+    out = to_model(graph, opset)
+    for node in out.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del out.metadata_props[:]
+    return out
