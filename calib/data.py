@@ -1,0 +1,276 @@
+"""Model inputs from files, for calibration and for running a model: raw, images, .npy, .npz.
+
+:func:`load_inputs` turns a file or a folder into a list of arrays, each exactly the model's
+input shape ``(N, C, H, W)`` (``N`` samples per array, usually 1):
+
+- raw camera files (via :func:`~deployq.calib.raw.read_raw`): packed RGGB ``(4, H/2, W/2)``
+  for 4-channel models or the RGGB mosaic for 1-channel models, times the exposure ratio and
+  clipped to [0, 1], centre-cropped (never resized: resampling would mix CFA sites);
+- images: float [0, 1], CHW, centre-cropped, or first resized to cover the input if smaller;
+- ``.npy`` / ``.npz``: arrays taken as they are (dtype kept), see :func:`load_inputs`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import skimage.io
+import skimage.transform
+import skimage.util
+import torch
+
+from .raw import RawReadError, exposure_from_name, pack_bayer, read_raw, sid_ratio
+
+__all__ = [
+    "ARRAY_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "RAW_SUFFIXES",
+    "InputDataError",
+    "iterate_batches",
+    "load_inputs",
+]
+
+RAW_SUFFIXES = (".arw", ".dng", ".nef", ".cr2", ".raf", ".orf", ".rw2")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+ARRAY_SUFFIXES = (".npy", ".npz")
+SUPPORTED_SUFFIXES = RAW_SUFFIXES + IMAGE_SUFFIXES + ARRAY_SUFFIXES
+
+
+class InputDataError(ValueError):
+    """Input data that does not exist, is not supported, or does not fit the model's input."""
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(n) for n in shape) + ")"
+
+
+def _files(path: Path) -> list[Path]:
+    """The supported files of ``path`` (itself, or a folder's entries in sorted order)."""
+    if not path.exists():
+        raise InputDataError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise InputDataError(
+                f"{path}: unsupported file type {path.suffix or '(no suffix)'}; "
+                f"supported: {' '.join(SUPPORTED_SUFFIXES)}"
+            )
+        return [path]
+    entries = sorted(path.iterdir())
+    if not entries:
+        raise InputDataError(f"{path}: the folder is empty")
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES]
+    if not files:
+        found = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:10])
+        more = f" and {len(entries) - 10} more" if len(entries) > 10 else ""
+        raise InputDataError(
+            f"{path}: no supported files (found {found}{more}); "
+            f"supported: {' '.join(SUPPORTED_SUFFIXES)}"
+        )
+    return files
+
+
+def _centre_crop(array: np.ndarray, height: int, width: int, step: int = 1) -> np.ndarray:
+    """Centre ``height x width`` window of the last two dims, offsets rounded down to ``step``."""
+    top = (array.shape[-2] - height) // 2 // step * step
+    left = (array.shape[-1] - width) // 2 // step * step
+    return array[..., top : top + height, left : left + width]
+
+
+def _sid_long_file(short: Path) -> Path | None:
+    """The long exposure of a SID short file ``.../short/{id}_00_{t}s.ext``, if it exists.
+
+    Looks in the sibling ``long`` folder for ``{id}_*`` with the same suffix, as SID lays out.
+    """
+    if short.parent.name != "short" or exposure_from_name(short) is None:
+        return None
+    scene = short.stem.split("_", 1)[0]
+    folder = short.parent.parent / "long"
+    if not folder.is_dir():
+        return None
+    candidates = sorted(
+        p
+        for p in folder.glob(f"{scene}_*")
+        if p.suffix.lower() == short.suffix.lower() and exposure_from_name(p) is not None
+    )
+    return candidates[0] if candidates else None
+
+
+def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarray:
+    """A raw file as one ``(C, H, W)`` sample: packed (C = 4) or the mosaic (C = 1)."""
+    channels, height, width = chw
+    if channels not in (1, 4):
+        raise InputDataError(
+            f"{path}: a raw file gives 4 packed channels or a 1-channel mosaic, "
+            f"but the model input is {_shape_text(chw)}"
+        )
+    if ratio is None:
+        long = _sid_long_file(path)
+        try:
+            ratio = sid_ratio(path, long) if long is not None else 1.0
+        except ValueError as error:
+            raise InputDataError(str(error)) from error
+    try:
+        bayer = read_raw(path).bayer
+    except RawReadError as error:
+        raise InputDataError(str(error)) from error
+    data = pack_bayer(bayer) if channels == 4 else bayer[None]
+    if data.shape[-2] < height or data.shape[-1] < width:
+        raise InputDataError(
+            f"{path}: the raw data {_shape_text(data.shape)} is smaller than the model input "
+            f"{_shape_text(chw)}; raw data is cropped, never resized"
+        )
+    data = _centre_crop(data, height, width, step=1 if channels == 4 else 2)
+    return np.clip(data * np.float32(ratio), 0.0, 1.0).astype(np.float32)
+
+
+def _image_sample(path: Path, chw: Sequence[int]) -> np.ndarray:
+    """An image file as one float32 ``(C, H, W)`` sample in [0, 1].
+
+    Centre crop if the image covers ``H x W``; otherwise it is first enlarged (bilinear, aspect
+    kept) so that it does. Grayscale images have one channel; the channel count must match.
+    """
+    channels, height, width = chw
+    try:
+        image = skimage.io.imread(path)
+    except (OSError, ValueError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputDataError(f"{path}: cannot read the image ({message})") from error
+    image = skimage.util.img_as_float32(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] != channels:
+        found = image.shape[-1] if image.ndim == 3 else f"shape {image.shape}"
+        raise InputDataError(
+            f"{path}: the image has {found} channel(s) {_shape_text(image.shape)}, "
+            f"the model input needs {channels} {_shape_text(chw)}"
+        )
+    scale = max(height / image.shape[0], width / image.shape[1])
+    if scale > 1:
+        size = (
+            max(height, round(image.shape[0] * scale)),
+            max(width, round(image.shape[1] * scale)),
+        )
+        image = skimage.transform.resize(image, size, anti_aliasing=False, preserve_range=True)
+    chw_image = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    return np.ascontiguousarray(_centre_crop(chw_image, height, width))
+
+
+def _array_samples(name: str, array: np.ndarray, input_shape: Sequence[int]) -> list[np.ndarray]:
+    """Samples of shape ``input_shape[1:]`` from one array.
+
+    The array is one sample ``input_shape[1:]``, ``N`` samples ``(N, *input_shape[1:])`` or ``N``
+    whole inputs ``(N, *input_shape)``.
+    """
+    sample_shape = tuple(input_shape[1:])
+    shape = array.shape
+    if shape == sample_shape:
+        return [array]
+    if shape[1:] == sample_shape:
+        return list(array)
+    if shape[1:] == tuple(input_shape):
+        return list(array.reshape(-1, *sample_shape))
+    raise InputDataError(
+        f"{name}: array shape {_shape_text(shape)} does not match the model input "
+        f"{_shape_text(input_shape)} (accepted: {_shape_text(sample_shape)}, "
+        f"(N, {_shape_text(sample_shape)[1:]} or (N, {_shape_text(input_shape)[1:]})"
+    )
+
+
+def _load_arrays(path: Path, input_shape: Sequence[int]) -> list[np.ndarray]:
+    """Samples of a ``.npy`` (one array) or ``.npz`` (every array, sorted by key); no pickles."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return _array_samples(str(path), loaded, input_shape)
+        with loaded:
+            samples = []
+            for key in sorted(loaded.files):
+                samples += _array_samples(f"{path}[{key}]", loaded[key], input_shape)
+            return samples
+    except InputDataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise InputDataError(f"{path}: cannot read the array file ({error})") from error
+
+
+def _samples(path: Path, input_shape: Sequence[int], ratio: float | None) -> list[np.ndarray]:
+    suffix = path.suffix.lower()
+    if suffix in ARRAY_SUFFIXES:
+        return _load_arrays(path, input_shape)
+    if len(input_shape) != 4:
+        raise InputDataError(
+            f"{path}: raw and image files need a 4-D (N, C, H, W) model input, "
+            f"got {_shape_text(input_shape)}"
+        )
+    if suffix in RAW_SUFFIXES:
+        return [_raw_sample(path, input_shape[1:], ratio)]
+    return [_image_sample(path, input_shape[1:])]
+
+
+def load_inputs(
+    path: str | os.PathLike,
+    input_shape: Sequence[int],
+    *,
+    ratio: float | None = None,
+    limit: int | None = None,
+) -> list[np.ndarray]:
+    """Model inputs from a file or a folder (its files in sorted order), each of ``input_shape``.
+
+    Every file gives samples of shape ``input_shape[1:]``, which are grouped ``input_shape[0]``
+    at a time (a trailing incomplete group is dropped with a warning); ``limit`` caps the number
+    of arrays returned. Raw files are multiplied by ``ratio``; without it, a SID short file
+    (``short/{id}_00_{t}s.ext`` next to ``long/{id}_00_{T}s.ext``) uses ``min(T / t, 300)`` and
+    any other raw file 1. ``.npy`` holds one array, ``.npz`` several (read in sorted key order);
+    an array is one sample ``input_shape[1:]``, ``N`` samples ``(N, *input_shape[1:])`` or
+    ``N`` whole inputs ``(N, *input_shape)``. Raises :class:`InputDataError` naming the file.
+    """
+    input_shape = tuple(int(n) for n in input_shape)
+    if not input_shape or min(input_shape) < 1:
+        raise InputDataError(f"invalid model input shape {_shape_text(input_shape)}")
+    if limit is not None and limit < 1:
+        raise InputDataError(f"limit must be at least 1, got {limit}")
+    batch = input_shape[0]
+    needed = None if limit is None else limit * batch
+    samples: list[np.ndarray] = []
+    for file in _files(Path(path)):
+        samples += _samples(file, input_shape, ratio)
+        if needed is not None and len(samples) >= needed:
+            break
+    samples = samples[:needed]
+    usable = len(samples) // batch * batch
+    if usable == 0:
+        raise InputDataError(
+            f"{path}: found {len(samples)} sample(s), fewer than one model input of batch {batch}"
+        )
+    if usable < len(samples):
+        warnings.warn(
+            f"{path}: dropping {len(samples) - usable} sample(s) that do not fill a model "
+            f"input of batch {batch}",
+            stacklevel=2,
+        )
+    return [
+        np.ascontiguousarray(np.stack(samples[start : start + batch]))
+        for start in range(0, usable, batch)
+    ]
+
+
+def iterate_batches(arrays: Iterable[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
+    """Concatenate consecutive arrays along dim 0, ``batch_size`` arrays at a time, as tensors.
+
+    The last batch may hold fewer arrays.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    chunk: list[np.ndarray] = []
+    for array in arrays:
+        chunk.append(array)
+        if len(chunk) == batch_size:
+            yield torch.from_numpy(np.concatenate(chunk))
+            chunk = []
+    if chunk:
+        yield torch.from_numpy(np.concatenate(chunk))

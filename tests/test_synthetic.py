@@ -1,0 +1,312 @@
+"""Unprocessing, noise, SID pairs, DNG writing and the in-memory low-light dataset."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import rawpy
+import skimage.io
+import torch
+
+from deployq.calib.raw import bayer_pattern, load_packed, pack_bayer, read_raw, sid_ratio
+from deployq.calib.synthetic import (
+    BLACK_LEVEL,
+    VAL_IMAGES,
+    WHITE_LEVEL,
+    SyntheticLowLight,
+    add_noise,
+    demosaic,
+    inverse_smoothstep,
+    linear_to_srgb,
+    mosaic,
+    process,
+    random_ccm,
+    sample_images,
+    sample_noise_levels,
+    sid_pair,
+    smoothstep,
+    srgb_to_linear,
+    unprocess,
+    write_dng,
+    write_sid_folder,
+)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / np.mean((np.asarray(a, np.float64) - b) ** 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tone_and_gamma_curves_invert():
+    y = np.linspace(0, 1, 1001, dtype=np.float32)
+    np.testing.assert_allclose(smoothstep(inverse_smoothstep(y)), y, atol=2e-6)
+    np.testing.assert_allclose(linear_to_srgb(srgb_to_linear(y)), y, atol=2e-6)
+    # exact sRGB curve: linear segment below 0.04045, 0.5 decodes to 0.214
+    assert srgb_to_linear(np.float32(0.04))[()] == pytest.approx(0.04 / 12.92)
+    assert srgb_to_linear(np.float32(0.5))[()] == pytest.approx(0.21404, abs=1e-5)
+
+
+def test_random_ccm_rows_sum_to_one_and_are_deterministic():
+    ccm = random_ccm(np.random.default_rng(0))
+    assert ccm.shape == (3, 3) and ccm.dtype == np.float32
+    np.testing.assert_allclose(ccm.sum(axis=1), 1.0, atol=1e-6)
+    assert np.linalg.cond(ccm) < 10
+    np.testing.assert_array_equal(ccm, random_ccm(np.random.default_rng(0)))
+    assert not np.array_equal(ccm, random_ccm(np.random.default_rng(1)))
+
+
+def test_mosaic_layouts_and_demosaic_of_flat_colour():
+    image = np.random.default_rng(0).random((4, 6, 3), dtype=np.float32)
+    assert mosaic(image)[0, 0] == image[0, 0, 0] and mosaic(image)[1, 1] == image[1, 1, 2]
+    assert mosaic(image, "BGGR")[0, 0] == image[0, 0, 2]
+    assert mosaic(image, "GRBG")[0, 1] == image[0, 1, 0]
+    assert mosaic(image, "GBRG")[1, 0] == image[1, 0, 0]
+    flat = np.broadcast_to(np.float32([0.2, 0.5, 0.7]), (8, 10, 3))
+    np.testing.assert_allclose(demosaic(mosaic(flat)), flat, atol=1e-6)
+    # Linear filters: planes with independent linear ramps are exact away from the border.
+    y, x = np.mgrid[:16, :20].astype(np.float32)
+    ramps = np.stack([0.01 * x + 0.1, 0.02 * y + 0.05, 0.3 + 0.005 * x + 0.01 * y], axis=-1)
+    np.testing.assert_allclose(demosaic(mosaic(ramps))[2:-2, 2:-2], ramps[2:-2, 2:-2], atol=1e-6)
+    with pytest.raises(ValueError, match="Bayer pattern"):
+        mosaic(image, "RGBG")
+
+
+def test_unprocess_then_process_recovers_the_photograph():
+    image = sample_images()["chelsea"]
+    bayer, meta = unprocess(image, np.random.default_rng(0))
+    assert bayer.shape == (300, 450) and bayer.dtype == np.float32
+    assert 0.0 <= bayer.min() and bayer.max() <= 1.0
+    assert 1.9 <= meta["red_gain"] <= 2.4 and 1.5 <= meta["blue_gain"] <= 1.9
+    assert meta["rgb_gain"] > 0
+    np.testing.assert_allclose(meta["ccm"] @ meta["rgb_to_cam"], np.eye(3), atol=1e-5)
+    target = image[:300, :450]
+    assert psnr(process(bayer, meta), target) > 30.0
+    # Packed input gives half resolution; its channels sit one pixel apart, hence the lower bar.
+    half = process(pack_bayer(bayer), meta)
+    assert half.shape == (150, 225, 3)
+    assert psnr(half, target.reshape(150, 2, 225, 2, 3).mean(axis=(1, 3))) > 25.0
+
+
+def test_unprocess_is_deterministic_for_a_generator_seed():
+    image = sample_images()["astronaut"][:64, :64]
+    first, meta = unprocess(image, np.random.default_rng(3))
+    second, _ = unprocess(image, np.random.default_rng(3))
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, unprocess(image, np.random.default_rng(4))[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", [0.0, 0.05, 0.6])
+def test_add_noise_variance_is_shot_times_signal_plus_read(level):
+    shot, read = 0.01, 2e-4
+    clean = np.full(400_000, level, dtype=np.float32)
+    noisy = add_noise(clean, shot, read, np.random.default_rng(1))
+    assert noisy.dtype == np.float32
+    assert abs(noisy.mean() - level) < 1e-3
+    assert noisy.var() == pytest.approx(shot * level + read, rel=0.02)
+
+
+def test_sample_noise_levels_follow_brooks():
+    rng = np.random.default_rng(2)
+    shot, read = np.array([sample_noise_levels(rng) for _ in range(4000)]).T
+    assert shot.min() >= 1e-4 and shot.max() <= 0.012
+    assert np.log(shot).mean() == pytest.approx(np.log(np.sqrt(1e-4 * 0.012)), abs=0.1)
+    residual = np.log(read) - (2.18 * np.log(shot) + 1.20)
+    assert abs(residual.mean()) < 0.02
+    assert residual.std() == pytest.approx(0.26, rel=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# SID pairs and DNG files
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [100, 250, 300])
+def test_sid_pair_ranges_and_exposure_ratio(ratio):
+    image = sample_images()["coffee"][:101, :130]  # odd height: cropped to even
+    pair = sid_pair(image, ratio, np.random.default_rng(ratio))
+    for key in ("long", "short"):
+        assert pair[key].dtype == np.uint16 and pair[key].shape == (100, 130)
+        assert pair[key].max() <= WHITE_LEVEL
+    assert pair["target"].dtype == np.float32 and pair["target"].shape == (100, 130, 3)
+    np.testing.assert_array_equal(pair["target"], image[:100])
+    assert pair["mono"].dtype == np.float32 and pair["mono"].shape == (100, 130)
+    assert 0.0 <= pair["mono"].min() and pair["mono"].max() <= 1.0
+    assert pair["ratio"] == ratio
+    long_signal = pair["long"].astype(np.float64).mean() - BLACK_LEVEL
+    short_signal = pair["short"].astype(np.float64).mean() - BLACK_LEVEL
+    assert long_signal / short_signal == pytest.approx(ratio, rel=0.05)
+    # the short frame sits just above black: a few tens of DN of signal at most on average
+    assert short_signal < (WHITE_LEVEL - BLACK_LEVEL) / ratio
+
+
+def test_write_dng_reads_back_bit_exactly(tmp_path):
+    raw = np.random.default_rng(0).integers(0, WHITE_LEVEL + 1, size=(30, 44), dtype=np.uint16)
+    path = write_dng(tmp_path / "exact.dng", raw, exposure_time=0.1)
+    with rawpy.imread(str(path)) as handle:
+        np.testing.assert_array_equal(handle.raw_image_visible, raw)
+        assert handle.black_level_per_channel == [BLACK_LEVEL] * 4
+        assert handle.white_level == WHITE_LEVEL
+    image = read_raw(path)
+    expected = np.clip((raw.astype(np.float32) - 512) / (16383 - 512), 0, 1)
+    np.testing.assert_allclose(image.bayer, expected, rtol=0, atol=1e-7)
+    assert image.exposure_time == pytest.approx(0.1)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_write_dng_cfa_pattern_comes_back(tmp_path, pattern):
+    raw = np.full((24, 24), 1000, dtype=np.uint16)
+    path = write_dng(tmp_path / "p.dng", raw, pattern)
+    with rawpy.imread(str(path)) as handle:
+        assert bayer_pattern(handle.raw_pattern, handle.color_desc) == pattern
+
+
+def test_write_dng_rejects_bad_input_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="uint16"):
+        write_dng(tmp_path / "a.dng", np.zeros((32, 32), np.float32))
+    with pytest.raises(ValueError, match="22x22"):
+        write_dng(tmp_path / "b.dng", np.zeros((16, 32), np.uint16))
+    with pytest.raises(ValueError, match="Bayer pattern"):
+        write_dng(tmp_path / "c.dng", np.zeros((32, 32), np.uint16), "RGBG")
+    with pytest.raises(ValueError, match="white level"):
+        write_dng(tmp_path / "d.dng", np.zeros((32, 32), np.uint16), black_level=600, white_level=9)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_dng_replaces_an_existing_file(tmp_path):
+    path = tmp_path / "same.dng"
+    write_dng(path, np.full((24, 24), 700, np.uint16))
+    write_dng(path, np.full((24, 24), 900, np.uint16))
+    with rawpy.imread(str(path)) as handle:
+        assert (handle.raw_image_visible == 900).all()
+
+
+def test_short_dng_matches_the_in_memory_normalization(tmp_path):
+    pair = sid_pair(sample_images()["rocket"][:64, :64], 250, np.random.default_rng(5))
+    path = write_dng(tmp_path / "00001_00_0.04s.dng", pair["short"], exposure_time=0.04)
+    expected = np.clip((pair["short"].astype(np.float32) - 512) / 15871 * 250, 0, 1)
+    np.testing.assert_allclose(load_packed(path, ratio=250), pack_bayer(expected), rtol=1e-6)
+
+
+def test_sample_images_are_stable_rgb_floats():
+    images = sample_images()
+    names = list(images)
+    assert names == list(sample_images())
+    assert {"astronaut", "chelsea", "coffee", "rocket"} <= set(names)
+    assert set(VAL_IMAGES) <= set(names)
+    for image in images.values():
+        assert image.dtype == np.float32 and image.ndim == 3 and image.shape[-1] == 3
+        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert not image.flags.writeable
+
+
+def test_write_sid_folder_layout_and_determinism(tmp_path):
+    scenes = write_sid_folder(tmp_path / "a", n_scenes=3, size=32, ratios=(100, 250, 300), seed=7)
+    again = write_sid_folder(tmp_path / "b", n_scenes=3, size=32, ratios=(100, 250, 300), seed=7)
+    assert [s["short"].name for s in scenes] == [
+        "00001_00_0.1s.dng",
+        "00002_00_0.04s.dng",
+        "00003_00_0.0333333s.dng",
+    ]
+    for scene, twin in zip(scenes, again):
+        assert scene["long"].name == f"{scene['id']}_00_10s.dng"
+        assert sid_ratio(scene["short"], scene["long"]) == pytest.approx(scene["ratio"], rel=1e-5)
+        short, long = read_raw(scene["short"]), read_raw(scene["long"])
+        assert short.exposure_time * scene["ratio"] == pytest.approx(10.0, rel=1e-5)
+        assert long.exposure_time == 10.0 and short.bayer.shape == (32, 32)
+        gt = skimage.io.imread(scene["gt"])
+        assert gt.shape == (32, 32, 3) and gt.dtype == np.uint8
+        for key in ("short", "long", "gt"):
+            assert scene[key].read_bytes() == twin[key].read_bytes()
+    leftovers = [p for p in (tmp_path / "a").rglob("*") if p.name.startswith(".")]
+    assert leftovers == []
+
+
+# ---------------------------------------------------------------------------------------------
+# SyntheticLowLight
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dataset_items_have_the_documented_shapes():
+    dataset = SyntheticLowLight(size=64, length=5, split="train", seed=0)
+    assert len(dataset) == 5
+    item = dataset[0]
+    assert item["input"].shape == (4, 32, 32)
+    assert item["mono"].shape == (1, 64, 64)
+    assert item["target"].shape == (3, 64, 64)
+    assert item["ratio"].shape == ()
+    for tensor in item.values():
+        assert tensor.dtype == torch.float32
+    for key in ("input", "mono", "target"):
+        assert 0.0 <= item[key].min() and item[key].max() <= 1.0
+    assert float(item["ratio"]) in (100.0, 250.0, 300.0)
+    with pytest.raises(IndexError):
+        dataset[5]
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    assert batch["input"].shape == (4, 4, 32, 32)
+
+
+def test_dataset_is_deterministic_per_seed_and_index():
+    first = SyntheticLowLight(size=32, length=4, seed=3)
+    second = SyntheticLowLight(size=32, length=4, seed=3)
+    other = SyntheticLowLight(size=32, length=4, seed=4)
+    for key in ("input", "mono", "target"):
+        torch.testing.assert_close(first[2][key], second[2][key], rtol=0, atol=0)
+        torch.testing.assert_close(first[2][key], first[2][key], rtol=0, atol=0)
+    assert not torch.equal(first[2]["input"], other[2]["input"])
+    assert not torch.equal(first[1]["input"], first[2]["input"])
+
+
+def _source_of(crop: np.ndarray, images: dict[str, np.ndarray]) -> set[str]:
+    """Names of the sample images that contain ``crop`` (H x W x 3) exactly."""
+    found = set()
+    size = crop.shape[0]
+    for name, image in images.items():
+        for top, left in zip(*np.nonzero((image == crop[0, 0]).all(axis=-1))):
+            window = image[top : top + size, left : left + size]
+            if window.shape == crop.shape and np.array_equal(window, crop):
+                found.add(name)
+                break
+    return found
+
+
+def test_train_and_val_use_disjoint_photographs():
+    train = SyntheticLowLight(size=32, length=12, split="train", seed=0)
+    val = SyntheticLowLight(size=32, length=12, split="val", seed=0)
+    assert set(val.names) == set(VAL_IMAGES)
+    assert not set(train.names) & set(val.names)
+    images = sample_images()
+    for dataset, allowed in ((train, set(train.names)), (val, set(VAL_IMAGES))):
+        for index in range(0, len(dataset), 3):
+            crop = dataset[index]["target"].numpy().transpose(1, 2, 0)
+            sources = _source_of(crop, images)
+            assert sources and sources <= allowed
+
+
+def test_dataset_is_fast_enough():
+    dataset = SyntheticLowLight(size=64, length=300, seed=1)
+    dataset[0]  # build the caches
+    start = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[index]
+    assert time.perf_counter() - start < 3.0  # ~1 ms an item; 1000 items in a few seconds
+
+
+def test_dataset_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        SyntheticLowLight(split="test")
+    with pytest.raises(ValueError, match="even"):
+        SyntheticLowLight(size=63)
+    with pytest.raises(ValueError, match="at least 5000x5000"):
+        SyntheticLowLight(size=5000)
