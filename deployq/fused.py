@@ -67,7 +67,9 @@ class QuantLayer(nn.Module):
         return "+".join(parts)
 
     def set_input_quantizer(self, quantizer: Optional[FakeQuantizer]) -> None:
-        if quantizer is not None and quantizer.spec.per_channel:
+        wq = self.weight_quant
+        if (quantizer is not None and quantizer.spec.per_channel and wq is not None
+                and bias_is_quantized(quantizer.spec.bits, wq.spec.bits)):
             raise ValueError(
                 f"{self.weight_quant.name if self.weight_quant else 'layer'}: its input {quantizer.name} is quantized per channel; "
                 "the int32 bias needs one input scale (use a per-tensor scheme for that activation)"

@@ -108,7 +108,8 @@ def _fold_forward(graph: gs.Graph, bn: gs.Node, conv: gs.Node, params: tuple[np.
     weight = constant_value(conv.inputs[1]).astype(np.float32)
     bias = constant_value(conv.inputs[2]).astype(np.float32) if len(conv.inputs) > 2 else np.zeros(weight.shape[0], np.float32)
     w = weight * a.reshape(1, -1, *([1] * (weight.ndim - 2)))
-    b = bias + np.einsum("oi...,i->o", weight.astype(np.float64), shift.astype(np.float64)).astype(np.float32)
+    per_input = weight.astype(np.float64).reshape(weight.shape[0], weight.shape[1], -1).sum(axis=2)
+    b = bias + (per_input @ shift.astype(np.float64)).astype(np.float32)
     _set_constant(graph, conv, 1, w.astype(np.float32), conv.inputs[1].name)
     _set_constant(graph, conv, 2, b.astype(np.float32), f"{conv.name}.bias")
     conv.inputs[0] = bn.inputs[0]

@@ -1,0 +1,162 @@
+"""End-to-end export: torch fake-quant and the QDQ model agree at every quant point (reference view),
+the int8 model runs with integer kernels, files are small, deterministic, and bad input fails cleanly."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+import deployq
+from deployq import checkpoint as ck
+from deployq.cli import main
+from deployq.examples import zoo
+from deployq.export import export as run_export
+from deployq.model_source import resolve_model
+from deployq.parity import check_parity
+
+HEAD_TAIL_10BIT = {"input": 10, "layers": {"*": {}}}
+
+
+def head_tail_config(first, last, **defaults):
+    """10-bit input and first/last layers (weights and outputs), as the thesis does."""
+    return {**defaults, "input": 10, "layers": {first: {"weight": 10, "activation": 10},
+                                                last: {"weight": 10, "activation": 10}}}
+
+
+CASES = {
+    "unet": (zoo.unet, (1, 3, 16, 16), head_tail_config("enc1.0", "out")),
+    "resnet": (zoo.resnet, (1, 3, 16, 16), head_tail_config("stem.0", "head", weight={"quantizer": "lsq"},
+                                                            activation={"quantizer": "lsq+"})),
+    "channel_attention": (zoo.channel_attention, (1, 3, 16, 16),
+                          head_tail_config("conv", "out", weight={"quantizer": "dsq_lsq"}, activation={"quantizer": "dsq_lsq"})),
+    "space_to_depth": (zoo.space_to_depth, (1, 1, 16, 16), head_tail_config("conv1", "out", activation={"observer": "percentile"})),
+}
+
+
+def trained_checkpoint(tmp_path, name, steps=3):
+    """A calibrated model with a few QAT steps, so learned qparams are arbitrary values, saved."""
+    factory, shape, config = CASES[name]
+    qmodel = deployq.prepare(factory(), torch.randn(*shape), config)
+    deployq.calibrate(qmodel, [torch.randn(2, *shape[1:]) for _ in range(4)], progress=False)
+    optimizer = torch.optim.Adam(qmodel.parameters(), lr=1e-3)
+    qmodel.train()
+    for _ in range(steps):
+        x = torch.randn(2, *shape[1:])
+        loss = (qmodel(x) - x.mean()).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = ck.save(tmp_path / f"{name}.pt", qmodel, factory=f"deployq.examples.zoo:{name}",
+                   inputs=[ck.InputSpec("x", shape)])
+    return path, shape
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_parity_at_every_quant_point(name, tmp_path):
+    path, shape = trained_checkpoint(tmp_path, name)
+    source = resolve_model(ckpt=str(path))
+    result = run_export(source, tmp_path / "out", progress=False)
+    batches = [torch.randn(3, *shape[1:]) * 1.5 for _ in range(4)]
+    report = check_parity(result.qmodel, result.quant_model, batches)
+    assert report.ok(min_exact=0.9999, max_lsb=1), [p.to_json() for p in report.failures()]
+    names = {p.name for p in report.points}
+    assert names == set(deployq.quant_points(result.qmodel))  # every quant point was compared
+    assert any(p.bits == 10 for p in report.points)
+    # the final outputs agree too
+    feeds = {"x": batches[0].numpy()}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    onnx_out = ort.InferenceSession(result.quant_model.SerializeToString(), so).run(None, feeds)[0]
+    torch_out = result.qmodel(batches[0]).detach().numpy()
+    step = max(r.scale[0] for r in result.records.values() if r.kind == "activation")
+    assert np.abs(onnx_out - torch_out).max() <= step
+
+
+def optimized_ops(model_bytes, path):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(path)
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    return session, [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_int8_model_uses_integer_kernels_and_is_small(tmp_path):
+    qmodel = deployq.prepare(zoo.unet(width=32), torch.randn(1, 3, 32, 32))
+    deployq.calibrate(qmodel, [torch.randn(2, 3, 32, 32) for _ in range(3)], progress=False)
+    path = ck.save(tmp_path / "u.pt", qmodel, factory="deployq.examples.zoo:unet", factory_kwargs={"width": 32},
+                   inputs=[ck.InputSpec("x", (1, 3, 32, 32))])
+    result = run_export(resolve_model(ckpt=str(path)), tmp_path / "out", progress=False)
+    sizes = result.sizes()
+    assert sizes["int8"] <= 0.30 * sizes["float"], sizes
+    session, ops = optimized_ops(result.files["int8"].read_bytes(), tmp_path / "opt.onnx")
+    convs = sum(n.op_type == "Conv" for n in result.quant_model.graph.node)
+    assert convs == 5 and ops.count("QLinearConv") == convs  # (ConvTranspose has no CPU integer kernel)
+    assert "Conv" not in ops and "FusedConv" not in ops
+    y = session.run(None, {"x": np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)})[0]
+    assert y.shape == (2, 3, 32, 32) and np.isfinite(y).all()
+
+
+def test_export_is_deterministic(tmp_path):
+    path, _ = trained_checkpoint(tmp_path, "unet", steps=1)
+    source = resolve_model(ckpt=str(path))
+    a = run_export(source, tmp_path / "a", progress=False)
+    b = run_export(resolve_model(ckpt=str(path)), tmp_path / "b", progress=False)
+    for key in ("float", "int8", "qparams"):
+        assert a.files[key].read_bytes() == b.files[key].read_bytes(), key
+
+
+def test_int16_and_vnni_variants_keep_parity(tmp_path):
+    path, shape = trained_checkpoint(tmp_path, "resnet", steps=1)
+    batches = [torch.randn(2, *shape[1:]) for _ in range(2)]
+    for kwargs in ({"target": "int16"}, {"act_signed": True, "weight_bits": 7}):
+        result = run_export(resolve_model(ckpt=str(path)), tmp_path / "v", progress=False, **kwargs)
+        report = check_parity(result.qmodel, result.quant_model, batches)
+        if "target" in kwargs:
+            # a 16-bit step is 256x finer: a one-step flip upstream (float summation order)
+            # moves downstream codes by a few steps, so the bound is looser there
+            assert report.ok(min_exact=0.95, max_lsb=4) and report.exact_fraction > 0.99, kwargs
+        else:
+            assert report.ok(), kwargs
+        bits = {r.bits for r in result.records.values() if r.kind == "weight"}
+        assert bits == ({16} if "target" in kwargs else {7, 10})
+    signed = {r.signed for r in result.records.values() if r.kind != "weight"}
+    assert signed == {True}
+
+
+def test_ptq_from_a_plain_state_dict(tmp_path):
+    model = zoo.unet()
+    torch.save(model.state_dict(), tmp_path / "float.pth")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32))
+    runner = CliRunner()
+    args = ["export", "--ckpt", str(tmp_path / "float.pth"), "--model", "deployq.examples.zoo:unet",
+            "--input-shape", "1,3,16,16", "--out", str(tmp_path / "out")]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1 and "--calib" in result.output
+    result = runner.invoke(main, args + ["--calib", str(tmp_path / "calib.npy")])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"model.float.onnx", "model.int8.onnx", "qparams.json"}
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda d: ["--ckpt", str(d / "missing.pt")], "does not exist"),
+    (lambda d: ["--ckpt", str(d / "corrupt.pt")], "corrupt.pt"),
+    (lambda d: ["--ckpt", str(d / "float.pth"), "--model", "no_such_module_xyz:build", "--input-shape", "1,3,16,16"], "cannot import"),
+    (lambda d: ["--ckpt", str(d / "float.pth"), "--model", "deployq.examples.zoo:unet", "--input-shape", "1,3,16,16",
+                "--config", str(d / "bad.yaml"), "--calib", str(d / "calib.npy")], "'enc9' matches no quant point"),
+    (lambda d: ["--ckpt", str(d / "float.pth"), "--model", "deployq.examples.zoo:unet", "--input-shape", "1,3,16,16",
+                "--config", str(d / "perchannel.yaml"), "--calib", str(d / "calib.npy")], "per-channel activations wider than 8 bits"),
+])
+def test_bad_input_fails_cleanly_without_partial_files(tmp_path, make_args, message):
+    torch.save(zoo.unet().state_dict(), tmp_path / "float.pth")
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00" * 100)
+    (tmp_path / "bad.yaml").write_text("layers:\n  enc9: {activation: 10}\n")
+    (tmp_path / "perchannel.yaml").write_text("layers:\n  cat: {activation: '10 per_channel_affine'}\n")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", *make_args(tmp_path), "--out", str(out)])
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert not out.exists() or not any(out.iterdir())
