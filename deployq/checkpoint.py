@@ -69,9 +69,14 @@ class Checkpoint:
 
 def save(path: str | Path, model: fx.GraphModule, *, factory: str, factory_kwargs: Optional[dict] = None,
          inputs: Sequence[InputSpec], meta: Optional[dict] = None) -> Path:
-    """Write `model` (a prepared, calibrated GraphModule) to `path`, atomically."""
+    """Write `model` (a prepared, calibrated GraphModule) to `path`, atomically. The input names
+    are the model's own (its forward's argument names); `inputs` gives their shapes, in order."""
     model = getattr(model, "module", model)
     config: QConfig = model.get_submodule("act_quant").config
+    names = [str(n.target) for n in model.graph.nodes if n.op == "placeholder"]
+    if len(names) != len(inputs):
+        raise CheckpointError(f"the model takes {len(names)} inputs ({names}), {len(inputs)} input specs were given")
+    inputs = [InputSpec(name, tuple(i.shape), i.dtype) for name, i in zip(names, inputs)]
     payload = {
         "format": FORMAT,
         "version": VERSION,

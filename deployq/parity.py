@@ -18,11 +18,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from torch import nn
+from torch import fx
 
-from deployq.prepare import quant_points
+from deployq.prepare import ACT_QUANT, quant_points
 from deployq.qat import model_inputs, weight_qparams
-from deployq.qformula import quantize
+from deployq.qformula import dequantize, quantize
 from deployq.quantizers import FakeQuantizer, quantize_tensor
 
 QUANT_SUFFIX = "_prequant"
@@ -79,36 +79,60 @@ class ParityReport:
         return max((p.max_lsb for p in self.points), default=0)
 
     def ok(self, min_exact: float = 0.9999, max_lsb: int = 1) -> bool:
-        return self.max_lsb <= max_lsb and all(p.exact_fraction >= min_exact for p in self.points)
+        """At most `max_lsb` apart at every quant point, and `min_exact` of all codes equal.
 
-    def failures(self, min_exact: float = 0.9999, max_lsb: int = 1) -> list[PointParity]:
-        return [p for p in self.points if p.max_lsb > max_lsb or p.exact_fraction < min_exact]
+        The fraction is over all codes compared: flips are independent rare events (~1e-5 per code
+        here), so one flip in a 2048-code bottleneck tensor says nothing about that layer.
+        """
+        return self.max_lsb <= max_lsb and self.exact_fraction >= min_exact
+
+    def failures(self, max_lsb: int = 1) -> list[PointParity]:
+        return [p for p in self.points if p.max_lsb > max_lsb]
+
+    @property
+    def worst(self) -> Optional[PointParity]:
+        return min(self.points, key=lambda p: p.exact_fraction, default=None)
 
     def to_json(self) -> dict:
         return {"elements": self.elements, "exact_fraction": self.exact_fraction, "max_lsb": self.max_lsb,
                 "ok": self.ok(), "points": [p.to_json() for p in self.points]}
 
 
-def torch_codes(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
-    """Integer codes at every activation / input quant point of one forward, and every weight."""
+class _Capture(fx.Interpreter):
+    """Runs the QAT graph and records the integer codes each activation quantizer produces.
+
+    With `forced` codes (from onnxruntime), each quantizer's output is replaced by the dequantized
+    forced codes, so every layer computes from exactly the inputs the other side had: what is
+    then compared is the layer's own arithmetic, not error that flowed in from above.
+    """
+
+    def __init__(self, gm: fx.GraphModule, forced: Optional[dict[str, np.ndarray]] = None) -> None:
+        super().__init__(gm)
+        self.forced = forced
+        self.codes: dict[str, np.ndarray] = {}
+
+    def call_module(self, target: str, args: tuple, kwargs: dict):
+        if not target.startswith(f"{ACT_QUANT}."):
+            return super().call_module(target, args, kwargs)
+        name = target[len(ACT_QUANT) + 1:]
+        q: FakeQuantizer = self.module.get_submodule(target)
+        codes = quantize_tensor(q, args[0].detach())
+        self.codes[name] = codes.numpy().astype(np.int64)
+        if self.forced is not None and name in self.forced:
+            codes = torch.from_numpy(self.forced[name].astype(np.float32))
+        scale, zero_point = q.qparams()
+        return dequantize(codes, scale, zero_point, q.axis if scale.ndim else None)
+
+
+def torch_codes(qmodel: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
+                forced: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
+    """Integer codes at every activation / input quant point of one forward, and every weight.
+    `forced`: codes to continue from at each quant point (the local view), see :class:`_Capture`."""
     points = quant_points(qmodel)
-    codes: dict[str, np.ndarray] = {}
-    handles = []
-    for name, point in points.items():
-        if point.kind == "weight":
-            continue
-        module: FakeQuantizer = qmodel.get_submodule(point.quantizer)
-
-        def capture(mod: FakeQuantizer, args: tuple, key: str = name) -> None:
-            codes[key] = quantize_tensor(mod, args[0].detach()).numpy().astype(np.int64)
-
-        handles.append(module.register_forward_pre_hook(capture))
-    try:
-        with torch.no_grad():
-            qmodel.eval()(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    capture = _Capture(qmodel.eval(), forced)
+    with torch.no_grad():
+        capture.run(*inputs)
+    codes = capture.codes
     for name, point in points.items():
         if point.kind != "weight":
             continue
@@ -168,9 +192,14 @@ def onnx_weight_codes(model: onnx.ModelProto, names: Iterable[str]) -> dict[str,
     return out
 
 
-def check_parity(qmodel: nn.Module, model: onnx.ModelProto, batches: Iterable, *,
-                 max_batches: Optional[int] = None) -> ParityReport:
-    """Compare integer codes of `qmodel` (torch) and `model` (ORT, reference view) over `batches`."""
+def check_parity(qmodel: fx.GraphModule, model: onnx.ModelProto, batches: Iterable, *,
+                 max_batches: Optional[int] = None, local: bool = True) -> ParityReport:
+    """Compare integer codes of `qmodel` (torch) and `model` (ORT, reference view) over `batches`.
+
+    local=True (default): torch continues from ORT's codes at every quant point, so each point
+    shows its own arithmetic only. local=False: both run freely; a one-step flip upstream (float
+    summation order) then spreads downstream, so deep models show more (and larger) differences.
+    """
     points = quant_points(qmodel)
     q_outputs = quantize_nodes(model)
     missing = [n for n, p in points.items() if p.kind != "weight" and n not in q_outputs]
@@ -185,9 +214,10 @@ def check_parity(qmodel: nn.Module, model: onnx.ModelProto, batches: Iterable, *
         if max_batches is not None and i >= max_batches:
             break
         inputs = model_inputs(batch)
-        ours = torch_codes(qmodel, inputs)
         feeds = {name: t.detach().numpy().astype(np.float32) for name, t in zip(input_names, inputs)}
         results = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        theirs = {name: results[output] for name, output in wanted.items()}
+        ours = torch_codes(qmodel, inputs, theirs if local else None)
         for name, output in wanted.items():
             report[name].add(ours[name], results[output])
         if not weights_done:
