@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
@@ -164,6 +165,124 @@ def export(ckpt: Optional[str], factory: Optional[str], config: Optional[str], i
     console.print(table)
     for note in result.notes:
         console.print(f"[dim]{note}[/dim]")
+
+
+@main.command()
+@click.argument("float_onnx", type=click.Path(dir_okay=False))
+@click.argument("quant_onnx", type=click.Path(dir_okay=False))
+@click.option("--input", "input_path", type=click.Path(exists=True),
+              help="Inputs: a raw file or folder (rawpy), images, or .npy/.npz.")
+@click.option("--random", "random_count", type=click.IntRange(1), help="N random inputs of the model's input shape.")
+@click.option("--ratio", type=float, help="Exposure ratio applied to raw inputs (SID-style).")
+@click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="At most this many inputs from --input.")
+@click.option("--mode", type=click.Choice(["accumulated", "local", "sensitivity", "kernel"]), default="accumulated",
+              show_default=True, help="Which error to measure (see below).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every number as JSON.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
+@click.option("--top", type=click.IntRange(1), help="Show only the K worst quant points.")
+@click.option("--fail-below", type=float, metavar="SQNR_DB", help="Exit 1 if the output SQNR is below this (CI gate).")
+@handle_errors
+def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_count: Optional[int],
+         ratio: Optional[float], limit: int, mode: str, json_path: Optional[str], html_path: Optional[str],
+         top: Optional[int], fail_below: Optional[float]) -> None:
+    """Compare a float ONNX model and its quantized (QDQ) model, quant point by quant point.
+
+    \b
+    Modes:
+      accumulated  both whole models; each layer's error includes what flowed in from above
+      local        each layer fed with the float model's values: its own error only
+      sensitivity  one quant point quantized at a time, everything else float; output error, ranked
+      kernel       real integer kernels (fully optimized sub-models) vs the reference view
+    Works on deployq exports and on onnxruntime.quantization.quantize_static models.
+    """
+    from deployq.diff import diff as run_diff
+    from deployq.files import AtomicOutputs
+    from deployq.report import table, to_html
+    from deployq.sim import check_same_inputs, file_feeds, isa_text, load_onnx, random_feeds
+
+    if input_path and random_count:
+        raise UserError("give --input or --random, not both")
+    float_model, quant_model = load_onnx(float_onnx), load_onnx(quant_onnx)
+    inputs = check_same_inputs(float_model, quant_model, float_onnx, quant_onnx)
+    if input_path:
+        batches = file_feeds(input_path, inputs, ratio=ratio, limit=limit)
+    else:
+        batches = list(random_feeds(inputs, random_count or 4, ranges=_input_ranges(quant_model)))
+    report = run_diff(float_model, quant_model, batches, mode=mode)
+    console.print(table(report, top))
+    for warning in report.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
+    if mode == "kernel":
+        console.print(f"CPU: {isa_text(report.isa)}")
+    with AtomicOutputs() as out:
+        if json_path:
+            out.write_text(json_path, json.dumps(report.to_json(), indent=1) + "\n")
+        if html_path:
+            out.write_text(html_path, to_html(report, f"deployq diff: {quant_onnx}", fail_below))
+    click.echo(f"verdict: {report.verdict(fail_below)}")
+    if not report.passed(fail_below):
+        sys.exit(1)
+
+
+def _input_ranges(quant_model) -> dict[str, tuple[float, float]]:
+    """The represented range of each input's quantizer: random inputs then exercise every code."""
+    from deployq.diff import match_inputs
+
+    return match_inputs(quant_model)
+
+
+@main.command()
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The deployq checkpoint.")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Its exported QDQ model.")
+@click.option("--model", "factory", metavar="PKG.MOD:FACTORY", help="Model factory, if not inside deployq.")
+@click.option("--input", "input_path", type=click.Path(exists=True), help="Inputs (raw, images, .npy/.npz); default: random.")
+@click.option("--random", "random_count", type=click.IntRange(1), default=4, show_default=True, help="Random inputs if no --input.")
+@click.option("--accumulated", is_flag=True, help="Let both run freely (errors spread) instead of comparing each point on the same inputs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the per-point parity as JSON.")
+@handle_errors
+def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optional[str], random_count: int,
+          accumulated: bool, json_path: Optional[str]) -> None:
+    """Torch fake-quant vs the ONNX model, in integer codes, at every quant point.
+
+    Runs onnxruntime in the reference view (QDQ semantics exactly) and the checkpoint's QAT model
+    on the same inputs; each torch quantizer continues from onnxruntime's codes (unless
+    --accumulated), so every point shows its own arithmetic. Exit 1 if any point is more than
+    1 LSB apart.
+    """
+    import torch
+
+    from deployq.files import atomic_path
+    from deployq.model_source import resolve_model
+    from deployq.parity import check_parity
+    from deployq.sim import file_feeds, inputs_of, load_onnx, random_feeds
+
+    source = resolve_model(ckpt=ckpt, factory=factory)
+    model = load_onnx(onnx_path)
+    inputs = inputs_of(model)
+    if [i.name for i in inputs] != [i.name for i in source.inputs]:
+        raise UserError(f"{onnx_path} takes inputs {[i.name for i in inputs]}, the checkpoint's model "
+                        f"{[i.name for i in source.inputs]}")
+    feeds = (file_feeds(input_path, inputs) if input_path else
+             list(random_feeds(inputs, random_count, ranges=_input_ranges(model))))
+    batches = [tuple(torch.from_numpy(f[i.name]) for i in inputs) for f in feeds]
+    report = check_parity(source.qmodel, model, batches, local=not accumulated)
+    t = Table(title=f"deployq check: torch fake-quant vs {onnx_path} (codes)")
+    for col in ("name", "kind", "bits", "elements", "equal", "1 LSB", ">1 LSB"):
+        t.add_column(col, justify="left" if col in ("name", "kind") else "right", no_wrap=col == "name")
+    for p in report.points:
+        t.add_row(p.name, p.kind, str(p.bits), str(p.elements), f"{100 * p.exact_fraction:.3f}%", str(p.one),
+                  f"[bold red]{p.more}[/]" if p.more else "0")
+    console.print(t)
+    if json_path:
+        with atomic_path(json_path) as tmp:
+            Path(tmp).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    verdict = (f"{report.elements} codes at {len(report.points)} quant points: {100 * report.exact_fraction:.4f}% equal, "
+               f"max {report.max_lsb} LSB apart")
+    failures = report.failures()
+    if failures:
+        click.echo(f"FAIL: {verdict}; more than 1 LSB at {', '.join(p.name for p in failures[:5])}")
+        sys.exit(1)
+    click.echo(f"PASS: {verdict}")
 
 
 def run() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,704 @@
+"""Layer-by-layer comparison of a float ONNX model and its QDQ model (``deployq diff``).
+
+Matching is by name (DESIGN contract 1), not by suffix heuristics: a quant point is the tensor a
+QuantizeLinear quantizes, and the float model has a tensor of the same name. That holds for
+deployq's exports and for ``onnxruntime.quantization.quantize_static`` alike. BatchNorm that the
+quantized model folded is folded in a copy of the float model (deployq's own fold pass) before
+weights and conv outputs are compared; a fused activation is compared output to output.
+
+Modes:
+    accumulated  both whole models; each layer's error includes what flowed in from above
+    local        every layer reads the *float* model's values, so each quant point shows its own
+                 layer's error only (quantized weights + output rounding)
+    sensitivity  only one quant point (and the weights of the layer producing it) quantized,
+                 everything else float; the model output's error, ranked
+    kernel       real integer-kernel error: truncated sub-models ending at each quant point run
+                 fully optimized, against the reference view (never extra outputs on an optimized
+                 graph, which would break fusion)
+
+Metrics stream batch by batch (sums, not tensors): SQNR = 10·log10(Σx² / Σ(x − x̂)²) in dB,
+cosine similarity, MSE, max |error|, and for quantized tensors the error in LSB units: the
+distance between the quant model's code and the code of the float value (0 = exact rounding).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from deployq.exporters.fold_bn import fold_batchnorm_pass
+from deployq.exporters.graph import to_model
+from deployq.exporters.insert_qdq import DATA_MOVEMENT_OPS
+from deployq.progress import progress_bar
+from deployq.qformula import dequantize_np, quantize_np
+from deployq.sim import ModelFileError, cpu_isa, isa_text, run, session
+
+MODES = ("accumulated", "local", "sensitivity", "kernel")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ACTIVATION_OPS = ("Relu", "LeakyRelu", "Clip")
+PREQUANT = "_prequant"  # deployq: a graph output's value before quantization
+ORT_PREQUANT = "_QuantizeLinear_Input"  # onnxruntime.quantization's name for the same thing
+
+
+def _base_name(tensor: str) -> str:
+    for suffix in (PREQUANT, ORT_PREQUANT):
+        if tensor.endswith(suffix):
+            return tensor[: -len(suffix)]
+    return tensor
+LSB_BINS = ("0", "1", ">1")
+
+
+# ----------------------------------------------------------------------------------- matching
+
+
+@dataclass
+class QPoint:
+    """One quantized tensor of the QDQ model, paired with the float model's tensor of that name."""
+
+    name: str
+    kind: str  # "activation" | "weight"
+    op: str
+    bits: int
+    signed: bool
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: Optional[int]
+    value: str = ""  # quant model: dequantized tensor (activations)
+    codes: str = ""  # quant model: QuantizeLinear output (activations)
+    source: str = ""  # quant model: the tensor QuantizeLinear reads
+    inputs: tuple[str, ...] = ()  # nearest upstream quant points
+    layer: Optional[str] = None  # node producing this activation's layer output, if a weight layer
+    float_weight: Optional[np.ndarray] = None
+    quant_weight: Optional[np.ndarray] = None
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+
+
+@dataclass
+class Matching:
+    points: list[QPoint]
+    float_model: onnx.ModelProto  # BN folded, as the quant model saw it
+    unmatched: list[str] = field(default_factory=list)
+
+    @property
+    def activations(self) -> list[QPoint]:
+        return [p for p in self.points if p.kind == "activation"]
+
+    @property
+    def weights(self) -> list[QPoint]:
+        return [p for p in self.points if p.kind == "weight"]
+
+
+def _const(inits: dict[str, onnx.TensorProto], name: str) -> Optional[np.ndarray]:
+    return numpy_helper.to_array(inits[name]) if name in inits else None
+
+
+def _bits_of(zero_point: np.ndarray, clip: Optional[onnx.NodeProto], inits: dict, scale: np.ndarray) -> int:
+    if zero_point.dtype.itemsize == 1:
+        return 8
+    if clip is not None and len(clip.input) == 3:
+        lo, hi = _const(inits, clip.input[1]), _const(inits, clip.input[2])
+        if lo is not None and hi is not None:
+            levels = round(float((np.max(hi) - np.min(lo)) / np.max(scale))) + 1
+            return max(2, min(16, int(round(math.log2(max(levels, 2))))))
+    return 16
+
+
+def _fold_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = fold_batchnorm_pass(gs.import_onnx(model))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    return to_model(graph, opset)
+
+
+def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matching:
+    """Pair every QuantizeLinear of `quant_model` (and every quantized weight) with `float_model`."""
+    folded = _fold_copy(float_model)
+    float_tensors = _tensor_names(float_model) | _tensor_names(folded)
+    qg = quant_model.graph
+    inits = {i.name: i for i in qg.initializer}
+    producers = {o: n for n in qg.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in qg.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in qg.output}
+    points: list[QPoint] = []
+    by_value: dict[str, QPoint] = {}  # dequantized tensor -> its quant point
+    by_name: dict[str, QPoint] = {}
+    unmatched = []
+    for node in qg.node:  # topological order in a valid model
+        if node.op_type != "QuantizeLinear":
+            continue
+        source, clip = node.input[0], None
+        if producers.get(source) is not None and producers[source].op_type == "Clip":
+            clip = producers[source]
+            source = clip.input[0]
+        name = _base_name(source)
+        dq = next((c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None)
+        scale, zp = _const(inits, node.input[1]), _const(inits, node.input[2]) if len(node.input) > 2 else None
+        if dq is None or scale is None:
+            continue
+        zp = zp if zp is not None else np.zeros((), np.uint8)
+        upstream = _upstream(source, producers, by_value)
+        maker = producers.get(source)
+        if (maker is not None and maker.op_type in DATA_MOVEMENT_OPS and len(upstream) == 1
+                and _same(by_name[upstream[0]], scale, zp)):
+            by_value[dq.output[0]] = by_name[upstream[0]]  # carried through data movement, not a new point
+            continue
+        if name not in float_tensors:
+            unmatched.append(name)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None) if scale.ndim else None
+        point = QPoint(name, "activation", maker.op_type if maker else "input",
+                       _bits_of(zp, clip, inits, scale), zp.dtype.kind == "i", scale.astype(np.float32),
+                       zp.astype(np.int64), axis, value=dq.output[0], codes=node.output[0], source=source,
+                       inputs=upstream, layer=_layer_of(maker, producers))
+        if name in graph_outputs and dq.output[0] != name:
+            point.value = dq.output[0]
+        points.append(point)
+        by_value[dq.output[0]] = point
+        by_name[name] = point
+    points.extend(_weights(quant_model, float_model, folded, inits, producers))
+    if not points:
+        raise ModelFileError("the models have no quant point in common: the second model has no "
+                             "QuantizeLinear whose input tensor is named as a tensor of the first")
+    order = {p.name: i for i, p in enumerate(points)}
+    points.sort(key=lambda p: order[p.name])
+    return Matching(points, folded, unmatched)
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    names = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
+    for n in model.graph.node:
+        names.update(n.output)
+    return names
+
+
+def _same(point: QPoint, scale: np.ndarray, zp: np.ndarray) -> bool:
+    return np.array_equal(point.scale, scale.astype(np.float32)) and np.array_equal(point.zero_point, zp.astype(np.int64))
+
+
+def _upstream(tensor: str, producers: dict[str, onnx.NodeProto], by_value: dict[str, QPoint]) -> tuple[str, ...]:
+    """The quant points whose dequantized values feed `tensor` (nearest ones, walking back)."""
+    found: list[str] = []
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in by_value:
+            found.append(t)
+            continue
+        node = producers.get(t)
+        if node is None or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue  # a graph input, or the quantization of a weight / bias
+        stack.extend(i for i in node.input if i)
+    return tuple(dict.fromkeys(by_value[t].name for t in found))
+
+
+def _layer_of(node: Optional[onnx.NodeProto], producers: dict[str, onnx.NodeProto]) -> Optional[str]:
+    """The weight layer whose output (possibly through a fused activation) is this tensor."""
+    if node is None:
+        return None
+    if node.op_type in LAYER_OPS:
+        return node.name or node.output[0]
+    if node.op_type in ACTIVATION_OPS:
+        before = producers.get(node.input[0])
+        if before is not None and before.op_type in LAYER_OPS:
+            return before.name or before.output[0]
+    return None
+
+
+def _weights(quant_model: onnx.ModelProto, float_model: onnx.ModelProto, folded: onnx.ModelProto,
+             inits: dict, producers: dict) -> list[QPoint]:
+    """Every layer whose weight input comes from DequantizeLinear of an initializer."""
+    float_layers = {}
+    for model in (float_model, folded):  # a layer in both (same name) is compared with folded weights
+        f_inits = {i.name: i for i in model.graph.initializer}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+        for n in model.graph.node:
+            if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in f_inits:
+                weight = numpy_helper.to_array(f_inits[n.input[1]])
+                # known by its output, by its node name, and by the output of an activation right
+                # after it (quantizers remove a Relu / Clip that the output range makes redundant)
+                keys = [n.output[0], f"node:{n.name}"]
+                after = readers.get(n.output[0], [])
+                if len(after) == 1 and after[0].op_type in ACTIVATION_OPS:
+                    keys.append(after[0].output[0])
+                for key in keys:
+                    float_layers[(n.op_type, key)] = weight
+    points = []
+    for node in quant_model.graph.node:
+        if node.op_type not in LAYER_OPS or len(node.input) < 2:
+            continue
+        dq = producers.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        codes = _const(inits, dq.input[0])
+        scale = _const(inits, dq.input[1])
+        zp = _const(inits, dq.input[2]) if len(dq.input) > 2 else np.zeros_like(codes.reshape(-1)[:1]).reshape(())
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1 if scale.ndim and node.op_type == "ConvTranspose" else 0)
+        axis = axis if scale.ndim else None
+        weight = dequantize_np(codes, scale, zp, axis)
+        reference = float_layers.get((node.op_type, _base_name(node.output[0])))
+        if reference is None and node.name:
+            reference = float_layers.get((node.op_type, f"node:{node.name}"))
+        if reference is None or reference.shape != weight.shape:
+            continue
+        name = dq.input[0][: -len("_quantized")] if dq.input[0].endswith("_quantized") else dq.input[0]
+        bits = 8 if codes.dtype.itemsize == 1 else _weight_bits(codes)
+        points.append(QPoint(name, "weight", node.op_type, bits, codes.dtype.kind == "i", np.asarray(scale, np.float32),
+                             np.asarray(zp, np.int64), axis, layer=node.name or node.output[0],
+                             float_weight=reference.astype(np.float32), quant_weight=weight))
+    return points
+
+
+def _weight_bits(codes: np.ndarray) -> int:
+    """Width of 16-bit-stored weight codes, read off the codes they use (10 for the 10-bit layers)."""
+    largest = int(np.abs(codes.astype(np.int64)).max(initial=1))
+    return max(9, min(16, largest.bit_length() + (1 if codes.dtype.kind == "i" else 0)))
+
+
+def match_inputs(quant_model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """{graph input: (lo, hi)} of the inputs quantized right away: the range their codes cover."""
+    inits = {i.name: i for i in quant_model.graph.initializer}
+    inputs = {i.name for i in quant_model.graph.input}
+    producers = {o: n for n in quant_model.graph.node for o in n.output}
+    ranges = {}
+    for node in quant_model.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        source = node.input[0]
+        clip = producers.get(source)
+        if clip is not None and clip.op_type == "Clip":
+            source = clip.input[0]
+        if source not in inputs or node.input[1] not in inits:
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 else np.zeros((), np.uint8)
+        if scale.ndim:
+            continue
+        if zp.dtype.itemsize == 1:
+            qmin, qmax = (-128, 127) if zp.dtype.kind == "i" else (0, 255)
+            ranges[source] = ((qmin - float(zp)) * float(scale), (qmax - float(zp)) * float(scale))
+        elif clip is not None:
+            lo, hi = _const(inits, clip.input[1]), _const(inits, clip.input[2])
+            if lo is not None and hi is not None:
+                ranges[source] = (float(lo), float(hi))
+    return ranges
+
+
+# -------------------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Stats:
+    """Streaming error statistics of a quantized tensor against its float reference."""
+
+    n: int = 0
+    ref_sq: float = 0.0
+    err_sq: float = 0.0
+    dot: float = 0.0
+    quant_sq: float = 0.0
+    max_err: float = 0.0
+    lsb: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+    def add(self, ref: np.ndarray, quant: np.ndarray, point: Optional[QPoint] = None,
+            codes: Optional[np.ndarray] = None) -> None:
+        if ref.shape != quant.shape:
+            raise ModelFileError(f"{point.name if point else 'tensor'}: float shape {ref.shape} vs quantized {quant.shape}")
+        r, q = ref.astype(np.float64).ravel(), quant.astype(np.float64).ravel()
+        e = r - q
+        self.n += r.size
+        self.ref_sq += float(r @ r)
+        self.err_sq += float(e @ e)
+        self.dot += float(r @ q)
+        self.quant_sq += float(q @ q)
+        self.max_err = max(self.max_err, float(np.abs(e).max(initial=0.0)))
+        if point is not None:
+            self.add_lsb(ref, point, codes if codes is not None else quant, codes is not None)
+
+    def add_lsb(self, ref: np.ndarray, point: QPoint, quant: np.ndarray, are_codes: bool) -> None:
+        """Distance, in codes, between the quantized tensor and the float value's own code."""
+        axis = point.axis
+        want = quantize_np(ref, point.scale, point.zero_point, point.qmin, point.qmax, axis)
+        have = quant.astype(np.int64) if are_codes else quantize_np(quant, point.scale, point.zero_point, point.qmin, point.qmax, axis)
+        d = np.abs(want - have)
+        self.lsb[0] += int((d == 0).sum())
+        self.lsb[1] += int((d == 1).sum())
+        self.lsb[2] += int((d > 1).sum())
+
+    @staticmethod
+    def _ratio_db(signal: float, noise: float) -> float:
+        if noise == 0:
+            return math.inf
+        if signal == 0:
+            return -math.inf
+        return 10 * math.log10(signal / noise)
+
+    @property
+    def sqnr_db(self) -> float:
+        return self._ratio_db(self.ref_sq, self.err_sq)
+
+    @property
+    def cosine(self) -> float:
+        denom = math.sqrt(self.ref_sq * self.quant_sq)
+        return self.dot / denom if denom else (1.0 if self.err_sq == 0 else 0.0)
+
+    @property
+    def mse(self) -> float:
+        return self.err_sq / self.n if self.n else 0.0
+
+    def to_json(self) -> dict:
+        lsb_total = sum(self.lsb)
+        return {"elements": self.n, "sqnr_db": _finite(self.sqnr_db), "cosine": self.cosine, "mse": self.mse,
+                "max_abs_err": self.max_err,
+                "lsb_histogram": dict(zip(LSB_BINS, self.lsb)) if lsb_total else None}
+
+
+def _finite(v: float) -> Optional[float]:
+    return v if math.isfinite(v) else (None if math.isnan(v) else (1e9 if v > 0 else -1e9))
+
+
+@dataclass
+class Row:
+    point: QPoint
+    stats: Stats
+    jump: bool = False
+    drop_db: Optional[float] = None
+
+    def to_json(self) -> dict:
+        p = self.point
+        return {"name": p.name, "kind": p.kind, "op": p.op, "bits": p.bits, "signed": p.signed,
+                "inputs": list(p.inputs), "jump": self.jump, "drop_db": self.drop_db, **self.stats.to_json()}
+
+
+@dataclass
+class DiffReport:
+    mode: str
+    rows: list[Row]
+    outputs: dict[str, Stats]
+    batches: int
+    seconds: float
+    isa: dict
+    unmatched: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    jump_db: float = 6.0
+
+    def ranking(self) -> list[Row]:
+        """Activation rows, worst first (lowest SQNR)."""
+        rows = [r for r in self.rows if r.point.kind == "activation"]
+        return sorted(rows, key=lambda r: r.stats.sqnr_db)
+
+    @property
+    def first_jump(self) -> Optional[Row]:
+        return next((r for r in self.rows if r.jump), None)
+
+    @property
+    def gate_sqnr(self) -> float:
+        """What --fail-below tests: the model output's SQNR (accumulated, local), or the worst
+        quant point's (sensitivity: output SQNR with that point alone quantized; kernel)."""
+        if self.outputs:
+            return min(s.sqnr_db for s in self.outputs.values())
+        ranked = self.ranking()
+        return ranked[0].stats.sqnr_db if ranked else math.inf
+
+    def passed(self, fail_below: Optional[float]) -> bool:
+        return fail_below is None or self.gate_sqnr >= fail_below
+
+    def verdict(self, fail_below: Optional[float] = None) -> str:
+        parts = [self.mode]
+        if self.outputs:
+            parts.append(f"output SQNR {self.gate_sqnr:.1f} dB, cosine {min(s.cosine for s in self.outputs.values()):.5f}")
+        if self.mode == "kernel":
+            lsb = [sum(r.stats.lsb[i] for r in self.rows) for i in range(3)]
+            total = max(1, sum(lsb))
+            parts.append(f"integer kernels vs reference: {100 * lsb[0] / total:.3f}% equal codes, "
+                         f"{100 * lsb[2] / total:.3f}% off by more than 1 LSB")
+        ranked = self.ranking()
+        if ranked:
+            worst = ranked[0]
+            label = "most sensitive" if self.mode == "sensitivity" else "weakest"
+            parts.append(f"{label} {worst.point.name} ({worst.stats.sqnr_db:.1f} dB)")
+        if self.first_jump is not None:
+            parts.append(f"error jumps at {self.first_jump.point.name} (-{self.first_jump.drop_db:.1f} dB)")
+        if fail_below is not None:
+            parts.append(("PASS" if self.passed(fail_below) else "FAIL") + f" (--fail-below {fail_below:g} dB)")
+        return "; ".join(parts)
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "batches": self.batches, "seconds": self.seconds, "cpu": self.isa,
+                "gate_sqnr_db": _finite(self.gate_sqnr),
+                "outputs": {k: v.to_json() for k, v in self.outputs.items()},
+                "first_jump": self.first_jump.point.name if self.first_jump else None,
+                "ranking": [r.point.name for r in self.ranking()],
+                "rows": [r.to_json() for r in self.rows], "unmatched": self.unmatched, "warnings": self.warnings}
+
+
+def _mark_jumps(rows: list[Row], jump_db: float) -> None:
+    by_name = {r.point.name: r for r in rows}
+    for row in rows:
+        upstream = [by_name[n].stats.sqnr_db for n in row.point.inputs if n in by_name]
+        if not upstream or not math.isfinite(row.stats.sqnr_db):
+            continue
+        best = min(upstream)
+        if math.isfinite(best):
+            row.drop_db = best - row.stats.sqnr_db
+            row.jump = row.drop_db >= jump_db
+    first = next((r for r in rows if r.jump), None)
+    for r in rows:
+        r.jump = r is first
+
+
+# -------------------------------------------------------------------------------------- modes
+
+
+def _output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
+
+
+def _weight_rows(matching: Matching) -> list[Row]:
+    rows = []
+    for p in matching.weights:
+        s = Stats()
+        s.add(p.float_weight, p.quant_weight, p)
+        rows.append(Row(p, s))
+    return rows
+
+
+def _accumulated(matching: Matching, float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+                 batches: list[dict], progress: bool) -> tuple[dict[str, Stats], dict[str, Stats]]:
+    acts = matching.activations
+    f_sess = session(float_model, optimize=False, extra_outputs=[p.name for p in acts])
+    q_sess = session(quant_model, optimize=False,
+                     extra_outputs=[p.value for p in acts] + [p.codes for p in acts])
+    stats = {p.name: Stats() for p in acts}
+    outputs = {name: Stats() for name in _output_names(quant_model)}
+    for feeds in progress_bar(batches, "diff", enabled=progress):
+        f, q = run(f_sess, feeds), run(q_sess, feeds)
+        for p in acts:
+            stats[p.name].add(f[p.name], q[p.value], p, q[p.codes])
+        for name in outputs:
+            outputs[name].add(f[name], q[name])
+    return stats, outputs
+
+
+def local_model(quant_model: onnx.ModelProto, points: list[QPoint]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of the QDQ model in which every layer reads the *float* model's values.
+
+    The consumers of each quant point's DequantizeLinear read a new graph input instead (fed with
+    the float model's tensor of that name), and Q/DQ pairs carried through data-movement ops are
+    bypassed, so each quant point's own QuantizeLinear sees its layer computed from float inputs
+    with quantized weights: the error it shows is that layer's own (weights + output rounding).
+
+    Returns the model and {quant point: name of the graph input that carries its float value}.
+    """
+    graph = gs.import_onnx(quant_model)
+    tensors = graph.tensors()
+    input_names = {i.name for i in graph.inputs}
+    own = {p.value for p in points}
+    feeds = {}
+    for p in points:  # the values compared stay reachable once their consumers read float inputs
+        for name in (p.value, p.codes):
+            if tensors[name] not in graph.outputs:
+                graph.outputs.append(tensors[name])
+    for p in points:
+        if p.source in input_names:
+            continue
+        x = gs.Variable(f"{p.name}__float", dtype=np.float32)
+        graph.inputs.append(x)
+        feeds[p.name] = x.name
+        value = tensors[p.value]
+        for consumer in list(value.outputs):
+            consumer.inputs = [x if t is value else t for t in consumer.inputs]
+    for node in list(graph.nodes):  # carried Q/DQ pairs: bypass
+        if node.op != "DequantizeLinear" or node.outputs[0].name in own or not node.inputs[0].inputs:
+            continue
+        q = node.inputs[0].inputs[0]
+        if q.op != "QuantizeLinear":
+            continue
+        for consumer in list(node.outputs[0].outputs):
+            consumer.inputs = [q.inputs[0] if t is node.outputs[0] else t for t in consumer.inputs]
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    opset = next((o.version for o in quant_model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    return to_model(graph, opset), feeds
+
+
+def _local(matching: Matching, float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+           batches: list[dict], progress: bool) -> tuple[dict[str, Stats], dict[str, Stats]]:
+    acts = matching.activations
+    model, feeds_of = local_model(quant_model, acts)
+    f_sess = session(float_model, optimize=False, extra_outputs=[p.name for p in acts])
+    l_sess = session(model, optimize=False, extra_outputs=[p.value for p in acts] + [p.codes for p in acts])
+    stats = {p.name: Stats() for p in acts}
+    outputs = {name: Stats() for name in _output_names(quant_model)}
+    for feeds in progress_bar(batches, "diff (local)", enabled=progress):
+        f = run(f_sess, feeds)
+        local_feeds = dict(feeds)
+        local_feeds.update({feeds_of[p.name]: f[p.name] for p in acts if p.name in feeds_of})
+        q = run(l_sess, local_feeds)
+        for p in acts:
+            stats[p.name].add(f[p.name], q[p.value], p, q[p.codes])
+        for name in outputs:
+            outputs[name].add(f[name], q[name])
+    return stats, outputs
+
+
+def single_point_model(float_folded: onnx.ModelProto, point: QPoint, weight: Optional[QPoint]) -> onnx.ModelProto:
+    """The float model with only `point` quantized (Clip for > 8 bits, Q, DQ) and, if given, the
+    layer producing it running on its dequantized weights."""
+    graph = gs.import_onnx(float_folded)
+    tensors = graph.tensors()
+    x = tensors[point.name]
+    consumers = list(x.outputs)
+    source = x
+    axis = {"axis": point.axis} if point.axis is not None else {}
+    scale = gs.Constant(f"{point.name}__scale", point.scale)
+    dtype = {(8, False): np.uint8, (8, True): np.int8}.get((min(point.bits, 8) if point.bits <= 8 else 16, point.signed),
+                                                            np.int16 if point.signed else np.uint16)
+    zp = gs.Constant(f"{point.name}__zp", point.zero_point.astype(dtype))
+    if point.bits > 8 and point.axis is None:
+        lo = np.asarray((point.qmin - point.zero_point.astype(np.float32)) * point.scale, np.float32)
+        hi = np.asarray((point.qmax - point.zero_point.astype(np.float32)) * point.scale, np.float32)
+        clipped = gs.Variable(f"{point.name}__clip", dtype=np.float32)
+        graph.nodes.append(gs.Node("Clip", f"{point.name}__Clip", {}, [x, gs.Constant(f"{point.name}__lo", lo),
+                                                                        gs.Constant(f"{point.name}__hi", hi)], [clipped]))
+        source = clipped
+    codes = gs.Variable(f"{point.name}__codes", dtype=dtype)
+    value = gs.Variable(f"{point.name}__value", dtype=np.float32)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{point.name}__Q", axis, [source, scale, zp], [codes]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{point.name}__DQ", axis, [codes, scale, zp], [value]))
+    for c in consumers:
+        c.inputs = [value if t is x else t for t in c.inputs]
+    if x in graph.outputs:
+        graph.outputs = [value if t is x else t for t in graph.outputs]
+        x.name, value.name = f"{point.name}__float", point.name
+    if weight is not None:
+        layer = next((n for n in graph.nodes if n.op in LAYER_OPS and len(n.inputs) > 1
+                      and isinstance(n.inputs[1], gs.Constant) and n.inputs[1].values.shape == weight.quant_weight.shape
+                      and (n.name == weight.layer or n.outputs[0].name == weight.layer)), None)
+        if layer is not None:
+            layer.inputs[1] = gs.Constant(f"{weight.name}__dequantized", weight.quant_weight.astype(np.float32))
+    graph.cleanup().toposort()
+    opset = next((o.version for o in float_folded.opset_import if o.domain in ("", "ai.onnx")), 21)
+    return to_model(graph, opset)
+
+
+def _sensitivity(matching: Matching, batches: list[dict], progress: bool) -> dict[str, Stats]:
+    float_folded = matching.float_model
+    f_sess = session(float_folded, optimize=False)
+    references = [run(f_sess, feeds) for feeds in batches]
+    weights_by_layer = {p.layer: p for p in matching.weights}
+    results = {}
+    for point in progress_bar(matching.activations, "sensitivity", enabled=progress):
+        model = single_point_model(float_folded, point, weights_by_layer.get(point.layer))
+        sess = session(model, optimize=False)
+        s = Stats()
+        for feeds, ref in zip(batches, references):
+            out = run(sess, feeds)
+            for name in _output_names(float_folded):
+                s.add(ref[name], out[name])
+        results[point.name] = s
+    return results
+
+
+def _kernel(matching: Matching, quant_model: onnx.ModelProto, batches: list[dict],
+            progress: bool) -> dict[str, Stats]:
+    """Codes of each quant point from a sub-model ending there, fully optimized, vs the reference."""
+    acts = matching.activations
+    ref_sess = session(quant_model, optimize=False, extra_outputs=[p.codes for p in acts])
+    references = [run(ref_sess, feeds) for feeds in batches]
+    input_names = [i.name for i in ref_sess.get_inputs()]
+    extractor = onnx.utils.Extractor(quant_model)
+    results = {}
+    for point in progress_bar(acts, "kernel", enabled=progress):
+        if point.source in input_names:
+            continue
+        sub = extractor.extract_model(input_names, [point.codes])
+        sub.ir_version = quant_model.ir_version
+        sess = session(sub, optimize=True)
+        s = Stats()
+        for feeds, ref in zip(batches, references):
+            got = sess.run([point.codes], {k: v for k, v in feeds.items() if k in input_names})[0]
+            want = ref[point.codes]
+            dq = lambda c: dequantize_np(c, point.scale, point.zero_point, point.axis)  # noqa: E731
+            s.add(dq(want), dq(got))
+            d = np.abs(want.astype(np.int64) - got.astype(np.int64))
+            s.lsb[0] += int((d == 0).sum())
+            s.lsb[1] += int((d == 1).sum())
+            s.lsb[2] += int((d > 1).sum())
+        results[point.name] = s
+    return results
+
+
+def saturation_warning(rows: list[Row], isa: dict) -> Optional[str]:
+    """The u8 x s8 int16 saturation of x86 kernels without VNNI (DESIGN contract 5), and its fix."""
+    bad = [r for r in rows if r.point.kind == "activation" and r.point.layer and r.point.bits == 8
+           and sum(r.stats.lsb) and r.stats.lsb[2] / sum(r.stats.lsb) > 1e-3]
+    if not bad or isa.get("vnni") or not isa.get("avx2"):
+        return None
+    return (f"{len(bad)} integer-kernel layers differ by more than 1 LSB (first: {bad[0].point.name}) and this "
+            "CPU has no VNNI: onnxruntime's AVX2 u8 x s8 kernels saturate int16 partial sums. Export with "
+            "`--act-signed` (s8 x s8) or `--weight-bits 7` to avoid it.")
+
+
+def diff(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: Iterable[dict], *,
+         mode: str = "accumulated", progress: bool = True, jump_db: float = 6.0) -> DiffReport:
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    start = time.perf_counter()
+    matching = match(float_model, quant_model)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no input batches to compare on")
+    weight_rows = _weight_rows(matching)
+    isa = cpu_isa()
+    outputs: dict[str, Stats] = {}
+    warnings: list[str] = []
+    if mode == "accumulated":
+        stats, outputs = _accumulated(matching, float_model, quant_model, batches, progress)
+    elif mode == "local":
+        stats, outputs = _local(matching, float_model, quant_model, batches, progress)
+    elif mode == "sensitivity":
+        stats = _sensitivity(matching, batches, progress)
+    else:
+        stats = _kernel(matching, quant_model, batches, progress)
+    rows = []
+    weights_by_layer = {r.point.layer: r for r in weight_rows}
+    for p in matching.activations:
+        if p.name not in stats:
+            continue
+        if p.layer in weights_by_layer and mode in ("accumulated", "local"):
+            rows.append(weights_by_layer.pop(p.layer))
+        rows.append(Row(p, stats[p.name]))
+    if mode in ("accumulated", "local"):
+        rows.extend(weights_by_layer.values())
+        _mark_jumps(rows, jump_db)
+    if mode == "kernel":
+        warning = saturation_warning(rows, isa)
+        if warning:
+            warnings.append(warning)
+    if matching.unmatched:
+        warnings.append(f"{len(matching.unmatched)} quantized tensors have no float counterpart: {matching.unmatched[:5]}")
+    return DiffReport(mode, rows, outputs, len(batches), time.perf_counter() - start, isa,
+                      matching.unmatched, warnings, jump_db)
+
+
+__all__ = ["DiffReport", "MODES", "Matching", "QPoint", "Row", "Stats", "diff", "isa_text", "local_model", "match"]

@@ -1,0 +1,143 @@
+"""onnxruntime as the integer simulator: sessions, inputs, captured tensors, the CPU's ISA.
+
+Two views (DESIGN contract 5): the *reference* view runs with graph optimizations disabled and
+computes QDQ semantics exactly, so intermediate tensors can be read by adding graph outputs; the
+*kernel* view runs fully optimized (integer kernels), where extra outputs would break fusion, so it
+is only ever run on truncated sub-models (see :mod:`deployq.diff`, mode ``kernel``).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+
+ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.UINT8: np.uint8,
+                 onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT16: np.uint16,
+                 onnx.TensorProto.INT16: np.int16, onnx.TensorProto.INT32: np.int32,
+                 onnx.TensorProto.INT64: np.int64}
+
+
+class ModelFileError(ValueError):
+    """A file that is not a usable ONNX model, or two models that cannot be compared."""
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except (DecodeError, ValueError, OSError) as err:
+        raise ModelFileError(f"{path} is not an ONNX model ({type(err).__name__}: {err})") from None
+    if not model.graph.node:
+        raise ModelFileError(f"{path} is not an ONNX model (its graph has no nodes)")
+    return model
+
+
+def session(model: onnx.ModelProto, *, optimize: bool, extra_outputs: Iterable[str] = (),
+            threads: int = 1) -> ort.InferenceSession:
+    """A CPU session. With `extra_outputs` the given tensors become graph outputs (reference view)."""
+    extra = [n for n in dict.fromkeys(extra_outputs) if n not in {o.name for o in model.graph.output}]
+    if extra:
+        if optimize:
+            raise ValueError("extra outputs break kernel fusion; read tensors only in the reference view")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+        model = copy
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    name: str
+    shape: tuple[int, ...]  # symbolic dimensions resolved to 1
+    dtype: type
+
+
+def inputs_of(model: onnx.ModelProto) -> list[InputInfo]:
+    initializers = {i.name for i in model.graph.initializer}
+    out = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor.shape.dim)
+        out.append(InputInfo(value.name, shape, ONNX_TO_NUMPY.get(tensor.elem_type, np.float32)))
+    return out
+
+
+def check_same_inputs(a: onnx.ModelProto, b: onnx.ModelProto, a_name: str, b_name: str) -> list[InputInfo]:
+    ia, ib = inputs_of(a), inputs_of(b)
+    if [(i.name, i.shape) for i in ia] != [(i.name, i.shape) for i in ib]:
+        raise ModelFileError(
+            f"the models take different inputs: {a_name} {[(i.name, i.shape) for i in ia]}, "
+            f"{b_name} {[(i.name, i.shape) for i in ib]}"
+        )
+    return ia
+
+
+def random_feeds(inputs: list[InputInfo], count: int, seed: int = 0,
+                 ranges: Optional[dict[str, tuple[float, float]]] = None) -> Iterator[dict[str, np.ndarray]]:
+    """`count` random inputs: uniform over each input's quantized range if known, else [0, 1)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        feeds = {}
+        for i in inputs:
+            lo, hi = (ranges or {}).get(i.name, (0.0, 1.0))
+            feeds[i.name] = rng.uniform(lo, hi, size=i.shape).astype(i.dtype)
+        yield feeds
+
+
+def file_feeds(path: str, inputs: list[InputInfo], ratio: Optional[float] = None,
+               limit: Optional[int] = None) -> list[dict[str, np.ndarray]]:
+    """Inputs read from files (raw, images, .npy/.npz) for a single-input model."""
+    from deployq.calib.data import load_inputs
+
+    if len(inputs) != 1:
+        raise ModelFileError(f"--input feeds one input; the model has {len(inputs)}: use --random")
+    arrays = load_inputs(path, inputs[0].shape, ratio=ratio, limit=limit)
+    return [{inputs[0].name: a.astype(inputs[0].dtype)} for a in arrays]
+
+
+def cpu_isa() -> dict[str, object]:
+    """What the CPU offers integer kernels: AVX2, AVX-512, VNNI (x86) or dot product (Arm)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    machine = platform.machine().lower()
+    return {
+        "arch": machine,
+        "avx2": "avx2" in flags,
+        "avx512": "avx512f" in flags,
+        "vnni": bool({"avx512_vnni", "avx_vnni", "asimddp"} & flags),
+        "amx": "amx_int8" in flags,
+        "flags_read": bool(flags),
+    }
+
+
+def isa_text(isa: dict[str, object]) -> str:
+    names = [k.upper() if k != "avx512" else "AVX-512" for k in ("avx2", "avx512", "vnni", "amx") if isa.get(k)]
+    return f"{isa['arch']}: {', '.join(names) or 'no SIMD integer extensions found'}"

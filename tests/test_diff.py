@@ -1,0 +1,190 @@
+"""deployq diff: matching by name, the four modes, a found fault, quantize_static models, errors."""
+
+import json
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+import deployq
+from deployq import checkpoint as ck
+from deployq.cli import main
+from deployq.diff import diff, match, saturation_warning
+from deployq.examples import zoo
+from deployq.export import export as run_export
+from deployq.model_source import resolve_model
+from deployq.sim import ModelFileError, random_feeds, inputs_of
+
+SHAPE = (1, 3, 16, 16)
+
+
+def calibration_inputs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(SHAPE, generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A well-calibrated UNet (inputs in [0, 1)) exported to float + int8 ONNX."""
+    tmp = tmp_path_factory.mktemp("diff")
+    qmodel = deployq.prepare(zoo.unet(width=8), torch.rand(*SHAPE))
+    deployq.calibrate(qmodel, calibration_inputs(16), progress=False)
+    path = ck.save(tmp / "u.pt", qmodel, factory="deployq.examples.zoo:unet", factory_kwargs={"width": 8},
+                   inputs=[ck.InputSpec("x", SHAPE)])
+    result = run_export(resolve_model(ckpt=str(path)), tmp / "out", progress=False)
+    return result, path
+
+
+def feeds(n=4, seed=1):
+    return [{"x": t.numpy()} for t in calibration_inputs(n, seed)]
+
+
+def test_every_quant_point_is_matched_by_name(exported):
+    result, _ = exported
+    m = match(result.float_model, result.quant_model)
+    activations = {p.name for p in m.activations}
+    assert activations == {r.name for r in result.records.values() if r.kind != "weight"}
+    assert {p.name for p in m.weights} == {r.name for r in result.records.values() if r.kind == "weight"}
+    assert not m.unmatched
+    assert dict((p.name, p.inputs) for p in m.activations)["dec.0"] == ("cat",)
+
+
+def test_accumulated_report_streams_metrics_in_graph_order(exported):
+    result, _ = exported
+    report = diff(result.float_model, result.quant_model, feeds(), progress=False)
+    names = [r.point.name for r in report.rows if r.point.kind == "activation"]
+    assert names[0] == "x" and names[-1] == "out"
+    assert report.gate_sqnr > 20 and all(r.stats.n > 0 for r in report.rows)
+    x = next(r for r in report.rows if r.point.name == "x")
+    assert x.stats.lsb[1] == x.stats.lsb[2] == 0  # the input is the float input, exactly rounded
+
+
+def inject_fault(model, name, factor=4.0):
+    faulty = onnx.ModelProto()
+    faulty.CopyFrom(model)
+    q = next(n for n in faulty.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == name)
+    init = next(i for i in faulty.graph.initializer if i.name == q.input[1])
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+    return faulty
+
+
+@pytest.mark.parametrize("mode", ["local", "sensitivity"])
+@pytest.mark.parametrize("victim", ["enc2.2", "dec.1"])
+def test_an_injected_scale_fault_ranks_first(exported, mode, victim):
+    result, _ = exported
+    faulty = inject_fault(result.quant_model, victim)
+    report = diff(result.float_model, faulty, feeds(), mode=mode, progress=False)
+    assert report.ranking()[0].point.name == victim, [(r.point.name, r.stats.sqnr_db) for r in report.ranking()[:4]]
+
+
+def test_kernel_mode_integer_kernels_stay_within_one_lsb(exported):
+    result, _ = exported
+    report = diff(result.float_model, result.quant_model, feeds(2), mode="kernel", progress=False)
+    assert report.rows and all(r.stats.lsb[2] == 0 for r in report.rows)
+    assert report.isa["arch"]
+
+
+def test_saturation_warning_names_the_fix():
+    result_rows = []
+
+    class P:
+        kind, layer, bits, name = "activation", "conv", 8, "conv"
+
+    class S:
+        lsb = [90, 5, 5]
+
+    class R:
+        point, stats = P(), S()
+
+    result_rows.append(R())
+    message = saturation_warning(result_rows, {"avx2": True, "vnni": False})
+    assert "--act-signed" in message and "--weight-bits 7" in message
+    assert saturation_warning(result_rows, {"avx2": True, "vnni": True}) is None
+
+
+def test_quantize_static_model_with_batchnorm(tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from deployq.exporters.torch_export import export_float
+
+    float_model = export_float(deployq.prepare(zoo.resnet(), torch.rand(*SHAPE)), (torch.rand(*SHAPE),))
+    assert sum(n.op_type == "BatchNormalization" for n in float_model.graph.node) == 5
+    onnx.save(float_model, tmp_path / "f.onnx")
+    quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "pre.onnx"))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds(8, seed=3))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "pre.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True)
+    quant = onnx.load(tmp_path / "q.onnx")
+    q_sources = {n.input[0] for n in quant.graph.node if n.op_type == "QuantizeLinear"}
+    weight_dqs = [n for n in quant.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]
+    m = match(float_model, quant)
+    assert not m.unmatched
+    assert {p.source for p in m.activations} == q_sources  # every quantized activation
+    assert len(m.weights) == len(weight_dqs) == 6  # every weight, against BN-folded float weights
+    report = diff(float_model, quant, feeds(2), progress=False)
+    assert report.gate_sqnr > 20
+    assert all(r.stats.sqnr_db > 30 for r in report.rows if r.point.kind == "weight")
+
+
+def test_cli_writes_json_and_self_contained_html(exported, tmp_path):
+    result, _ = exported
+    out = CliRunner().invoke(main, ["diff", str(result.files["float"]), str(result.files["int8"]), "--random", "2",
+                                    "--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html")])
+    assert out.exit_code == 0, out.output
+    assert "verdict: accumulated" in out.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert {r["name"] for r in data["rows"]} >= {"x", "cat", "out", "out.weight"}
+    page = (tmp_path / "r.html").read_text()
+    assert "<svg" in page and "enc1.2" in page
+    links = re.findall(r'(?:src|href)\s*=\s*"([^"]+)"', page) + re.findall(r"url\(", page)
+    assert links == []  # nothing to fetch: renders offline
+
+
+def test_fail_below_gates_ci(exported):
+    result, _ = exported
+    args = ["diff", str(result.files["float"]), str(result.files["int8"]), "--random", "2"]
+    assert CliRunner().invoke(main, args + ["--fail-below", "5"]).exit_code == 0
+    out = CliRunner().invoke(main, args + ["--fail-below", "200"])
+    assert out.exit_code == 1 and "FAIL" in out.output
+
+
+def test_mismatched_models_are_clear_errors(exported, tmp_path):
+    result, _ = exported
+    runner = CliRunner()
+    (tmp_path / "junk.onnx").write_bytes(b"definitely not onnx")
+    out = runner.invoke(main, ["diff", str(result.files["float"]), str(tmp_path / "junk.onnx"), "--random", "1"])
+    assert out.exit_code == 1 and "junk.onnx is not an ONNX model" in out.output
+    from deployq.exporters.torch_export import export_float
+
+    other = export_float(deployq.prepare(zoo.resnet(), torch.rand(1, 3, 8, 8)), (torch.rand(1, 3, 8, 8),))
+    onnx.save(other, tmp_path / "other.onnx")
+    out = runner.invoke(main, ["diff", str(tmp_path / "other.onnx"), str(result.files["int8"]), "--random", "1"])
+    assert out.exit_code == 1 and "different inputs" in out.output
+    same_inputs = export_float(deployq.prepare(zoo.resnet(), torch.rand(*SHAPE)), (torch.rand(*SHAPE),))
+    with pytest.raises(ModelFileError, match="no quant point in common"):
+        match(same_inputs, same_inputs)
+
+
+def test_check_compares_torch_and_onnx_codes(exported, tmp_path):
+    result, path = exported
+    out = CliRunner().invoke(main, ["check", "--ckpt", str(path), "--onnx", str(result.files["int8"]),
+                                    "--json", str(tmp_path / "c.json")])
+    assert out.exit_code == 0, out.output
+    assert "PASS" in out.output
+    assert json.loads((tmp_path / "c.json").read_text())["max_lsb"] <= 1
+    faulty = inject_fault(result.quant_model, "enc2.2")
+    onnx.save(faulty, tmp_path / "faulty.onnx")
+    out = CliRunner().invoke(main, ["check", "--ckpt", str(path), "--onnx", str(tmp_path / "faulty.onnx")])
+    assert out.exit_code == 1 and "enc2.2" in out.output
