@@ -16,11 +16,19 @@ Histogram-based observers keep ``bins`` counts per channel over a range that gro
 when a batch falls outside, the old counts are re-binned by interpolating their cumulative sum.
 NaN / Inf in a batch, an observer that saw nothing, and a range of zero width are errors that
 name the quant point.
+
+Observers of several processes (a ``torchrun`` job, each rank seeing its own calibration batches)
+merge their statistics with :meth:`Observer.reduce` before the range is computed, so every rank
+ends with the same qparams: extremes by element-wise min / max, histograms by agreeing on a
+common range, re-binning to it and summing the counts. The element-wise operations come from a
+:class:`StatisticsReducer` (``deployq.distributed`` implements it with ``all_reduce``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
+
 import numpy as np
 import torch
 
@@ -29,6 +37,19 @@ from deployq.qspec import QuantSpec
 from deployq.registry import Registry
 
 OBSERVERS: Registry[type["Observer"]] = Registry("observer")
+
+
+class StatisticsReducer(Protocol):
+    """Combines an array element-wise across processes; every process receives the result.
+
+    All processes call the same methods in the same order with arrays of the same shape.
+    """
+
+    def min(self, values: np.ndarray) -> np.ndarray: ...
+
+    def max(self, values: np.ndarray) -> np.ndarray: ...
+
+    def sum(self, values: np.ndarray) -> np.ndarray: ...
 
 
 def _per_channel_view(x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -76,11 +97,24 @@ class Observer:
         lo, hi = self.compute_range()
         return qparams_from_range(lo, hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric, self.name)
 
+    def reduce(self, reducer: StatisticsReducer, channels: int) -> None:
+        """Merge what this observer saw with what the same observer saw in the other processes.
+
+        `channels` is the number of ranges kept (1 per tensor), so that a process whose observer
+        saw nothing still contributes arrays of the right shape. Afterwards every process holds
+        the same statistics, as if one observer had seen the batches of all of them.
+        """
+        self._reduce(reducer, channels if self.axis is not None else 1)
+        self.batches = int(reducer.sum(np.array([float(self.batches)]))[0])
+
     def _update(self, x2d: torch.Tensor) -> None:
         raise NotImplementedError
 
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def _reduce(self, reducer: StatisticsReducer, channels: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot merge statistics across processes")
 
 
 @OBSERVERS.register("minmax")
@@ -97,6 +131,14 @@ class MinMaxObserver(Observer):
 
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
         return self.min.double().numpy(), self.max.double().numpy()
+
+    def _reduce(self, reducer: StatisticsReducer, channels: int) -> None:
+        """Global min / max: element-wise MIN and MAX (a process that saw nothing sends ±inf)."""
+        seen = self.min is not None
+        lo = reducer.min(self.min.double().numpy() if seen else np.full(channels, np.inf))
+        hi = reducer.max(self.max.double().numpy() if seen else np.full(channels, -np.inf))
+        if np.isfinite(lo).all() and np.isfinite(hi).all():
+            self.min, self.max = torch.from_numpy(lo).float(), torch.from_numpy(hi).float()
 
 
 @OBSERVERS.register("ema_minmax")
@@ -117,6 +159,17 @@ class EMAMinMaxObserver(MinMaxObserver):
             m = self.momentum
             self.min = m * self.min + (1 - m) * lo
             self.max = m * self.max + (1 - m) * hi
+
+    def _reduce(self, reducer: StatisticsReducer, channels: int) -> None:
+        """Moving averages do not merge exactly: the result is the per-process averages weighted
+        by the number of batches each process saw."""
+        weight = float(self.batches) if self.min is not None else 0.0
+        zeros = np.zeros(channels)
+        lo = reducer.sum(self.min.double().numpy() * weight if weight else zeros)
+        hi = reducer.sum(self.max.double().numpy() * weight if weight else zeros)
+        total = float(reducer.sum(np.array([weight]))[0])
+        if total > 0:
+            self.min, self.max = torch.from_numpy(lo / total).float(), torch.from_numpy(hi / total).float()
 
 
 class _Histogram:
@@ -149,6 +202,24 @@ class _Histogram:
         counts = torch.bincount((idx + offsets).reshape(-1), minlength=x2d.shape[0] * self.bins)
         self.counts += counts.reshape(x2d.shape[0], self.bins).double().numpy()
 
+    def reduce(self, reducer: StatisticsReducer, channels: int) -> None:
+        """Agree on the common range (MIN of the lower ends, MAX of the upper ends), re-bin the
+        local counts to it, then sum the counts; the exact data extremes merge by MIN / MAX."""
+        empty = self.counts is None
+        low, high = np.full(channels, np.inf), np.full(channels, -np.inf)
+        lo = reducer.min(low if empty else self.lo)
+        hi = reducer.max(high if empty else self.hi)
+        data_lo = reducer.min(low if empty else self.data_lo)
+        data_hi = reducer.max(high if empty else self.data_hi)
+        if not np.isfinite(lo).all():
+            return  # no process saw any data
+        if empty:
+            self.counts, self.lo, self.hi = np.zeros((channels, self.bins)), lo, hi
+        elif not (np.array_equal(lo, self.lo) and np.array_equal(hi, self.hi)):
+            self._rebin(lo, hi)
+        self.counts = reducer.sum(self.counts)
+        self.data_lo, self.data_hi = data_lo, data_hi
+
     def _rebin(self, lo: np.ndarray, hi: np.ndarray) -> None:
         new = np.zeros_like(self.counts)
         for c in range(self.counts.shape[0]):
@@ -177,6 +248,9 @@ class _HistogramObserver(Observer):
 
     def _update(self, x2d: torch.Tensor) -> None:
         self.hist.add(x2d)
+
+    def _reduce(self, reducer: StatisticsReducer, channels: int) -> None:
+        self.hist.reduce(reducer, channels)
 
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
         """Per channel; a channel whose every value was the same keeps that (zero-width) range."""
@@ -256,6 +330,10 @@ class KLObserver(_HistogramObserver):
     def _update(self, x2d: torch.Tensor) -> None:
         self.min._update(x2d)
         self.hist.add(x2d.abs())
+
+    def _reduce(self, reducer: StatisticsReducer, channels: int) -> None:
+        self.min._reduce(reducer, channels)
+        self.hist.reduce(reducer, channels)
 
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self._channel_range(c) for c in range(self.hist.counts.shape[0])]

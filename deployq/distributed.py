@@ -111,6 +111,16 @@ def all_reduce_sums(values: Sequence[float], ctx: Context) -> list[float]:
     return [float(v) for v in t.cpu()]
 
 
+def broadcast_buffers(module: nn.Module, ctx: Context) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics, which each rank updates
+    from its own batches), so that all ranks hold the same model, as the checkpoint does."""
+    if not ctx.distributed:
+        return
+    for buffer in module.buffers():
+        if buffer.dtype != torch.bool:
+            dist.broadcast(buffer, src=0)
+
+
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()

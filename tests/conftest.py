@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# One thread per test process: the suite runs on 2 workers (pytest -n 2), and on tiny tensors a
+# second OpenMP thread competing for a busy core made single convolutions ~70x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

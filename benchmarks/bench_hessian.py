@@ -1,0 +1,139 @@
+"""Benchmark: Hessian-trace (Hutchinson) time per layer and iterations to converge.
+
+    python benchmarks/bench_hessian.py                                   # deployq.examples.zoo:unet
+    python benchmarks/bench_hessian.py --model deployq.examples.lowlight.model:build \\
+        --kwargs '{"width": 8}' --input-shape 2,4,32,32
+
+The model is prepared by deployq (float mode: the float network, with quant-point names) and fed
+random inputs in [0, 1); with no targets, the loss is the MSE to the float model's own output.
+Each layer runs until the relative change of its running mean is below --tol (or --max-iter); a
+second, long run (--reference-iter samples, tol 0) measures how far the early stop lands from a
+well-averaged estimate. Writes a markdown section to benchmarks/results/hessian.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import deployq
+from deployq.checkpoint import import_factory
+from deployq.files import atomic_path
+from deployq.hessian import DEFAULT_MAX_ITER, DEFAULT_TOL, HessianReport, hessian_traces
+
+RESULTS = Path(__file__).resolve().parent / "results" / "hessian.md"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="deployq.examples.zoo:unet", help="package.module:factory")
+    parser.add_argument("--kwargs", default="{}", help="factory keyword arguments (JSON)")
+    parser.add_argument("--input-shape", default="4,3,32,32", help="N,C,H,W of one batch")
+    parser.add_argument("--batches", type=int, default=4, help="batches of random inputs")
+    parser.add_argument("--layers", action="append", help="glob of the layers to analyse (repeatable)")
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOL)
+    parser.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER)
+    parser.add_argument("--reference-iter", type=int, default=300,
+                        help="samples of the reference run (0: skip it)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def table(report: HessianReport, reference: HessianReport | None) -> list[str]:
+    head = "| # | layer | n | iterations | converged | s | ms / sample | Tr(H)/n | s.e. / mean |"
+    rule = "|---:|---|---:|---:|:---:|---:|---:|---:|---:|"
+    if reference is not None:
+        head += f" Δ vs {reference.max_iter}-sample run |"
+        rule += "---:|"
+    rows = [head, rule]
+    for rank, layer in enumerate(report.layers, 1):
+        relative = layer.stderr / abs(layer.trace) if layer.trace else float("nan")
+        row = (f"| {rank} | `{layer.name}` | {layer.numel} | {layer.iterations} | {'yes' if layer.converged else 'no'} "
+               f"| {layer.seconds:.3f} | {1000 * layer.seconds / layer.iterations:.2f} | {layer.per_element:.4g} "
+               f"| {relative:.1%} |")
+        if reference is not None:
+            long = reference[layer.name].trace
+            row += f" {(layer.trace - long) / long:+.1%} |" if long else " n/a |"
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    kwargs = json.loads(args.kwargs)
+    shape = tuple(int(v) for v in args.input_shape.split(","))
+    model = import_factory(args.model, allowed=True)(**kwargs).eval()
+    qmodel = deployq.prepare(model, torch.zeros(shape))
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [torch.rand(shape, generator=gen) for _ in range(args.batches)]
+
+    report = hessian_traces(qmodel, batches, args.layers, tol=args.tol, max_iter=args.max_iter, seed=args.seed,
+                            bits=None)
+    reference = None
+    if args.reference_iter > 0:
+        reference = hessian_traces(qmodel, batches, args.layers, tol=0.0, max_iter=args.reference_iter,
+                                   seed=args.seed + 1, bits=None)
+    iterations = np.array([layer.iterations for layer in report.layers])
+    command = "python benchmarks/bench_hessian.py " + " ".join(shlex.quote(a) for a in argv)
+    lines = [
+        "## Hessian trace (Hutchinson): time per layer and iterations to converge",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {cpu_model()}, {usable_cores()} usable cores, torch threads {torch.get_num_threads()}, "
+        f"{platform.system()} {platform.release()}",
+        f"- versions: Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
+        f"deployq {deployq.__version__}",
+        f"- command: `{command.strip()}`",
+        f"- model: `{args.model}`{f' {kwargs}' if kwargs else ''}, input {shape}, {args.batches} batches of "
+        f"random inputs in [0, 1); loss: {report.loss}",
+        f"- stopping: relative change of the running mean < {args.tol:g}, checked once every batch has "
+        f"contributed, or {args.max_iter} samples",
+        "",
+        *table(report, reference),
+        "",
+        f"{len(report.layers)} layers in {report.seconds:.2f} s; iterations to converge: median "
+        f"{int(np.median(iterations))}, min {iterations.min()}, max {iterations.max()} "
+        f"({int((~np.array([layer.converged for layer in report.layers])).sum())} layers hit --max-iter). "
+        "A layer's seconds are its Hessian-vector products plus an even share of each forward pass and "
+        "first-order gradient (shared by the layers still running). s.e. / mean: standard error of the "
+        "estimate relative to it.",
+    ]
+    if reference is not None:
+        lines.append(f"Reference: {reference.max_iter} samples per layer with tol 0 (another seed) in "
+                     f"{reference.seconds:.2f} s; Δ is the early-stopped estimate's relative difference from it.")
+    text = "\n".join(lines) + "\n"
+    with atomic_path(args.out) as tmp:
+        Path(tmp).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,61 @@
+"""Pieces shared by the CLI commands: the console, error handling, shared option groups."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, Optional
+
+import click
+from rich.console import Console
+
+# a wide console when output goes to a file or pipe, so tables keep one row per line
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+class UserError(click.ClickException):
+    """An error caused by the input; printed as 'Error: ...' with exit status 1."""
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Turn deployq's own errors (ValueError family, missing files) into clean CLI errors."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (ValueError, FileNotFoundError, KeyError, RuntimeError, ImportError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise UserError(str(message)) from err
+
+    return wrapper
+
+
+def parse_shape(value: Optional[str]) -> Optional[tuple[int, ...]]:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers, e.g. 1,4,128,128") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise click.BadParameter(f"{value!r}: every dimension must be a positive integer")
+    return shape
+
+
+def model_options(command: Callable) -> Callable:
+    """--ckpt / --model / --config / --input-shape, shared by the commands that build a model."""
+    options = [
+        click.option("--ckpt", type=click.Path(dir_okay=False), help="deployq checkpoint (or a plain state_dict with --model)."),
+        click.option("--model", "factory", metavar="PKG.MOD:FACTORY",
+                     help="Model factory to import. Naming it allows deployq to import that code."),
+        click.option("--config", type=click.Path(exists=True, dir_okay=False),
+                     help="Quantization config (YAML): defaults, per-layer overrides, fusion."),
+        click.option("--input-shape", callback=lambda c, p, v: parse_shape(v), metavar="N,C,H,W",
+                     help="Model input shape, e.g. 1,4,128,128 (default: the checkpoint's)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

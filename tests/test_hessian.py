@@ -1,0 +1,175 @@
+"""Hessian trace (Hutchinson) of activations: accuracy, ranking, the distillation config, the CLI."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from click.testing import CliRunner
+from torch import nn
+
+import deployq
+from deployq import checkpoint as ck
+from deployq import distill as dst
+from deployq.cli_train import hessian as hessian_command
+from deployq.examples import zoo
+from deployq.hessian import hessian_traces, write_distill_config
+
+
+class SmoothNet(nn.Module):
+    """tanh layers: a Hessian with off-diagonal terms, so Hutchinson has variance to average."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act1 = nn.Linear(6, 8), nn.Tanh()
+        self.fc2, self.act2 = nn.Linear(8, 8), nn.Tanh()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.act2(self.fc2(self.act1(self.fc1(x)))))
+
+
+def exact_trace(net, x, y, layer):
+    """Tr of ∂²L/∂a² built in full with torch.autograd.functional.hessian on a function of a."""
+    a1 = net.act1(net.fc1(x)).detach()
+    if layer == "act1":
+        a, rest = a1, lambda a: net.head(net.act2(net.fc2(a)))
+    else:
+        a, rest = net.act2(net.fc2(a1)).detach(), net.head
+    hessian = torch.autograd.functional.hessian(lambda a: F.mse_loss(rest(a), y), a)
+    return float(hessian.reshape(a.numel(), a.numel()).trace())
+
+
+def test_hutchinson_is_within_5_percent_of_the_exact_trace():
+    torch.manual_seed(0)
+    net = SmoothNet().eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 6, generator=gen), torch.randn(4, 3, generator=gen)) for _ in range(2)]
+    qmodel = deployq.prepare(net, torch.randn(1, 6))
+    report = hessian_traces(qmodel, batches, ["act1", "act2"], tol=0, max_iter=2000, bits=None)
+    for layer in ("act1", "act2"):
+        exact = np.mean([exact_trace(net, x, y, layer) for x, y in batches])  # averaged over batches
+        assert report[layer].trace == pytest.approx(exact, rel=0.05)
+        assert report[layer].iterations == 2000 and not report[layer].converged
+        assert report[layer].numel == 8 and report[layer].per_element == report[layer].trace / 8
+    assert report.loss == "mse between the model's output and the targets"
+
+
+def test_the_tolerance_stops_early_and_max_iter_caps():
+    qmodel = deployq.prepare(SmoothNet().eval(), torch.randn(1, 6))
+    batches = [(torch.randn(4, 6), torch.randn(4, 3)) for _ in range(2)]
+    loose = hessian_traces(qmodel, batches, ["act1"], tol=0.05, max_iter=500, bits=None)
+    assert loose["act1"].converged and 2 <= loose["act1"].iterations < 500
+    capped = hessian_traces(qmodel, batches, ["act1"], tol=0, max_iter=7, bits=None)
+    assert capped["act1"].iterations == 7 and not capped["act1"].converged
+    assert capped["act1"].seconds > 0 and capped["act1"].stderr > 0
+
+
+class Sensitive(nn.Module):
+    """`probe`'s output reaches the result multiplied by 30: its Hessian is 900x larger."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.conv2, self.act2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        self.head = nn.Conv2d(4, 3, 1)
+        self.probe_conv, self.probe = nn.Conv2d(3, 3, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        return self.head(self.act2(self.conv2(self.act1(self.conv1(x))))) + 30 * self.probe(self.probe_conv(x))
+
+
+def sensitive_report(**kw):
+    torch.manual_seed(0)
+    batches = [torch.rand(2, 3, 8, 8) for _ in range(2)]  # inputs only: the float output is the target
+    return hessian_traces(Sensitive().eval(), batches, **kw)
+
+
+def test_the_ranking_puts_the_sensitive_layer_first():
+    report = sensitive_report()
+    assert report.names[0] == "probe"
+    assert report.layers[0].per_element > 100 * report.layers[1].per_element
+    assert "float model's own output" in report.loss and "no targets" in report.loss
+    assert set(report.names) == {"probe", "act1", "act2", "head", "mul", "add"}
+
+
+def test_bit_suggestion_gives_the_sensitive_layer_more_bits():
+    report = sensitive_report()
+    suggestions = {s.name: s for s in report.bit_suggestions()}
+    assert suggestions["probe"].bits == 10 and suggestions["act1"].bits == 8
+    probe = report["probe"]
+    assert probe.perturbation[8] > probe.perturbation[10] > 0
+    assert suggestions["probe"].omega[8] == pytest.approx(0.5 * probe.per_element * probe.perturbation[8])
+
+
+def test_distill_config_weights_follow_the_normalized_traces(tmp_path):
+    report = sensitive_report()
+    config = write_distill_config(report, tmp_path / "distill.yaml", top=3, coeff=0.7)
+    assert config.names == report.names[:3]
+    weights = np.array([w for _, w in config.layers])
+    traces = np.array([report[n].per_element for n in config.names])
+    np.testing.assert_allclose(weights, 0.7 * traces / traces.sum())
+    assert weights.sum() == pytest.approx(0.7)
+    assert dst.load(tmp_path / "distill.yaml") == config  # loadable by the distillation code
+    assert "# deployq hessian" in (tmp_path / "distill.yaml").read_text()
+
+
+def test_layer_globs_and_unknown_layers():
+    report = sensitive_report(layers="act*")
+    assert sorted(report.names) == ["act1", "act2"]
+    with pytest.raises(dst.LayerNotFoundError, match=r"'prob' is not in the model.*Nearest names: probe"):
+        sensitive_report(layers=["prob"])
+
+
+def test_a_piecewise_linear_net_under_l1_has_no_curvature_to_rank():
+    batches = [(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16))]
+    report = hessian_traces(zoo.unet(width=4), batches, loss="l1", max_iter=5, bits=None)
+    assert all(layer.trace == 0.0 for layer in report.layers)
+    with pytest.raises(dst.DistillError, match="no layer has a positive Hessian trace.*use mse"):
+        report.distill_config()
+
+
+def test_quantize_mode_needs_a_calibrated_model_and_restores_the_modes():
+    qmodel = deployq.prepare(zoo.unet(width=4), torch.randn(1, 3, 16, 16))
+    batches = [torch.rand(2, 3, 16, 16)]
+    with pytest.raises(dst.DistillError, match="needs a calibrated model"):
+        hessian_traces(qmodel, batches, mode="quantize")
+    deployq.calibrate(qmodel, batches, progress=False)
+    report = hessian_traces(qmodel, batches, ["enc1.2"], mode="quantize", max_iter=5)
+    assert report.mode == "quantize" and report["enc1.2"].trace > 0
+    assert qmodel.get_submodule("act_quant.enc1.2").mode == "quantize"
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    qmodel = deployq.prepare(zoo.unet(width=4), torch.randn(1, 3, 16, 16))
+    deployq.calibrate(qmodel, [torch.rand(2, 3, 16, 16)], progress=False)
+    return ck.save(tmp_path / "qat.pt", qmodel, factory="deployq.examples.zoo:unet",
+                   factory_kwargs={"width": 4}, inputs=[ck.InputSpec("x", (2, 3, 16, 16))])
+
+
+def test_cli_ranks_layers_and_writes_the_config_from_a_yaml_dataset(tmp_path, checkpoint, rng):
+    x = rng.random((8, 3, 16, 16), dtype=np.float32)
+    np.savez(tmp_path / "data.npz", input=x, target=x)
+    (tmp_path / "data.yaml").write_text("data: {kind: npz, train: data.npz, val: data.npz}\n")
+    out = tmp_path / "distill.yaml"
+    result = CliRunner().invoke(hessian_command, ["--ckpt", str(checkpoint), "--data", str(tmp_path / "data.yaml"),
+                                                  "--top", "2", "--coeff", "0.5", "--out", str(out),
+                                                  "--max-iter", "20"])
+    assert result.exit_code == 0, result.output
+    assert "Tr(H)/n" in result.output and "mse between the model's output and the targets" in result.output
+    assert "HAWQ-style suggestion" in result.output
+    config = dst.load(out)
+    assert len(config.layers) == 2 and sum(config.weights.values()) == pytest.approx(0.5)
+
+
+def test_cli_takes_input_files_and_reports_unknown_layers(tmp_path, checkpoint, rng):
+    np.save(tmp_path / "inputs.npy", rng.random((4, 3, 16, 16), dtype=np.float32))
+    out = tmp_path / "distill.yaml"
+    args = ["--ckpt", str(checkpoint), "--data", str(tmp_path / "inputs.npy"), "--out", str(out), "--max-iter", "10"]
+    result = CliRunner().invoke(hessian_command, args + ["--layers", "enc*"])
+    assert result.exit_code == 0, result.output
+    assert "float model's own output" in result.output
+    assert set(dst.load(out).names) == {"enc1.2", "enc2.2"}
+    result = CliRunner().invoke(hessian_command, args + ["--layers", "enc3"])
+    assert result.exit_code == 1 and "'enc3' is not in the model" in result.output
