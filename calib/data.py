@@ -31,6 +31,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "RAW_SUFFIXES",
     "InputDataError",
+    "exposure_ratio",
     "iterate_batches",
     "load_inputs",
 ]
@@ -100,6 +101,16 @@ def _sid_long_file(short: Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
+def exposure_ratio(short: Path) -> float:
+    """SID's amplification for a short exposure: long / short exposure time from the file names,
+    when the matching long exposure lies in the sibling ``long`` folder; else 1."""
+    long = _sid_long_file(Path(short))
+    try:
+        return sid_ratio(short, long) if long is not None else 1.0
+    except ValueError as error:
+        raise InputDataError(str(error)) from error
+
+
 def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarray:
     """A raw file as one ``(C, H, W)`` sample: packed (C = 4) or the mosaic (C = 1)."""
     channels, height, width = chw
@@ -109,11 +120,7 @@ def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarr
             f"but the model input is {_shape_text(chw)}"
         )
     if ratio is None:
-        long = _sid_long_file(path)
-        try:
-            ratio = sid_ratio(path, long) if long is not None else 1.0
-        except ValueError as error:
-            raise InputDataError(str(error)) from error
+        ratio = exposure_ratio(path)
     try:
         bayer = read_raw(path).bayer
     except RawReadError as error:

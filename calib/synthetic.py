@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch
 from pidng.core import RAW2DNG, DNGTags, Tag
 from pidng.defs import CalibrationIlluminant, DNGVersion, Orientation, PhotometricInterpretation
 from scipy.ndimage import convolve
+
+from deployq.files import atomic_path
 
 from .raw import BAYER_PATTERNS, pack_bayer, unpack_bayer
 
@@ -442,20 +443,6 @@ def sid_pair(
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` it into place."""
-    handle, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}"
-    )
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _rational(value: float) -> list[int]:
     fraction = Fraction(value).limit_denominator(1_000_000)
     return [fraction.numerator, fraction.denominator]
@@ -528,11 +515,8 @@ def write_dng(
     converter.options(tags, path="", compress=False)
     data = bytes(converter.convert(np.ascontiguousarray(raw, dtype="<u2")))
 
-    def write(temporary: str) -> None:
-        with open(temporary, "wb") as file:
-            file.write(data)
-
-    _atomic_write(path, write)
+    with atomic_path(path) as temporary:
+        Path(temporary).write_bytes(data)
     return path
 
 
@@ -630,12 +614,9 @@ def _random_crop(
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
-    """Save an image with scikit-image through :func:`_atomic_write`."""
-
-    def write(temporary: str) -> None:
+    """Save an image, atomically."""
+    with atomic_path(path) as temporary:
         skimage.io.imsave(temporary, image, check_contrast=False)
-
-    _atomic_write(path, write)
 
 
 def _exposure_name(seconds: float) -> str:

@@ -237,6 +237,45 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
     click.echo(f"PASS: {verdict}")
 
 
+@main.command(name="run")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.argument("inputs", metavar="INPUT...", nargs=-1, type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="deployq-run", show_default=True,
+              help="Folder for the PNGs (one per input, named after it).")
+@click.option("--ratio", type=float, help="Exposure ratio (SID: long / short). Default: from SID file names, else 1.")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--overlap", type=click.IntRange(0),
+              help="Overlap between tiles, in packed pixels; seams are blended over it (default: a quarter tile, at most 16).")
+@click.option("--batch", type=click.IntRange(1), default=4, show_default=True, help="Tiles per onnxruntime call.")
+@click.option("--bench", "bench_runs", type=click.IntRange(1), help="Also time N calls and print latency percentiles.")
+@handle_errors
+def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, ratio: Optional[float], threads: Optional[int],
+                overlap: Optional[int], batch: int, bench_runs: Optional[int]) -> None:
+    """Enhance raw camera files with an ONNX model (float or int8): raw -> packed -> ORT -> sRGB PNG.
+
+    \b
+    deployq run build/model.int8.onnx short/ --ratio 250 --out out/
+    deployq run build/model.int8.onnx --bench 50          # latency only
+
+    Large frames are processed in overlapping tiles of the model's input size, so a
+    full-resolution image fits in memory. Reads what LibRaw reads (ARW, DNG, NEF, CR2, ...).
+    """
+    from deployq.run import bench, enhance, load_engine
+
+    if not inputs and not bench_runs:
+        raise UserError("give raw files or folders to enhance, or --bench N to time the model")
+    if inputs:
+        enhance(model_path, inputs, out_dir, ratio=ratio, threads=threads, overlap=overlap, batch=batch,
+                say=click.echo)
+    if bench_runs:
+        engine = load_engine(model_path, threads)
+        result = bench(engine, bench_runs, batch=batch)
+        p = result.percentiles()
+        th, tw = engine.tile
+        click.echo(f"latency over {bench_runs} calls of {batch} tile(s) {th}x{tw}: p50 {p['p50']:.2f} ms, "
+                   f"p90 {p['p90']:.2f} ms, p99 {p['p99']:.2f} ms")
+
+
 main.add_command(hessian)
 main.add_command(train)
 

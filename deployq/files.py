@@ -31,7 +31,8 @@ class AtomicOutputs:
     def write(self, path: Path | str, writer: Callable[[str], None]) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the temporary keeps the destination's extension: some writers choose the format by it
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
         os.close(fd)
         self._pending.append((Path(tmp), path))
         writer(tmp)

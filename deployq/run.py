@@ -1,0 +1,180 @@
+"""On-device inference: raw camera files -> packed input -> onnxruntime -> sRGB PNG (``deployq run``).
+
+A full-resolution frame is far larger than the model's input, so it is cut into tiles of the
+model's input size that overlap by ``overlap`` packed pixels; each tile's output is weighted by a
+window that ramps up from its edges, and the weighted outputs are summed and normalised, so seams
+vanish and memory stays bounded by one batch of tiles.
+
+    deployq run build/model.int8.onnx short/00001_00_0.1s.ARW --ratio 250 --out out/ --bench 20
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import imageio.v3
+import numpy as np
+import onnxruntime as ort
+
+from deployq.calib.data import RAW_SUFFIXES, exposure_ratio
+from deployq.calib.raw import load_packed
+from deployq.files import atomic_path
+from deployq.sim import inputs_of, load_onnx, session
+
+
+class RunError(ValueError):
+    """Inputs or a model that ``deployq run`` cannot use; the message names the file."""
+
+
+@dataclass
+class Engine:
+    """An onnxruntime session for a packed-raw model with a fixed tile size and a dynamic batch."""
+
+    session: ort.InferenceSession
+    input_name: str
+    tile: tuple[int, int]  # (h, w) of the model input, packed pixels
+    scale: int  # output pixels per packed pixel
+    channels: int  # output channels
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+def load_engine(model_path: str, threads: Optional[int] = None) -> Engine:
+    model = load_onnx(model_path)
+    inputs = inputs_of(model)
+    if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] != 4:
+        shapes = [i.shape for i in inputs]
+        raise RunError(f"{model_path}: deployq run feeds packed raw (N, 4, H, W); the model takes {shapes}")
+    sess = session(model, optimize=True, threads=threads or 0)
+    _, _, h, w = inputs[0].shape
+    probe = sess.run(None, {inputs[0].name: np.zeros((1, 4, h, w), np.float32)})[0]
+    if probe.ndim != 4 or probe.shape[2] % h or probe.shape[3] % w or probe.shape[2] // h != probe.shape[3] // w:
+        raise RunError(f"{model_path}: its first output {probe.shape} is not an image scaled from the input {(h, w)}")
+    return Engine(sess, inputs[0].name, (h, w), probe.shape[2] // h, probe.shape[1])
+
+
+def positions(size: int, tile: int, step: int) -> list[int]:
+    """Tile origins covering [0, size): every `step`, plus one flush with the end."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile + 1, step))
+    if starts[-1] != size - tile:
+        starts.append(size - tile)
+    return starts
+
+
+def window(height: int, width: int, ramp: int) -> np.ndarray:
+    """A separable weight that rises linearly over `ramp` pixels from each edge (never zero)."""
+
+    def profile(n: int) -> np.ndarray:
+        if ramp <= 0:
+            return np.ones(n, np.float32)
+        i = np.arange(n, dtype=np.float32)
+        return np.minimum(1.0, (np.minimum(i, n - 1 - i) + 1) / (ramp + 1))
+
+    return np.outer(profile(height), profile(width)).astype(np.float32)
+
+
+def infer_tiled(engine: Engine, packed: np.ndarray, overlap: Optional[int] = None, batch: int = 4) -> np.ndarray:
+    """The model's output for a whole (4, H, W) packed frame, tile by tile. `overlap` defaults to
+    a quarter of the tile, at most 16 packed pixels."""
+    th, tw = engine.tile
+    overlap = min(16, min(th, tw) // 4) if overlap is None else overlap
+    if overlap < 0 or overlap >= min(th, tw):
+        raise RunError(f"--overlap must be from 0 to {min(th, tw) - 1} packed pixels, got {overlap}")
+    _, height, width = packed.shape
+    pad_h, pad_w = max(0, th - height), max(0, tw - width)
+    if pad_h or pad_w:
+        packed = np.pad(packed, ((0, 0), (0, pad_h), (0, pad_w)), mode="reflect" if min(height, width) > 1 else "edge")
+    _, ph, pw = packed.shape
+    s = engine.scale
+    out = np.zeros((engine.channels, ph * s, pw * s), np.float32)
+    weight = np.zeros((ph * s, pw * s), np.float32)
+    w_tile = window(th * s, tw * s, overlap * s)
+    origins = [(y, x) for y in positions(ph, th, th - overlap) for x in positions(pw, tw, tw - overlap)]
+    for start in range(0, len(origins), batch):
+        chunk = origins[start:start + batch]
+        result = engine.run(np.stack([packed[:, y:y + th, x:x + tw] for y, x in chunk]).astype(np.float32))
+        for (y, x), tile_out in zip(chunk, result):
+            out[:, y * s:(y + th) * s, x * s:(x + tw) * s] += tile_out * w_tile
+            weight[y * s:(y + th) * s, x * s:(x + tw) * s] += w_tile
+    out /= weight
+    return out[:, : height * s, : width * s]
+
+
+def read_input(path: Path, ratio: Optional[float]) -> np.ndarray:
+    """A packed (4, H/2, W/2) frame from a raw file (times the exposure ratio) or a .npy array."""
+    if path.suffix.lower() == ".npy":
+        array = np.load(path, allow_pickle=False)
+        array = array[0] if array.ndim == 4 and array.shape[0] == 1 else array
+        if array.ndim != 3 or array.shape[0] != 4:
+            raise RunError(f"{path}: a .npy input must be packed raw (4, H, W), got {array.shape}")
+        return array.astype(np.float32)
+    if path.suffix.lower() not in RAW_SUFFIXES:
+        raise RunError(f"{path}: not a raw file ({', '.join(RAW_SUFFIXES)}) or a .npy array")
+    return load_packed(path, ratio if ratio is not None else exposure_ratio(path))
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    """CHW float in [0, 1] -> 8-bit sRGB PNG, written atomically."""
+    pixels = (np.clip(image, 0, 1).transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+    if pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    with atomic_path(path) as tmp:
+        imageio.v3.imwrite(tmp, pixels, extension=".png")
+
+
+@dataclass
+class Bench:
+    tiles_per_call: int
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def percentiles(self) -> dict[str, float]:
+        a = np.asarray(self.latencies_ms)
+        return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+                "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def bench(engine: Engine, runs: int, batch: int = 1, warmup: int = 3) -> Bench:
+    """Latency of `runs` calls on one batch of tiles (after `warmup` calls)."""
+    th, tw = engine.tile
+    x = np.random.default_rng(0).uniform(0, 1, (batch, 4, th, tw)).astype(np.float32)
+    for _ in range(warmup):
+        engine.run(x)
+    result = Bench(batch)
+    for _ in range(runs):
+        start = time.perf_counter()
+        engine.run(x)
+        result.latencies_ms.append(1000 * (time.perf_counter() - start))
+    return result
+
+
+def enhance(model_path: str, inputs: Sequence[str], out_dir: str, *, ratio: Optional[float] = None,
+            threads: Optional[int] = None, overlap: Optional[int] = None, batch: int = 4,
+            say: Callable[[str], None] = print) -> list[Path]:
+    """Run `model_path` over raw files (or folders of them); one PNG per input in `out_dir`."""
+    engine = load_engine(model_path, threads)
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in RAW_SUFFIXES + (".npy",))
+            if not found:
+                raise RunError(f"{item}: no raw files in this folder")
+            files.extend(found)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise RunError(f"{item}: no such file or folder")
+    written = []
+    for path in files:
+        start = time.perf_counter()
+        image = infer_tiled(engine, read_input(path, ratio), overlap=overlap, batch=batch)
+        target = Path(out_dir) / f"{path.stem}.png"
+        save_png(target, image)
+        say(f"{path.name} -> {target} ({image.shape[2]}x{image.shape[1]}, {time.perf_counter() - start:.2f} s)")
+        written.append(target)
+    return written

@@ -1,0 +1,84 @@
+"""Train the float low-light network on synthetic SID-style pairs (the step before QAT).
+
+Loss as in the paper: L1 on the sRGB output + L1 on the DBF's mono output. Adam with a cosine
+learning-rate schedule and gradient-norm clipping at 1; the held-out PSNR / SSIM is measured at the end and written beside the
+weights. The shipped checkpoint was made with:
+
+    python -m deployq.examples.lowlight.train_float --steps 10000 --out examples/lowlight/checkpoints
+
+Writes ``float.pt`` (a plain state_dict, loaded with weights_only=True) and ``float.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from deployq.calib.synthetic import SyntheticLowLight
+from deployq.examples.lowlight.evaluate import evaluate, torch_predictor
+from deployq.examples.lowlight.model import build
+from deployq.files import AtomicOutputs
+from deployq.progress import progress_bar
+
+
+def lowlight_loss(output: tuple[torch.Tensor, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L1(sRGB) + L1(mono), the paper's objective."""
+    rgb, mono = output
+    return (rgb - batch["target"]).abs().mean() + (mono - batch["mono"]).abs().mean()
+
+
+def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, out: Path, threads: int) -> dict:
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # Adam's tiny second moments turn denormal: 16x slower on CPUs
+    model = build(width=width, seed=seed)
+    data = SyntheticLowLight(size=size, length=steps * batch, split="train", seed=seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    log = []
+    start = time.perf_counter()
+    model.train()
+    for step, items in enumerate(progress_bar(loader, "float training", total=steps)):
+        loss = lowlight_loss(model(items["input"]), items)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start})
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
+    metrics = evaluate(torch_predictor(model))
+    report = {"command": "python -m deployq.examples.lowlight.train_float " +
+              f"--steps {steps} --size {size} --batch {batch} --width {width} --lr {lr} --seed {seed}",
+              "width": width, "steps": steps, "train_seconds": time.perf_counter() - start,
+              "held_out": metrics, "log": log}
+    with AtomicOutputs() as files:
+        files.write(out / "float.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+        files.write_text(out / "float.json", json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--size", type=int, default=64, help="training crop size in raw pixels (even)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("examples/lowlight/checkpoints"))
+    args = parser.parse_args(argv)
+    report = train(args.steps, args.size, args.batch, args.width, args.lr, args.seed, args.out, args.threads)
+    print(json.dumps(report["held_out"]))
+
+
+if __name__ == "__main__":
+    main()

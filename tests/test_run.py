@@ -1,0 +1,79 @@
+"""deployq run: tiling that reproduces a whole-frame run, raw DNG -> PNG, latency, errors."""
+
+import imageio.v3
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from deployq.calib.synthetic import sid_pair, sample_images, write_dng
+from deployq.cli import main
+from deployq.run import RunError, infer_tiled, load_engine, positions, window
+from onnx_builders import make_model
+
+
+def shuffle_model(path, tile=16, kernel=1, seed=0):
+    """Conv (4 -> 12 channels) + DepthToSpace(2): a packed-raw -> RGB model in the example's shape."""
+    w = np.random.default_rng(seed).normal(0, 0.3, (12, 4, kernel, kernel)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[kernel // 2] * 4),
+             helper.make_node("DepthToSpace", ["c"], ["rgb"], blocksize=2, mode="CRD")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, tile, tile])],
+                       [helper.make_tensor_value_info("rgb", TensorProto.FLOAT, ["batch", 3, 2 * tile, 2 * tile])], {"W": w})
+    path.write_bytes(model.SerializeToString())
+    return path, w
+
+
+def direct(w, packed):
+    """What the pointwise model computes on a whole frame, in numpy."""
+    c = np.einsum("oi,ihw->ohw", w[:, :, 0, 0], packed)
+    h, wd = packed.shape[1:]
+    return c.reshape(3, 2, 2, h, wd).transpose(0, 3, 1, 4, 2).reshape(3, 2 * h, 2 * wd)
+
+
+def test_tiles_cover_the_frame_and_blend_to_the_whole_frame_result(tmp_path):
+    assert positions(40, 16, 12) == [0, 12, 24] and positions(10, 16, 12) == [0]
+    assert window(6, 6, 2).min() > 0 and window(6, 6, 2)[3, 3] == 1
+    path, w = shuffle_model(tmp_path / "m.onnx")
+    engine = load_engine(str(path))
+    assert engine.tile == (16, 16) and engine.scale == 2 and engine.channels == 3
+    packed = np.random.default_rng(1).uniform(0, 1, (4, 37, 53)).astype(np.float32)
+    for overlap in (0, 4, 8):
+        out = infer_tiled(engine, packed, overlap=overlap, batch=3)
+        assert out.shape == (3, 74, 106)
+        np.testing.assert_allclose(out, direct(w, packed), rtol=1e-5, atol=1e-5)
+    small = packed[:, :9, :11]  # smaller than one tile: padded, then cropped back
+    np.testing.assert_allclose(infer_tiled(engine, small), direct(w, small), rtol=1e-5, atol=1e-5)
+
+
+def test_a_synthetic_dng_becomes_a_png_of_the_right_size(tmp_path):
+    path, _ = shuffle_model(tmp_path / "m.onnx", kernel=3)
+    image = next(iter(sample_images().values()))[:200, :310]
+    pair = sid_pair(image, 250, np.random.default_rng(0))
+    short = tmp_path / "short" / "00001_00_0.04s.dng"
+    write_dng(short, pair["short"], exposure_time=0.04)
+    result = CliRunner().invoke(main, ["run", str(path), str(short), "--ratio", "250", "--out", str(tmp_path / "out"),
+                                       "--bench", "3", "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    png = imageio.v3.imread(tmp_path / "out" / "00001_00_0.04s.png")
+    assert png.shape == (200, 310, 3) and png.dtype == np.uint8
+    assert "p50" in result.output and "p99" in result.output
+
+
+def test_bad_inputs_are_named(tmp_path):
+    path, _ = shuffle_model(tmp_path / "m.onnx")
+    runner = CliRunner()
+    out = runner.invoke(main, ["run", str(path), str(tmp_path / "nope.dng")])
+    assert out.exit_code == 1 and "nope.dng: no such file" in out.output
+    (tmp_path / "fake.dng").write_bytes(b"\0" * 64)
+    out = runner.invoke(main, ["run", str(path), str(tmp_path / "fake.dng"), "--ratio", "1"])
+    assert out.exit_code == 1 and "fake.dng" in out.output
+    out = runner.invoke(main, ["run", str(path), str(tmp_path / "fake.dng"), "--overlap", "16", "--ratio", "1"])
+    assert out.exit_code == 1
+    gray = make_model([helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])], {})
+    (tmp_path / "rgb.onnx").write_bytes(gray.SerializeToString())
+    with pytest.raises(RunError, match="packed raw"):
+        load_engine(str(tmp_path / "rgb.onnx"))
+    np.save(tmp_path / "frame.npy", np.zeros((4, 20, 20), np.float32))
+    out = runner.invoke(main, ["run", str(path), str(tmp_path / "frame.npy"), "--overlap", "99", "--out", str(tmp_path / "o")])
+    assert out.exit_code == 1 and "--overlap" in out.output
