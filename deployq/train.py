@@ -35,6 +35,7 @@ A recipe (YAML; relative paths are relative to the recipe's folder)::
     batch_size: 4
     calibration_batches: 100
     freeze_bn_epoch: 15                       # BN statistics frozen from this epoch on (1-based)
+    input_shape: [1, 4, 64, 64]               # recorded for export (default: one training item)
     output_dir: runs/qat
 
 The seeds' keys are read too: ``load_model``, ``load_teacher_model``, ``config_file_path``,
@@ -285,6 +286,7 @@ class Recipe:
     freeze_bn_epoch: Optional[int] = None
     seed: int = 0
     num_workers: int = 0
+    input_shape: Optional[tuple[int, ...]] = None  # the deployment input stored in checkpoints
     source: str = "recipe"
     notes: tuple[str, ...] = ()
 
@@ -301,7 +303,7 @@ OPTIONS = {  # key: (type, check, description)
     "seed": (int, lambda v: True, "an integer"),
     "num_workers": (int, lambda v: v >= 0, "an integer >= 0"),
 }
-SECTIONS = {"model", "quant_config", "data", "loss", "metric", "distill", "output_dir"}
+SECTIONS = {"model", "quant_config", "data", "loss", "metric", "distill", "output_dir", "input_shape"}
 SEEDS_MAPPED = {"load_model", "load_teacher_model", "config_file_path", "extra_quantizer_dict",
                 "fuse_activations", "distill_config", "distill_coeff", "output_layer_list", "quant_teacher"}
 SEEDS_IGNORED = {"gpu_id": "devices come from torchrun / CUDA_VISIBLE_DEVICES",
@@ -447,7 +449,19 @@ def load_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, *, epochs: Opti
     if epochs is not None:
         options["epochs"] = _option({"epochs": epochs}, "epochs", "--epochs")
     return Recipe(model=model, data=data, loss=loss, output_dir=base / str(doc["output_dir"]), quant=quant,
-                  metric=metric, distill=distill, source=source, notes=tuple(notes + distill_notes), **options)
+                  metric=metric, distill=distill, source=source, notes=tuple(notes + distill_notes),
+                  input_shape=_input_shape(doc.get("input_shape"), source), **options)
+
+
+def _input_shape(value: Any, source: str) -> Optional[tuple[int, ...]]:
+    """``input_shape: [1, 4, 64, 64]``: the input the checkpoints record for export (the model
+    may be trained on smaller crops); default: the shape of one training item."""
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)):
+        raise RecipeError(f"{source}: input_shape must be a list of positive integers, e.g. [1, 4, 64, 64]")
+    return tuple(value)
 
 
 # ------------------------------------------------------------------------------ model set-up
@@ -531,7 +545,8 @@ def build_models(recipe: Recipe, datasets: Mapping[str, Dataset], loss: dst.Task
     example = collate([datasets["train"][0]])["input"]
     student = prepare(float_model, (example,), recipe.quant).to(device)
     placeholder = next(n for n in student.graph.nodes if n.op == "placeholder")
-    inputs = [ck.InputSpec(str(placeholder.target), tuple(example.shape), str(example.dtype).replace("torch.", ""))]
+    shape = recipe.input_shape or tuple(example.shape)
+    inputs = [ck.InputSpec(str(placeholder.target), shape, str(example.dtype).replace("torch.", ""))]
     if recipe.distill is None:
         return Models(student, student, None, inputs)
     names = recipe.distill.names

@@ -76,6 +76,12 @@ def test_training_writes_loadable_checkpoints_and_per_epoch_metrics(workdir):
     assert sum(line.startswith("epoch ") for line in lines) == 2
 
 
+def test_checkpoints_record_the_deployment_input_shape(workdir):
+    train(write(workdir, recipe(epochs=1, input_shape=[1, 3, 32, 32])), progress=False)
+    assert ck.load(workdir / "run" / "last.pt").inputs[0].shape == (1, 3, 32, 32)
+    assert_fails_before_training(workdir, recipe(input_shape=[1, -3]), "input_shape must be a list of positive integers")
+
+
 def test_qat_starts_from_the_float_weights_not_the_factory_init(workdir):
     result = train(write(workdir, recipe(epochs=1, optimizer="sgd", lr=1e-12, distill=None)), progress=False)
     float_weights = torch.load(workdir / "float.pth", weights_only=True)
