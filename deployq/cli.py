@@ -280,9 +280,5 @@ main.add_command(hessian)
 main.add_command(train)
 
 
-def run() -> None:  # pragma: no cover - console entry point
-    main(prog_name="deployq")
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -38,23 +38,12 @@ from deployq.exporters.graph import to_model
 from deployq.exporters.insert_qdq import DATA_MOVEMENT_OPS
 from deployq.progress import progress_bar
 from deployq.qformula import dequantize_np, quantize_np
-from deployq.sim import ModelFileError, cpu_isa, isa_text, run, session
+from deployq.sim import ModelFileError, base_name, cpu_isa, isa_text, quantized_tensor, run, session
 
 MODES = ("accumulated", "local", "sensitivity", "kernel")
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ACTIVATION_OPS = ("Relu", "LeakyRelu", "Clip")
-PREQUANT = "_prequant"  # deployq: a graph output's value before quantization
-ORT_PREQUANT = "_QuantizeLinear_Input"  # onnxruntime.quantization's name for the same thing
-
-
-def _base_name(tensor: str) -> str:
-    for suffix in (PREQUANT, ORT_PREQUANT):
-        if tensor.endswith(suffix):
-            return tensor[: -len(suffix)]
-    return tensor
 LSB_BINS = ("0", "1", ">1")
-
-
 # ----------------------------------------------------------------------------------- matching
 
 
@@ -142,11 +131,8 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
     for node in qg.node:  # topological order in a valid model
         if node.op_type != "QuantizeLinear":
             continue
-        source, clip = node.input[0], None
-        if producers.get(source) is not None and producers[source].op_type == "Clip":
-            clip = producers[source]
-            source = clip.input[0]
-        name = _base_name(source)
+        source, clip = quantized_tensor(node, producers)
+        name = base_name(source)
         dq = next((c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None)
         scale, zp = _const(inits, node.input[1]), _const(inits, node.input[2]) if len(node.input) > 2 else None
         if dq is None or scale is None:
@@ -257,7 +243,7 @@ def _weights(quant_model: onnx.ModelProto, float_model: onnx.ModelProto, folded:
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1 if scale.ndim and node.op_type == "ConvTranspose" else 0)
         axis = axis if scale.ndim else None
         weight = dequantize_np(codes, scale, zp, axis)
-        reference = float_layers.get((node.op_type, _base_name(node.output[0])))
+        reference = float_layers.get((node.op_type, base_name(node.output[0])))
         if reference is None and node.name:
             reference = float_layers.get((node.op_type, f"node:{node.name}"))
         if reference is None or reference.shape != weight.shape:
@@ -285,10 +271,7 @@ def match_inputs(quant_model: onnx.ModelProto) -> dict[str, tuple[float, float]]
     for node in quant_model.graph.node:
         if node.op_type != "QuantizeLinear":
             continue
-        source = node.input[0]
-        clip = producers.get(source)
-        if clip is not None and clip.op_type == "Clip":
-            source = clip.input[0]
+        source, clip = quantized_tensor(node, producers)
         if source not in inputs or node.input[1] not in inits:
             continue
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)

@@ -16,7 +16,6 @@ from typing import Iterable, Optional
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import fx
 
@@ -24,8 +23,7 @@ from deployq.prepare import ACT_QUANT, quant_points
 from deployq.qat import model_inputs, weight_qparams
 from deployq.qformula import dequantize, quantize
 from deployq.quantizers import FakeQuantizer, quantize_tensor
-
-QUANT_SUFFIX = "_prequant"
+from deployq.sim import base_name, quantized_tensor, run, session
 
 
 @dataclass
@@ -148,38 +146,14 @@ def quantize_nodes(model: onnx.ModelProto) -> dict[str, str]:
     """{quant point (tensor) name: QuantizeLinear output name} for the quant points of a QDQ model.
 
     A quant point is the tensor a QuantizeLinear quantizes (through an optional Clip, for 9..16-bit
-    codes); graph outputs renamed to ``T_prequant`` map back to T.
+    codes); graph outputs renamed to ``T_prequant`` map back to T (:func:`deployq.sim.base_name`).
     """
     producers = {o: n for n in model.graph.node for o in n.output}
     found = {}
     for node in model.graph.node:
-        if node.op_type != "QuantizeLinear":
-            continue
-        source = node.input[0]
-        clip = producers.get(source)
-        if clip is not None and clip.op_type == "Clip":
-            source = clip.input[0]
-        if source.endswith(QUANT_SUFFIX):
-            source = source[: -len(QUANT_SUFFIX)]
-        found.setdefault(source, node.output[0])
+        if node.op_type == "QuantizeLinear":
+            found.setdefault(base_name(quantized_tensor(node, producers)[0]), node.output[0])
     return found
-
-
-def ort_session(model: onnx.ModelProto, optimize: bool, extra_outputs: Iterable[str] = (),
-                threads: int = 1) -> ort.InferenceSession:
-    """A CPU session; `optimize=False` is the reference view (QDQ semantics exactly)."""
-    model_copy = onnx.ModelProto()
-    model_copy.CopyFrom(model)
-    existing = {o.name for o in model_copy.graph.output}
-    for name in extra_outputs:
-        if name not in existing:
-            model_copy.graph.output.append(onnx.ValueInfoProto(name=name))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(model_copy.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def onnx_weight_codes(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, np.ndarray]:
@@ -206,8 +180,8 @@ def check_parity(qmodel: fx.GraphModule, model: onnx.ModelProto, batches: Iterab
     if missing:
         raise ValueError(f"the ONNX model has no QuantizeLinear for quant points {missing[:8]}")
     wanted = {n: q_outputs[n] for n, p in points.items() if p.kind != "weight"}
-    session = ort_session(model, optimize=False, extra_outputs=wanted.values())
-    input_names = [i.name for i in session.get_inputs()]
+    sess = session(model, optimize=False, extra_outputs=wanted.values())
+    input_names = [i.name for i in sess.get_inputs()]
     report = {n: PointParity(n, p.kind, p.spec.bits) for n, p in points.items()}
     weights_done = False
     for i, batch in enumerate(batches):
@@ -215,7 +189,7 @@ def check_parity(qmodel: fx.GraphModule, model: onnx.ModelProto, batches: Iterab
             break
         inputs = model_inputs(batch)
         feeds = {name: t.detach().numpy().astype(np.float32) for name, t in zip(input_names, inputs)}
-        results = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        results = run(sess, feeds)
         theirs = {name: results[output] for name, output in wanted.items()}
         ours = torch_codes(qmodel, inputs, theirs if local else None)
         for name, output in wanted.items():

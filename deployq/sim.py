@@ -24,6 +24,28 @@ ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.UINT8: np.
                  onnx.TensorProto.INT64: np.int64}
 
 
+# What a graph output's value before quantization is called once the output name moves to the
+# dequantized value: deployq's exporter, and onnxruntime.quantization.
+PREQUANT_SUFFIXES = ("_prequant", "_QuantizeLinear_Input")
+
+
+def base_name(tensor: str) -> str:
+    """The quant-point name of the tensor a QuantizeLinear reads (suffixes above removed)."""
+    for suffix in PREQUANT_SUFFIXES:
+        if tensor.endswith(suffix):
+            return tensor[: -len(suffix)]
+    return tensor
+
+
+def quantized_tensor(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> tuple[str, Optional[onnx.NodeProto]]:
+    """(tensor, clip) for a QuantizeLinear: the tensor it quantizes, looking through the Clip that
+    9..16-bit quant points put before it, and that Clip (or None)."""
+    source, clip = node.input[0], producers.get(node.input[0])
+    if clip is not None and clip.op_type == "Clip":
+        return clip.input[0], clip
+    return source, None
+
+
 class ModelFileError(ValueError):
     """A file that is not a usable ONNX model, or two models that cannot be compared."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -69,15 +69,6 @@ def unique_name(graph: gs.Graph, base: str) -> str:
     while f"{base}_{i}" in taken:
         i += 1
     return f"{base}_{i}"
-
-
-def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor, keep: Iterable[gs.Node] = ()) -> None:
-    """Make every consumer of `old` (except the nodes in `keep`) read `new`."""
-    keep = set(map(id, keep))
-    for node in consumers(old):
-        if id(node) in keep:
-            continue
-        node.inputs = [new if t is old else t for t in node.inputs]
 
 
 def layer_axis(node: gs.Node) -> int:

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from deployq.exporters.fuse_activation import FusedGroup
 from deployq.exporters.graph import (PassLog, RewriteError, constant_value, consumers, layer_axis,
-                                     producer, replace_uses, unique_name)
+                                     producer, unique_name)
 from deployq.qformula import bias_is_quantized, bias_scale, onnx_integer_dtype, quantize_bias_np, quantize_np
 from deployq.qparams import QParams
 

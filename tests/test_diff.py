@@ -17,7 +17,7 @@ from deployq.diff import diff, match, saturation_warning
 from deployq.examples import zoo
 from deployq.export import export as run_export
 from deployq.model_source import resolve_model
-from deployq.sim import ModelFileError, random_feeds, inputs_of
+from deployq.sim import ModelFileError
 
 SHAPE = (1, 3, 16, 16)
 

@@ -4,7 +4,7 @@ import imageio.v3
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from deployq.calib.synthetic import sid_pair, sample_images, write_dng
 from deployq.cli import main
