@@ -27,6 +27,7 @@ common range, re-binning to it and summing the counts. The element-wise operatio
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 import numpy as np
@@ -60,7 +61,7 @@ def _per_channel_view(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
-class Observer:
+class Observer(ABC):
     """Base class. Subclasses implement `_update(x2d)` and `_range()` (numpy arrays of shape C)."""
 
     def __init__(self, spec: QuantSpec, axis: int | None, name: str) -> None:
@@ -107,14 +108,17 @@ class Observer:
         self._reduce(reducer, channels if self.axis is not None else 1)
         self.batches = int(reducer.sum(np.array([float(self.batches)]))[0])
 
+    @abstractmethod
     def _update(self, x2d: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Take in one batch, as a (channels, values) float tensor."""
 
+    @abstractmethod
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """(min, max) per channel from everything seen."""
 
+    @abstractmethod
     def _reduce(self, reducer: StatisticsReducer, channels: int) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot merge statistics across processes")
+        """Merge the statistics with the other processes' (see :meth:`reduce`)."""
 
 
 @OBSERVERS.register("minmax")
@@ -259,8 +263,9 @@ class _HistogramObserver(Observer):
                  for c in range(h.counts.shape[0])]
         return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
+    @abstractmethod
     def _channel_range(self, c: int) -> tuple[float, float]:
-        raise NotImplementedError
+        """(min, max) of channel `c` from its histogram."""
 
 
 @OBSERVERS.register("percentile")
