@@ -1,4 +1,4 @@
-"""Write a small SID-style folder of real DNG files from held-out photographs (no download).
+"""Write a small SID-style folder of real DNG files from photographs in scikit-image (no download).
 
     python -m deployq.examples.lowlight.make_raw build/raw --scenes 4 --size 256
 
@@ -19,8 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=4)
     parser.add_argument("--size", type=int, default=256, help="frame size in raw pixels")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--split", choices=("train", "val"), default="val",
+                        help="photographs of the training or the held-out split")
     args = parser.parse_args(argv)
-    scenes = write_sid_folder(args.out_dir, args.scenes, args.size, seed=args.seed, split="val")
+    scenes = write_sid_folder(args.out_dir, args.scenes, args.size, seed=args.seed, split=args.split)
     for s in scenes:
         print(f"{s['short']}  (ratio {s['ratio']:g}, ground truth {s['gt']})")
 

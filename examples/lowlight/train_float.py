@@ -4,7 +4,7 @@ Loss as in the paper: L1 on the sRGB output + L1 on the DBF's mono output. Adam 
 learning-rate schedule and gradient-norm clipping at 1; the held-out PSNR / SSIM is measured at the end and written beside the
 weights. The shipped checkpoint was made with:
 
-    python -m deployq.examples.lowlight.train_float --steps 10000 --out examples/lowlight/checkpoints
+    python -m deployq.examples.lowlight.train_float --steps 8000 --threads 1 --out examples/lowlight/checkpoints
 
 Writes ``float.pt`` (a plain state_dict, loaded with weights_only=True) and ``float.json``.
 """
@@ -67,7 +67,7 @@ def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, o
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--size", type=int, default=64, help="training crop size in raw pixels (even)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--width", type=int, default=8)
