@@ -12,9 +12,10 @@ Modes:
                  layer's error only (quantized weights + output rounding)
     sensitivity  only one quant point (and the weights of the layer producing it) quantized,
                  everything else float; the model output's error, ranked
-    kernel       real integer-kernel error: truncated sub-models ending at each quant point run
-                 fully optimized, against the reference view (never extra outputs on an optimized
-                 graph, which would break fusion)
+    kernel       real integer-kernel error: for each quant point, the sub-model from the codes
+                 feeding it to its own codes runs fully optimized (fused integer kernels) on the
+                 reference view's codes; never extra outputs on an optimized graph, which would
+                 break fusion
 
 Metrics stream batch by batch (sums, not tensors): SQNR = 10·log10(Σx² / Σ(x − x̂)²) in dB,
 cosine similarity, MSE, max |error|, and for quantized tensors the error in LSB units: the
@@ -604,25 +605,35 @@ def _sensitivity(matching: Matching, batches: list[dict], progress: bool) -> dic
 
 def _kernel(matching: Matching, quant_model: onnx.ModelProto, batches: list[dict],
             progress: bool) -> dict[str, Stats]:
-    """Codes of each quant point from a sub-model ending there, fully optimized, vs the reference."""
+    """Each quant point's codes from the integer kernels, against the reference view.
+
+    For every quant point, the sub-model from the codes of the quant points that feed it to its own
+    codes is cut out (``onnx.utils.Extractor``) and run fully optimized, so onnxruntime fuses it
+    into its integer kernels (QLinearConv, ...), on the reference view's upstream codes. What it
+    shows is that layer's kernel error alone; a graph with extra outputs would not be fused at all.
+    """
     acts = matching.activations
-    ref_sess = session(quant_model, optimize=False, extra_outputs=[p.codes for p in acts])
+    codes_of = {p.name: p.codes for p in acts}
+    ref_sess = session(quant_model, optimize=False, extra_outputs=list(codes_of.values()))
     references = [run(ref_sess, feeds) for feeds in batches]
-    input_names = [i.name for i in ref_sess.get_inputs()]
+    graph_inputs = [i.name for i in ref_sess.get_inputs()]
     extractor = onnx.utils.Extractor(quant_model)
     results = {}
     for point in progress_bar(acts, "kernel", enabled=progress):
-        if point.source in input_names:
+        if point.source in graph_inputs:
             continue
-        sub = extractor.extract_model(input_names, [point.codes])
+        inputs = [codes_of[n] for n in point.inputs if n in codes_of] + graph_inputs
+        sub = extractor.extract_model(inputs, [point.codes])
         sub.ir_version = quant_model.ir_version
         sess = session(sub, optimize=True)
+        wanted = [i.name for i in sess.get_inputs()]
         s = Stats()
         for feeds, ref in zip(batches, references):
-            got = sess.run([point.codes], {k: v for k, v in feeds.items() if k in input_names})[0]
+            values = {**feeds, **ref}
+            got = sess.run([point.codes], {name: values[name] for name in wanted})[0]
             want = ref[point.codes]
-            dq = lambda c: dequantize_np(c, point.scale, point.zero_point, point.axis)  # noqa: E731
-            s.add(dq(want), dq(got))
+            s.add(dequantize_np(want, point.scale, point.zero_point, point.axis),
+                  dequantize_np(got, point.scale, point.zero_point, point.axis))
             d = np.abs(want.astype(np.int64) - got.astype(np.int64))
             s.lsb[0] += int((d == 0).sum())
             s.lsb[1] += int((d == 1).sum())

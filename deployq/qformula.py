@@ -22,8 +22,9 @@ import torch
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 MIN_BITS, MAX_BITS = 2, 16
-# int32 bias: the largest float32 below 2**31, so that the clamp bound itself is exact in float32.
-INT32_QMIN, INT32_QMAX = -(2**31), 2147483520
+# int32 bias codes are clamped to ±2^30 (exact in float32): an integer kernel adds the bias to an
+# int32 accumulator of up to ~2^25 (u8 x s8 products over a few hundred taps), which must not wrap.
+INT32_QMIN, INT32_QMAX = -(2**30), 2**30
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:

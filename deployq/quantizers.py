@@ -33,7 +33,7 @@ from deployq.registry import Registry
 
 QUANTIZERS: Registry[type["FakeQuantizer"]] = Registry("quantizer")
 MODES = ("float", "observe", "quantize")
-MIN_SCALE = 1e-10
+MIN_SCALE = 1e-10  # PACT's clipping level never goes below this
 
 
 def straight_through(value: torch.Tensor, gradient_path: torch.Tensor) -> torch.Tensor:
@@ -171,27 +171,35 @@ class FixedQuantizer(FakeQuantizer):
 
 @QUANTIZERS.register("lsq")
 class LSQQuantizer(FakeQuantizer):
-    """LSQ: the step size s is a parameter; ∂x̂/∂s = round(x/s) − x/s inside the range and
-    qmin − zp or qmax − zp outside, scaled by g = 1/√(N·Qp) (Esser et al., 2020)."""
+    """LSQ: the step size s is learned; ∂x̂/∂s = round(x/s) − x/s inside the range and
+    qmin − zp or qmax − zp outside, scaled by g = 1/√(N·Qp) (Esser et al., 2020).
+
+    s is stored as ``log_scale`` (s = exp(log_scale)): it stays positive, and an optimizer's step
+    changes it relatively. A linear s under Adam moves by about the learning rate per step, which
+    drives the small scales of near-empty weight channels through zero within a few hundred steps
+    (their int32 bias then saturates and integer kernels overflow). The gradient reaching
+    log_scale is s · ∂L/∂s, the paper's gradient by the chain rule.
+    """
 
     weights_follow_observer = False
 
     def _create_qparams(self, shape: tuple[int, ...]) -> None:
-        self.scale = nn.Parameter(torch.ones(shape))
+        self.log_scale = nn.Parameter(torch.zeros(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
 
     def set_qparams(self, scale: np.ndarray, zero_point: np.ndarray) -> None:
         with torch.no_grad():
-            self.scale.data.copy_(torch.as_tensor(scale, dtype=torch.float32).reshape(self.scale.shape))
+            scale = torch.as_tensor(scale, dtype=torch.float32).reshape(self.log_scale.shape)
+            self.log_scale.copy_(torch.log(scale))
             self.zero_point.copy_(torch.as_tensor(zero_point, dtype=torch.float32).reshape(self.zero_point.shape))
             self.initialized.fill_(True)
 
     def _effective_scale(self) -> torch.Tensor:
-        return torch.clamp(self.scale, min=MIN_SCALE)
+        return torch.exp(self.log_scale)
 
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         g = 1.0 / math.sqrt(self._feature_count(x) * max(self.qmax, 1))
-        scale = torch.clamp(scale_gradient(self.scale, g), min=MIN_SCALE)
+        scale = torch.exp(scale_gradient(self.log_scale, g))
         return self._quantize_with(x, scale, self._zero_point_for_forward(g))
 
     def _zero_point_for_forward(self, g: float) -> torch.Tensor:
@@ -205,7 +213,7 @@ class LSQPlusQuantizer(LSQQuantizer):
     symmetric schemes the zero point stays 0 and only the scale is learned."""
 
     def _create_qparams(self, shape: tuple[int, ...]) -> None:
-        self.scale = nn.Parameter(torch.ones(shape))
+        self.log_scale = nn.Parameter(torch.zeros(shape))
         self.zero_point = nn.Parameter(torch.zeros(shape), requires_grad=not self.spec.symmetric)
 
     def _effective_zero_point(self) -> torch.Tensor:

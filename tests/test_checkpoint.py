@@ -18,7 +18,7 @@ def saved(tmp_path):
     qmodel = deployq.prepare(zoo.unet(width=4), torch.randn(*SHAPE), config)
     deployq.calibrate(qmodel, [torch.randn(2, 3, 16, 16) for _ in range(3)], progress=False)
     with torch.no_grad():  # move the learned qparams away from their calibrated values
-        qmodel.get_submodule("act_quant.cat").scale.mul_(1.1)
+        qmodel.get_submodule("act_quant.cat").log_scale.add_(0.1)
     path = ck.save(tmp_path / "qat.pt", qmodel, factory="deployq.examples.zoo:unet",
                    factory_kwargs={"width": 4}, inputs=[ck.InputSpec("x", SHAPE)], meta={"epoch": 3})
     return qmodel.eval(), path

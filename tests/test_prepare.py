@@ -106,8 +106,8 @@ def test_qat_step_sends_gradients_to_weights_and_learned_scales():
     qmodel.train()
     qmodel(torch.randn(2, 3, 16, 16)).square().mean().backward()
     assert qmodel.get_submodule("out").layer.weight.grad.abs().sum() > 0
-    assert qmodel.get_submodule("act_quant.cat").scale.grad.abs() > 0
-    assert qmodel.get_submodule("out.weight_quant").scale.grad.abs().sum() > 0
+    assert qmodel.get_submodule("act_quant.cat").log_scale.grad.abs() > 0
+    assert qmodel.get_submodule("out.weight_quant").log_scale.grad.abs().sum() > 0
 
 
 class Branchy(nn.Module):
