@@ -16,35 +16,22 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
-import shlex
 import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 
 import deployq
+from benchmarks import common
 from deployq.checkpoint import import_factory
-from deployq.files import atomic_path
 from deployq.hessian import DEFAULT_MAX_ITER, DEFAULT_TOL, HessianReport, hessian_traces
 
-RESULTS = Path(__file__).resolve().parent / "results" / "hessian.md"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+SCRIPT = "bench_hessian.py"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -60,7 +47,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="samples of the reference run (0: skip it)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
 
@@ -83,9 +69,13 @@ def table(report: HessianReport, reference: HessianReport | None) -> list[str]:
     return rows
 
 
-def main(argv: list[str]) -> int:
+def run(argv: list[str]) -> common.Section:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    with common.torch_threads(args.threads):
+        return section(args, argv)
+
+
+def section(args: argparse.Namespace, argv: list[str]) -> common.Section:
     torch.manual_seed(args.seed)
     kwargs = json.loads(args.kwargs)
     shape = tuple(int(v) for v in args.input_shape.split(","))
@@ -101,16 +91,12 @@ def main(argv: list[str]) -> int:
         reference = hessian_traces(qmodel, batches, args.layers, tol=0.0, max_iter=args.reference_iter,
                                    seed=args.seed + 1, bits=None)
     iterations = np.array([layer.iterations for layer in report.layers])
-    command = "python benchmarks/bench_hessian.py " + " ".join(shlex.quote(a) for a in argv)
     lines = [
-        "## Hessian trace (Hutchinson): time per layer and iterations to converge",
-        "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {cpu_model()}, {usable_cores()} usable cores, torch threads {torch.get_num_threads()}, "
+        f"- machine: {common.cpu_model()}, {common.usable_cores()} usable cores, torch threads {torch.get_num_threads()}, "
         f"{platform.system()} {platform.release()}",
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
         f"deployq {deployq.__version__}",
-        f"- command: `{command.strip()}`",
         f"- model: `{args.model}`{f' {kwargs}' if kwargs else ''}, input {shape}, {args.batches} batches of "
         f"random inputs in [0, 1); loss: {report.loss}",
         f"- stopping: relative change of the running mean < {args.tol:g}, checked once every batch has "
@@ -128,11 +114,12 @@ def main(argv: list[str]) -> int:
     if reference is not None:
         lines.append(f"Reference: {reference.max_iter} samples per layer with tol 0 (another seed) in "
                      f"{reference.seconds:.2f} s; Δ is the early-stopped estimate's relative difference from it.")
-    text = "\n".join(lines) + "\n"
-    with atomic_path(args.out) as tmp:
-        Path(tmp).write_text(text)
-    print(text)
-    return 0
+    return common.Section("hessian", "Hessian trace (Hutchinson): time per layer and iterations to converge",
+                          common.command_line(SCRIPT, argv), lines)
+
+
+def main(argv: list[str]) -> int:
+    return common.main_for(run, argv)
 
 
 if __name__ == "__main__":

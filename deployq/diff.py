@@ -97,14 +97,13 @@ def _const(inits: dict[str, onnx.TensorProto], name: str) -> Optional[np.ndarray
 
 
 def _bits_of(zero_point: np.ndarray, clip: Optional[onnx.NodeProto], inits: dict, scale: np.ndarray) -> int:
-    if zero_point.dtype.itemsize == 1:
-        return 8
+    """The code width: from the Clip before QuantizeLinear if there is one, else the storage type."""
     if clip is not None and len(clip.input) == 3:
         lo, hi = _const(inits, clip.input[1]), _const(inits, clip.input[2])
         if lo is not None and hi is not None:
             levels = round(float((np.max(hi) - np.min(lo)) / np.max(scale))) + 1
             return max(2, min(16, int(round(math.log2(max(levels, 2))))))
-    return 16
+    return 8 * zero_point.dtype.itemsize
 
 
 def _fold_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -558,7 +557,7 @@ def single_point_model(float_folded: onnx.ModelProto, point: QPoint, weight: Opt
     dtype = {(8, False): np.uint8, (8, True): np.int8}.get((min(point.bits, 8) if point.bits <= 8 else 16, point.signed),
                                                             np.int16 if point.signed else np.uint16)
     zp = gs.Constant(f"{point.name}__zp", point.zero_point.astype(dtype))
-    if point.bits > 8 and point.axis is None:
+    if point.bits not in (8, 16) and point.axis is None:
         lo = np.asarray((point.qmin - point.zero_point.astype(np.float32)) * point.scale, np.float32)
         hi = np.asarray((point.qmax - point.zero_point.astype(np.float32)) * point.scale, np.float32)
         clipped = gs.Variable(f"{point.name}__clip", dtype=np.float32)

@@ -1,9 +1,10 @@
 """Pass: insert QuantizeLinear / DequantizeLinear with the learned qparams (DESIGN contracts 2-4).
 
 * Activations and inputs: ``T -> QuantizeLinear -> DequantizeLinear -> consumers`` at every quant
-  point (tensor T named by the record). 8-bit codes are (u)int8. 9..16-bit codes are (u)int16 after
-  ``Clip((qmin − zp)·s, (qmax − zp)·s)``, which makes them bit-exact to the torch reference instead
-  of saturating at the int16 range; they run as float emulation in onnxruntime.
+  point (tensor T named by the record). Codes are stored as (u)int8 up to 8 bits and (u)int16 up
+  to 16; a code narrower than its type (2..7 or 9..15 bits, e.g. the 10-bit layers) is preceded by
+  ``Clip((qmin − zp)·s, (qmax − zp)·s)``, which makes it bit-exact to the torch reference instead of
+  saturating at the type's range. Codes wider than 8 bits run as float emulation in onnxruntime.
 * Weights: integer initializers (int8 up to 8 bits, int16 above) + DequantizeLinear, per channel
   along the layer's output axis (0 for Conv / Gemm with transB=1, 1 for ConvTranspose).
 * Bias: int32 codes with scale s_in·s_w (what integer kernels add to the accumulator), where both
@@ -77,13 +78,13 @@ class _Inserter:
         users = consumers(tensor)
         source = tensor
         new_nodes = []
-        if clip and rec.bits > 8:
+        if clip and rec.bits not in (8, 16):  # a code narrower than its storage type
             offset = rec.zero_point_array.astype(np.float32)
             lo = np.asarray((np.float32(rec.qmin) - offset) * rec.scale_array, dtype=np.float32)
             hi = np.asarray((np.float32(rec.qmax) - offset) * rec.scale_array, dtype=np.float32)
             if rec.axis is not None:
-                raise RewriteError(f"quant point {rec.name!r}: per-channel activations wider than 8 bits "
-                                   "need a per-channel clip; use per_tensor for this layer")
+                raise RewriteError(f"quant point {rec.name!r}: per-channel activations of {rec.bits} bits "
+                                   "need a per-channel clip; use per_tensor for this layer (or 8 / 16 bits)")
             clipped = gs.Variable(unique_name(g, f"{base}_Clip_Output"), dtype=np.float32)
             new_nodes.append(gs.Node("Clip", unique_name(g, f"{base}_Clip"), {},
                                      [source, gs.Constant(unique_name(g, f"{base}_clip_min"), lo),

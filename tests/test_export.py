@@ -115,6 +115,19 @@ def test_export_is_deterministic(tmp_path):
         assert a.files[key].read_bytes() == b.files[key].read_bytes(), key
 
 
+def test_four_bit_layers_are_exact_too(tmp_path):
+    """Codes narrower than int8 are clipped before QuantizeLinear, like the 10-bit ones in int16."""
+    qmodel = deployq.prepare(zoo.unet(), torch.rand(*CASES["unet"][1]),
+                             {"weight": {"bits": 4}, "activation": {"bits": 4}, "input": 8})
+    deployq.calibrate(qmodel, [torch.rand(2, 3, 16, 16) for _ in range(3)], progress=False)
+    path = ck.save(tmp_path / "u4.pt", qmodel, factory="deployq.examples.zoo:unet", inputs=[ck.InputSpec("x", (1, 3, 16, 16))])
+    result = run_export(resolve_model(ckpt=str(path)), tmp_path / "out", progress=False)
+    report = check_parity(result.qmodel, result.quant_model, [torch.rand(2, 3, 16, 16) * 2 for _ in range(2)])
+    assert report.ok() and {p.bits for p in report.points} == {4, 8}
+    clips = [n for n in result.quant_model.graph.node if n.op_type == "Clip"]
+    assert len(clips) == sum(r.bits == 4 for r in result.records.values() if r.kind != "weight")
+
+
 def test_int16_and_vnni_variants_keep_parity(tmp_path):
     path, shape = trained_checkpoint(tmp_path, "resnet", steps=1)
     batches = [torch.randn(2, *shape[1:]) for _ in range(2)]
@@ -154,7 +167,7 @@ def test_ptq_from_a_plain_state_dict(tmp_path):
     (lambda d: ["--ckpt", str(d / "float.pth"), "--model", "deployq.examples.zoo:unet", "--input-shape", "1,3,16,16",
                 "--config", str(d / "bad.yaml"), "--calib", str(d / "calib.npy")], "'enc9' matches no quant point"),
     (lambda d: ["--ckpt", str(d / "float.pth"), "--model", "deployq.examples.zoo:unet", "--input-shape", "1,3,16,16",
-                "--config", str(d / "perchannel.yaml"), "--calib", str(d / "calib.npy")], "per-channel activations wider than 8 bits"),
+                "--config", str(d / "perchannel.yaml"), "--calib", str(d / "calib.npy")], "per-channel activations of 10 bits"),
 ])
 def test_bad_input_fails_cleanly_without_partial_files(tmp_path, make_args, message):
     torch.save(zoo.unet().state_dict(), tmp_path / "float.pth")

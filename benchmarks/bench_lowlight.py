@@ -1,0 +1,154 @@
+"""Accuracy retention on the low-light example: PSNR / SSIM on the held-out set.
+
+    python benchmarks/bench_lowlight.py [--float F.pt --float-control C.pt --qat Q.pt --qat-nodistill N.pt --qat-all8 A.pt]
+
+Rows: the float model (torch, and its ONNX export in onnxruntime); the control: the float model
+trained on for as many steps as QAT takes (so the QAT rows are not credited with extra training);
+deployq QAT with distillation
+(torch fake-quant, and onnxruntime running deployq's int8 export); QAT without distillation; QAT
+with every layer at 8 bits; and onnxruntime.quantization.quantize_static of the float ONNX model
+(QDQ, per-channel weights; MinMax / Entropy / Percentile calibration on training-split items).
+The checkpoints are evaluated, never trained, here. Every onnxruntime row runs fully optimized
+sessions (the integer kernels a CPU really runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from benchmarks import common
+from deployq.calib.synthetic import SyntheticLowLight
+from deployq.examples.lowlight.evaluate import (VAL_LENGTH, VAL_SIZE, Predictor, evaluate, onnx_predictor,
+                                                torch_predictor, validation_set)
+from deployq.export import ExportResult, bit_width_summary
+from deployq.model_source import resolve_model
+
+SCRIPT = "bench_lowlight.py"
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    runtime: str
+    bits: str
+    psnr: float
+    ssim: float
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_lowlight_arguments(parser)
+    parser.add_argument("--val-size", type=int, default=VAL_SIZE, help="held-out crop size in raw pixels")
+    parser.add_argument("--val-items", type=int, default=VAL_LENGTH, help="held-out images")
+    parser.add_argument("--calib-items", type=int, default=32, help="quantize_static calibration items (train split)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
+    return parser.parse_args(argv)
+
+
+def bits_text(result: ExportResult) -> str:
+    """e.g. 'act 8 (10 at 9), wt 8 (10 at 7)': the body width and the special layers."""
+    parts = []
+    for kind, label in (("activation", "act"), ("weight", "wt")):
+        counts = bit_width_summary(result.records).get(kind, {})
+        body = max(counts, key=counts.get) if counts else 8
+        special = ", ".join(f"{bits} at {n}" for bits, n in sorted(counts.items()) if bits != body)
+        parts.append(f"{label} {body}" + (f" ({special})" if special else ""))
+    return ", ".join(parts)
+
+
+def calibration_arrays(size: int, items: int) -> list[np.ndarray]:
+    """Inputs from the training split (never the held-out photographs), batch of one each."""
+    data = SyntheticLowLight(size=size, length=items, split="train", seed=1)
+    return [data[i]["input"].numpy()[None] for i in range(items)]
+
+
+def score(predict: Predictor, items: list) -> tuple[float, float]:
+    """(PSNR, SSIM) of `predict` over the held-out `items`."""
+    metrics = evaluate(predict, items)
+    return metrics["psnr"], metrics["ssim"]
+
+
+def float_rows(ckpts: common.LowlightCheckpoints, shape: tuple[int, ...], items: list, threads: int) -> list[Row]:
+    source = resolve_model(ckpt=str(ckpts.float), factory=ckpts.float_factory, input_shape=shape)
+    float_onnx = common.shared_export(ckpts.float, factory=ckpts.float_factory, input_shape=shape, target="fp32")
+    control = resolve_model(ckpt=str(ckpts.float_control), factory=ckpts.float_factory, input_shape=shape)
+    return [Row("float", "-", "torch fp32", "fp32", *score(torch_predictor(source.float_model), items)),
+            Row("float", "deployq export", "ORT fp32", "fp32",
+                *score(onnx_predictor(str(float_onnx.files["float"]), threads=threads), items)),
+            Row("float, trained on as long as QAT", "-", "torch fp32", "fp32",
+                *score(torch_predictor(control.float_model), items))]
+
+
+def deployq_rows(ckpts: common.LowlightCheckpoints, shape: tuple[int, ...], items: list, threads: int) -> list[Row]:
+    """Each QAT checkpoint exported and run in onnxruntime; the distilled one in torch too."""
+    rows = []
+    for label, ckpt in (("QAT + distillation", ckpts.qat), ("QAT, no distillation", ckpts.qat_nodistill),
+                        ("QAT, all 8-bit", ckpts.qat_all8)):
+        result = common.shared_export(ckpt, factory=ckpts.factory, input_shape=shape)
+        if label == "QAT + distillation":
+            rows.append(Row(label, "deployq", "torch fake-quant", bits_text(result),
+                            *score(torch_predictor(result.qmodel), items)))
+        rows.append(Row(label, "deployq", "ORT int8", bits_text(result),
+                        *score(onnx_predictor(str(result.files["int8"]), threads=threads), items)))
+    return rows
+
+
+def quantize_static_rows(float_onnx: Path, calibration: list[np.ndarray], items: list, threads: int,
+                         work: Path) -> list[Row]:
+    rows = []
+    for method in common.CALIBRATION_METHODS:
+        path = common.quantize_static_qdq(float_onnx, work / f"ort_{method}.onnx", calibration, method)
+        rows.append(Row("float", f"ORT quantize_static {method}", "ORT int8", "act 8, wt 8",
+                        *score(onnx_predictor(str(path), threads=threads), items)))
+    return rows
+
+
+def run_rows(args: argparse.Namespace, ckpts: common.LowlightCheckpoints, work: Path) -> list[Row]:
+    shape = (1, 4, args.val_size // 2, args.val_size // 2)
+    held_out = validation_set(size=args.val_size)
+    items = [held_out[i] for i in range(min(args.val_items, len(held_out)))]
+    float_onnx = common.shared_export(ckpts.float, factory=ckpts.float_factory, input_shape=shape,
+                                      target="fp32").files["float"]
+    calibration = calibration_arrays(args.val_size, args.calib_items)
+    return (float_rows(ckpts, shape, items, args.threads) + deployq_rows(ckpts, shape, items, args.threads)
+            + quantize_static_rows(float_onnx, calibration, items, args.threads, work))
+
+
+def run(argv: list[str]) -> common.Section:
+    args = parse_args(argv)
+    ckpts = common.lowlight_checkpoints(args).check()
+    with tempfile.TemporaryDirectory(prefix="bench_lowlight.") as tmp:
+        rows = run_rows(args, ckpts, Path(tmp))
+    reference = rows[0].psnr
+    body = common.table(
+        ["weights", "quantization", "runtime", "bits", "PSNR (dB)", "Δ PSNR vs float (dB)", "SSIM"],
+        [(r.model, r.method, r.runtime, r.bits, f"{r.psnr:.2f}", f"{r.psnr - reference:+.2f}", f"{r.ssim:.4f}")
+         for r in rows], "llllrrr")
+    notes = [
+        "",
+        f"Held-out set: SyntheticLowLight(split='val', size={args.val_size}), {min(args.val_items, VAL_LENGTH)} "
+        f"images (photographs the training split never sees). quantize_static calibrates on {args.calib_items} "
+        "training-split items; QDQ format, u8 activations, s8 per-channel weights. deployq rows export each "
+        "checkpoint with `deployq export` and run its int8 model; `bits` counts quant points by width "
+        f"(act: activations and inputs, wt: weights). Checkpoints: {ckpts.describe()}.",
+    ]
+    return common.Section("lowlight", "Accuracy: low-light example (PSNR / SSIM, held-out set)",
+                          common.command_line(SCRIPT, argv), body + notes)
+
+
+def main(argv: list[str]) -> int:
+    return common.main_for(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

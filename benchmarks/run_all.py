@@ -1,0 +1,125 @@
+"""Run every benchmark and rewrite BENCHMARKS.md: one command, one environment header.
+
+    python benchmarks/run_all.py                      # full settings (~15-20 min on 2 cores)
+    python benchmarks/run_all.py --quick              # small settings: checks the harness, not the numbers
+    python benchmarks/run_all.py --qat runs/qat/last.pt --only lowlight,parity
+
+Each benchmark also writes its own section to benchmarks/results/<name>.md, and every section
+names the command that reproduces it. The low-light benchmarks evaluate the checkpoints in
+examples/lowlight/checkpoints/ (or the paths given) and never train them; all of them are checked
+before anything runs. Peers (Polygraphy, scikit-learn) come from the ``[bench]`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Sequence
+
+if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import (bench_digits, bench_hessian, bench_lowlight, bench_parity, bench_scale, bench_speed,
+                        common)
+from deployq.files import AtomicOutputs
+
+OUTPUT = common.ROOT / "BENCHMARKS.md"
+
+# name: (module, full settings, quick settings, uses the low-light checkpoints)
+BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
+    "lowlight": (bench_lowlight, [], ["--val-items", "2", "--calib-items", "2"], True),
+    "digits": (bench_digits, [], ["--float-epochs", "1", "--qat-epochs", "1", "--calib-items", "32"], False),
+    "parity": (bench_parity, [], ["--models", "plain_cnn", "--batches", "1"], True),
+    "speed": (bench_speed, [], ["--repeats", "2", "--step-repeats", "1", "--export-repeats", "1", "--diff-repeats", "1",
+                                "--diff-inputs", "1", "--unet-width", "4", "--unet-size", "16"], True),
+    "scale": (bench_scale, [], ["--depths", "1,2", "--repeats", "1"], False),
+    "hessian": (bench_hessian, ["--threads", "1"], ["--threads", "1", "--batches", "2", "--reference-iter", "10"], False),
+}
+INTRO = [
+    "# Benchmarks",
+    "",
+    "deployq against its peers (onnxruntime.quantization, torch.ao, Polygraphy), all produced by one "
+    "command. Times are medians over repeats and comparisons are ratios measured in the same run "
+    "(contenders timed round-robin), never single absolute times: the machine below was shared with "
+    "other jobs. Each section names the command that reproduces it alone.",
+]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small settings (for the smoke test)")
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--out", type=Path, default=OUTPUT, help="the markdown file to rewrite")
+    parser.add_argument("--results", type=Path, default=common.RESULTS, help="folder for the per-benchmark sections")
+    common.add_lowlight_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def selected(only: str | None) -> list[str]:
+    names = [n for n in (only or "").split(",") if n] or list(BENCHMARKS)
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        raise common.BenchmarkError(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}")
+    return names
+
+
+def benchmark_argv(name: str, quick: bool, ckpts: common.LowlightCheckpoints) -> list[str]:
+    _, full, small, lowlight = BENCHMARKS[name]
+    return (small if quick else full) + (common.lowlight_argv(ckpts) if lowlight else [])
+
+
+def document(sections: list[common.Section], command: str, seconds: dict[str, float],
+             ckpts: common.LowlightCheckpoints) -> str:
+    """BENCHMARKS.md: the intro, the environment, a table of contents, then every section."""
+    lines = INTRO + ["", "## Environment", ""] + common.environment_lines(command)
+    lines.append(f"- low-light checkpoints: {ckpts.describe()}")
+    lines += ["", "| section | reproduce alone | wall time (s) |", "|---|---|---:|"]
+    lines += [f"| [{s.title}](#{anchor(s.title)}) | `{s.command}` | {seconds[s.key]:.0f} |" for s in sections]
+    return "\n".join(lines) + "\n\n" + "\n".join(s.markdown() for s in sections)
+
+
+def anchor(title: str) -> str:
+    """GitHub's heading anchor: lower case, punctuation dropped, spaces to hyphens."""
+    kept = "".join(c for c in title.lower() if c.isalnum() or c in " -_")
+    return kept.replace(" ", "-")
+
+
+def run_benchmarks(names: list[str], quick: bool, ckpts: common.LowlightCheckpoints,
+                   log: Callable[[str], None]) -> tuple[list[common.Section], dict[str, float]]:
+    sections, seconds = [], {}
+    for i, name in enumerate(names, 1):
+        argv = benchmark_argv(name, quick, ckpts)
+        log(f"[{i}/{len(names)}] {common.command_line(f'bench_{name}.py', argv)}")
+        start = time.perf_counter()
+        section = BENCHMARKS[name][0].run(argv)
+        seconds[name] = time.perf_counter() - start
+        log(f"      done in {seconds[name]:.0f} s")
+        sections.append(section)
+    return sections, seconds
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    command = common.command_line("run_all.py", list(argv))
+    try:
+        names = selected(args.only)
+        ckpts = common.lowlight_checkpoints(args)
+        if any(BENCHMARKS[n][3] for n in names):
+            ckpts.check()
+        sections, seconds = run_benchmarks(names, args.quick, ckpts, lambda line: print(line, flush=True))
+    except common.BenchmarkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with AtomicOutputs() as out:
+        for section in sections:
+            out.write_text(args.results / f"{section.key}.md", section.markdown())
+        out.write_text(args.out, document(sections, command, seconds, ckpts))
+    print(f"wrote {args.out} ({len(sections)} sections, {sum(seconds.values()):.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""Smoke test of the benchmark harness: `benchmarks/run_all.py --quick` runs every benchmark on a
+two-layer stand-in for the low-light network and writes BENCHMARKS.md with every table; missing
+checkpoints stop it before anything runs, with a message naming them."""
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_benchmarks() -> None:
+    """Import the repository's benchmarks/ package by its path: putting the repository root on
+    sys.path would also make calib/ and exporters/ importable as top-level modules."""
+    if "benchmarks" not in sys.modules:
+        folder = ROOT / "benchmarks"
+        spec = importlib.util.spec_from_file_location("benchmarks", folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        sys.modules["benchmarks"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
+import_benchmarks()
+from benchmarks import common, run_all  # noqa: E402
+from benchmarks.models import tiny_raw_to_rgb  # noqa: E402
+
+TINY = "benchmarks.models:tiny_raw_to_rgb"
+SHAPE = (1, 4, 64, 64)  # the held-out set's packed raw at its default size (128)
+TEN_BIT = {"input": 10, "layers": {"conv1": {"weight": "10 per_channel_affine", "activation": "10 per_tensor_affine"}}}
+
+EXPECTED_TABLES = {  # section key: header cells its tables must have
+    "lowlight": ["| weights | quantization | runtime | bits | PSNR (dB) |"],
+    "digits": ["| quantization | runtime | test accuracy |"],
+    "parity": ["| model | bits | quant points | codes compared | reference, local: equal |"],
+    "speed": ["| model | int8 model | fp32 median (ms) |", "| training step | median (s) | × float |",
+              "| export | median (s) | × torch.onnx.export |", "| tool | median wall time (s) | × deployq diff |",
+              "| what | deployq diff | Polygraphy |"],
+    "scale": ["| depth | quant points | export (s) |", "| stage | ms / layer at 1 | ms / layer at 2 |"],
+    "hessian": ["| # | layer | n | iterations |"],
+}
+EXPECTED_ROWS = {  # section key: regular expressions of rows it must have
+    "lowlight": [r"\| float \| - \| torch fp32 \| fp32 \|", r"\| float, trained on as long as QAT \| - \| torch fp32 \|", r"\| QAT \+ distillation \| deployq \| ORT int8 \| act 8 \(10 at \d+\)",
+                 r"\| float \| ORT quantize_static Entropy \| ORT int8 \|"],
+    "digits": [r"\| float \(1 ep\.\) \| torch fp32 \| \d", r"\| deployq QAT \+ distillation \(1 ep\.\) \| ORT int8 \| \d",
+               r"\| ORT quantize_static Percentile \| ORT int8 \|", r"\| torch\.ao FX QAT"],
+    "parity": [r"\| plain_cnn \| 8 \| 10 \| \d+ \| [\d.]+% \| [01] \|", r"\| low-light \(qat\.pt\) \| 8/10 \|"],
+    "speed": [r"\| deployq QAT \| [\d.]+ \| [\d.]+× \|", r"\| Polygraphy \(2 runs\) \| [\d.]+ \|"],
+    "scale": [r"\| 1 \| 3 \| [\d.]+ \|", r"\| diff kernel \|"],
+    "hessian": [r"\| 1 \| `"],
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> common.LowlightCheckpoints:
+    """A float state_dict and two calibrated checkpoints (10-bit head, all 8-bit) of the stand-in."""
+    folder = tmp_path_factory.mktemp("lowlight")
+    torch.save(tiny_raw_to_rgb().state_dict(), folder / "float.pt")
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.rand((1, 4, 16, 16), generator=gen) for _ in range(2)]
+    qat = common.calibrated_checkpoint(folder / "qat.pt", TINY, {}, SHAPE, batches, config=TEN_BIT)
+    all8 = common.calibrated_checkpoint(folder / "qat_all8.pt", TINY, {}, SHAPE, batches)
+    return common.LowlightCheckpoints(folder / "float.pt", folder / "float.pt", qat, qat, all8, TINY)
+
+
+def lowlight_args(ckpts: common.LowlightCheckpoints) -> list[str]:
+    return ["--float", str(ckpts.float), "--float-control", str(ckpts.float_control), "--qat", str(ckpts.qat),
+            "--qat-nodistill", str(ckpts.qat_nodistill),
+            "--qat-all8", str(ckpts.qat_all8), "--factory", TINY]
+
+
+# two groups of about equal time, so that `pytest -n 2` runs them side by side; the first shares
+# the low-light exports between its benchmarks, as the full run does
+GROUPS = ["lowlight,speed", "digits,scale,hessian,parity"]
+
+
+@pytest.mark.parametrize("only", GROUPS)
+def test_run_all_quick_writes_the_tables(checkpoints, tmp_path, only):
+    out, results = tmp_path / "BENCHMARKS.md", tmp_path / "results"
+    argv = ["--quick", "--only", only, *lowlight_args(checkpoints), "--out", str(out), "--results", str(results)]
+    assert run_all.main(argv) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmarks")
+    for fact in ("- machine: ", "- versions: python ", "torch ", "onnxruntime ", "polygraphy ", "scikit-learn ",
+                 "- command: `python benchmarks/run_all.py --quick", "- date: "):
+        assert fact in text, fact
+    for key in only.split(","):
+        section = (results / f"{key}.md").read_text()
+        assert section in text
+        assert re.search(r"^Reproduce: `python benchmarks/bench_\w+\.py.*`$", section, re.M), key
+        for header in EXPECTED_TABLES[key]:
+            assert header in section, (key, header)
+        for row in EXPECTED_ROWS[key]:
+            assert re.search(row, section), (key, row)
+
+
+def test_missing_checkpoints_fail_before_anything_runs(tmp_path, capsys):
+    argv = ["--quick", "--qat", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "B.md")]
+    assert run_all.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "--qat " + str(tmp_path / "nope.pt") in error and "never trains them" in error
+    assert not (tmp_path / "B.md").exists()
