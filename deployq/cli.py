@@ -40,7 +40,7 @@ def main() -> None:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the quant points as JSON.")
 @handle_errors
-def inspect(ckpt: Optional[str], factory: Optional[str], config: Optional[str],
+def inspect(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str],
             input_shape: Optional[tuple[int, ...]], as_json: bool) -> None:
     """List every quant point: name, kind, op, bits, scheme, quantizer, observer.
 
@@ -50,7 +50,8 @@ def inspect(ckpt: Optional[str], factory: Optional[str], config: Optional[str],
     from deployq.model_source import resolve_model
     from deployq.prepare import quant_points
 
-    source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape)
+    source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
+                           factory_kwargs=model_kwargs)
     points = quant_points(source.qmodel)
     if as_json:
         click.echo(json.dumps([
@@ -81,7 +82,7 @@ def inspect(ckpt: Optional[str], factory: Optional[str], config: Optional[str],
               help="Bits of the 8-bit-body weights, e.g. 7 for CPUs without VNNI (u8 x s8 saturation).")
 @click.option("--act-signed", is_flag=True, help="Signed 8-bit activations (s8s8 kernels; exact, same grid).")
 @handle_errors
-def export(ckpt: Optional[str], factory: Optional[str], config: Optional[str], input_shape: Optional[tuple[int, ...]],
+def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[tuple[int, ...]],
            calib: Optional[str], calib_batches: int, target: str, out_dir: str, opset: int,
            weight_bits: Optional[int], act_signed: bool) -> None:
     """Export a checkpoint to ONNX: the float model and the integer (QDQ) model.
@@ -99,7 +100,8 @@ def export(ckpt: Optional[str], factory: Optional[str], config: Optional[str], i
 
     if ckpt is None:
         raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model)")
-    source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape)
+    source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
+                           factory_kwargs=model_kwargs)
     result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
                         act_signed=act_signed, calib=calib, calib_limit=calib_batches)
     table = Table(title=f"deployq export -> {result.out_dir}  ({result.seconds:.1f} s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from typing import Any, Callable, Optional
 
@@ -45,12 +46,26 @@ def parse_shape(value: Optional[str]) -> Optional[tuple[int, ...]]:
     return shape
 
 
+def parse_kwargs(value: Optional[str]) -> Optional[dict]:
+    if value is None:
+        return None
+    try:
+        kwargs = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise click.BadParameter(f"{value!r} is not JSON: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise click.BadParameter(f"{value!r}: expected a JSON object, e.g. '{{\"width\": 8}}'")
+    return kwargs
+
+
 def model_options(command: Callable) -> Callable:
     """--ckpt / --model / --config / --input-shape, shared by the commands that build a model."""
     options = [
         click.option("--ckpt", type=click.Path(dir_okay=False), help="deployq checkpoint (or a plain state_dict with --model)."),
         click.option("--model", "factory", metavar="PKG.MOD:FACTORY",
                      help="Model factory to import. Naming it allows deployq to import that code."),
+        click.option("--model-kwargs", callback=lambda c, p, v: parse_kwargs(v), metavar="JSON",
+                     help='Keyword arguments for the --model factory, e.g. \'{"width": 8}\'.'),
         click.option("--config", type=click.Path(exists=True, dir_okay=False),
                      help="Quantization config (YAML): defaults, per-layer overrides, fusion."),
         click.option("--input-shape", callback=lambda c, p, v: parse_shape(v), metavar="N,C,H,W",

@@ -86,7 +86,7 @@ def _fmt(value: float) -> str:
               help="Trace the float network (the thesis) or the fake-quantized one (a calibrated checkpoint).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Rademacher vectors.")
 @handle_errors
-def hessian(ckpt: Optional[str], factory: Optional[str], config: Optional[str], input_shape: Optional[tuple[int, ...]],
+def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[tuple[int, ...]],
             data: str, patterns: tuple[str, ...], top: int, out: str, tol: float, max_iter: int, coeff: float,
             limit: int, batch_size: int, loss: str, mode: str, seed: int) -> None:
     """Rank activations by Hessian trace (Hutchinson) and write a distillation config.
@@ -102,7 +102,8 @@ def hessian(ckpt: Optional[str], factory: Optional[str], config: Optional[str], 
     from deployq.hessian import hessian_traces, write_distill_config
     from deployq.model_source import resolve_model
 
-    source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape)
+    source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
+                           factory_kwargs=model_kwargs)
     path = Path(data)
     if path.is_file() and path.suffix.lower() in YAML_SUFFIXES:
         batches = _dataset_batches(path, batch_size, limit)

@@ -55,15 +55,16 @@ def _inputs(shape: Optional[tuple[int, ...]], default: Optional[list[InputSpec]]
 
 
 def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
-                  config: Optional[str] = None, input_shape: Optional[tuple[int, ...]] = None) -> ModelSource:
+                  config: Optional[str] = None, input_shape: Optional[tuple[int, ...]] = None,
+                  factory_kwargs: Optional[dict] = None) -> ModelSource:
     if ckpt is None and factory is None:
         raise ValueError("give --ckpt (a deployq checkpoint) or --model PKG.MOD:FACTORY")
     payload = ck.read_payload(ckpt) if ckpt is not None else None
     if payload is not None and ck.is_checkpoint(payload):
         c = ck.parse(payload, Path(ckpt))
-        if config is not None:
-            raise ValueError(f"{ckpt} carries its own quantization config and learned qparams; "
-                             "--config applies only to a plain state_dict with --model")
+        if config is not None or factory_kwargs is not None:
+            raise ValueError(f"{ckpt} carries its own quantization config, learned qparams and factory "
+                             "arguments; --config and --model-kwargs apply only to a plain state_dict with --model")
         inputs = _inputs(input_shape, c.inputs)
         c.inputs = inputs
         model = ck.float_model(c, factory)
@@ -76,7 +77,8 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
             f"{ckpt} is not a deployq checkpoint; to quantize a plain state_dict name its model "
             "factory with --model PKG.MOD:FACTORY (and --calib DATA to calibrate)"
         )
-    dummy = ck.Checkpoint(factory, {}, [], QConfig(), {})
+    kwargs = dict(factory_kwargs or {})
+    dummy = ck.Checkpoint(factory, kwargs, [], QConfig(), {})
     model = ck.float_model(dummy, factory)
     if payload is not None:
         state = ck.plain_state_dict(payload, Path(ckpt))
@@ -87,4 +89,4 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
     inputs = _inputs(input_shape, None)
     qconfig = load_config(config)
     qmodel = prepare(model, tuple(i.example() for i in inputs), qconfig)
-    return ModelSource(qmodel, model, inputs, factory, {}, qconfig, False)
+    return ModelSource(qmodel, model, inputs, factory, kwargs, qconfig, False)

@@ -88,3 +88,14 @@ def test_cli_version_and_help():
     runner = CliRunner()
     assert deployq.__version__ in runner.invoke(main, ["--version"]).output
     assert "inspect" in runner.invoke(main, ["--help"]).output
+
+
+def test_model_kwargs_reach_the_factory(tmp_path):
+    runner = CliRunner()
+    torch.save(zoo.unet(width=4).state_dict(), tmp_path / "w4.pth")
+    args = ["inspect", "--ckpt", str(tmp_path / "w4.pth"), "--model", "deployq.examples.zoo:unet", "--input-shape", "1,3,8,8"]
+    assert runner.invoke(main, args).exit_code == 1  # width 8 by default: the weights do not fit
+    result = runner.invoke(main, args + ["--model-kwargs", '{"width": 4}'])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, args + ["--model-kwargs", "width=4"])
+    assert result.exit_code == 2 and "is not JSON" in result.output

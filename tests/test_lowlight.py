@@ -1,0 +1,64 @@
+"""The shipped low-light example: trained checkpoints export with parity, and a DNG written by the
+synthetic pipeline goes through `deployq run` with float and int8 models to the same PSNR."""
+
+from pathlib import Path
+
+import imageio.v3
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deployq import checkpoint as ck
+from deployq.cli import main
+from deployq.examples.lowlight import model as lowlight
+from deployq.examples.lowlight.evaluate import psnr
+from deployq.parity import check_parity
+
+CHECKPOINTS = Path(lowlight.__file__).with_name("checkpoints")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lowlight")
+    result = CliRunner().invoke(main, ["export", "--ckpt", str(CHECKPOINTS / "qat.pt"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_the_shipped_float_weights_are_trained_and_load_safely():
+    state = torch.load(CHECKPOINTS / "float.pt", weights_only=True)
+    model = lowlight.build(width=8)
+    model.load_state_dict(state)
+    qat = ck.load(CHECKPOINTS / "qat.pt")
+    assert qat.factory == "deployq.examples.lowlight.model:build" and qat.inputs[0].shape == (1, 4, 64, 64)
+    assert {r.bits for r in qat.qparams.values()} == {8, 10}
+
+
+def test_the_shipped_qat_model_exports_with_parity(exported):
+    import onnx
+
+    source = ck.build(ck.load(CHECKPOINTS / "qat.pt"))
+    batches = [torch.rand(1, 4, 64, 64) * 0.6 for _ in range(2)]
+    report = check_parity(source, onnx.load(exported / "model.int8.onnx"), batches)
+    assert report.ok(), [p.to_json() for p in report.failures()]
+
+
+def test_a_synthetic_dng_gives_the_same_psnr_through_float_and_int8(exported, tmp_path):
+    from deployq.calib.synthetic import write_sid_folder
+
+    scenes = write_sid_folder(tmp_path / "raw", 2, 192, ratios=(100, 250), seed=11, split="val")
+    psnrs = {}
+    for kind in ("float", "int8"):
+        result = CliRunner().invoke(main, ["run", str(exported / f"model.{kind}.onnx"), str(tmp_path / "raw" / "short"),
+                                           "--out", str(tmp_path / kind)])
+        assert result.exit_code == 0, result.output
+        values = []
+        for scene in scenes:
+            png = imageio.v3.imread(tmp_path / kind / (Path(scene["short"]).stem + ".png"))
+            assert png.shape == (192, 192, 3)
+            gt = imageio.v3.imread(scene["gt"]).astype(np.float32) / 255
+            values.append(psnr(png.astype(np.float32) / 255, gt))
+        psnrs[kind] = float(np.mean(values))
+    assert psnrs["float"] > 18, psnrs  # a trained model, not noise
+    assert abs(psnrs["float"] - psnrs["int8"]) <= 0.1, psnrs
