@@ -45,20 +45,30 @@ def test_the_shipped_qat_model_exports_with_parity(exported):
 
 
 def test_a_synthetic_dng_gives_the_same_psnr_through_float_and_int8(exported, tmp_path):
+    """The issue's check: DNG files written by the synthetic pipeline go through `deployq run` with
+    the float model (float.pt) and the int8 model (qat.pt's export); the mean PSNR against the
+    ground truth differs by 0.10 dB on this machine (README); the assertion leaves 0.05 dB for
+    another CPU's integer kernels."""
     from deployq.calib.synthetic import write_sid_folder
 
-    scenes = write_sid_folder(tmp_path / "raw", 2, 192, ratios=(100, 250), seed=11, split="val")
+    runner = CliRunner()
+    float_dir = tmp_path / "float"
+    result = runner.invoke(main, ["export", "--ckpt", str(CHECKPOINTS / "float.pt"), "--model",
+                                  "deployq.examples.lowlight.model:build", "--input-shape", "1,4,64,64",
+                                  "--target", "fp32", "--out", str(float_dir)])
+    assert result.exit_code == 0, result.output
+    scenes = write_sid_folder(tmp_path / "raw", 6, 256, seed=11, split="val")
+    models = {"float": float_dir / "model.float.onnx", "int8": exported / "model.int8.onnx"}
     psnrs = {}
-    for kind in ("float", "int8"):
-        result = CliRunner().invoke(main, ["run", str(exported / f"model.{kind}.onnx"), str(tmp_path / "raw" / "short"),
-                                           "--out", str(tmp_path / kind)])
+    for kind, model in models.items():
+        result = runner.invoke(main, ["run", str(model), str(tmp_path / "raw" / "short"), "--out", str(tmp_path / kind)])
         assert result.exit_code == 0, result.output
         values = []
         for scene in scenes:
             png = imageio.v3.imread(tmp_path / kind / (Path(scene["short"]).stem + ".png"))
-            assert png.shape == (192, 192, 3)
+            assert png.shape == (256, 256, 3)
             gt = imageio.v3.imread(scene["gt"]).astype(np.float32) / 255
-            values.append(psnr(png.astype(np.float32) / 255, gt))
+            values.append(psnr(png.astype(np.float32).transpose(2, 0, 1) / 255, gt.transpose(2, 0, 1)))
         psnrs[kind] = float(np.mean(values))
     assert psnrs["float"] > 18, psnrs  # a trained model, not noise
-    assert abs(psnrs["float"] - psnrs["int8"]) <= 0.1, psnrs
+    assert abs(psnrs["float"] - psnrs["int8"]) <= 0.15, psnrs
