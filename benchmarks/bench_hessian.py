@@ -2,7 +2,7 @@
 
     python benchmarks/bench_hessian.py                                   # deployq.examples.zoo:unet
     python benchmarks/bench_hessian.py --model deployq.examples.lowlight.model:build \\
-        --kwargs '{"width": 8}' --input-shape 2,4,32,32
+        --kwargs '{"width": 8}' --weights examples/lowlight/checkpoints/float.pt --input-shape 2,4,32,32
 
 The model is prepared by deployq (float mode: the float network, with quant-point names) and fed
 random inputs in [0, 1); with no targets, the loss is the MSE to the float model's own output.
@@ -38,6 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="deployq.examples.zoo:unet", help="package.module:factory")
     parser.add_argument("--kwargs", default="{}", help="factory keyword arguments (JSON)")
+    parser.add_argument("--weights", type=Path, help="float state_dict to load (default: the factory's own weights)")
     parser.add_argument("--input-shape", default="4,3,32,32", help="N,C,H,W of one batch")
     parser.add_argument("--batches", type=int, default=4, help="batches of random inputs")
     parser.add_argument("--layers", action="append", help="glob of the layers to analyse (repeatable)")
@@ -80,6 +81,9 @@ def section(args: argparse.Namespace, argv: list[str]) -> common.Section:
     kwargs = json.loads(args.kwargs)
     shape = tuple(int(v) for v in args.input_shape.split(","))
     model = import_factory(args.model, allowed=True)(**kwargs).eval()
+    if args.weights is not None:
+        weights = args.weights if args.weights.is_file() else common.ROOT / args.weights
+        model.load_state_dict(torch.load(weights, weights_only=True))
     qmodel = deployq.prepare(model, torch.zeros(shape))
     gen = torch.Generator().manual_seed(args.seed)
     batches = [torch.rand(shape, generator=gen) for _ in range(args.batches)]
@@ -97,7 +101,8 @@ def section(args: argparse.Namespace, argv: list[str]) -> common.Section:
         f"{platform.system()} {platform.release()}",
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
         f"deployq {deployq.__version__}",
-        f"- model: `{args.model}`{f' {kwargs}' if kwargs else ''}, input {shape}, {args.batches} batches of "
+        f"- model: `{args.model}`{f' {kwargs}' if kwargs else ''}"
+        f"{f', weights `{common.shown_path(args.weights)}`' if args.weights else ''}, input {shape}, {args.batches} batches of "
         f"random inputs in [0, 1); loss: {report.loss}",
         f"- stopping: relative change of the running mean < {args.tol:g}, checked once every batch has "
         f"contributed, or {args.max_iter} samples",

@@ -120,9 +120,9 @@ def run(argv: list[str]) -> common.Section:
         f"{len(rows)} models, {total} codes (activations of {args.batches} batches, and every weight once): "
         f"{common.percent(exact, 4)} bit-exact in the local reference view. *equal*: share of integer codes "
         "that are identical; *max LSB*: the largest code difference. Reference view: onnxruntime with graph "
-        "optimizations disabled (QDQ semantics), against torch fake-quant. Kernel view: fully optimized "
-        "onnxruntime sub-models ending at each activation quant point, against the reference view; weights "
-        "are not part of it. Zoo inputs: uniform [0, 1.5), batch "
+        "optimizations disabled (QDQ semantics), against torch fake-quant. Kernel view: for each activation quant "
+        "point, the sub-model from the codes that feed it to its own codes, fully optimized (integer kernels) "
+        "and fed the reference view's codes, against the reference view; weights are not part of it. Zoo inputs: uniform [0, 1.5), batch "
         f"{args.batch_size}; low-light inputs: held-out images, {args.lowlight_size // 2}×{args.lowlight_size // 2} "
         "packed raw.",
     ]

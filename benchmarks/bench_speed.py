@@ -158,7 +158,7 @@ def latency_section(rows: list[LatencyRow], args: argparse.Namespace) -> list[st
                             f"{r.integer_convs} / {r.convs}") for r in rows], "llrrrr")
     lines += ["", f"{args.repeats} runs of each model, round-robin, batch 1, {args.threads} onnxruntime thread(s), "
               "ORT_ENABLE_ALL. *integer convs*: convolutions onnxruntime runs as integer kernels (QLinearConv, "
-              "ConvInteger) in the optimized graph; 9..16-bit layers run as exact float emulation (DESIGN contract "
+              "ConvInteger) in the optimized graph; 9..16-bit layers run as exact float emulation (docs/design.md, contract "
               "4), so they stay float convolutions between Q/DQ pairs. The fp32 model of each row is the float "
               "graph exported beside the int8 one (or quantized into it, for quantize_static, calibrated here on "
               "one input: latency does not depend on the ranges)."]

@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py                      # full settings (~15-20 min on 2 cores)
     python benchmarks/run_all.py --quick              # small settings: checks the harness, not the numbers
-    python benchmarks/run_all.py --qat runs/qat/last.pt --only lowlight,parity
+    python benchmarks/run_all.py --qat runs/qat/last.pt --only lowlight,parity   # updates results/ only
 
 Each benchmark also writes its own section to benchmarks/results/<name>.md, and every section
 names the command that reproduces it. The low-light benchmarks evaluate the checkpoints in
@@ -36,7 +36,10 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
     "speed": (bench_speed, [], ["--repeats", "2", "--step-repeats", "1", "--export-repeats", "1", "--diff-repeats", "1",
                                 "--diff-inputs", "1", "--unet-width", "4", "--unet-size", "16"], True),
     "scale": (bench_scale, [], ["--depths", "1,2", "--repeats", "1"], False),
-    "hessian": (bench_hessian, ["--threads", "1"], ["--threads", "1", "--batches", "2", "--reference-iter", "10"], False),
+    "hessian": (bench_hessian, ["--threads", "1", "--model", "deployq.examples.lowlight.model:build",
+                                "--kwargs", '{"width": 8}', "--weights", "examples/lowlight/checkpoints/float.pt",
+                                "--input-shape", "2,4,32,32", "--layers", "*.lrelu_dup1", "--reference-iter", "100"],
+                ["--threads", "1", "--batches", "2", "--reference-iter", "10"], False),
 }
 INTRO = [
     "# Benchmarks",
@@ -113,11 +116,18 @@ def main(argv: Sequence[str]) -> int:
     except common.BenchmarkError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # BENCHMARKS.md always holds one whole run: a subset only updates its results/ sections,
+    # unless --out names another file for it
+    partial = args.only is not None and args.out == OUTPUT
     with AtomicOutputs() as out:
         for section in sections:
             out.write_text(args.results / f"{section.key}.md", section.markdown())
-        out.write_text(args.out, document(sections, command, seconds, ckpts))
-    print(f"wrote {args.out} ({len(sections)} sections, {sum(seconds.values()):.0f} s)")
+        if not partial:
+            out.write_text(args.out, document(sections, command, seconds, ckpts))
+    written = f"{args.results}/*.md" if partial else str(args.out)
+    print(f"wrote {written} ({len(sections)} sections, {sum(seconds.values()):.0f} s)")
+    if partial:
+        print(f"{OUTPUT.name} unchanged: it holds one whole run (run without --only to rewrite it)")
     return 0
 
 

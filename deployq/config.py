@@ -16,7 +16,7 @@ The seeds' format is read as is: ``extra_quantizer_dict: {special_layer: {input_
 NAME: {weight: "10 per_channel_affine", activation: "10 per_tensor_affine"}}}``; the other keys of
 such a file (training options, distillation) are left to the parts that use them.
 
-Names are quant-point names (DESIGN contract 1): module paths after de-duplication
+Names are quant-point names (docs/design.md, contract 1): module paths after de-duplication
 (``DBF.DBF_conv9.lrelu_dup1``), or ``<module>.<op>`` for functions (``DBLE.CA.mul``). A weight
 override given by layer name applies to that layer's weight; an activation override given by any
 module of a fused group (Conv, BN or activation) applies to the group's output.

@@ -1,6 +1,6 @@
 """Layer-by-layer comparison of a float ONNX model and its QDQ model (``deployq diff``).
 
-Matching is by name (DESIGN contract 1), not by suffix heuristics: a quant point is the tensor a
+Matching is by name (docs/design.md, contract 1), not by suffix heuristics: a quant point is the tensor a
 QuantizeLinear quantizes, and the float model has a tensor of the same name. That holds for
 deployq's exports and for ``onnxruntime.quantization.quantize_static`` alike. BatchNorm that the
 quantized model folded is folded in a copy of the float model (deployq's own fold pass) before
@@ -642,7 +642,7 @@ def _kernel(matching: Matching, quant_model: onnx.ModelProto, batches: list[dict
 
 
 def saturation_warning(rows: list[Row], isa: dict) -> Optional[str]:
-    """The u8 x s8 int16 saturation of x86 kernels without VNNI (DESIGN contract 5), and its fix."""
+    """The u8 x s8 int16 saturation of x86 kernels without VNNI (docs/design.md, contract 5), and its fix."""
     bad = [r for r in rows if r.point.kind == "activation" and r.point.layer and r.point.bits == 8
            and sum(r.stats.lsb) and r.stats.lsb[2] / sum(r.stats.lsb) > 1e-3]
     if not bad or isa.get("vnni") or not isa.get("avx2"):

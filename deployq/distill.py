@@ -9,7 +9,7 @@ is the float model, prepared the same way and left in ``float`` mode (so the nam
 fake-quantized with the student's calibrated qparams when ``quant_teacher`` is set.
 
 Intermediate activations are taken by rewriting the fx graph's output (:func:`expose`), never
-with forward hooks. Layer names are quant-point names (DESIGN contract 1): the output of
+with forward hooks. Layer names are quant-point names (docs/design.md, contract 1): the output of
 ``act_quant.NAME``.
 
 Distillation settings, native form::

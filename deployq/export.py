@@ -6,7 +6,7 @@
 
 Targets: ``int8`` - the config as trained (8-bit body, special layers at their own bits);
 ``int16`` - every quant point at 16 bits; ``fp32`` - only the rewritten float model. For CPUs
-without VNNI (DESIGN contract 5): ``act_signed`` gives s8 activations (the same grid, zero point
+without VNNI (docs/design.md, contract 5): ``act_signed`` gives s8 activations (the same grid, zero point
 shifted by 128 - exact), ``weight_bits=7`` narrows the 8-bit weights so u8×s8 products cannot
 saturate int16.
 """

@@ -2,7 +2,7 @@
 
 Data-movement ops only rearrange (or select, or pad with zeros) values that are already on the
 quantization grid, so they carry their input's quantization through and get no quant point of
-their own (DESIGN contract 3). Every other op that produces a float tensor is a compute op and
+their own (docs/design.md, contract 3). Every other op that produces a float tensor is a compute op and
 its output is a quant point. ``torch.cat`` is a compute op here: its inputs have their own scales,
 so the result is requantized at the concat's quant point.
 """

@@ -1,4 +1,4 @@
-"""torch fake-quant vs onnxruntime, in the integer domain, at every quant point (DESIGN contract 5).
+"""torch fake-quant vs onnxruntime, in the integer domain, at every quant point (docs/design.md, contract 5).
 
 The reference view: onnxruntime with graph optimizations disabled computes the QDQ semantics
 exactly, so the integer codes at each QuantizeLinear are what the torch model's quantizers should

@@ -8,7 +8,7 @@
   model computes what it computed before, but each call site has its own name and quantizer.
 * **Fuse** Conv / ConvTranspose / Linear with a following BatchNorm and a following activation
   (the kinds in ``QConfig.fuse_activations``) into a :class:`deployq.fused.QuantLayer`.
-* **Quant points** (DESIGN contract 3): every model input, the output of every compute op (after
+* **Quant points** (docs/design.md, contract 3): every model input, the output of every compute op (after
   its fused activation), and every layer's weight. Data-movement ops carry quantization through.
 
 The model's own weights are used (a deep copy): QAT never starts from random weights. The result is
@@ -43,7 +43,7 @@ class TraceError(RuntimeError):
 
 @dataclass(frozen=True)
 class QuantPoint:
-    """One quantized tensor of the model (DESIGN contract 1: `name` is used everywhere)."""
+    """One quantized tensor of the model (docs/design.md, contract 1: `name` is used everywhere)."""
 
     name: str
     kind: str  # "input" | "activation" | "weight"

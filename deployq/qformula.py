@@ -1,4 +1,4 @@
-"""The one quantization formula of deployq (DESIGN contract 2), for torch and for numpy.
+"""The one quantization formula of deployq (docs/design.md, contract 2), for torch and for numpy.
 
     q  = clamp(rint(x / s) + zp, qmin, qmax)        rint: round half to even; "/": true division
     x̂ = (q - zp) · s

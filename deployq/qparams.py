@@ -1,5 +1,5 @@
 """The qparams schema: what is written to ``qparams.json``, stored in checkpoints, and read by the
-ONNX rewriter. One record per quant point, keyed by its name (DESIGN contract 1).
+ONNX rewriter. One record per quant point, keyed by its name (docs/design.md, contract 1).
 
     {"format": "deployq-qparams", "version": 1,
      "quant_points": [{"name": "DBF.DBF_conv1.Conv1.weight", "kind": "weight", "bits": 10,

@@ -1,6 +1,6 @@
 """onnxruntime as the integer simulator: sessions, inputs, captured tensors, the CPU's ISA.
 
-Two views (DESIGN contract 5): the *reference* view runs with graph optimizations disabled and
+Two views (docs/design.md, contract 5): the *reference* view runs with graph optimizations disabled and
 computes QDQ semantics exactly, so intermediate tensors can be read by adding graph outputs; the
 *kernel* view runs fully optimized (integer kernels), where extra outputs would break fusion, so it
 is only ever run on truncated sub-models (see :mod:`deployq.diff`, mode ``kernel``).

@@ -1,7 +1,7 @@
 """Pass: group Conv / ConvTranspose / Gemm with the activation that follows it.
 
 Inside a group there is no quantization: the activation's output is the group's quant point,
-exactly as in the fused QAT module (DESIGN contract 3). ONNX has no standard fused Conv+act op, so
+exactly as in the fused QAT module (docs/design.md, contract 3). ONNX has no standard fused Conv+act op, so
 the pass rewrites nothing; it returns the groups, and :mod:`deployq.exporters.insert_qdq` refuses
 to put a quantizer inside one. The activation kinds are those of ``QConfig.fuse_activations``:
 

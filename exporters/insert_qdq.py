@@ -1,4 +1,4 @@
-"""Pass: insert QuantizeLinear / DequantizeLinear with the learned qparams (DESIGN contracts 2-4).
+"""Pass: insert QuantizeLinear / DequantizeLinear with the learned qparams (docs/design.md, contracts 2-4).
 
 * Activations and inputs: ``T -> QuantizeLinear -> DequantizeLinear -> consumers`` at every quant
   point (tensor T named by the record). Codes are stored as (u)int8 up to 8 bits and (u)int16 up
@@ -11,7 +11,7 @@
   the input and the weight are 8-bit (:func:`deployq.qformula.bias_is_quantized`); else float.
 * Data movement (Reshape, Transpose, DepthToSpace, MaxPool, ...) carries quantization: a Q/DQ pair
   with the *same* qparams follows it, a numerical no-op that lets onnxruntime keep the tensor in
-  integers (DESIGN contract 3).
+  integers (docs/design.md, contract 3).
 
 Names follow onnxruntime's quantization tools: ``T_QuantizeLinear`` (node), ``T_QuantizeLinear_Output``
 (codes), ``T_DequantizeLinear_Output`` (dequantized value); weights ``W_quantized``, ``W_scale``,

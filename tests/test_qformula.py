@@ -1,4 +1,4 @@
-"""The one formula (DESIGN contract 2) against an independent numpy reference."""
+"""The one formula (docs/design.md, contract 2) against an independent numpy reference."""
 
 import numpy as np
 import pytest
