@@ -7,6 +7,8 @@ weights. The shipped checkpoint was made with:
     python -m deployq.examples.lowlight.train_float --steps 8000 --threads 1 --out examples/lowlight/checkpoints
 
 Writes ``float.pt`` (a plain state_dict, loaded with weights_only=True) and ``float.json``.
+``--init float.pt --name NAME`` continues training from those weights instead (the control run
+that gets as many extra steps as QAT does).
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ def lowlight_loss(output: tuple[torch.Tensor, torch.Tensor], batch: dict[str, to
     return (rgb - batch["target"]).abs().mean() + (mono - batch["mono"]).abs().mean()
 
 
-def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, out: Path, threads: int) -> dict:
+def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, out: Path, threads: int,
+          init: Path | None = None, name: str = "float") -> dict:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # Adam's tiny second moments turn denormal: 16x slower on CPUs
     model = build(width=width, seed=seed)
+    if init is not None:
+        model.load_state_dict(torch.load(init, weights_only=True))
     data = SyntheticLowLight(size=size, length=steps * batch, split="train", seed=seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -55,13 +60,16 @@ def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, o
             log.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start})
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
     metrics = evaluate(torch_predictor(model))
-    report = {"command": "python -m deployq.examples.lowlight.train_float " +
-              f"--steps {steps} --size {size} --batch {batch} --width {width} --lr {lr} --seed {seed}",
+    command = (f"python -m deployq.examples.lowlight.train_float --steps {steps} --size {size} --batch {batch} "
+               f"--width {width} --lr {lr} --seed {seed} --threads {threads}")
+    if init is not None:
+        command += f" --init {init} --name {name}"
+    report = {"command": command,
               "width": width, "steps": steps, "train_seconds": time.perf_counter() - start,
               "held_out": metrics, "log": log}
     with AtomicOutputs() as files:
-        files.write(out / "float.pt", lambda tmp: torch.save(model.state_dict(), tmp))
-        files.write_text(out / "float.json", json.dumps(report, indent=1) + "\n")
+        files.write(out / f"{name}.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+        files.write_text(out / f"{name}.json", json.dumps(report, indent=1) + "\n")
     return report
 
 
@@ -75,8 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("examples/lowlight/checkpoints"))
+    parser.add_argument("--init", type=Path, help="continue from these float weights (a state_dict)")
+    parser.add_argument("--name", default="float", help="output files: NAME.pt and NAME.json")
     args = parser.parse_args(argv)
-    report = train(args.steps, args.size, args.batch, args.width, args.lr, args.seed, args.out, args.threads)
+    report = train(args.steps, args.size, args.batch, args.width, args.lr, args.seed, args.out, args.threads,
+                   args.init, args.name)
     print(json.dumps(report["held_out"]))
 
 
