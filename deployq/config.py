@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import yaml
-
 from deployq.calib.observers import OBSERVERS
+from deployq.files import read_yaml
 from deployq.qspec import DEFAULT_ACTIVATION, DEFAULT_WEIGHT, QuantSpec, parse_changes
 from deployq.quantizers import QUANTIZERS
 
@@ -224,11 +223,4 @@ def load_config(config: str | Path | Mapping[str, Any] | QConfig | None) -> QCon
         return config or QConfig()
     if isinstance(config, Mapping):
         return from_dict(config)
-    path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    return from_dict(data, str(path))
+    return from_dict(read_yaml(config, "config file", ConfigError), str(config))

@@ -40,9 +40,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import fx, nn
 
+from deployq.files import read_yaml
 from deployq.prepare import ACT_QUANT, QuantPoints
 from deployq.registry import Registry
 
@@ -287,13 +287,7 @@ def load(source: str | Path | Mapping[str, Any] | DistillConfig | None) -> Optio
     if isinstance(source, Mapping):
         return from_dict(source)
     path = Path(source)
-    if not path.is_file():
-        raise DistillError(f"distillation config {path} does not exist")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise DistillError(f"{path} is not valid YAML: {err}") from None
-    config = from_dict(doc, str(path))
+    config = from_dict(read_yaml(path, "distillation config", DistillError), str(path))
     if config is None:
         raise DistillError(f"{path} has no distillation settings (a 'distill' section or distill_config)")
     return config

@@ -10,7 +10,9 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+import yaml
 
 
 class AtomicOutputs:
@@ -66,3 +68,14 @@ def atomic_path(path: Path | str) -> Iterator[str]:
         holder: list[str] = []
         out.write(path, holder.append)
         yield holder[0]
+
+
+def read_yaml(path: Path | str, what: str, error: type[Exception]) -> Any:
+    """The document of a YAML file; a missing file or invalid YAML raises `error` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise error(f"{what} {path} is not valid YAML: {err}") from None

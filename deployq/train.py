@@ -60,16 +60,22 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-import yaml
 from torch import fx, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Subset,
+)
 
 from deployq import checkpoint as ck
 from deployq import distill as dst
 from deployq import distributed as dd
 from deployq import qparams as qp
-from deployq.config import ConfigError, QConfig, from_dict as qconfig_from_dict, load_config
-from deployq.files import AtomicOutputs
+from deployq.config import ConfigError, QConfig, load_config
+from deployq.config import from_dict as qconfig_from_dict
+from deployq.files import AtomicOutputs, read_yaml
 from deployq.prepare import prepare
 from deployq.progress import progress_bar
 from deployq.qat import calibrate, freeze_bn_stats, load_qparams, qparams_of, set_mode
@@ -413,12 +419,7 @@ def load_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, *, epochs: Opti
         doc, base, source = recipe, Path.cwd(), "recipe"
     else:
         path = Path(recipe)
-        if not path.is_file():
-            raise RecipeError(f"recipe {path} does not exist")
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+        doc = read_yaml(path, "recipe", RecipeError)
         base, source = path.resolve().parent, str(path)
     if not isinstance(doc, Mapping):
         raise RecipeError(f"{source}: expected a mapping at the top level")
