@@ -257,9 +257,13 @@ def _weights(quant_model: onnx.ModelProto, float_model: onnx.ModelProto, folded:
 
 
 def _weight_bits(codes: np.ndarray) -> int:
-    """Width of 16-bit-stored weight codes, read off the codes they use (10 for the 10-bit layers)."""
-    largest = int(np.abs(codes.astype(np.int64)).max(initial=1))
-    return max(9, min(16, largest.bit_length() + (1 if codes.dtype.kind == "i" else 0)))
+    """Width of 16-bit-stored weight codes, read off the codes they use (10 for the 10-bit layers):
+    signed b-bit codes span [-2^(b-1), 2^(b-1) - 1], unsigned ones [0, 2^b - 1]."""
+    c = codes.astype(np.int64)
+    if codes.dtype.kind == "i":
+        reach = max(int(c.max(initial=0)), -int(c.min(initial=0)) - 1, 1)
+        return max(9, min(16, reach.bit_length() + 1))
+    return max(9, min(16, max(int(c.max(initial=1)), 1).bit_length()))
 
 
 def match_inputs(quant_model: onnx.ModelProto) -> dict[str, tuple[float, float]]:

@@ -192,3 +192,12 @@ def test_check_compares_torch_and_onnx_codes(exported, tmp_path):
     onnx.save(faulty, tmp_path / "faulty.onnx")
     out = CliRunner().invoke(main, ["check", "--ckpt", str(path), "--onnx", str(tmp_path / "faulty.onnx")])
     assert out.exit_code == 1 and "enc2.2" in out.output
+
+
+def test_weight_widths_are_read_off_16_bit_codes():
+    from deployq.diff import _weight_bits
+
+    assert _weight_bits(np.array([-512, 3, 511], np.int16)) == 10  # 10-bit affine uses -512
+    assert _weight_bits(np.array([-511, 500], np.int16)) == 10
+    assert _weight_bits(np.array([0, 1023], np.uint16)) == 10
+    assert _weight_bits(np.array([-32768, 0], np.int16)) == 16
