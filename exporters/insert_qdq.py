@@ -209,5 +209,4 @@ def insert_qdq(graph: gs.Graph, records: dict[str, QParams], groups: list[FusedG
             raise RewriteError(f"weight quant point {rec.name!r}: no Conv/ConvTranspose/Gemm/MatMul node "
                                f"named {rec.layer!r} in the ONNX graph")
         inserter.quantize_weights(node, rec)
-    graph.cleanup().toposort()
     return graph

@@ -14,9 +14,10 @@ from typing import Iterable, Optional
 import onnx
 import onnx_graphsurgeon as gs
 
+from deployq.exporters.cleanup import cleanup, finalize
 from deployq.exporters.fold_bn import fold_batchnorm_pass
 from deployq.exporters.fuse_activation import find_fused_groups
-from deployq.exporters.graph import PassLog, finalize, to_model
+from deployq.exporters.graph import PassLog, to_model
 from deployq.exporters.insert_qdq import insert_qdq
 from deployq.qparams import QParams
 
@@ -36,8 +37,8 @@ def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QParams]], fuse_
     keep = {r.name for r in (records or {}).values() if r.kind != "weight"}
     fold_batchnorm_pass(graph, keep, log)
     groups = find_fused_groups(graph, fuse_activations, log)
-    float_model = finalize(to_model(graph.copy(), opset))
+    float_model = finalize(to_model(cleanup(graph, log).copy(), opset))
     if records is None:
         return Rewritten(float_model, None, log)
     insert_qdq(graph, records, groups, log)
-    return Rewritten(float_model, finalize(to_model(graph, opset)), log)
+    return Rewritten(float_model, finalize(to_model(cleanup(graph, log), opset)), log)

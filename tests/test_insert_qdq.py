@@ -8,7 +8,8 @@ from onnx import helper, numpy_helper
 
 from deployq import qparams as qp
 from deployq.exporters.fuse_activation import find_fused_groups
-from deployq.exporters.graph import RewriteError, finalize, to_model
+from deployq.exporters.cleanup import cleanup, finalize
+from deployq.exporters.graph import RewriteError, to_model
 from deployq.exporters.insert_qdq import insert_qdq
 from onnx_builders import make_model, run, value
 
@@ -40,7 +41,7 @@ def records(rng, x_bits=8, relu_bits=8):
 def rewritten(model, recs, kinds=("relu",)):
     graph = gs.import_onnx(model)
     groups = find_fused_groups(graph, kinds)
-    return finalize(to_model(insert_qdq(graph, recs, groups), 21))
+    return finalize(to_model(cleanup(insert_qdq(graph, recs, groups)), 21))
 
 
 def test_reference_view_matches_numpy_qdq_semantics(rng):
