@@ -32,6 +32,7 @@ __all__ = [
     "RAW_SUFFIXES",
     "InputDataError",
     "exposure_ratio",
+    "has_sid_ratio",
     "iterate_batches",
     "load_inputs",
 ]
@@ -103,12 +104,18 @@ def _sid_long_file(short: Path) -> Path | None:
 
 def exposure_ratio(short: Path) -> float:
     """SID's amplification for a short exposure: long / short exposure time from the file names,
-    when the matching long exposure lies in the sibling ``long`` folder; else 1."""
+    when the matching long exposure lies in the sibling ``long`` folder; else 1 (see
+    :func:`has_sid_ratio`)."""
     long = _sid_long_file(Path(short))
     try:
         return sid_ratio(short, long) if long is not None else 1.0
     except ValueError as error:
         raise InputDataError(str(error)) from error
+
+
+def has_sid_ratio(short: Path) -> bool:
+    """Whether :func:`exposure_ratio` finds a ratio for `short`, rather than falling back to 1."""
+    return _sid_long_file(Path(short)) is not None
 
 
 def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarray:

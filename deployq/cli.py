@@ -127,7 +127,7 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
 @click.option("--input", "input_path", type=click.Path(exists=True),
               help="Inputs: a raw file or folder (rawpy), images, or .npy/.npz.")
 @click.option("--random", "random_count", type=click.IntRange(1), help="N random inputs of the model's input shape.")
-@click.option("--ratio", type=float, help="Exposure ratio applied to raw inputs (SID-style).")
+@click.option("--ratio", type=click.FloatRange(0, min_open=True), help="Exposure ratio applied to raw inputs (SID-style).")
 @click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="At most this many inputs from --input.")
 @click.option("--mode", type=click.Choice(["accumulated", "local", "sensitivity", "kernel"]), default="accumulated",
               show_default=True, help="Which error to measure (see below).")
@@ -244,7 +244,8 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
 @click.argument("inputs", metavar="INPUT...", nargs=-1, type=click.Path())
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="deployq-run", show_default=True,
               help="Folder for the PNGs (one per input, named after it).")
-@click.option("--ratio", type=float, help="Exposure ratio (SID: long / short). Default: from SID file names, else 1.")
+@click.option("--ratio", type=click.FloatRange(0, min_open=True),
+              help="Exposure ratio (SID: long / short). Default: from SID file names, else 1.")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--overlap", type=click.IntRange(0),
               help="Overlap between tiles, in packed pixels; seams are blended over it (default: a quarter tile, at most 16).")

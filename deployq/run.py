@@ -19,9 +19,9 @@ import imageio.v3
 import numpy as np
 import onnxruntime as ort
 
-from deployq.calib.data import RAW_SUFFIXES, exposure_ratio
+from deployq.calib.data import RAW_SUFFIXES, exposure_ratio, has_sid_ratio
 from deployq.calib.raw import load_packed
-from deployq.files import atomic_path
+from deployq.files import AtomicOutputs
 from deployq.sim import inputs_of, load_onnx, session
 
 
@@ -119,13 +119,12 @@ def read_input(path: Path, ratio: Optional[float]) -> np.ndarray:
     return load_packed(path, ratio if ratio is not None else exposure_ratio(path))
 
 
-def save_png(path: Path, image: np.ndarray) -> None:
-    """CHW float in [0, 1] -> 8-bit sRGB PNG, written atomically."""
+def write_png(path: str, image: np.ndarray) -> None:
+    """CHW float in [0, 1] -> 8-bit sRGB PNG at `path`."""
     pixels = (np.clip(image, 0, 1).transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
     if pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
-    with atomic_path(path) as tmp:
-        imageio.v3.imwrite(tmp, pixels, extension=".png")
+    imageio.v3.imwrite(path, pixels, extension=".png")
 
 
 @dataclass
@@ -153,11 +152,8 @@ def bench(engine: Engine, runs: int, batch: int = 1, warmup: int = 3) -> Bench:
     return result
 
 
-def enhance(model_path: str, inputs: Sequence[str], out_dir: str, *, ratio: Optional[float] = None,
-            threads: Optional[int] = None, overlap: Optional[int] = None, batch: int = 4,
-            say: Callable[[str], None] = print) -> list[Path]:
-    """Run `model_path` over raw files (or folders of them); one PNG per input in `out_dir`."""
-    engine = load_engine(model_path, threads)
+def input_files(inputs: Sequence[str]) -> list[Path]:
+    """The files named by `inputs`, folders expanded to the raw / .npy files in them."""
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -169,12 +165,31 @@ def enhance(model_path: str, inputs: Sequence[str], out_dir: str, *, ratio: Opti
             files.append(item)
         else:
             raise RunError(f"{item}: no such file or folder")
+    return files
+
+
+def enhance(model_path: str, inputs: Sequence[str], out_dir: str, *, ratio: Optional[float] = None,
+            threads: Optional[int] = None, overlap: Optional[int] = None, batch: int = 4,
+            say: Callable[[str], None] = print) -> list[Path]:
+    """Run `model_path` over raw files (or folders of them); one PNG per input in `out_dir`.
+
+    All PNGs appear together when every input has been processed; if one input fails, none does.
+    """
+    if ratio is not None and not ratio > 0:
+        raise RunError(f"--ratio must be positive, got {ratio}")
+    engine = load_engine(model_path, threads)
+    files = input_files(inputs)
+    if ratio is None:
+        unknown = [p for p in files if p.suffix.lower() in RAW_SUFFIXES and not has_sid_ratio(p)]
+        if unknown:
+            say(f"note: no exposure ratio for {len(unknown)} raw file(s) (first: {unknown[0]}): they are not SID "
+                "short exposures with a long one in ../long; running them at ratio 1 (pass --ratio R to brighten)")
     written = []
-    for path in files:
-        start = time.perf_counter()
-        image = infer_tiled(engine, read_input(path, ratio), overlap=overlap, batch=batch)
-        target = Path(out_dir) / f"{path.stem}.png"
-        save_png(target, image)
-        say(f"{path.name} -> {target} ({image.shape[2]}x{image.shape[1]}, {time.perf_counter() - start:.2f} s)")
-        written.append(target)
+    with AtomicOutputs() as out:
+        for path in files:
+            start = time.perf_counter()
+            image = infer_tiled(engine, read_input(path, ratio), overlap=overlap, batch=batch)
+            target = out.write(Path(out_dir) / f"{path.stem}.png", lambda tmp: write_png(tmp, image))
+            say(f"{path.name} -> {target} ({image.shape[2]}x{image.shape[1]}, {time.perf_counter() - start:.2f} s)")
+            written.append(target)
     return written

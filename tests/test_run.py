@@ -77,3 +77,32 @@ def test_bad_inputs_are_named(tmp_path):
     np.save(tmp_path / "frame.npy", np.zeros((4, 20, 20), np.float32))
     out = runner.invoke(main, ["run", str(path), str(tmp_path / "frame.npy"), "--overlap", "99", "--out", str(tmp_path / "o")])
     assert out.exit_code == 1 and "--overlap" in out.output
+
+
+def test_one_bad_input_leaves_no_png_at_all(tmp_path):
+    """PNGs appear together once every input is done: a corrupt file after a good one writes nothing."""
+    path, _ = shuffle_model(tmp_path / "m.onnx")
+    good, bad = tmp_path / "in" / "a_good.npy", tmp_path / "in" / "b_bad.dng"
+    good.parent.mkdir()
+    np.save(good, np.random.default_rng(0).uniform(0, 1, (4, 20, 20)).astype(np.float32))
+    bad.write_bytes(b"II*\0" + b"\0" * 60)
+    out = CliRunner().invoke(main, ["run", str(path), str(good.parent), "--ratio", "1", "--out", str(tmp_path / "o")])
+    assert out.exit_code == 1 and "b_bad.dng" in out.output
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    out = CliRunner().invoke(main, ["run", str(path), str(good), "--out", str(tmp_path / "o")])
+    assert out.exit_code == 0 and [p.name for p in (tmp_path / "o").iterdir()] == ["a_good.png"]
+
+
+def test_ratio_must_be_positive_and_a_missing_one_is_said(tmp_path):
+    path, _ = shuffle_model(tmp_path / "m.onnx")
+    runner = CliRunner()
+    for ratio in ("0", "-5"):
+        out = runner.invoke(main, ["run", str(path), str(tmp_path), "--ratio", ratio])
+        assert out.exit_code == 2 and "--ratio" in out.output
+    pair = sid_pair(next(iter(sample_images().values()))[:64, :64], 100, np.random.default_rng(0))
+    short = tmp_path / "alone" / "00001_00_0.1s.dng"  # a SID name, but no ../long folder to take the ratio from
+    write_dng(short, pair["short"], exposure_time=0.1)
+    out = runner.invoke(main, ["run", str(path), str(short), "--out", str(tmp_path / "o")])
+    assert out.exit_code == 0 and "no exposure ratio" in out.output and "--ratio" in out.output
+    out = runner.invoke(main, ["run", str(path), str(short), "--ratio", "100", "--out", str(tmp_path / "o")])
+    assert out.exit_code == 0 and "no exposure ratio" not in out.output
