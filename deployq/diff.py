@@ -161,6 +161,10 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
     if not points:
         raise ModelFileError("the models have no quant point in common: the second model has no "
                              "QuantizeLinear whose input tensor is named as a tensor of the first")
+    if unmatched and all(p.op == "input" for p in points if p.kind == "activation"):
+        raise ModelFileError(f"the models share only their inputs: none of the {len(unmatched)} quantized tensors "
+                             f"inside the second model (e.g. {unmatched[0]!r}) is named as a tensor of the first; "
+                             "diff pairs tensors by name, so compare a quantized model with the float model it came from")
     order = {p.name: i for i, p in enumerate(points)}
     points.sort(key=lambda p: order[p.name])
     return Matching(points, folded, unmatched)

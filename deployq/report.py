@@ -51,15 +51,19 @@ def table(report: DiffReport, top: Optional[int] = None) -> Table:
     t.add_column("max err", justify="right")
     if not sensitivity:
         t.add_column("LSB 0 / 1 / >1", justify="right")
-    t.add_column("")
+    shown = rows_to_show(report, top)
+    marked = any(row.jump for row in shown)
+    if marked:
+        t.add_column("")
     index = {id(r): i for i, r in enumerate(report.rows)}
-    for row in rows_to_show(report, top):
+    for row in shown:
         p, s = row.point, row.stats
         cells = [str(index[id(row)]), p.name, p.op if p.kind == "activation" else f"{p.op} weight", str(p.bits),
                  _db(s.sqnr_db), f"{s.cosine:.5f}", f"{s.max_err:.3g}"]
         if not sensitivity:
             cells.append(_lsb(row))
-        cells.append(f"[bold red]<- error jumps (-{row.drop_db:.1f} dB)[/]" if row.jump else "")
+        if marked:
+            cells.append(f"[bold red]<- error jumps (-{row.drop_db:.1f} dB)[/]" if row.jump else "")
         t.add_row(*cells, style="dim" if p.kind == "weight" else None)
     return t
 

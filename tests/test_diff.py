@@ -179,6 +179,16 @@ def test_mismatched_models_are_clear_errors(exported, tmp_path):
     same_inputs = export_float(deployq.prepare(zoo.resnet(), torch.rand(*SHAPE)), (torch.rand(*SHAPE),))
     with pytest.raises(ModelFileError, match="no quant point in common"):
         match(same_inputs, same_inputs)
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(result.quant_model)
+    keep = {i.name for i in renamed.graph.input} | {i.name for i in renamed.graph.initializer}
+    for node in renamed.graph.node:  # every computed tensor renamed: only the input still pairs up
+        node.input[:] = [n if n in keep or not n else f"other_{n}" for n in node.input]
+        node.output[:] = [f"other_{n}" for n in node.output]
+    for out in renamed.graph.output:
+        out.name = f"other_{out.name}"
+    with pytest.raises(ModelFileError, match="share only their inputs"):
+        match(result.float_model, renamed)
 
 
 def test_check_compares_torch_and_onnx_codes(exported, tmp_path):
@@ -192,6 +202,28 @@ def test_check_compares_torch_and_onnx_codes(exported, tmp_path):
     onnx.save(faulty, tmp_path / "faulty.onnx")
     out = CliRunner().invoke(main, ["check", "--ckpt", str(path), "--onnx", str(tmp_path / "faulty.onnx")])
     assert out.exit_code == 1 and "enc2.2" in out.output
+
+
+def test_the_jump_marker_column_shows_only_with_a_marked_row(exported):
+    from rich.console import Console
+
+    from deployq.report import table
+
+    def header_and_text(report):
+        console = Console(width=250, record=True)
+        console.print(table(report))
+        text = console.export_text()
+        return next(line for line in text.splitlines() if "name" in line), text
+
+    result, _ = exported
+    report = diff(result.float_model, result.quant_model, feeds(2), progress=False)
+    jump = report.first_jump
+    assert jump is not None  # the input is exact; the first layer's rounding is a jump
+    header, text = header_and_text(report)
+    assert f"<- error jumps (-{jump.drop_db:.1f} dB)" in text and header.count("┃") == 10
+    jump.jump = False
+    header, text = header_and_text(report)
+    assert "<- error jumps" not in text and header.count("┃") == 9  # no empty marker column
 
 
 def test_weight_widths_are_read_off_16_bit_codes():
