@@ -149,8 +149,13 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
             out.write_bytes(files[target], result.quant_model.SerializeToString())
             files["qparams"] = out_dir / "qparams.json"
             out.write_text(files["qparams"], json.dumps(qp.dump(records.values()), indent=1) + "\n")
+    notes = list(result.log.notes)
+    others = [out_dir / f"model.{t}.onnx" for t in TARGETS if t != "fp32"] + [out_dir / "qparams.json"]
+    stale = [p.name for p in others if p.exists() and p not in files.values()]
+    if stale:
+        notes.append(f"{out_dir} also holds {', '.join(stale)} from an earlier export, not from this one")
     return ExportResult(out_dir, files, records or {}, target, time.perf_counter() - start, result.log,
-                        qmodel, result.float_model, result.quant_model, list(result.log.notes))
+                        qmodel, result.float_model, result.quant_model, notes)
 
 
 def bit_width_summary(records: dict[str, qp.QParams]) -> dict[str, Counter]:

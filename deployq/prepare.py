@@ -17,7 +17,9 @@ in ``float`` mode, bit-identical to the input model until :func:`deployq.qat.set
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -341,16 +343,35 @@ def _make_activation_quantizer(spec: QuantSpec, name: str, node: fx.Node) -> Fak
     return create_quantizer(spec, name, axis=1, channels=channels, is_weight=False)
 
 
+class _ShapeProp(ShapeProp):
+    """torch's ShapeProp, remembering the node it runs (to name it when one fails)."""
+
+    node: Optional[fx.Node] = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.node = n
+        return super().run_node(n)
+
+
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
+    prop = _ShapeProp(gm)
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+        # ShapeProp prints a traceback to stderr before it raises; the error below says it all
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            prop.propagate(*example_inputs)
     except Exception as err:
+        cause = err.__cause__ or err
+        where = ""
+        if prop.node is not None:
+            stack = prop.node.meta.get("nn_module_stack") or {}
+            module = next(reversed(stack.values()))[0] if stack else ""
+            where = f" at {prop.node.name!r}" + (f" (in module {module!r})" if module else "")
         raise ValueError(
-            f"running the traced model on the example inputs failed ({type(err).__name__}: {err}); "
-            f"example input shapes: {[tuple(t.shape) for t in example_inputs]}"
+            f"running the traced model on example inputs of shape {[tuple(t.shape) for t in example_inputs]} "
+            f"failed{where}: {type(cause).__name__}: {str(cause).rstrip('.')}. Check the input shape "
+            "(--input-shape): its channels, and sizes that every down-sampling step divides"
         ) from err
     finally:
         for m, training in modes.items():

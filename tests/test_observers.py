@@ -72,6 +72,8 @@ def test_kl_clips_a_far_outlier_and_not_uniform_data(rng):
 def test_errors_name_the_quant_point(name):
     with pytest.raises(ValueError, match="layer.x.*NaN"):
         observe(name, [np.array([1.0, np.nan])])
+    with pytest.raises(ValueError, match="layer.x.*Inf"):
+        observe(name, [np.array([1.0, -np.inf])])
     with pytest.raises(ValueError, match="layer.x.*no calibration data"):
         observe(name, []).qparams()
     with pytest.raises(ValueError, match="layer.x.*zero width"):
@@ -83,3 +85,15 @@ def test_scale_is_always_positive(name, rng):
     obs = observe(name, [rng.normal(size=10_000).astype(np.float32)])
     scale, zp = obs.qparams()
     assert scale > 0 and 0 <= zp <= 255
+
+
+@pytest.mark.parametrize("name", list(OBSERVERS))
+def test_per_channel_ranges_are_each_channels_own(name, rng):
+    """Channel c of the data is channel 0's scaled by 2^c: each observer's range scales the same way
+    (every observer here is scale-equivariant), channel by channel."""
+    base = rng.normal(size=(4, 1, 4000)).astype(np.float32)
+    data = base * (2.0 ** np.arange(3, dtype=np.float32))[None, :, None]
+    lo, hi = observe(name, [data[:2], data[2:]], spec=QuantSpec(bits=8, signed=True, per_channel=True), axis=1).compute_range()
+    assert np.shape(hi) == (3,)
+    np.testing.assert_allclose(np.asarray(hi) / hi[0], [1, 2, 4], rtol=0.05)
+    np.testing.assert_allclose(np.asarray(lo) / lo[0], [1, 2, 4], rtol=0.05)
