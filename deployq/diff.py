@@ -38,8 +38,9 @@ from deployq.exporters.fold_bn import fold_batchnorm_pass
 from deployq.exporters.graph import to_model
 from deployq.exporters.insert_qdq import DATA_MOVEMENT_OPS
 from deployq.progress import progress_bar
-from deployq.qformula import dequantize_np, quantize_np
-from deployq.sim import ModelFileError, base_name, cpu_isa, isa_text, quantized_tensor, run, session
+from deployq.qformula import dequantize_np, qrange, quantize_np
+from deployq.sim import (ModelFileError, base_name, cpu_isa, isa_text, narrowing_clip_bits, quantized_tensor,
+                         run, session)
 
 MODES = ("accumulated", "local", "sensitivity", "kernel")
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -70,11 +71,11 @@ class QPoint:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.signed else 0
+        return qrange(self.bits, self.signed)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+        return qrange(self.bits, self.signed)[1]
 
 
 @dataclass
@@ -94,16 +95,6 @@ class Matching:
 
 def _const(inits: dict[str, onnx.TensorProto], name: str) -> Optional[np.ndarray]:
     return numpy_helper.to_array(inits[name]) if name in inits else None
-
-
-def _bits_of(zero_point: np.ndarray, clip: Optional[onnx.NodeProto], inits: dict, scale: np.ndarray) -> int:
-    """The code width: from the Clip before QuantizeLinear if there is one, else the storage type."""
-    if clip is not None and len(clip.input) == 3:
-        lo, hi = _const(inits, clip.input[1]), _const(inits, clip.input[2])
-        if lo is not None and hi is not None:
-            levels = round(float((np.max(hi) - np.min(lo)) / np.max(scale))) + 1
-            return max(2, min(16, int(round(math.log2(max(levels, 2))))))
-    return 8 * zero_point.dtype.itemsize
 
 
 def _fold_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -131,7 +122,7 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
     for node in qg.node:  # topological order in a valid model
         if node.op_type != "QuantizeLinear":
             continue
-        source, clip = quantized_tensor(node, producers)
+        source, clip = quantized_tensor(node, producers, inits)
         name = base_name(source)
         dq = next((c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None)
         scale, zp = _const(inits, node.input[1]), _const(inits, node.input[2]) if len(node.input) > 2 else None
@@ -149,7 +140,8 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), None) if scale.ndim else None
         point = QPoint(name, "activation", maker.op_type if maker else "input",
-                       _bits_of(zp, clip, inits, scale), zp.dtype.kind == "i", scale.astype(np.float32),
+                       narrowing_clip_bits(clip, node, inits, producers) if clip else 8 * zp.dtype.itemsize,
+                       zp.dtype.kind == "i", scale.astype(np.float32),
                        zp.astype(np.int64), axis, value=dq.output[0], codes=node.output[0], source=source,
                        inputs=upstream, layer=_layer_of(maker, producers))
         if name in graph_outputs and dq.output[0] != name:
@@ -279,7 +271,7 @@ def match_inputs(quant_model: onnx.ModelProto) -> dict[str, tuple[float, float]]
     for node in quant_model.graph.node:
         if node.op_type != "QuantizeLinear":
             continue
-        source, clip = quantized_tensor(node, producers)
+        source, clip = quantized_tensor(node, producers, inits)
         if source not in inputs or node.input[1] not in inits:
             continue
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)

@@ -47,7 +47,21 @@ def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     return node.kwargs.get(name, default)
 
 
+ALIAS = "deployq_alias"  # node.meta key: shape propagation saw the output share its input's memory
+
+
 def is_data_movement(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True for ops that carry their input's quantization through (the module docstring).
+
+    Besides the ops listed above: any op whose output was seen to be a view of its input (an
+    eval-mode ``StochasticDepth``, ``x.contiguous()``, ``x.detach()``: shape propagation marks
+    them), and ``torch.cat`` of a single tensor.
+    """
+    if node.meta.get(ALIAS):
+        return True
+    if node.op == "call_function" and node.target is torch.cat:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        return isinstance(tensors, (list, tuple)) and len(tensors) == 1
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):

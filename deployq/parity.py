@@ -149,10 +149,11 @@ def quantize_nodes(model: onnx.ModelProto) -> dict[str, str]:
     codes); graph outputs renamed to ``T_prequant`` map back to T (:func:`deployq.sim.base_name`).
     """
     producers = {o: n for n in model.graph.node for o in n.output}
+    initializers = {i.name: i for i in model.graph.initializer}
     found = {}
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear":
-            found.setdefault(base_name(quantized_tensor(node, producers)[0]), node.output[0])
+            found.setdefault(base_name(quantized_tensor(node, producers, initializers)[0]), node.output[0])
     return found
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import re
 from collections import Counter
@@ -26,12 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from deployq.config import QConfig, load_config
 from deployq.fused import BATCHNORMS, WEIGHT_LAYERS, QuantLayer, output_channel_axis
-from deployq.graph_ops import (activation_kind, activation_module, float_tensor_output,
+from deployq.graph_ops import (ALIAS, activation_kind, activation_module, float_tensor_output,
                                is_data_movement, op_label)
 from deployq.qspec import QuantSpec
 from deployq.quantizers import FakeQuantizer, create_quantizer
@@ -104,6 +106,73 @@ def trace(model: nn.Module, leaf_modules: Iterable[Any] = (), concrete_args: Opt
             "data-dependent control flow out of forward()."
         ) from err
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+_INPLACE_FUNCTIONS = {F.relu_: F.relu, torch.relu_: torch.relu, F.elu_: F.elu, F.leaky_relu_: F.leaky_relu,
+                      F.hardtanh_: F.hardtanh, torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh}
+
+
+def _inplace_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Rewrite `node` to compute out of place if it writes into its first argument; True if it did."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+            return True
+        return False
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS:
+            node.target = _INPLACE_FUNCTIONS[node.target]
+            return True
+        return _functional_inplace_off(node)
+    if node.op == "call_method":
+        name = str(node.target)
+        if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]):
+            node.target = name[:-1]
+            return True
+    return False
+
+
+def _functional_inplace_off(node: fx.Node) -> bool:
+    """``F.relu(x, inplace=True)``, or ``inplace`` given by position: set it to False."""
+    if node.kwargs.get("inplace") is True:
+        node.kwargs = {**node.kwargs, "inplace": False}
+        return True
+    try:
+        params = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):
+        return False
+    if "inplace" not in params:
+        return False
+    index = params.index("inplace")
+    if len(node.args) > index and node.args[index] is True:
+        node.args = (*node.args[:index], False, *node.args[index + 1:])
+        return True
+    return False
+
+
+def remove_inplace(gm: fx.GraphModule) -> int:
+    """Make every in-place op (``ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.add_(y)``)
+    compute out of place, and let later readers of the overwritten tensor read the result instead.
+
+    This is what eager execution computes, without aliasing: a quantizer's output is never
+    overwritten by the activation after it, and the exported graph gets one tensor per value
+    (an in-place op would make a layer's output and its activation's output the same tensor).
+    Returns the number of ops rewritten.
+    """
+    modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not _inplace_node(node, modules):
+            continue
+        count += 1
+        target = node.args[0] if node.args else None
+        if isinstance(target, fx.Node):
+            target.replace_all_uses_with(node, delete_user_cb=lambda user: order[user] > order[node])
+    if count:
+        gm.recompile()
+    return count
 
 
 def dedupe_modules(gm: fx.GraphModule) -> dict[str, str]:
@@ -259,6 +328,7 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         example_inputs = (example_inputs,)
     model = copy.deepcopy(model)
     gm = trace(model, leaf_modules, concrete_args)
+    remove_inplace(gm)
     dedupe_modules(gm)
     _propagate_shapes(gm, example_inputs)
 
@@ -350,7 +420,13 @@ class _ShapeProp(ShapeProp):
 
     def run_node(self, n: fx.Node) -> Any:
         self.node = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor) and n.op != "placeholder" and result.untyped_storage().nbytes():
+            storage = result.untyped_storage().data_ptr()
+            inputs = [self.env.get(a) for a in n.all_input_nodes]
+            if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage for t in inputs):
+                n.meta[ALIAS] = True  # a view of its input: carries quantization (graph_ops)
+        return result
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
