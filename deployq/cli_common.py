@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from typing import Any, Callable, Optional
 
 import click
@@ -18,11 +19,24 @@ class UserError(click.ClickException):
     """An error caused by the input; printed as 'Error: ...' with exit status 1."""
 
 
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                  line: Optional[str] = None) -> None:
+    """deployq's own warnings as one line on stderr (no file and line number); others as usual."""
+    if category.__module__.startswith("deployq"):
+        click.echo(click.style("warning: ", fg="yellow", bold=True) + str(message), err=True)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
 def handle_errors(command: Callable) -> Callable:
     """Turn deployq's own errors (ValueError family, missing files) into clean CLI errors."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        warnings.showwarning = _show_warning
         try:
             return command(*args, **kwargs)
         except click.ClickException:

@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from deployq.exporters.fold_bn import fold_batchnorm_pass
-from deployq.exporters.graph import to_model
+from deployq.exporters.graph import WEIGHT_LAYER_OPS, to_model
 from deployq.exporters.insert_qdq import DATA_MOVEMENT_OPS
 from deployq.progress import progress_bar
 from deployq.qformula import dequantize_np, qrange, quantize_np
@@ -43,7 +43,7 @@ from deployq.sim import (ModelFileError, base_name, cpu_isa, isa_text, narrowing
                          run, session)
 
 MODES = ("accumulated", "local", "sensitivity", "kernel")
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LAYER_OPS = WEIGHT_LAYER_OPS
 ACTIVATION_OPS = ("Relu", "LeakyRelu", "Clip")
 LSB_BINS = ("0", "1", ">1")
 # ----------------------------------------------------------------------------------- matching

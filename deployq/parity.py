@@ -158,12 +158,24 @@ def quantize_nodes(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def onnx_weight_codes(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """{weight quant point: integer codes} in torch's layout: a MatMul's (in, out) weight (a Linear
+    on a tensor of rank > 2) is transposed back to the Linear's (out, in)."""
     inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
     out = {}
     for name in names:
         init = inits.get(f"{name}_quantized")
-        if init is not None:
-            out[name] = onnx.numpy_helper.to_array(init).astype(np.int64)
+        if init is None:
+            continue
+        codes = onnx.numpy_helper.to_array(init).astype(np.int64)
+        dq = readers.get(init.name, [])
+        layers = [n for d in dq for n in readers.get(d.output[0], [])]
+        if layers and layers[0].op_type == "MatMul":
+            codes = codes.T
+        out[name] = codes
     return out
 
 

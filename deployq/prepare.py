@@ -342,10 +342,11 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     # activation and input quant points, in topological order
     quant_nodes: dict[fx.Node, str] = {}
     input_anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    from_inputs = _input_dependent(gm)
     for node in list(gm.graph.nodes):
         if node.op not in ("placeholder", "call_module", "call_function", "call_method"):
             continue
-        if not float_tensor_output(node) or is_data_movement(node, modules):
+        if not float_tensor_output(node) or is_data_movement(node, modules) or node not in from_inputs:
             continue
         group = fused.get(node)
         if node.op == "placeholder":
@@ -401,6 +402,17 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on a model input. The others compute from parameters and
+    constants only (e.g. a relative position bias gathered from its table): the exporter folds
+    them into a constant, so they are not activations and get no quant point."""
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in found for a in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _make_activation_quantizer(spec: QuantSpec, name: str, node: fx.Node) -> FakeQuantizer:

@@ -14,12 +14,17 @@ initializers, the bias rule, the parity checks - goes through the functions here
 
 from __future__ import annotations
 
+import warnings
 from typing import Union
 
 import numpy as np
 import torch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+class ZeroRangeWarning(UserWarning):
+    """A quant point whose observed values were all 0 got a default range instead of an error."""
 
 MIN_BITS, MAX_BITS = 2, 16
 # int32 bias codes are clamped to ±2^30 (exact in float32): an integer kernel adds the bias to an
@@ -103,7 +108,9 @@ def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, qmin: int, qmax: 
     symmetric: zp = 0 and s = max(|min|, |max|) / qmax (signed) or max / qmax (unsigned);
     affine:    the range is widened to contain 0, s = (max - min) / (qmax - qmin),
                zp = clamp(qmin - rint(min / s), qmin, qmax), so that 0.0 is exactly representable.
-    A range of zero width cannot be quantized: it is an error naming `name`, never a zero scale.
+    A range of zero width (every value seen was 0, e.g. a classifier initialised to zeros) has no
+    scale of its own: any scale represents 0 exactly, so it gets the range [-1, 1] ([0, 1] for
+    unsigned symmetric codes) and a :class:`ZeroRangeWarning` naming `name`, never a zero scale.
     """
     lo = np.asarray(_as_numpy(min_val), dtype=np.float64)
     hi = np.asarray(_as_numpy(max_val), dtype=np.float64)
@@ -111,25 +118,21 @@ def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, qmin: int, qmax: 
         raise ValueError(f"{name}: range is not finite (min={lo}, max={hi}); the data has NaN or Inf")
     if np.any(lo > hi):
         raise ValueError(f"{name}: min > max in range (min={lo}, max={hi})")
+    empty = (np.maximum(hi, 0.0) <= 0) if symmetric and qmin >= 0 else ((hi == lo) & (hi == 0))
+    if np.any(empty):
+        which = "" if empty.ndim == 0 else f" in {int(empty.sum())} of {empty.size} channels"
+        warnings.warn(ZeroRangeWarning(f"{name}: every value seen{which} was 0; quantized with the range "
+                                       "[-1, 1] there (0 stays exact)"), stacklevel=2)
+        lo, hi = np.where(empty, -1.0, lo), np.where(empty, 1.0, hi)
     if symmetric:
         amax = np.maximum(np.abs(lo), np.abs(hi)) if qmin < 0 else np.maximum(hi, 0.0)
-        width = amax
         scale = amax / qmax
         zero_point = np.zeros_like(scale)
     else:
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-        width = hi - lo
-        scale = width / (qmax - qmin)
+        scale = (hi - lo) / (qmax - qmin)
         safe = np.where(scale > 0, scale, 1.0)
         zero_point = np.where(scale > 0, np.clip(qmin - np.rint(lo / safe), qmin, qmax), 0.0)
-    if np.any(width <= 0):
-        which = "" if width.ndim == 0 else f" (channels {np.flatnonzero(width <= 0).tolist()[:8]})"
-        raise ValueError(
-            f"{name}: the observed range has zero width{which}: every value seen was "
-            f"{float(np.ravel(hi)[0]) if width.ndim == 0 else 'constant'}. A zero-width range "
-            "has no valid scale; check the calibration data or exclude this quant point in the "
-            "config (quantize: false)."
-        )
     scale32 = np.asarray(scale, dtype=np.float32)
     if np.any(scale32 <= 0) or not np.all(np.isfinite(scale32)):
         raise ValueError(f"{name}: range {lo}..{hi} gives a scale outside float32")

@@ -19,10 +19,9 @@ from typing import Iterable, Optional
 
 import onnx_graphsurgeon as gs
 
-from deployq.exporters.graph import PassLog, consumers
+from deployq.exporters.graph import WEIGHT_LAYER_OPS, PassLog, consumers
 
 ONNX_ACTIVATIONS = {"relu": ("Relu",), "relu6": ("Clip",), "hardtanh": ("Clip",), "leaky_relu": ("LeakyRelu",)}
-LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ def find_fused_groups(graph: gs.Graph, kinds: Iterable[str], log: Optional[PassL
     ops = {op for kind in kinds for op in ONNX_ACTIVATIONS[kind]}
     groups = []
     for node in graph.nodes:
-        if node.op not in LAYERS or len(node.outputs) != 1:
+        if node.op not in WEIGHT_LAYER_OPS or len(node.outputs) != 1:
             continue
         inner = node.outputs[0]
         users = consumers(inner)

@@ -17,7 +17,8 @@ import onnx_graphsurgeon as gs
 
 LOG = logging.getLogger("deployq.exporters")
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings are about its own optional deps
-IR_VERSION = 10  # onnxruntime 1.20+ loads IR 10; opset 21 (int16 Q/DQ) needs IR >= 10
+IR_VERSION = 10
+WEIGHT_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops whose input 1 is a layer's weight  # onnxruntime 1.20+ loads IR 10; opset 21 (int16 Q/DQ) needs IR >= 10
 
 
 class RewriteError(ValueError):
@@ -69,6 +70,28 @@ def unique_name(graph: gs.Graph, base: str) -> str:
     while f"{base}_{i}" in taken:
         i += 1
     return f"{base}_{i}"
+
+
+def layer_bias(node: gs.Node) -> Optional[tuple[gs.Node, int]]:
+    """(node, input index) of a weight layer's bias: input 2 of Conv / ConvTranspose / Gemm; for a
+    MatMul (how torch exports a Linear applied to a tensor of rank > 2), the constant operand of
+    the Add that follows it. None if the layer has no bias."""
+    if node.op != "MatMul":
+        return (node, 2) if len(node.inputs) > 2 and node.inputs[2].name else None
+    users = consumers(node.outputs[0])
+    if len(users) != 1 or users[0].op != "Add" or node.outputs[0] in users[0].outputs:
+        return None
+    add = users[0]
+    for index, tensor in enumerate(add.inputs):
+        if tensor is not node.outputs[0] and constant_value(tensor) is not None:
+            return add, index
+    return None
+
+
+def layer_output(node: gs.Node) -> gs.Tensor:
+    """The tensor a weight layer produces, its bias added (after the Add of a MatMul layer)."""
+    where = layer_bias(node) if node.op == "MatMul" else None
+    return where[0].outputs[0] if where is not None else node.outputs[0]
 
 
 def layer_axis(node: gs.Node) -> int:

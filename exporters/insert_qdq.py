@@ -27,15 +27,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from deployq.exporters.fuse_activation import FusedGroup
-from deployq.exporters.graph import (PassLog, RewriteError, constant_value, consumers, layer_axis,
-                                     producer, unique_name)
+from deployq.exporters.graph import (WEIGHT_LAYER_OPS, PassLog, RewriteError, constant_value, consumers,
+                                     layer_axis, layer_bias, producer, unique_name)
 from deployq.qformula import bias_is_quantized, bias_scale, onnx_integer_dtype, quantize_bias_np, quantize_np
 from deployq.qparams import QParams
 
-DATA_MOVEMENT_OPS = {"Reshape", "Transpose", "DepthToSpace", "SpaceToDepth", "MaxPool", "Flatten",
+DATA_MOVEMENT_OPS = {"Reshape", "Transpose", "DepthToSpace", "SpaceToDepth", "MaxPool", "Flatten", "Gather",
                      "Squeeze", "Unsqueeze", "Slice", "Split", "Identity", "Pad", "Resize", "Expand",
                      "Tile", "Dropout"}
-WEIGHT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def carries_quantization(node: gs.Node) -> bool:
@@ -149,10 +148,11 @@ class _Inserter:
             found = in_rec.name if in_rec else "no quantized input"
             raise RewriteError(f"layer {node.name!r}: the checkpoint says its input is quant point "
                                f"{rec.input!r}, the ONNX graph feeds it {found!r}")
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
-        values = constant_value(bias) if bias is not None and bias.name else None
+        where = layer_bias(node)
+        values = constant_value(where[0].inputs[where[1]]) if where is not None else None
         if values is None or in_rec is None or not bias_is_quantized(in_rec.bits, rec.bits):
             return
+        holder, index = where
         s = bias_scale(in_rec.scale_array, rec.scale_array).astype(np.float32)
         codes = quantize_bias_np(values.astype(np.float32), s)
         g = self.graph
@@ -164,7 +164,7 @@ class _Inserter:
         value = gs.Variable(unique_name(g, f"{base}_DequantizeLinear_Output"), dtype=np.float32)
         g.nodes.append(gs.Node("DequantizeLinear", unique_name(g, f"{base}_DequantizeLinear"), attrs,
                                [quantized, scale, zp], [value]))
-        node.inputs[2] = value
+        holder.inputs[index] = value
         self.log.count("int32 biases")
 
     def carry(self, activations: dict[str, QParams]) -> None:
@@ -205,7 +205,7 @@ def insert_qdq(graph: gs.Graph, records: dict[str, QParams], groups: list[FusedG
     inserter.carry(activations)
     for rec in weights:
         node = nodes.get(rec.layer or "")
-        if node is None or node.op not in WEIGHT_LAYERS:
+        if node is None or node.op not in WEIGHT_LAYER_OPS:
             raise RewriteError(f"weight quant point {rec.name!r}: no Conv/ConvTranspose/Gemm/MatMul node "
                                f"named {rec.layer!r} in the ONNX graph")
         inserter.quantize_weights(node, rec)

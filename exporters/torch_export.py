@@ -22,14 +22,15 @@ import copy
 import io
 import logging
 import warnings
-from typing import Sequence
+from typing import Optional, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
 import torch
 from torch import fx
 
-from deployq.exporters.graph import RewriteError, producer, to_model
+from deployq.exporters.graph import (WEIGHT_LAYER_OPS, RewriteError, constant_value, layer_bias, layer_output,
+                                     producer, to_model)
 from deployq.fused import QuantLayer
 from deployq.prepare import ACT_QUANT
 from deployq.qat import set_mode
@@ -70,9 +71,11 @@ def export_module(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[str], li
 
     output = next(n for n in graph.nodes if n.op == "output")
     results = output.args[0]
+    if isinstance(results, dict):  # e.g. torchvision's segmentation models: {"out": ..., "aux": ...}
+        results = list(results.values())
     flat = list(results) if isinstance(results, (tuple, list)) else [results]
     if not all(isinstance(r, fx.Node) for r in flat):
-        raise RewriteError("the model must return a tensor or a tuple/list of tensors to be exported")
+        raise RewriteError("the model must return a tensor, or a tuple, list or dict of tensors, to be exported")
     output_names, seen = [], set()
     for i, node in enumerate(flat):
         name = named.get(node) or layers.get(node) or ("output" if len(flat) == 1 else f"output_{i}")
@@ -93,23 +96,37 @@ def export_module(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[str], li
     return gm, inputs, output_names, len(flat), {p: p for p in layers.values()}
 
 
+def _layer_node(tensor: gs.Tensor) -> Optional[gs.Node]:
+    """The weight layer producing `tensor`: its producer, or for a Linear exported as MatMul + Add
+    (inputs of rank > 2), the MatMul before the Add."""
+    node = producer(tensor)
+    if node is not None and node.op == "Add":
+        for operand in node.inputs:
+            before = producer(operand)
+            if before is not None and before.op == "MatMul" and constant_value(before.inputs[1]) is not None \
+                    and layer_output(before) is tensor:
+                return before
+    return node
+
+
 def _name_layers(graph: gs.Graph, layers: dict[str, str]) -> None:
     """Node producing tensor PATH is named PATH; its initializers become PATH.weight / PATH.bias."""
     tensors = graph.tensors()
     for path in layers:
         tensor = tensors.get(path)
-        node = producer(tensor) if tensor is not None else None
-        if node is None or node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            raise RewriteError(f"layer {path!r}: the exported graph has no Conv/ConvTranspose/Gemm/MatMul "
+        node = _layer_node(tensor) if tensor is not None else None
+        if node is None or node.op not in WEIGHT_LAYER_OPS:
+            raise RewriteError(f"layer {path!r}: the exported graph has no {'/'.join(WEIGHT_LAYER_OPS)} "
                                f"producing {path!r} (found {node.op if node else 'nothing'})")
         node.name = path
-        for index, suffix in ((1, "weight"), (2, "bias")):
-            if index >= len(node.inputs) or not isinstance(node.inputs[index], gs.Constant):
+        bias = layer_bias(node)
+        for holder, index, suffix in ((node, 1, "weight"), (*(bias or (None, None)), "bias")):
+            if holder is None or not isinstance(holder.inputs[index], gs.Constant):
                 continue
-            const = node.inputs[index]
+            const = holder.inputs[index]
             if len(const.outputs) > 1:  # shared (reused layer, or exporter de-duplicated equal values)
                 const = gs.Constant(f"{path}.{suffix}", const.values.copy())
-                node.inputs[index] = const
+                holder.inputs[index] = const
             else:
                 const.name = f"{path}.{suffix}"
 
@@ -123,7 +140,10 @@ def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         batch = torch.export.Dim("batch")
-        program = torch.onnx.export(gm, tuple(example_inputs), None, input_names=input_names,
+        # traced with a batch of 2: torch.export specializes a size-1 dimension to the constant 1
+        # wherever the model reshapes with it (LayerNorm over permuted channels, attention)
+        examples = tuple(torch.cat([t[:1], t[:1]]) for t in example_inputs)
+        program = torch.onnx.export(gm, examples, None, input_names=input_names,
                                     output_names=output_names, opset_version=opset, dynamo=True,
                                     external_data=False, verbose=False,
                                     dynamic_shapes=tuple({0: batch} for _ in example_inputs))

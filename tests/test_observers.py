@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from deployq.calib.observers import OBSERVERS, create_observer
+from deployq.qformula import ZeroRangeWarning, dequantize_np, quantize_np
 from deployq.qspec import QuantSpec
 
 U8 = QuantSpec(bits=8)
@@ -76,8 +77,17 @@ def test_errors_name_the_quant_point(name):
         observe(name, [np.array([1.0, -np.inf])])
     with pytest.raises(ValueError, match="layer.x.*no calibration data"):
         observe(name, []).qparams()
-    with pytest.raises(ValueError, match="layer.x.*zero width"):
-        observe(name, [np.zeros(10)]).qparams()
+
+
+
+@pytest.mark.parametrize("name", list(OBSERVERS))
+def test_all_zero_data_warns_and_keeps_zero_exact(name):
+    """A quant point that only ever saw 0 (torchvision initialises some classifiers to zeros)
+    gets the range [-1, 1] and a warning naming it, not an error that stops the export."""
+    with pytest.warns(ZeroRangeWarning, match="layer.x"):
+        scale, zp = observe(name, [np.zeros(10)]).qparams()
+    assert float(scale) == pytest.approx(2 / 255)
+    assert dequantize_np(quantize_np(np.zeros(3, np.float32), scale, zp, 0, 255), scale, zp)[0] == 0.0
 
 
 @pytest.mark.parametrize("name", list(OBSERVERS))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployq.qformula import (bias_is_quantized, dequantize, fake_quantize, qparams_from_range,
+from deployq.qformula import (ZeroRangeWarning, bias_is_quantized, dequantize, fake_quantize, qparams_from_range,
                               qrange, quantize, quantize_np)
 
 
@@ -76,10 +76,24 @@ def test_qparams_symmetric_signed_covers_max():
     assert (zp == 0).all()
 
 
-@pytest.mark.parametrize("lo,hi", [(0.0, 0.0), (np.nan, 1.0), (0.0, np.inf)])
-def test_qparams_reject_zero_width_and_non_finite(lo, hi):
+@pytest.mark.parametrize("lo,hi", [(np.nan, 1.0), (0.0, np.inf), (1.0, 0.5)])
+def test_qparams_reject_non_finite_and_inverted_ranges(lo, hi):
     with pytest.raises(ValueError, match="layer.x"):
         qparams_from_range(lo, hi, 0, 255, symmetric=False, name="layer.x")
+
+
+@pytest.mark.parametrize("qmin,qmax,symmetric,scale,zp", [(0, 255, False, 2 / 255, 128), (-128, 127, False, 2 / 255, 0),
+                                                          (-128, 127, True, 1 / 127, 0), (0, 255, True, 1 / 255, 0)])
+def test_all_zero_range_gets_default_range_with_a_warning(qmin, qmax, symmetric, scale, zp):
+    with pytest.warns(ZeroRangeWarning, match="layer.x: every value seen was 0"):
+        s, z = qparams_from_range(0.0, 0.0, qmin, qmax, symmetric, name="layer.x")
+    assert float(s) == pytest.approx(scale) and int(z) == zp
+
+
+def test_zero_range_channels_get_the_default_and_others_keep_theirs():
+    with pytest.warns(ZeroRangeWarning, match="1 of 2 channels"):
+        s, z = qparams_from_range(np.array([0.0, -1.0]), np.array([0.0, 3.0]), -128, 127, True, name="w")
+    np.testing.assert_allclose(s, [1 / 127, 3 / 127], rtol=1e-6)
 
 
 def test_bias_quantized_only_for_integer_kernels():
