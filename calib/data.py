@@ -34,6 +34,7 @@ __all__ = [
     "exposure_ratio",
     "has_sid_ratio",
     "iterate_batches",
+    "load_feeds",
     "load_inputs",
 ]
 
@@ -195,16 +196,18 @@ def _array_samples(name: str, array: np.ndarray, input_shape: Sequence[int]) -> 
     )
 
 
-def _load_arrays(path: Path, input_shape: Sequence[int]) -> list[np.ndarray]:
-    """Samples of a ``.npy`` (one array) or ``.npz`` (every array, sorted by key); no pickles."""
+def _load_arrays(path: Path, input_shape: Sequence[int], key: str | None = None) -> list[np.ndarray]:
+    """Samples of a ``.npy`` (one array) or ``.npz``: the array named `key` if it has one, else
+    every array, sorted by key; no pickles."""
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             return _array_samples(str(path), loaded, input_shape)
         with loaded:
+            keys = [key] if key in loaded.files else sorted(loaded.files)
             samples = []
-            for key in sorted(loaded.files):
-                samples += _array_samples(f"{path}[{key}]", loaded[key], input_shape)
+            for k in keys:
+                samples += _array_samples(f"{path}[{k}]", loaded[k], input_shape)
             return samples
     except InputDataError:
         raise
@@ -212,10 +215,10 @@ def _load_arrays(path: Path, input_shape: Sequence[int]) -> list[np.ndarray]:
         raise InputDataError(f"{path}: cannot read the array file ({error})") from error
 
 
-def _samples(path: Path, input_shape: Sequence[int], ratio: float | None) -> list[np.ndarray]:
+def _samples(path: Path, input_shape: Sequence[int], ratio: float | None, key: str | None = None) -> list[np.ndarray]:
     suffix = path.suffix.lower()
     if suffix in ARRAY_SUFFIXES:
-        return _load_arrays(path, input_shape)
+        return _load_arrays(path, input_shape, key)
     if len(input_shape) != 4:
         raise InputDataError(
             f"{path}: raw and image files need a 4-D (N, C, H, W) model input, "
@@ -232,6 +235,7 @@ def load_inputs(
     *,
     ratio: float | None = None,
     limit: int | None = None,
+    name: str | None = None,
 ) -> list[np.ndarray]:
     """Model inputs from a file or a folder (its files in sorted order), each of ``input_shape``.
 
@@ -241,7 +245,8 @@ def load_inputs(
     (``short/{id}_00_{t}s.ext`` next to ``long/{id}_00_{T}s.ext``) uses ``min(T / t, 300)`` and
     any other raw file 1. ``.npy`` holds one array, ``.npz`` several (read in sorted key order);
     an array is one sample ``input_shape[1:]``, ``N`` samples ``(N, *input_shape[1:])`` or
-    ``N`` whole inputs ``(N, *input_shape)``. Raises :class:`InputDataError` naming the file.
+    ``N`` whole inputs ``(N, *input_shape)``; an ``.npz`` with an array called `name` (the model
+    input's name) gives that array only. Raises :class:`InputDataError` naming the file.
     """
     input_shape = tuple(int(n) for n in input_shape)
     if not input_shape or min(input_shape) < 1:
@@ -252,7 +257,7 @@ def load_inputs(
     needed = None if limit is None else limit * batch
     samples: list[np.ndarray] = []
     for file in _files(Path(path)):
-        samples += _samples(file, input_shape, ratio)
+        samples += _samples(file, input_shape, ratio, name)
         if needed is not None and len(samples) >= needed:
             break
     samples = samples[:needed]
@@ -271,6 +276,49 @@ def load_inputs(
         np.ascontiguousarray(np.stack(samples[start : start + batch]))
         for start in range(0, usable, batch)
     ]
+
+
+def load_feeds(
+    path: str | os.PathLike,
+    inputs: Sequence[tuple[str, Sequence[int]]],
+    *,
+    ratio: float | None = None,
+    limit: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Model inputs for a model with named inputs ``[(name, shape), ...]``: one dict per call.
+
+    One input: any file :func:`load_inputs` reads. Several inputs: ``.npz`` files (or a folder of
+    them) holding one array per input, keyed by the input's name, with the same number of samples.
+    """
+    if len(inputs) == 1:
+        name, shape = inputs[0]
+        return [{name: a} for a in load_inputs(path, shape, ratio=ratio, limit=limit, name=name)]
+    names = [name for name, _ in inputs]
+    files = [f for f in _files(Path(path)) if f.suffix.lower() == ".npz"]
+    if not files:
+        raise InputDataError(f"{path}: the model has {len(inputs)} inputs ({', '.join(names)}); give .npz "
+                             "files holding one array per input, keyed by the input's name")
+    feeds: list[dict[str, np.ndarray]] = []
+    for file in files:
+        with np.load(file, allow_pickle=False) as loaded:
+            missing = [n for n in names if n not in loaded.files]
+            if missing:
+                raise InputDataError(f"{file}: no array for input(s) {', '.join(missing)} "
+                                     f"(the file has {', '.join(sorted(loaded.files)) or 'no arrays'})")
+            per_input = {}
+            for name, shape in inputs:
+                samples = _array_samples(f"{file}[{name}]", loaded[name], shape)
+                per_input[name] = [np.stack(samples[i:i + shape[0]]) for i in range(0, len(samples) // shape[0] * shape[0], shape[0])]
+        counts = {name: len(v) for name, v in per_input.items()}
+        if len(set(counts.values())) != 1:
+            raise InputDataError(f"{file}: the inputs have different numbers of samples: {counts}")
+        feeds += [{name: np.ascontiguousarray(per_input[name][i]) for name in names}
+                  for i in range(next(iter(counts.values())))]
+        if limit is not None and len(feeds) >= limit:
+            break
+    if not feeds:
+        raise InputDataError(f"{path}: no complete model input found")
+    return feeds[:limit]
 
 
 def iterate_batches(arrays: Iterable[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:

@@ -16,7 +16,7 @@ import click
 from rich.table import Table
 
 from deployq._version import __version__
-from deployq.cli_common import UserError, console, handle_errors, model_options
+from deployq.cli_common import UserError, console, handle_errors, model_options, parse_input_shapes
 from deployq.cli_train import hessian, train
 
 
@@ -41,7 +41,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the quant points as JSON.")
 @handle_errors
 def inspect(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str],
-            input_shape: Optional[tuple[int, ...]], as_json: bool) -> None:
+            input_shape: Optional[list], as_json: bool) -> None:
     """List every quant point: name, kind, op, bits, scheme, quantizer, observer.
 
     The names are the ones to use in a config's `layers:` section, in checkpoints, in
@@ -81,10 +81,13 @@ def inspect(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
 @click.option("--weight-bits", type=click.IntRange(2, 16),
               help="Bits of the 8-bit-body weights, e.g. 7 for CPUs without VNNI (u8 x s8 saturation).")
 @click.option("--act-signed", is_flag=True, help="Signed 8-bit activations (s8s8 kernels; exact, same grid).")
+@click.option("--dynamic-hw", is_flag=True,
+              help="Keep input height and width symbolic (fully convolutional models): `deployq run` then "
+                   "processes whole frames in one call instead of tiles.")
 @handle_errors
-def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[tuple[int, ...]],
+def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[list],
            calib: Optional[str], calib_batches: int, target: str, out_dir: str, opset: int,
-           weight_bits: Optional[int], act_signed: bool) -> None:
+           weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool) -> None:
     """Export a checkpoint to ONNX: the float model and the integer (QDQ) model.
 
     \b
@@ -103,7 +106,7 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
                            factory_kwargs=model_kwargs)
     result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
-                        act_signed=act_signed, calib=calib, calib_limit=calib_batches)
+                        act_signed=act_signed, calib=calib, calib_limit=calib_batches, dynamic_hw=dynamic_hw)
     table = Table(title=f"deployq export -> {result.out_dir}  ({result.seconds:.1f} s)")
     table.add_column("what")
     table.add_column("value")
@@ -135,10 +138,12 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--top", type=click.IntRange(1), help="Show only the K worst quant points.")
 @click.option("--fail-below", type=float, metavar="SQNR_DB", help="Exit 1 if the output SQNR is below this (CI gate).")
+@click.option("--input-shape", multiple=True, callback=lambda c, p, v: parse_input_shapes(v), metavar="[NAME:]N,C,H,W",
+              help="Input shape for models with symbolic height/width (a --dynamic-hw export); repeat as NAME:N,C,H,W.")
 @handle_errors
 def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_count: Optional[int],
          ratio: Optional[float], limit: int, mode: str, json_path: Optional[str], html_path: Optional[str],
-         top: Optional[int], fail_below: Optional[float]) -> None:
+         top: Optional[int], fail_below: Optional[float], input_shape: Optional[list]) -> None:
     """Compare a float ONNX model and its quantized (QDQ) model, quant point by quant point.
 
     \b
@@ -152,12 +157,12 @@ def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_cou
     from deployq.diff import diff as run_diff
     from deployq.files import AtomicOutputs
     from deployq.report import table, to_html
-    from deployq.sim import check_same_inputs, file_feeds, isa_text, load_onnx, random_feeds
+    from deployq.sim import check_same_inputs, file_feeds, isa_text, load_onnx, random_feeds, with_shapes
 
     if input_path and random_count:
         raise UserError("give --input or --random, not both")
     float_model, quant_model = load_onnx(float_onnx), load_onnx(quant_onnx)
-    inputs = check_same_inputs(float_model, quant_model, float_onnx, quant_onnx)
+    inputs = with_shapes(check_same_inputs(float_model, quant_model, float_onnx, quant_onnx), input_shape)
     if input_path:
         batches = file_feeds(input_path, inputs, ratio=ratio, limit=limit)
     else:
@@ -208,7 +213,7 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
     from deployq.files import atomic_path
     from deployq.model_source import resolve_model
     from deployq.parity import check_parity
-    from deployq.sim import file_feeds, inputs_of, load_onnx, random_feeds
+    from deployq.sim import file_feeds, inputs_of, load_onnx, random_feeds, with_shapes
 
     source = resolve_model(ckpt=ckpt, factory=factory)
     model = load_onnx(onnx_path)
@@ -216,9 +221,11 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
     if [i.name for i in inputs] != [i.name for i in source.inputs]:
         raise UserError(f"{onnx_path} takes inputs {[i.name for i in inputs]}, the checkpoint's model "
                         f"{[i.name for i in source.inputs]}")
+    free = {i.name for i in inputs if i.free}  # symbolic H/W: the checkpoint's shapes
+    inputs = with_shapes(inputs, [(i.name, i.shape) for i in source.inputs if i.name in free])
     feeds = (file_feeds(input_path, inputs) if input_path else
              list(random_feeds(inputs, random_count, ranges=_input_ranges(model))))
-    batches = [tuple(torch.from_numpy(f[i.name]) for i in inputs) for f in feeds]
+    batches = [{name: torch.from_numpy(a) for name, a in f.items()} for f in feeds]
     report = check_parity(source.qmodel, model, batches, local=not accumulated)
     t = Table(title=f"deployq check: torch fake-quant vs {onnx_path} (codes)")
     for col in ("name", "kind", "bits", "elements", "equal", "1 LSB", ">1 LSB"):
@@ -247,34 +254,38 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
 @click.option("--ratio", type=click.FloatRange(0, min_open=True),
               help="Exposure ratio (SID: long / short). Default: from SID file names, else 1.")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--tile", type=click.IntRange(8),
+              help="Process in tiles of this side (packed pixels). Default: a model exported with --dynamic-hw takes "
+                   "whole frames up to 2048x2048 packed pixels; a fixed-size model, tiles of its input size.")
 @click.option("--overlap", type=click.IntRange(0),
               help="Overlap between tiles, in packed pixels; seams are blended over it (default: a quarter tile, at most 16).")
 @click.option("--batch", type=click.IntRange(1), default=4, show_default=True, help="Tiles per onnxruntime call.")
 @click.option("--bench", "bench_runs", type=click.IntRange(1), help="Also time N calls and print latency percentiles.")
 @handle_errors
 def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, ratio: Optional[float], threads: Optional[int],
-                overlap: Optional[int], batch: int, bench_runs: Optional[int]) -> None:
+                tile: Optional[int], overlap: Optional[int], batch: int, bench_runs: Optional[int]) -> None:
     """Enhance raw camera files with an ONNX model (float or int8): raw -> packed -> ORT -> sRGB PNG.
 
     \b
     deployq run build/model.int8.onnx short/ --ratio 250 --out out/
     deployq run build/model.int8.onnx --bench 50          # latency only
 
-    Large frames are processed in overlapping tiles of the model's input size, so a
-    full-resolution image fits in memory. Reads what LibRaw reads (ARW, DNG, NEF, CR2, ...).
+    A model exported with `deployq export --dynamic-hw` takes each frame whole (no seams); a
+    fixed-size model, or a frame over 2048x2048 packed pixels, is processed in overlapping tiles
+    whose seams are blended. Reads what LibRaw reads (ARW, DNG, NEF, CR2, ...).
     """
     from deployq.run import bench, enhance, load_engine
 
     if not inputs and not bench_runs:
         raise UserError("give raw files or folders to enhance, or --bench N to time the model")
     if inputs:
-        enhance(model_path, inputs, out_dir, ratio=ratio, threads=threads, overlap=overlap, batch=batch,
+        enhance(model_path, inputs, out_dir, ratio=ratio, threads=threads, tile=tile, overlap=overlap, batch=batch,
                 say=click.echo)
     if bench_runs:
         engine = load_engine(model_path, threads)
         result = bench(engine, bench_runs, batch=batch)
         p = result.percentiles()
-        th, tw = engine.tile
+        th, tw = result.size
         click.echo(f"latency over {bench_runs} calls of {batch} tile(s) {th}x{tw}: p50 {p['p50']:.2f} ms, "
                    f"p90 {p['p90']:.2f} ms, p99 {p['p99']:.2f} ms")
 

@@ -60,6 +60,20 @@ def parse_shape(value: Optional[str]) -> Optional[tuple[int, ...]]:
     return shape
 
 
+def parse_input_shapes(values: tuple[str, ...]) -> Optional[list[tuple[Optional[str], tuple[int, ...]]]]:
+    """``--input-shape`` values: ``N,C,H,W`` (a one-input model) or ``NAME:N,C,H,W`` (repeatable)."""
+    if not values:
+        return None
+    shapes = []
+    for value in values:
+        name, _, dims = value.rpartition(":")
+        shapes.append((name.strip() or None, parse_shape(dims)))
+    names = [n for n, _ in shapes]
+    if len(shapes) > 1 and (None in names or len(set(names)) != len(names)):
+        raise click.BadParameter("with several --input-shape options, name each input once: NAME:N,C,H,W")
+    return shapes
+
+
 def parse_kwargs(value: Optional[str]) -> Optional[dict]:
     if value is None:
         return None
@@ -82,8 +96,10 @@ def model_options(command: Callable) -> Callable:
                      help='Keyword arguments for the --model factory, e.g. \'{"width": 8}\'.'),
         click.option("--config", type=click.Path(exists=True, dir_okay=False),
                      help="Quantization config (YAML): defaults, per-layer overrides, fusion."),
-        click.option("--input-shape", callback=lambda c, p, v: parse_shape(v), metavar="N,C,H,W",
-                     help="Model input shape, e.g. 1,4,128,128 (default: the checkpoint's)."),
+        click.option("--input-shape", multiple=True, callback=lambda c, p, v: parse_input_shapes(v),
+                     metavar="[NAME:]N,C,H,W",
+                     help="Model input shape, e.g. 1,4,128,128 (default: the checkpoint's); repeat as "
+                          "NAME:N,C,H,W for a model with several inputs."),
     ]
     for option in reversed(options):
         command = option(command)

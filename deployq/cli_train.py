@@ -47,14 +47,15 @@ def _dataset_batches(path: Path, batch_size: int, limit: int) -> list[Any]:
     return batches
 
 
-def _input_batches(path: Path, input_shape: tuple[int, ...], limit: int) -> list[Any]:
-    """Input-only batches from a file or folder (raw files, images, .npy/.npz), each of the
-    model's input shape (deployq.calib.data.load_inputs)."""
+def _input_batches(path: Path, inputs: list, limit: int) -> list[Any]:
+    """Input-only batches from a file or folder (raw files, images, .npy/.npz; .npz keyed by input
+    name for several inputs), each of the model's input shapes (deployq.calib.data.load_feeds)."""
     import torch
 
-    from deployq.calib.data import load_inputs
+    from deployq.calib.data import load_feeds
 
-    return [torch.from_numpy(a) for a in load_inputs(path, input_shape, limit=limit)]
+    feeds = load_feeds(path, [(i.name, i.shape) for i in inputs], limit=limit)
+    return [{"input": tuple(torch.from_numpy(f[i.name]) for i in inputs)} for f in feeds]
 
 
 def _fmt(value: float) -> str:
@@ -86,7 +87,8 @@ def _fmt(value: float) -> str:
               help="Trace the float network (the thesis) or the fake-quantized one (a calibrated checkpoint).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Rademacher vectors.")
 @handle_errors
-def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[tuple[int, ...]],
+def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str],
+            input_shape: Optional[list],
             data: str, patterns: tuple[str, ...], top: int, out: str, tol: float, max_iter: int, coeff: float,
             limit: int, batch_size: int, loss: str, mode: str, seed: int) -> None:
     """Rank activations by Hessian trace (Hutchinson) and write a distillation config.
@@ -108,7 +110,7 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
     if path.is_file() and path.suffix.lower() in YAML_SUFFIXES:
         batches = _dataset_batches(path, batch_size, limit)
     else:
-        batches = _input_batches(path, tuple(source.inputs[0].shape), limit)
+        batches = _input_batches(path, source.inputs, limit)
     report = hessian_traces(source.qmodel, batches, list(patterns) or None, loss=loss, mode=mode, tol=tol,
                             max_iter=max_iter, seed=seed, progress=True)
     try:

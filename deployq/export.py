@@ -30,6 +30,7 @@ from deployq.config import LayerOverride, QConfig
 from deployq.exporters.graph import PassLog
 from deployq.exporters.rewriter import rewrite
 from deployq.exporters.torch_export import export_float
+from deployq.checkpoint import save as save_checkpoint
 from deployq.files import AtomicOutputs
 from deployq.model_source import ModelSource
 from deployq.prepare import quant_points
@@ -108,10 +109,11 @@ def prepare_for_target(source: ModelSource, target: str, *, weight_bits: Optiona
     config = target_config(source.config, target, weight_bits, act_signed)
     model = source.with_config(config)
     if calib is not None:
-        from deployq.calib.data import load_inputs
+        from deployq.calib.data import load_feeds
 
-        arrays = load_inputs(calib, source.inputs[0].shape, limit=calib_limit)
-        calibrate(model, (torch.from_numpy(a) for a in arrays), max_batches=calib_limit, progress=progress)
+        feeds = load_feeds(calib, [(i.name, i.shape) for i in source.inputs], limit=calib_limit)
+        batches = ({name: torch.from_numpy(a) for name, a in f.items()} for f in feeds)
+        calibrate(model, batches, max_batches=calib_limit, progress=progress)
     elif not source.calibrated:
         raise ValueError("the model has no calibrated qparams: pass --calib DATA (a folder of raw "
                          "files, images, or .npy/.npz) to calibrate it (post-training quantization)")
@@ -123,8 +125,9 @@ def prepare_for_target(source: ModelSource, target: str, *, weight_bits: Optiona
 
 def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", opset: int = MIN_OPSET,
            weight_bits: Optional[int] = None, act_signed: bool = False, calib: Optional[str] = None,
-           calib_limit: int = 100, progress: bool = True) -> ExportResult:
-    """Export `source` for `target` into `out_dir`; nothing is written unless everything succeeds."""
+           calib_limit: int = 100, dynamic_hw: bool = False, progress: bool = True) -> ExportResult:
+    """Export `source` for `target` into `out_dir`; nothing is written unless everything succeeds.
+    `dynamic_hw`: height and width of 4-D inputs stay symbolic (fully convolutional models)."""
     start = time.perf_counter()
     if opset < MIN_OPSET:
         raise ValueError(f"--opset must be at least {MIN_OPSET} (16-bit QuantizeLinear needs opset 21), got {opset}")
@@ -137,7 +140,7 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
                                     calib=calib, calib_limit=calib_limit, progress=progress)
         records = qparams_of(qmodel)
     examples = tuple(i.example() for i in source.inputs)
-    float_onnx = export_float(qmodel, examples, opset)
+    float_onnx = export_float(qmodel, examples, opset, dynamic_hw)
     config: QConfig = qmodel.get_submodule("act_quant").config
     result = rewrite(float_onnx, records, config.fuse_activations, opset)
     out_dir = Path(out_dir)
@@ -149,8 +152,14 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
             out.write_bytes(files[target], result.quant_model.SerializeToString())
             files["qparams"] = out_dir / "qparams.json"
             out.write_text(files["qparams"], json.dumps(qp.dump(records.values()), indent=1) + "\n")
+            if qmodel is not source.qmodel:  # calibrated here, or re-quantized for the target
+                files["checkpoint"] = out_dir / f"model.{target}.pt"
+                out.write(files["checkpoint"], lambda tmp: save_checkpoint(
+                    tmp, qmodel, factory=source.factory, factory_kwargs=source.factory_kwargs, inputs=source.inputs,
+                    meta={"exported_for": target, "calibration": str(calib) if calib else None}))
     notes = list(result.log.notes)
-    others = [out_dir / f"model.{t}.onnx" for t in TARGETS if t != "fp32"] + [out_dir / "qparams.json"]
+    others = ([out_dir / f"model.{t}.{ext}" for t in TARGETS if t != "fp32" for ext in ("onnx", "pt")]
+              + [out_dir / "qparams.json"])
     stale = [p.name for p in others if p.exists() and p not in files.values()]
     if stale:
         notes.append(f"{out_dir} also holds {', '.join(stale)} from an earlier export, not from this one")

@@ -233,10 +233,16 @@ def _set_modes(model: nn.Module, mode: str) -> dict[nn.Module, str]:
     return saved
 
 
-def _as_graph_module(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+def _inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
+    """The model inputs of a batch: its 'input', a tensor or a tuple of tensors (several inputs)."""
+    x = batch["input"]
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _as_graph_module(model: nn.Module, example: tuple[torch.Tensor, ...]) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
-    return prepare(model, (example,))
+    return prepare(model, example)
 
 
 def is_prepared(model: nn.Module) -> bool:
@@ -272,7 +278,11 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    def move(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return type(v)(move(t) for t in v)
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+    return {k: move(v) for k, v in batch.items()}
 
 
 def hessian_traces(model: nn.Module, batches: Iterable[Any], layers: str | Sequence[str] | None = None, *,
@@ -299,7 +309,7 @@ def hessian_traces(model: nn.Module, batches: Iterable[Any], layers: str | Seque
     data = [as_batch(b) for b in batches]
     if not data:
         raise DistillError("the Hessian trace needs at least one batch of data")
-    gm = _as_graph_module(model, data[0]["input"])
+    gm = _as_graph_module(model, _inputs(data[0]))
     device = _model_device(gm)
     data = [_to(b, device) for b in data]
     loss_name, description = _objective(loss, data)
@@ -332,7 +342,7 @@ def _float_references(gm: fx.GraphModule, data: list[Batch]) -> list[list[torch.
     modes = _set_modes(gm, "float")
     try:
         with torch.no_grad():
-            return [[t.detach() for t in _outputs(gm(b["input"]))] for b in data]
+            return [[t.detach() for t in _outputs(gm(*_inputs(b)))] for b in data]
     finally:
         for m, saved in modes.items():
             m.mode = saved
@@ -353,8 +363,8 @@ def _hutchinson(exposed: fx.GraphModule, data: list[Batch], names: list[str], lo
             break
         batch = data[step % len(data)]
         t0 = perf_counter()
-        inputs = batch["input"].detach().clone().requires_grad_(batch["input"].is_floating_point())
-        output, features = exposed(inputs)
+        inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in _inputs(batch)]
+        output, features = exposed(*inputs)
         if references is not None:
             value = _self_reference_loss(output, references[step % len(data)])
         else:
@@ -391,7 +401,7 @@ def _perturbations(exposed: fx.GraphModule, data: list[Batch], names: list[str],
     hi = {n: -math.inf for n in names}
     with torch.no_grad():
         for batch in data:
-            _, features = exposed(batch["input"])
+            _, features = exposed(*_inputs(batch))
             for n in names:
                 lo[n] = min(lo[n], float(features[n].min()))
                 hi[n] = max(hi[n], float(features[n].max()))
@@ -407,7 +417,7 @@ def _perturbations(exposed: fx.GraphModule, data: list[Batch], names: list[str],
         sums = {(n, b): 0.0 for n in names for b in bits}
         samples = 0
         for batch in data:
-            _, features = exposed(batch["input"])
+            _, features = exposed(*_inputs(batch))
             a0 = features[names[0]]
             samples += a0.shape[0] if a0.ndim > 1 else 1
             for n in names:

@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from torch import fx, nn
 
@@ -43,19 +44,46 @@ class ModelSource:
         return model
 
 
-def _inputs(shape: Optional[tuple[int, ...]], default: Optional[list[InputSpec]]) -> list[InputSpec]:
-    if shape is not None:
-        name = default[0].name if default else "x"
-        if default and len(default) > 1:
-            raise ValueError("--input-shape sets one input, but the model has several")
-        return [InputSpec(name, shape)]
-    if not default:
-        raise ValueError("the model's input shape is unknown; pass --input-shape N,C,H,W")
-    return default
+InputShapes = Union[tuple[int, ...], Sequence[tuple[Optional[str], tuple[int, ...]]], None]
+
+
+def forward_arguments(model: nn.Module) -> list[str]:
+    """The names of the inputs a model's forward() needs (arguments without a default)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ["x"]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty] or ["x"]
+
+
+def input_specs(shapes: InputShapes, known: Optional[list[InputSpec]], model: nn.Module) -> list[InputSpec]:
+    """The model's inputs: `known` (a checkpoint's), with shapes replaced by `shapes` if given:
+    one unnamed shape for a one-input model, or ``[(name, shape), ...]`` naming each input."""
+    names = [i.name for i in known] if known else forward_arguments(model)
+    if not shapes:
+        if not known:
+            per_input = "" if len(names) == 1 else f" for each of its inputs ({', '.join(names)}) as NAME:N,C,H,W"
+            raise ValueError(f"the model's input shape is unknown; pass --input-shape N,C,H,W{per_input}")
+        return known
+    if isinstance(shapes, tuple) and all(isinstance(d, int) for d in shapes):
+        shapes = [(None, shapes)]
+    if len(shapes) == 1 and shapes[0][0] is None:
+        if len(names) != 1:
+            raise ValueError(f"the model takes {len(names)} inputs ({', '.join(names)}); give one "
+                             "--input-shape NAME:N,C,H,W for each")
+        return [InputSpec(names[0], tuple(shapes[0][1]))]
+    given = {name: tuple(shape) for name, shape in shapes}
+    unknown, missing = [n for n in given if n not in names], [n for n in names if n not in given]
+    if unknown or missing:
+        raise ValueError(f"--input-shape names {', '.join(unknown) or 'no unknown input'}"
+                         f"{'' if not missing else '; missing ' + ', '.join(missing)}: the model's inputs are "
+                         f"{', '.join(names)}")
+    return [InputSpec(n, given[n]) for n in names]
 
 
 def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
-                  config: Optional[str] = None, input_shape: Optional[tuple[int, ...]] = None,
+                  config: Optional[str] = None, input_shape: InputShapes = None,
                   factory_kwargs: Optional[dict] = None) -> ModelSource:
     if ckpt is None and factory is None:
         raise ValueError("give --ckpt (a deployq checkpoint) or --model PKG.MOD:FACTORY")
@@ -65,9 +93,9 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
         if config is not None or factory_kwargs is not None:
             raise ValueError(f"{ckpt} carries its own quantization config, learned qparams and factory "
                              "arguments; --config and --model-kwargs apply only to a plain state_dict with --model")
-        inputs = _inputs(input_shape, c.inputs)
-        c.inputs = inputs
         model = ck.float_model(c, factory)
+        inputs = input_specs(input_shape, c.inputs, model)
+        c.inputs = inputs
         qmodel = ck.build(c, factory, model)
         calibrated = all(bool(qmodel.get_submodule(p.quantizer).initialized)
                          for p in quant_points(qmodel).values() if p.kind != "weight")
@@ -86,7 +114,7 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
         if missing or unexpected:
             raise CheckpointError(f"{ckpt} does not fit {factory}: missing {sorted(missing)[:5]}, "
                                   f"unexpected {sorted(unexpected)[:5]}")
-    inputs = _inputs(input_shape, None)
+    inputs = input_specs(input_shape, None, model)
     qconfig = load_config(config)
     qmodel = prepare(model, tuple(i.example() for i in inputs), qconfig)
     return ModelSource(qmodel, model, inputs, factory, kwargs, qconfig, False)

@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from deployq.prepare import ACT_QUANT, quant_points
-from deployq.qat import model_inputs, weight_qparams
+from deployq.qat import input_names, model_inputs, weight_qparams
 from deployq.qformula import dequantize, quantize
 from deployq.quantizers import FakeQuantizer, quantize_tensor
 from deployq.sim import base_name, quantized_tensor, run, session
@@ -194,14 +194,17 @@ def check_parity(qmodel: fx.GraphModule, model: onnx.ModelProto, batches: Iterab
         raise ValueError(f"the ONNX model has no QuantizeLinear for quant points {missing[:8]}")
     wanted = {n: q_outputs[n] for n, p in points.items() if p.kind != "weight"}
     sess = session(model, optimize=False, extra_outputs=wanted.values())
-    input_names = [i.name for i in sess.get_inputs()]
+    names = input_names(qmodel)
+    onnx_inputs = {i.name for i in sess.get_inputs()}
+    if set(names) != onnx_inputs:
+        raise ValueError(f"the ONNX model takes inputs {sorted(onnx_inputs)}, the torch model {names}")
     report = {n: PointParity(n, p.kind, p.spec.bits) for n, p in points.items()}
     weights_done = False
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        inputs = model_inputs(batch)
-        feeds = {name: t.detach().numpy().astype(np.float32) for name, t in zip(input_names, inputs)}
+        inputs = model_inputs(batch, names)
+        feeds = {name: t.detach().numpy().astype(np.float32) for name, t in zip(names, inputs)}
         results = run(sess, feeds)
         theirs = {name: results[output] for name, output in wanted.items()}
         ours = torch_codes(qmodel, inputs, theirs if local else None)

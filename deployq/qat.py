@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -40,15 +40,36 @@ def set_mode(model: nn.Module, mode: str) -> None:
             m.mode = mode
 
 
-def model_inputs(batch: Batch) -> tuple:
-    """The positional model inputs of a batch: a tensor, a tuple/list of tensors, or a dict with
-    'input' (the first element of an (input, target) pair is the input)."""
+def input_names(model: nn.Module) -> list[str]:
+    """The names of a prepared model's inputs (its forward's arguments), in order."""
+    model = getattr(model, "module", model)
+    return [str(n.target) for n in model.graph.nodes if n.op == "placeholder"]
+
+
+def model_inputs(batch: Batch, names: Sequence[str] = ("input",)) -> tuple:
+    """The positional inputs of a model whose inputs are called `names`, from a batch:
+
+    * a tensor (one-input models);
+    * a tuple / list: its first ``len(names)`` elements (so an (input, target) pair gives the input);
+    * a dict: the values of `names`, or of ``"input"`` for a one-input model.
+    """
+    n = len(names)
     if isinstance(batch, torch.Tensor):
+        if n != 1:
+            raise TypeError(f"the model takes {n} inputs ({', '.join(names)}); a batch must be a tuple or dict of them, "
+                            "not one tensor")
         return (batch,)
     if isinstance(batch, dict):
-        return (batch["input"],)
+        if all(name in batch for name in names):
+            return tuple(batch[name] for name in names)
+        if n == 1 and "input" in batch:
+            return (batch["input"],)
+        missing = [name for name in names if name not in batch]
+        raise KeyError(f"a batch dict has no {', '.join(missing)} (keys: {', '.join(map(str, batch))})")
     if isinstance(batch, (tuple, list)):
-        return (batch[0],)
+        if len(batch) < n:
+            raise TypeError(f"the model takes {n} inputs ({', '.join(names)}); a batch has {len(batch)} elements")
+        return tuple(batch[:n])
     raise TypeError(f"cannot take model inputs from a batch of type {type(batch).__name__}")
 
 
@@ -61,6 +82,7 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], *, max_batches: Option
     observers' statistics there). Returns the number of batches seen; zero is an error.
     """
     was_training = model.training
+    names = input_names(model)
     set_mode(model, "observe")
     model.eval()
     seen = 0
@@ -68,7 +90,7 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], *, max_batches: Option
         with torch.no_grad():
             items = itertools.islice(batches, max_batches) if max_batches else batches
             for batch in progress_bar(items, "calibrating", total=max_batches, enabled=progress):
-                inputs = model_inputs(batch)
+                inputs = model_inputs(batch, names)
                 if device is not None:
                     inputs = tuple(t.to(device) for t in inputs)
                 model(*inputs)

@@ -1,7 +1,8 @@
 """On-device inference: raw camera files -> packed input -> onnxruntime -> sRGB PNG (``deployq run``).
 
-A full-resolution frame is far larger than the model's input, so it is cut into tiles of the
-model's input size that overlap by ``overlap`` packed pixels; each tile's output is weighted by a
+A model exported with ``--dynamic-hw`` takes a whole frame in one call (padded to the multiple its
+down-sampling needs), so there are no seams. A fixed-size model, or a frame too large for one call,
+is cut into tiles that overlap by ``overlap`` packed pixels; each tile's output is weighted by a
 window that ramps up from its edges, and the weighted outputs are summed and normalised, so seams
 vanish and memory stays bounded by one batch of tiles.
 
@@ -29,18 +30,34 @@ class RunError(ValueError):
     """Inputs or a model that ``deployq run`` cannot use; the message names the file."""
 
 
+WHOLE_FRAME_PIXELS = 2048 * 2048  # packed pixels a dynamic model takes in one call before tiling
+DEFAULT_TILE = 1024  # tile side (packed pixels) for dynamic models, when a frame is larger
+MULTIPLES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
 @dataclass
 class Engine:
-    """An onnxruntime session for a packed-raw model with a fixed tile size and a dynamic batch."""
+    """An onnxruntime session for a packed-raw model (N, 4, H, W) with a dynamic batch.
+
+    `tile` is the model's fixed (h, w), or None when height and width are dynamic; then `multiple`
+    is what every side must be a multiple of (the model's down-sampling)."""
 
     session: ort.InferenceSession
     input_name: str
-    tile: tuple[int, int]  # (h, w) of the model input, packed pixels
+    tile: Optional[tuple[int, int]]  # (h, w) of a fixed-size model input, packed pixels
     scale: int  # output pixels per packed pixel
     channels: int  # output channels
+    multiple: int = 1
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
+
+
+def _probe(sess: ort.InferenceSession, name: str, h: int, w: int) -> Optional[np.ndarray]:
+    try:
+        return sess.run(None, {name: np.zeros((1, 4, h, w), np.float32)})[0]
+    except Exception:  # onnxruntime raises its own exception types for a size the model refuses
+        return None
 
 
 def load_engine(model_path: str, threads: Optional[int] = None) -> Engine:
@@ -49,12 +66,27 @@ def load_engine(model_path: str, threads: Optional[int] = None) -> Engine:
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] != 4:
         shapes = [i.shape for i in inputs]
         raise RunError(f"{model_path}: deployq run feeds packed raw (N, 4, H, W); the model takes {shapes}")
+    dims = next(v for v in model.graph.input if v.name == inputs[0].name).type.tensor_type.shape.dim
+    dynamic = not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[2:])
     sess = session(model, optimize=True, threads=threads or 0)
-    _, _, h, w = inputs[0].shape
-    probe = sess.run(None, {inputs[0].name: np.zeros((1, 4, h, w), np.float32)})[0]
-    if probe.ndim != 4 or probe.shape[2] % h or probe.shape[3] % w or probe.shape[2] // h != probe.shape[3] // w:
-        raise RunError(f"{model_path}: its first output {probe.shape} is not an image scaled from the input {(h, w)}")
-    return Engine(sess, inputs[0].name, (h, w), probe.shape[2] // h, probe.shape[1])
+    multiple = 1
+    if dynamic:  # the smallest power-of-two multiple the model's down-sampling accepts
+        multiple = next((m for m in MULTIPLES if _probe(sess, inputs[0].name, 128 + m, 128 + m) is not None), 0)
+        h = w = 128 + multiple
+        if not multiple:
+            raise RunError(f"{model_path}: its input height and width are dynamic, but it runs on no size "
+                           f"128 + m (m in {MULTIPLES})")
+    else:
+        _, _, h, w = inputs[0].shape
+    probe = _probe(sess, inputs[0].name, h, w)
+    if probe is None or probe.ndim != 4 or probe.shape[2] % h or probe.shape[3] % w or probe.shape[2] // h != probe.shape[3] // w:
+        found = "an error" if probe is None else str(probe.shape)
+        raise RunError(f"{model_path}: its first output ({found}) is not an image scaled from the input {(h, w)}")
+    return Engine(sess, inputs[0].name, None if dynamic else (h, w), probe.shape[2] // h, probe.shape[1], multiple)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def positions(size: int, tile: int, step: int) -> list[int]:
@@ -79,17 +111,48 @@ def window(height: int, width: int, ramp: int) -> np.ndarray:
     return np.outer(profile(height), profile(width)).astype(np.float32)
 
 
-def infer_tiled(engine: Engine, packed: np.ndarray, overlap: Optional[int] = None, batch: int = 4) -> np.ndarray:
-    """The model's output for a whole (4, H, W) packed frame, tile by tile. `overlap` defaults to
-    a quarter of the tile, at most 16 packed pixels."""
-    th, tw = engine.tile
-    overlap = min(16, min(th, tw) // 4) if overlap is None else overlap
+def infer(engine: Engine, packed: np.ndarray, tile: Optional[int] = None, overlap: Optional[int] = None,
+          batch: int = 4) -> np.ndarray:
+    """The model's output for a whole (4, H, W) packed frame.
+
+    A model with dynamic height and width takes the frame in one call (padded to its size
+    multiple) unless `tile` is given or the frame exceeds WHOLE_FRAME_PIXELS; a fixed-size model,
+    or a tiled run, goes tile by tile (:func:`infer_tiled`)."""
+    if engine.tile is not None:
+        if tile is not None and (tile, tile) != engine.tile:
+            raise RunError(f"--tile {tile}: the model's input size is fixed at {engine.tile[0]}x{engine.tile[1]}")
+        return infer_tiled(engine, packed, engine.tile, overlap, batch)
+    _, height, width = packed.shape
+    if tile is None and height * width <= WHOLE_FRAME_PIXELS:
+        ph, pw = _round_up(height, engine.multiple), _round_up(width, engine.multiple)
+        padded = _pad_to(packed, ph, pw)
+        return engine.run(padded[None].astype(np.float32))[0][:, : height * engine.scale, : width * engine.scale]
+    side = _round_up(tile or DEFAULT_TILE, engine.multiple)
+    return infer_tiled(engine, packed, (side, side), overlap, batch)
+
+
+def _pad_to(packed: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`packed` extended to (height, width) by reflection (edge copies for a 1-pixel frame)."""
+    _, h, w = packed.shape
+    pad_h, pad_w = max(0, height - h), max(0, width - w)
+    if not (pad_h or pad_w):
+        return packed
+    if min(h, w) > 1 and pad_h < h and pad_w < w:
+        return np.pad(packed, ((0, 0), (0, pad_h), (0, pad_w)), mode="reflect")
+    return np.pad(packed, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
+
+
+def infer_tiled(engine: Engine, packed: np.ndarray, tile: tuple[int, int], overlap: Optional[int] = None,
+                batch: int = 4) -> np.ndarray:
+    """The model's output for a (4, H, W) packed frame, tile by tile, blending overlaps. `overlap`
+    defaults to a quarter of the tile, at most 16 packed pixels (32 for tiles of 512 and more)."""
+    th, tw = tile
+    if overlap is None:
+        overlap = min(32 if min(th, tw) >= 512 else 16, min(th, tw) // 4)
     if overlap < 0 or overlap >= min(th, tw):
         raise RunError(f"--overlap must be from 0 to {min(th, tw) - 1} packed pixels, got {overlap}")
     _, height, width = packed.shape
-    pad_h, pad_w = max(0, th - height), max(0, tw - width)
-    if pad_h or pad_w:
-        packed = np.pad(packed, ((0, 0), (0, pad_h), (0, pad_w)), mode="reflect" if min(height, width) > 1 else "edge")
+    packed = _pad_to(packed, max(th, height), max(tw, width))
     _, ph, pw = packed.shape
     s = engine.scale
     out = np.zeros((engine.channels, ph * s, pw * s), np.float32)
@@ -130,6 +193,7 @@ def write_png(path: str, image: np.ndarray) -> None:
 @dataclass
 class Bench:
     tiles_per_call: int
+    size: tuple[int, int] = (0, 0)  # (h, w) of each timed input, packed pixels
     latencies_ms: list[float] = field(default_factory=list)
 
     def percentiles(self) -> dict[str, float]:
@@ -138,13 +202,17 @@ class Bench:
                 "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
 
 
+BENCH_SIZE = 256  # packed input side that a dynamic-size model is timed at
+
+
 def bench(engine: Engine, runs: int, batch: int = 1, warmup: int = 3) -> Bench:
-    """Latency of `runs` calls on one batch of tiles (after `warmup` calls)."""
-    th, tw = engine.tile
+    """Latency of `runs` calls on one batch of tiles (after `warmup` calls); a dynamic-size model
+    is timed on BENCH_SIZE x BENCH_SIZE packed inputs."""
+    th, tw = engine.tile or (_round_up(BENCH_SIZE, engine.multiple),) * 2
     x = np.random.default_rng(0).uniform(0, 1, (batch, 4, th, tw)).astype(np.float32)
     for _ in range(warmup):
         engine.run(x)
-    result = Bench(batch)
+    result = Bench(batch, (th, tw))
     for _ in range(runs):
         start = time.perf_counter()
         engine.run(x)
@@ -169,8 +237,8 @@ def input_files(inputs: Sequence[str]) -> list[Path]:
 
 
 def enhance(model_path: str, inputs: Sequence[str], out_dir: str, *, ratio: Optional[float] = None,
-            threads: Optional[int] = None, overlap: Optional[int] = None, batch: int = 4,
-            say: Callable[[str], None] = print) -> list[Path]:
+            threads: Optional[int] = None, tile: Optional[int] = None, overlap: Optional[int] = None,
+            batch: int = 4, say: Callable[[str], None] = print) -> list[Path]:
     """Run `model_path` over raw files (or folders of them); one PNG per input in `out_dir`.
 
     All PNGs appear together when every input has been processed; if one input fails, none does.
@@ -188,7 +256,7 @@ def enhance(model_path: str, inputs: Sequence[str], out_dir: str, *, ratio: Opti
     with AtomicOutputs() as out:
         for path in files:
             start = time.perf_counter()
-            image = infer_tiled(engine, read_input(path, ratio), overlap=overlap, batch=batch)
+            image = infer(engine, read_input(path, ratio), tile=tile, overlap=overlap, batch=batch)
             target = out.write(Path(out_dir) / f"{path.stem}.png", lambda tmp: write_png(tmp, image))
             say(f"{path.name} -> {target} ({image.shape[2]}x{image.shape[1]}, {time.perf_counter() - start:.2f} s)")
             written.append(target)

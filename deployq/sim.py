@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -131,6 +131,7 @@ class InputInfo:
     name: str
     shape: tuple[int, ...]  # symbolic dimensions resolved to 1
     dtype: type
+    free: tuple[int, ...] = ()  # symbolic dimensions after the batch (e.g. a --dynamic-hw export's H, W)
 
 
 def inputs_of(model: onnx.ModelProto) -> list[InputInfo]:
@@ -140,8 +141,38 @@ def inputs_of(model: onnx.ModelProto) -> list[InputInfo]:
         if value.name in initializers:
             continue
         tensor = value.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor.shape.dim)
-        out.append(InputInfo(value.name, shape, ONNX_TO_NUMPY.get(tensor.elem_type, np.float32)))
+        fixed = [d.HasField("dim_value") and d.dim_value > 0 for d in tensor.shape.dim]
+        shape = tuple(d.dim_value if ok else 1 for d, ok in zip(tensor.shape.dim, fixed))
+        free = tuple(i for i, ok in enumerate(fixed) if not ok and i > 0)
+        out.append(InputInfo(value.name, shape, ONNX_TO_NUMPY.get(tensor.elem_type, np.float32), free))
+    return out
+
+
+def with_shapes(inputs: list[InputInfo], shapes: Optional[Sequence[tuple[Optional[str], tuple[int, ...]]]],
+                where: str = "--input-shape") -> list[InputInfo]:
+    """`inputs` with the shapes given as ``[(name or None, shape), ...]``, checked against the
+    model's fixed dimensions; every symbolic dimension after the batch needs one."""
+    given = {name if name is not None else (inputs[0].name if len(inputs) == 1 else None): tuple(shape)
+             for name, shape in (shapes or [])}
+    if None in given:
+        raise ModelFileError(f"the model takes {len(inputs)} inputs; name each in {where} (NAME:N,C,H,W)")
+    unknown = [n for n in given if n not in {i.name for i in inputs}]
+    if unknown:
+        raise ModelFileError(f"{where} names {', '.join(unknown)}; the model's inputs are {', '.join(i.name for i in inputs)}")
+    out = []
+    for i in inputs:
+        shape = given.get(i.name)
+        if shape is None:
+            if i.free:
+                raise ModelFileError(f"input {i.name!r} has symbolic dimensions {list(i.free)} (e.g. a --dynamic-hw "
+                                     f"export): give {where} {i.name}:N,C,H,W")
+            out.append(i)
+            continue
+        fixed = [d for k, d in enumerate(i.shape) if k > 0 and k not in i.free]
+        if len(shape) != len(i.shape) or [d for k, d in enumerate(shape) if k > 0 and k not in i.free] != fixed:
+            raise ModelFileError(f"{where} {shape} does not fit input {i.name!r} of shape "
+                                 f"{tuple('?' if k == 0 or k in i.free else d for k, d in enumerate(i.shape))}")
+        out.append(InputInfo(i.name, shape, i.dtype))
     return out
 
 
@@ -169,13 +200,13 @@ def random_feeds(inputs: list[InputInfo], count: int, seed: int = 0,
 
 def file_feeds(path: str, inputs: list[InputInfo], ratio: Optional[float] = None,
                limit: Optional[int] = None) -> list[dict[str, np.ndarray]]:
-    """Inputs read from files (raw, images, .npy/.npz) for a single-input model."""
-    from deployq.calib.data import load_inputs
+    """Inputs read from files: raw, images, .npy/.npz for a one-input model; .npz files keyed by
+    input name for a model with several inputs (:func:`deployq.calib.data.load_feeds`)."""
+    from deployq.calib.data import load_feeds
 
-    if len(inputs) != 1:
-        raise ModelFileError(f"--input feeds one input; the model has {len(inputs)}: use --random")
-    arrays = load_inputs(path, inputs[0].shape, ratio=ratio, limit=limit)
-    return [{inputs[0].name: a.astype(inputs[0].dtype)} for a in arrays]
+    feeds = load_feeds(path, [(i.name, i.shape) for i in inputs], ratio=ratio, limit=limit)
+    dtypes = {i.name: i.dtype for i in inputs}
+    return [{name: a.astype(dtypes[name]) for name, a in f.items()} for f in feeds]
 
 
 def cpu_isa() -> dict[str, object]:

@@ -62,14 +62,20 @@ def constant_value(tensor: gs.Tensor) -> Optional[np.ndarray]:
     return None
 
 
-def unique_name(graph: gs.Graph, base: str) -> str:
-    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
-    if base not in taken:
-        return base
-    i = 1
-    while f"{base}_{i}" in taken:
-        i += 1
-    return f"{base}_{i}"
+class Names:
+    """Fresh names for new tensors and nodes of a graph: a base name, or ``base_1``, ``base_2``, ...
+    if taken. The names in use are read once, so naming stays cheap on graphs with thousands of
+    tensors."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
 
 
 def layer_bias(node: gs.Node) -> Optional[tuple[gs.Node, int]]:

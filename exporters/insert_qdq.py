@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 
 from deployq.exporters.fuse_activation import FusedGroup
 from deployq.exporters.graph import (WEIGHT_LAYER_OPS, PassLog, RewriteError, constant_value, consumers,
-                                     layer_axis, layer_bias, producer, unique_name)
+                                     layer_axis, layer_bias, Names, producer)
 from deployq.qformula import bias_is_quantized, bias_scale, onnx_integer_dtype, quantize_bias_np, quantize_np
 from deployq.qparams import QParams
 
@@ -56,6 +56,7 @@ def carries_quantization(node: gs.Node) -> bool:
 class _Inserter:
     def __init__(self, graph: gs.Graph, log: PassLog) -> None:
         self.graph = graph
+        self.name = Names(graph)
         self.log = log
         self.dq_record: dict[int, QParams] = {}  # id(DQ output tensor) -> record
         self.constants: dict[str, tuple[gs.Constant, gs.Constant]] = {}
@@ -63,8 +64,8 @@ class _Inserter:
     def _qparam_constants(self, rec: QParams) -> tuple[gs.Constant, gs.Constant]:
         if rec.name not in self.constants:
             dtype = onnx_integer_dtype(rec.bits, rec.signed)
-            scale = gs.Constant(unique_name(self.graph, f"{rec.name}_scale"), rec.scale_array)
-            zp = gs.Constant(unique_name(self.graph, f"{rec.name}_zero_point"), rec.zero_point_array.astype(dtype))
+            scale = gs.Constant(self.name(f"{rec.name}_scale"), rec.scale_array)
+            zp = gs.Constant(self.name(f"{rec.name}_zero_point"), rec.zero_point_array.astype(dtype))
             self.constants[rec.name] = (scale, zp)
         return self.constants[rec.name]
 
@@ -84,21 +85,21 @@ class _Inserter:
             if rec.axis is not None:
                 raise RewriteError(f"quant point {rec.name!r}: per-channel activations of {rec.bits} bits "
                                    "need a per-channel clip; use per_tensor for this layer (or 8 / 16 bits)")
-            clipped = gs.Variable(unique_name(g, f"{base}_Clip_Output"), dtype=np.float32)
-            new_nodes.append(gs.Node("Clip", unique_name(g, f"{base}_Clip"), {},
-                                     [source, gs.Constant(unique_name(g, f"{base}_clip_min"), lo),
-                                      gs.Constant(unique_name(g, f"{base}_clip_max"), hi)], [clipped]))
+            clipped = gs.Variable(self.name(f"{base}_Clip_Output"), dtype=np.float32)
+            new_nodes.append(gs.Node("Clip", self.name(f"{base}_Clip"), {},
+                                     [source, gs.Constant(self.name(f"{base}_clip_min"), lo),
+                                      gs.Constant(self.name(f"{base}_clip_max"), hi)], [clipped]))
             source = clipped
-        codes = gs.Variable(unique_name(g, f"{base}_QuantizeLinear_Output"), dtype=dtype)
-        value = gs.Variable(unique_name(g, f"{base}_DequantizeLinear_Output"), dtype=np.float32)
-        new_nodes.append(gs.Node("QuantizeLinear", unique_name(g, f"{base}_QuantizeLinear"), attrs, [source, scale, zp], [codes]))
-        new_nodes.append(gs.Node("DequantizeLinear", unique_name(g, f"{base}_DequantizeLinear"), attrs, [codes, scale, zp], [value]))
+        codes = gs.Variable(self.name(f"{base}_QuantizeLinear_Output"), dtype=dtype)
+        value = gs.Variable(self.name(f"{base}_DequantizeLinear_Output"), dtype=np.float32)
+        new_nodes.append(gs.Node("QuantizeLinear", self.name(f"{base}_QuantizeLinear"), attrs, [source, scale, zp], [codes]))
+        new_nodes.append(gs.Node("DequantizeLinear", self.name(f"{base}_DequantizeLinear"), attrs, [codes, scale, zp], [value]))
         g.nodes.extend(new_nodes)
         for node in users:
             node.inputs = [value if t is tensor else t for t in node.inputs]
         if tensor in g.outputs:
             name = tensor.name
-            tensor.name = unique_name(g, f"{name}_prequant")
+            tensor.name = self.name(f"{name}_prequant")
             value.name = name
             value.shape = tensor.shape
             g.outputs = [value if t is tensor else t for t in g.outputs]
@@ -132,11 +133,11 @@ class _Inserter:
         dtype = onnx_integer_dtype(rec.bits, rec.signed)
         g = self.graph
         attrs = {"axis": use_axis} if use_axis is not None else {}
-        quantized = gs.Constant(unique_name(g, f"{rec.name}_quantized"), codes.astype(dtype))
-        scale = gs.Constant(unique_name(g, f"{rec.name}_scale"), rec.scale_array)
-        zp = gs.Constant(unique_name(g, f"{rec.name}_zero_point"), rec.zero_point_array.astype(dtype))
-        value = gs.Variable(unique_name(g, f"{rec.name}_DequantizeLinear_Output"), dtype=np.float32)
-        g.nodes.append(gs.Node("DequantizeLinear", unique_name(g, f"{rec.name}_DequantizeLinear"), attrs,
+        quantized = gs.Constant(self.name(f"{rec.name}_quantized"), codes.astype(dtype))
+        scale = gs.Constant(self.name(f"{rec.name}_scale"), rec.scale_array)
+        zp = gs.Constant(self.name(f"{rec.name}_zero_point"), rec.zero_point_array.astype(dtype))
+        value = gs.Variable(self.name(f"{rec.name}_DequantizeLinear_Output"), dtype=np.float32)
+        g.nodes.append(gs.Node("DequantizeLinear", self.name(f"{rec.name}_DequantizeLinear"), attrs,
                                [quantized, scale, zp], [value]))
         node.inputs[1] = value
         self.log.count(f"{rec.bits}-bit weights")
@@ -158,11 +159,11 @@ class _Inserter:
         g = self.graph
         base = f"{node.name}.bias"
         attrs = {"axis": 0} if s.ndim else {}
-        quantized = gs.Constant(unique_name(g, f"{base}_quantized"), codes)
-        scale = gs.Constant(unique_name(g, f"{base}_scale"), s)
-        zp = gs.Constant(unique_name(g, f"{base}_zero_point"), np.zeros_like(codes) if s.ndim else np.zeros((), np.int32))
-        value = gs.Variable(unique_name(g, f"{base}_DequantizeLinear_Output"), dtype=np.float32)
-        g.nodes.append(gs.Node("DequantizeLinear", unique_name(g, f"{base}_DequantizeLinear"), attrs,
+        quantized = gs.Constant(self.name(f"{base}_quantized"), codes)
+        scale = gs.Constant(self.name(f"{base}_scale"), s)
+        zp = gs.Constant(self.name(f"{base}_zero_point"), np.zeros_like(codes) if s.ndim else np.zeros((), np.int32))
+        value = gs.Variable(self.name(f"{base}_DequantizeLinear_Output"), dtype=np.float32)
+        g.nodes.append(gs.Node("DequantizeLinear", self.name(f"{base}_DequantizeLinear"), attrs,
                                [quantized, scale, zp], [value]))
         holder.inputs[index] = value
         self.log.count("int32 biases")

@@ -131,8 +131,19 @@ def _name_layers(graph: gs.Graph, layers: dict[str, str]) -> None:
                 const.name = f"{path}.{suffix}"
 
 
-def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opset: int = 21) -> onnx.ModelProto:
-    """The float ONNX model of `qmodel` (BN not yet folded), tensors named by quant points."""
+def _dynamic_dims(example: torch.Tensor, batch: torch.export.Dim, dynamic_hw: bool) -> dict:
+    if dynamic_hw and example.ndim == 4:
+        return {0: batch, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    return {0: batch}
+
+
+def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opset: int = 21,
+                 dynamic_hw: bool = False) -> onnx.ModelProto:
+    """The float ONNX model of `qmodel` (BN not yet folded), tensors named by quant points.
+
+    The batch dimension is always dynamic; `dynamic_hw` also keeps the height and width of 4-D
+    inputs symbolic (a fully convolutional model then runs on whole frames of any size its
+    down-sampling allows)."""
     gm, input_names, output_names, n_outputs, layers = export_module(qmodel)
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -146,7 +157,7 @@ def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         program = torch.onnx.export(gm, examples, None, input_names=input_names,
                                     output_names=output_names, opset_version=opset, dynamo=True,
                                     external_data=False, verbose=False,
-                                    dynamic_shapes=tuple({0: batch} for _ in example_inputs))
+                                    dynamic_shapes=tuple(_dynamic_dims(t, batch, dynamic_hw) for t in example_inputs))
     quiet.setLevel(level)
     model = program.model_proto
     graph = gs.import_onnx(model)

@@ -8,17 +8,27 @@ from onnx import TensorProto, helper
 
 from deployq.calib.synthetic import sid_pair, sample_images, write_dng
 from deployq.cli import main
-from deployq.run import RunError, infer_tiled, load_engine, positions, window
+from deployq.run import RunError, infer, infer_tiled, load_engine, positions, window
 from onnx_builders import make_model
 
 
-def shuffle_model(path, tile=16, kernel=1, seed=0):
-    """Conv (4 -> 12 channels) + DepthToSpace(2): a packed-raw -> RGB model in the example's shape."""
+def shuffle_model(path, tile=16, kernel=1, seed=0, dynamic=False):
+    """Conv (4 -> 12 channels) + DepthToSpace(2): a packed-raw -> RGB model in the example's shape.
+    `dynamic`: height and width symbolic, and a stride-2 pooling pair that needs even sizes."""
     w = np.random.default_rng(seed).normal(0, 0.3, (12, 4, kernel, kernel)).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[kernel // 2] * 4),
              helper.make_node("DepthToSpace", ["c"], ["rgb"], blocksize=2, mode="CRD")]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, tile, tile])],
-                       [helper.make_tensor_value_info("rgb", TensorProto.FLOAT, ["batch", 3, 2 * tile, 2 * tile])], {"W": w})
+    side_in, side_out = ("h", "w"), ("H", "W")
+    if dynamic:  # x + 0 * upsample(maxpool(x)) before the Conv: the same values, but only even sizes run
+        nodes[0].input[0] = "x2"
+        nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+                 helper.make_node("Resize", ["p", "", "scales"], ["u"], mode="nearest"),
+                 helper.make_node("Mul", ["u", "zero"], ["z"]), helper.make_node("Add", ["x", "z"], ["x2"])] + nodes
+    else:
+        side_in, side_out = (tile, tile), (2 * tile, 2 * tile)
+    consts = {"W": w, "scales": np.array([1, 1, 2, 2], np.float32), "zero": np.zeros((), np.float32)} if dynamic else {"W": w}
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, *side_in])],
+                       [helper.make_tensor_value_info("rgb", TensorProto.FLOAT, ["batch", 3, *side_out])], consts)
     path.write_bytes(model.SerializeToString())
     return path, w
 
@@ -38,11 +48,29 @@ def test_tiles_cover_the_frame_and_blend_to_the_whole_frame_result(tmp_path):
     assert engine.tile == (16, 16) and engine.scale == 2 and engine.channels == 3
     packed = np.random.default_rng(1).uniform(0, 1, (4, 37, 53)).astype(np.float32)
     for overlap in (0, 4, 8):
-        out = infer_tiled(engine, packed, overlap=overlap, batch=3)
+        out = infer_tiled(engine, packed, engine.tile, overlap=overlap, batch=3)
         assert out.shape == (3, 74, 106)
         np.testing.assert_allclose(out, direct(w, packed), rtol=1e-5, atol=1e-5)
     small = packed[:, :9, :11]  # smaller than one tile: padded, then cropped back
-    np.testing.assert_allclose(infer_tiled(engine, small), direct(w, small), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(infer(engine, small), direct(w, small), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RunError, match="fixed at 16x16"):
+        infer(engine, packed, tile=32)
+
+
+def test_a_dynamic_size_model_runs_whole_frames_padded_to_its_multiple(tmp_path, monkeypatch):
+    path, w = shuffle_model(tmp_path / "m.onnx", dynamic=True)
+    engine = load_engine(str(path))
+    assert engine.tile is None and engine.multiple == 2 and engine.scale == 2
+    calls = []
+    run = engine.run
+    monkeypatch.setattr(engine, "run", lambda batch: calls.append(batch.shape) or run(batch))
+    packed = np.random.default_rng(2).uniform(0, 1, (4, 37, 53)).astype(np.float32)
+    whole = infer(engine, packed)
+    assert calls == [(1, 4, 38, 54)]  # one call, padded to even sides
+    np.testing.assert_allclose(whole, direct(w, packed), rtol=1e-5, atol=1e-5)
+    tiled = infer(engine, packed, tile=16, overlap=4)  # tiles when asked
+    assert len(calls) > 2 and all(shape[2:] == (16, 16) for shape in calls[1:])
+    np.testing.assert_allclose(tiled, direct(w, packed), rtol=1e-5, atol=1e-5)
 
 
 def test_a_synthetic_dng_becomes_a_png_of_the_right_size(tmp_path):
