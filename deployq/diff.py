@@ -103,6 +103,16 @@ def _fold_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return to_model(graph, opset)
 
 
+def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with ONNX shape inference run: the local and kernel views cut graphs at tensors
+    whose element type must be known, and models from other tools (``quantize_static``) often
+    carry no value_info. A model shape inference cannot handle is returned as it is."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError):
+        return model
+
+
 def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matching:
     """Pair every QuantizeLinear of `quant_model` (and every quantized weight) with `float_model`."""
     folded = _fold_copy(float_model)
@@ -657,6 +667,7 @@ def diff(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: It
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     start = time.perf_counter()
+    float_model, quant_model = with_types(float_model), with_types(quant_model)
     matching = match(float_model, quant_model)
     batches = list(batches)
     if not batches:
