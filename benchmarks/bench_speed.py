@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,7 +36,6 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -97,17 +95,6 @@ class LatencyRow:
     convs: int
 
 
-def optimized_ops(path: Path, threads: int, work: Path) -> Counter:
-    """Op types of the graph onnxruntime really runs (fully optimized, as saved by ORT)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.optimized_model_filepath = str(work / f"{path.stem}.optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-
-
 def latency(model: str, quantization: str, fp32: Path, int8: Path, x: np.ndarray, args: argparse.Namespace,
             work: Path) -> LatencyRow:
     """Median latency of the fp32 and int8 models on input `x`, timed round-robin."""
@@ -115,7 +102,7 @@ def latency(model: str, quantization: str, fp32: Path, int8: Path, x: np.ndarray
                 (("fp32", fp32), ("int8", int8))}
     times = common.round_robin({name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x}))
                                 for name, s in sessions.items()}, args.repeats, warmup=2)
-    ops = optimized_ops(int8, args.threads, work)
+    ops = common.optimized_ops(int8, args.threads, work)
     integer = sum(ops[o] for o in INTEGER_CONVS)
     return LatencyRow(model, quantization, common.median(times["fp32"]), common.median(times["int8"]), integer,
                       integer + sum(ops[o] for o in FLOAT_CONVS))

@@ -21,11 +21,13 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import onnx
+import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -313,6 +315,25 @@ def lowlight_argv(ckpts: LowlightCheckpoints) -> list[str]:
         if path.resolve() != LOWLIGHT_CHECKPOINTS / LOWLIGHT_FILES[name][0]:
             argv += [flag(name), str(path)]
     return argv + (["--factory", ckpts.factory] if ckpts.factory else [])
+
+
+# ---------------------------------------------------------------------------------- graphs
+
+# layers onnxruntime runs as integer kernels, and those it runs in float, in an optimized graph
+INTEGER_LAYERS = ("QLinearConv", "ConvInteger", "QLinearConvTranspose", "QLinearMatMul", "MatMulInteger",
+                  "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul")
+FLOAT_LAYERS = ("Conv", "FusedConv", "ConvTranspose", "NhwcFusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm")
+
+
+def optimized_ops(path: Path, threads: int, work: Path) -> Counter:
+    """Op types of the graph onnxruntime really runs (fully optimized, as saved by ORT)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(work / f"{Path(path).stem}.optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
 
 
 # ---------------------------------------------------------------------------------- peers

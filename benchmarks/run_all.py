@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import (bench_digits, bench_hessian, bench_lowlight, bench_parity, bench_scale, bench_speed,
-                        common)
+from benchmarks import (bench_conformance, bench_digits, bench_hessian, bench_lowlight, bench_parity, bench_scale,
+                        bench_speed, common)
 from deployq.files import AtomicOutputs
 
 OUTPUT = common.ROOT / "BENCHMARKS.md"
@@ -40,6 +40,8 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
                                 "--kwargs", '{"width": 8}', "--weights", "examples/lowlight/checkpoints/float.pt",
                                 "--input-shape", "2,4,32,32", "--layers", "*.lrelu_dup1", "--reference-iter", "100"],
                 ["--threads", "1", "--batches", "2", "--reference-iter", "10"], False),
+    "conformance": (bench_conformance, [], ["--models", "squeezenet1_1", "--size", "64", "--calib", "2", "--eval", "2",
+                                            "--repeats", "2"], False),
 }
 INTRO = [
     "# Benchmarks",

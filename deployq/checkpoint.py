@@ -16,6 +16,7 @@ names it explicitly (``--model``).
 from __future__ import annotations
 
 import importlib
+import inspect
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ def parse(payload: Any, path: Path) -> Checkpoint:
     try:
         return Checkpoint(
             factory=payload["factory"],
-            factory_kwargs=dict(payload.get("factory_kwargs") or {}),
+            factory_kwargs=_mapping(payload.get("factory_kwargs"), path, "factory_kwargs"),
             inputs=[InputSpec(i["name"], tuple(i["shape"]), i.get("dtype", "float32")) for i in payload["inputs"]],
             config=from_dict(payload["config"], f"{path}:config"),
             state_dict=payload["state_dict"],
@@ -140,6 +141,14 @@ def parse(payload: Any, path: Path) -> Checkpoint:
         )
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: missing or malformed field {err}") from None
+
+
+def _mapping(value: Any, path: Path, field: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {field} must be a mapping, got {type(value).__name__}")
+    return dict(value)
 
 
 def plain_state_dict(payload: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -154,15 +163,29 @@ def plain_state_dict(payload: Any, path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path} holds neither a deployq checkpoint nor a state_dict of tensors")
 
 
+# The model factories a checkpoint may name on its own: the examples shipped inside deployq. Any
+# other factory is imported only when the user names it (--model, or a recipe they wrote); a
+# checkpoint naming, say, deployq.cli:main is refused (it would run the CLI with the file's arguments).
+REGISTERED_FACTORIES = frozenset({
+    "deployq.examples.lowlight.model:build",
+    *(f"deployq.examples.zoo:{name}" for name in
+      ("plain_cnn", "unet", "resnet", "channel_attention", "reused", "space_to_depth")),
+    "deployq.examples.torchvision_models:build",
+    "deployq.examples.torchvision_models:two_inputs",
+})
+PLAIN_TYPES = (type(None), bool, int, float, str)
+
+
 def import_factory(reference: str, allowed: bool) -> Callable[..., nn.Module]:
-    """Import ``package.module:function``. Outside deployq this needs `allowed` (the user named it)."""
+    """Import ``package.module:function``: a registered example factory, or any factory the user
+    named (`allowed`)."""
     module_name, _, attr = reference.partition(":")
     if not module_name or not attr:
         raise CheckpointError(f"model factory {reference!r} must look like package.module:function")
-    if not allowed and not (module_name == "deployq" or module_name.startswith("deployq.")):
+    if not allowed and reference not in REGISTERED_FACTORIES:
         raise CheckpointError(
-            f"the checkpoint names the model factory {reference!r}, outside deployq; deployq does "
-            f"not import code named inside a file. Pass --model {reference} to allow it."
+            f"the checkpoint names the model factory {reference!r}, which is not one of deployq's examples; "
+            f"deployq does not import code named inside a file. If you trust it, pass --model {reference}."
         )
     try:
         module = importlib.import_module(module_name)
@@ -174,13 +197,45 @@ def import_factory(reference: str, allowed: bool) -> Callable[..., nn.Module]:
     return factory
 
 
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, PLAIN_TYPES):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def call_factory(build: Callable[..., nn.Module], reference: str, kwargs: dict[str, Any],
+                 where: str = "the checkpoint") -> nn.Module:
+    """``build(**kwargs)``, once the keyword arguments are known to be plain data (numbers,
+    strings, lists, dicts) that the factory's signature accepts."""
+    if not isinstance(kwargs, dict) or not _is_plain(kwargs):
+        raise CheckpointError(f"{where}: the keyword arguments of {reference} must be plain data (numbers, "
+                              f"strings, lists, dicts), got {kwargs!r:.200}")
+    try:
+        inspect.signature(build).bind(**kwargs)
+    except TypeError as err:
+        raise CheckpointError(f"{where}: model factory {reference} does not take the keyword arguments "
+                              f"{sorted(kwargs)}: {err}") from None
+    except ValueError:  # no signature to check (a builtin): let the call decide
+        pass
+    try:
+        model = build(**kwargs)
+    except TypeError as err:  # e.g. a factory taking **kwargs that its model's constructor rejects
+        raise CheckpointError(f"{where}: model factory {reference} rejected the keyword arguments "
+                              f"{kwargs!r:.200}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"model factory {reference} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def float_model(ckpt: Checkpoint, factory: Optional[str] = None) -> nn.Module:
     """The float model, built by the checkpoint's factory (or `factory`, which the user named)."""
-    build = import_factory(factory or ckpt.factory, allowed=factory is not None)
-    model = build(**ckpt.factory_kwargs)
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"model factory {factory or ckpt.factory} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    reference = factory or ckpt.factory
+    build = import_factory(reference, allowed=factory is not None)
+    return call_factory(build, reference, ckpt.factory_kwargs, str(ckpt.path or "the checkpoint"))
 
 
 def build(ckpt: Checkpoint, factory: Optional[str] = None, model: Optional[nn.Module] = None) -> fx.GraphModule:

@@ -140,10 +140,13 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
 @click.option("--fail-below", type=float, metavar="SQNR_DB", help="Exit 1 if the output SQNR is below this (CI gate).")
 @click.option("--input-shape", multiple=True, callback=lambda c, p, v: parse_input_shapes(v), metavar="[NAME:]N,C,H,W",
               help="Input shape for models with symbolic height/width (a --dynamic-hw export); repeat as NAME:N,C,H,W.")
+@click.option("--points", multiple=True, metavar="GLOB",
+              help="Only these quant points (repeatable glob, e.g. 'layer4.*'); sensitivity and kernel modes then "
+                   "measure only them.")
 @handle_errors
 def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_count: Optional[int],
          ratio: Optional[float], limit: int, mode: str, json_path: Optional[str], html_path: Optional[str],
-         top: Optional[int], fail_below: Optional[float], input_shape: Optional[list]) -> None:
+         top: Optional[int], fail_below: Optional[float], input_shape: Optional[list], points: tuple[str, ...]) -> None:
     """Compare a float ONNX model and its quantized (QDQ) model, quant point by quant point.
 
     \b
@@ -167,7 +170,7 @@ def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_cou
         batches = file_feeds(input_path, inputs, ratio=ratio, limit=limit)
     else:
         batches = list(random_feeds(inputs, random_count or 4, ranges=_input_ranges(quant_model)))
-    report = run_diff(float_model, quant_model, batches, mode=mode)
+    report = run_diff(float_model, quant_model, batches, mode=mode, points=list(points) or None)
     console.print(table(report, top))
     for warning in report.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")

@@ -24,10 +24,12 @@ distance between the quant model's code and the code of the float value (0 = exa
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -38,7 +40,7 @@ from deployq.exporters.fold_bn import fold_batchnorm_pass
 from deployq.exporters.graph import WEIGHT_LAYER_OPS, to_model
 from deployq.exporters.insert_qdq import DATA_MOVEMENT_OPS
 from deployq.progress import progress_bar
-from deployq.qformula import dequantize_np, qrange, quantize_np
+from deployq.qformula import dequantize_np, onnx_integer_dtype, qrange, quantize_np
 from deployq.sim import (ModelFileError, base_name, cpu_isa, isa_text, narrowing_clip_bits, quantized_tensor,
                          run, session)
 
@@ -554,65 +556,105 @@ def _local(matching: Matching, float_model: onnx.ModelProto, quant_model: onnx.M
     return stats, outputs
 
 
-def single_point_model(float_folded: onnx.ModelProto, point: QPoint, weight: Optional[QPoint]) -> onnx.ModelProto:
-    """The float model with only `point` quantized (Clip for > 8 bits, Q, DQ) and, if given, the
-    layer producing it running on its dequantized weights."""
+SENSITIVITY_MASK = "deployq_sensitivity_mask"
+
+
+def sensitivity_model(float_folded: onnx.ModelProto, points: list[QPoint],
+                      weights_by_layer: dict[Optional[str], QPoint]) -> onnx.ModelProto:
+    """The float model with every quant point's quantization switchable: one session, one run per
+    point (sensitivity mode).
+
+    At quant point i the tensor x becomes ``Where(mask[i], DQ(Q(x)), x)`` (a Clip first for codes
+    narrower than their storage type), and the weight of the layer producing it
+    ``Where(mask[i], W_q, W)``; the boolean graph input ``deployq_sensitivity_mask`` (one flag per
+    point, in order) picks which are quantized. Where selects exactly, so a run with one flag set
+    computes what the float model with only that point quantized computes."""
     graph = gs.import_onnx(float_folded)
     tensors = graph.tensors()
-    x = tensors[point.name]
-    consumers = list(x.outputs)
-    source = x
-    axis = {"axis": point.axis} if point.axis is not None else {}
-    scale = gs.Constant(f"{point.name}__scale", point.scale)
-    dtype = {(8, False): np.uint8, (8, True): np.int8}.get((min(point.bits, 8) if point.bits <= 8 else 16, point.signed),
-                                                            np.int16 if point.signed else np.uint16)
-    zp = gs.Constant(f"{point.name}__zp", point.zero_point.astype(dtype))
-    if point.bits not in (8, 16) and point.axis is None:
-        lo = np.asarray((point.qmin - point.zero_point.astype(np.float32)) * point.scale, np.float32)
-        hi = np.asarray((point.qmax - point.zero_point.astype(np.float32)) * point.scale, np.float32)
-        clipped = gs.Variable(f"{point.name}__clip", dtype=np.float32)
-        graph.nodes.append(gs.Node("Clip", f"{point.name}__Clip", {}, [x, gs.Constant(f"{point.name}__lo", lo),
-                                                                        gs.Constant(f"{point.name}__hi", hi)], [clipped]))
-        source = clipped
-    codes = gs.Variable(f"{point.name}__codes", dtype=dtype)
-    value = gs.Variable(f"{point.name}__value", dtype=np.float32)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{point.name}__Q", axis, [source, scale, zp], [codes]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{point.name}__DQ", axis, [codes, scale, zp], [value]))
-    for c in consumers:
-        c.inputs = [value if t is x else t for t in c.inputs]
-    if x in graph.outputs:
-        graph.outputs = [value if t is x else t for t in graph.outputs]
-        x.name, value.name = f"{point.name}__float", point.name
-    if weight is not None:
-        layer = next((n for n in graph.nodes if n.op in LAYER_OPS and len(n.inputs) > 1
-                      and isinstance(n.inputs[1], gs.Constant) and n.inputs[1].values.shape == weight.quant_weight.shape
-                      and (n.name == weight.layer or n.outputs[0].name == weight.layer)), None)
-        if layer is not None:
-            layer.inputs[1] = gs.Constant(f"{weight.name}__dequantized", weight.quant_weight.astype(np.float32))
-    graph.cleanup().toposort()
+    mask = gs.Variable(SENSITIVITY_MASK, dtype=np.bool_, shape=[len(points)])
+    graph.inputs.append(mask)
+    layers = {}
+    for node in graph.nodes:
+        if node.op in LAYER_OPS and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+            layers[node.name] = layers[node.outputs[0].name] = node
+
+    def flag(i: int, p: QPoint) -> gs.Variable:
+        out = gs.Variable(f"{p.name}__flag", dtype=np.bool_, shape=[])
+        graph.nodes.append(gs.Node("Gather", f"{p.name}__Gather", {"axis": 0},
+                                   [mask, gs.Constant(f"{p.name}__index", np.array(i, np.int64))], [out]))
+        return out
+
+    for i, p in enumerate(points):
+        x = tensors[p.name]
+        consumers = list(x.outputs)
+        on = flag(i, p)
+        value = gs.Variable(f"{p.name}__value", dtype=np.float32)
+        quantized = gs.Graph(name=f"{p.name}__quantized", outputs=[], opset=graph.opset)
+        quantized.outputs = [_fake_quant_nodes(quantized, x, p)]
+        unchanged = gs.Graph(name=f"{p.name}__float", opset=graph.opset)
+        same = gs.Variable(f"{p.name}__same", dtype=np.float32)
+        unchanged.nodes.append(gs.Node("Identity", f"{p.name}__Identity", {}, [x], [same]))
+        unchanged.outputs = [same]
+        graph.nodes.append(gs.Node("If", f"{p.name}__If", {"then_branch": quantized, "else_branch": unchanged},
+                                   [on], [value]))
+        for c in consumers:
+            c.inputs = [value if t is x else t for t in c.inputs]
+        if x in graph.outputs:
+            graph.outputs = [value if t is x else t for t in graph.outputs]
+            x.name, value.name = f"{p.name}__float", p.name
+        weight = weights_by_layer.get(p.layer)
+        layer = layers.get(weight.layer) if weight is not None else None
+        if layer is not None and layer.inputs[1].values.shape == weight.quant_weight.shape:
+            w = gs.Variable(f"{weight.name}__switched", dtype=np.float32)
+            graph.nodes.append(gs.Node("Where", f"{weight.name}__Where", {},
+                                       [on, gs.Constant(f"{weight.name}__dequantized", weight.quant_weight.astype(np.float32)),
+                                        layer.inputs[1]], [w]))
+            layer.inputs[1] = w
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
     opset = next((o.version for o in float_folded.opset_import if o.domain in ("", "ai.onnx")), 21)
     return to_model(graph, opset)
 
 
-def _sensitivity(matching: Matching, batches: list[dict], progress: bool) -> dict[str, Stats]:
+def _fake_quant_nodes(graph: gs.Graph, x: gs.Tensor, point: QPoint) -> gs.Variable:
+    """(Clip ->) QuantizeLinear -> DequantizeLinear of `x` with `point`'s qparams; the DQ output."""
+    axis = {"axis": point.axis} if point.axis is not None else {}
+    dtype = onnx_integer_dtype(point.bits, point.signed)
+    scale = gs.Constant(f"{point.name}__scale", point.scale)
+    zp = gs.Constant(f"{point.name}__zp", point.zero_point.astype(dtype))
+    source = x
+    if point.bits not in (8, 16) and point.axis is None:
+        lo = np.asarray((point.qmin - point.zero_point.astype(np.float32)) * point.scale, np.float32)
+        hi = np.asarray((point.qmax - point.zero_point.astype(np.float32)) * point.scale, np.float32)
+        source = gs.Variable(f"{point.name}__clip", dtype=np.float32)
+        graph.nodes.append(gs.Node("Clip", f"{point.name}__Clip", {}, [x, gs.Constant(f"{point.name}__lo", lo),
+                                                                       gs.Constant(f"{point.name}__hi", hi)], [source]))
+    codes = gs.Variable(f"{point.name}__codes", dtype=dtype)
+    value = gs.Variable(f"{point.name}__dq", dtype=np.float32)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{point.name}__Q", axis, [source, scale, zp], [codes]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{point.name}__DQ", axis, [codes, scale, zp], [value]))
+    return value
+
+
+def _sensitivity(matching: Matching, points: list[QPoint], batches: list[dict], progress: bool) -> dict[str, Stats]:
     float_folded = matching.float_model
     f_sess = session(float_folded, optimize=False)
     references = [run(f_sess, feeds) for feeds in batches]
-    weights_by_layer = {p.layer: p for p in matching.weights}
+    sess = session(sensitivity_model(float_folded, points, {p.layer: p for p in matching.weights}), optimize=False)
+    outputs = _output_names(float_folded)
     results = {}
-    for point in progress_bar(matching.activations, "sensitivity", enabled=progress):
-        model = single_point_model(float_folded, point, weights_by_layer.get(point.layer))
-        sess = session(model, optimize=False)
+    for i, point in enumerate(progress_bar(points, "sensitivity", enabled=progress)):
+        mask = np.zeros(len(points), np.bool_)
+        mask[i] = True
         s = Stats()
         for feeds, ref in zip(batches, references):
-            out = run(sess, feeds)
-            for name in _output_names(float_folded):
+            out = dict(zip(outputs, sess.run(outputs, {**feeds, SENSITIVITY_MASK: mask})))
+            for name in outputs:
                 s.add(ref[name], out[name])
         results[point.name] = s
     return results
 
 
-def _kernel(matching: Matching, quant_model: onnx.ModelProto, batches: list[dict],
+def _kernel(matching: Matching, selected: list[QPoint], quant_model: onnx.ModelProto, batches: list[dict],
             progress: bool) -> dict[str, Stats]:
     """Each quant point's codes from the integer kernels, against the reference view.
 
@@ -628,7 +670,7 @@ def _kernel(matching: Matching, quant_model: onnx.ModelProto, batches: list[dict
     graph_inputs = [i.name for i in ref_sess.get_inputs()]
     extractor = onnx.utils.Extractor(quant_model)
     results = {}
-    for point in progress_bar(acts, "kernel", enabled=progress):
+    for point in progress_bar(selected, "kernel", enabled=progress):
         if point.source in graph_inputs:
             continue
         inputs = [codes_of[n] for n in point.inputs if n in codes_of] + graph_inputs
@@ -662,13 +704,32 @@ def saturation_warning(rows: list[Row], isa: dict) -> Optional[str]:
             "`--act-signed` (s8 x s8) or `--weight-bits 7` to avoid it.")
 
 
+def select_points(matching: Matching, patterns: Optional[Sequence[str]]) -> list[QPoint]:
+    """The activation quant points whose names match any glob in `patterns` (all if None)."""
+    if not patterns:
+        return matching.activations
+    chosen = [p for p in matching.activations if any(fnmatch.fnmatchcase(p.name, g) for g in patterns)]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(p.name, pattern) for p in matching.activations):
+            names = [p.name for p in matching.activations]
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+            raise ValueError(f"--points {pattern!r} matches no quant point of the model"
+                             + (f"; nearest: {', '.join(close)}" if close else f" (e.g. {', '.join(names[:3])})"))
+    return chosen
+
+
 def diff(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: Iterable[dict], *,
-         mode: str = "accumulated", progress: bool = True, jump_db: float = 6.0) -> DiffReport:
+         mode: str = "accumulated", points: Optional[Sequence[str]] = None, progress: bool = True,
+         jump_db: float = 6.0) -> DiffReport:
+    """Compare `quant_model` with `float_model` on `batches` (dicts of input arrays), quant point by
+    quant point, in `mode` (see the module docstring). `points`: globs of the quant points to
+    report (sensitivity and kernel modes then only measure those); default every one."""
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     start = time.perf_counter()
     float_model, quant_model = with_types(float_model), with_types(quant_model)
     matching = match(float_model, quant_model)
+    selected = select_points(matching, points)
     batches = list(batches)
     if not batches:
         raise ValueError("no input batches to compare on")
@@ -681,13 +742,17 @@ def diff(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: It
     elif mode == "local":
         stats, outputs = _local(matching, float_model, quant_model, batches, progress)
     elif mode == "sensitivity":
-        stats = _sensitivity(matching, batches, progress)
+        stats = _sensitivity(matching, selected, batches, progress)
     else:
-        stats = _kernel(matching, quant_model, batches, progress)
+        stats = _kernel(matching, selected, quant_model, batches, progress)
     rows = []
+    wanted = {p.name for p in selected}
     weights_by_layer = {r.point.layer: r for r in weight_rows}
+    if points:
+        weights_by_layer = {layer: r for layer, r in weights_by_layer.items()
+                            if any(p.layer == layer for p in selected)}
     for p in matching.activations:
-        if p.name not in stats:
+        if p.name not in stats or p.name not in wanted:
             continue
         if p.layer in weights_by_layer and mode in ("accumulated", "local"):
             rows.append(weights_by_layer.pop(p.layer))

@@ -152,7 +152,7 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
             out.write_bytes(files[target], result.quant_model.SerializeToString())
             files["qparams"] = out_dir / "qparams.json"
             out.write_text(files["qparams"], json.dumps(qp.dump(records.values()), indent=1) + "\n")
-            if qmodel is not source.qmodel:  # calibrated here, or re-quantized for the target
+            if calib is not None or qmodel is not source.qmodel:  # calibrated here, or re-quantized
                 files["checkpoint"] = out_dir / f"model.{target}.pt"
                 out.write(files["checkpoint"], lambda tmp: save_checkpoint(
                     tmp, qmodel, factory=source.factory, factory_kwargs=source.factory_kwargs, inputs=source.inputs,

@@ -486,9 +486,7 @@ def load_float_weights(model: nn.Module, path: Path, factory: str) -> None:
 def build_float_model(spec: ModelSpec, weights: Optional[Path] = None) -> nn.Module:
     """The user's float model (their factory, named in their recipe) with float weights."""
     build = ck.import_factory(spec.factory, allowed=True)
-    model = build(**spec.kwargs)
-    if not isinstance(model, nn.Module):
-        raise RecipeError(f"model factory {spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    model = ck.call_factory(build, spec.factory, spec.kwargs, "the recipe")
     load_float_weights(model, weights or spec.weights, spec.factory)
     return model.eval()
 

@@ -21,7 +21,9 @@ import sys
 import types
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # name -> keyword arguments for small inputs (the conformance suite runs at 64..96 pixels)
@@ -71,16 +73,60 @@ def build(name: str, num_classes: int = 1000, image_size: Optional[int] = None, 
     return factory(**kwargs).eval()
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HELD_OUT_PHOTOS = ("chelsea", "coffee")  # never used to warm BatchNorm or to calibrate
+
+
+def photo_crops(count: int, size: int, *, held_out: bool = False, seed: int = 0) -> torch.Tensor:
+    """`count` random square crops of the photographs inside scikit-image, resized to `size`,
+    flipped at random and normalized as torchvision's classifiers expect: (count, 3, size, size).
+
+    `held_out` picks the crops from HELD_OUT_PHOTOS only (evaluation); otherwise from the others
+    (BatchNorm statistics, calibration)."""
+    from deployq.calib.synthetic import sample_images
+
+    photos = [image for name, image in sample_images().items() if (name in HELD_OUT_PHOTOS) == held_out]
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(count):
+        image = photos[i % len(photos)]
+        h, w = image.shape[:2]
+        side = int(rng.integers(min(size, h, w), min(h, w) + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = torch.from_numpy(np.ascontiguousarray(image[y:y + side, x:x + side])).permute(2, 0, 1)[None]
+        crop = F.interpolate(crop.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        crops.append(crop.flip(-1) if rng.random() < 0.5 else crop)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (torch.cat(crops) - mean) / std
+
+
+def with_photo_statistics(model: nn.Module, size: int, *, batches: int = 4, batch_size: int = 8,
+                          seed: int = 0) -> nn.Module:
+    """`model` as a trained network would look to a quantizer: BatchNorm statistics of photographs
+    (:func:`warm_batchnorm`), and weights that torchvision initialises to zeros (ViT's head)
+    drawn at random instead, so that no output is constant. In place; returns `model` (eval)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and weight is not None and not weight.any():
+                weight.copy_(torch.randn(weight.shape, generator=generator) * weight[0].numel() ** -0.5)
+    return warm_batchnorm(model, [photo_crops(batch_size, size, seed=seed + i) for i in range(batches)])
+
+
 @torch.no_grad()
-def warm_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
-    """Set every BatchNorm's running statistics to their average over `batches` (eval afterwards)."""
+def warm_batchnorm(model: nn.Module, batches: Iterable) -> nn.Module:
+    """Set every BatchNorm's running statistics to their average over `batches` (tensors, or tuples
+    of a model's inputs); eval mode afterwards."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for bn in norms:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average
     model.train()
     for x in batches:
-        model(x)
+        model(*x) if isinstance(x, (tuple, list)) else model(x)
     for bn in norms:
         bn.momentum = 0.1
     return model.eval()

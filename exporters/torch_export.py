@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import logging
 import warnings
@@ -145,6 +146,36 @@ def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     inputs symbolic (a fully convolutional model then runs on whole frames of any size its
     down-sampling allows)."""
     gm, input_names, output_names, n_outputs, layers = export_module(qmodel)
+    key = _export_key(gm, example_inputs, opset, dynamic_hw)
+    if key not in _LAST_EXPORT:
+        _LAST_EXPORT.clear()
+        _LAST_EXPORT[key] = _export(gm, input_names, output_names, n_outputs, layers, example_inputs, opset,
+                                    dynamic_hw)
+    out = onnx.ModelProto()
+    out.CopyFrom(_LAST_EXPORT[key])
+    return out
+
+
+# The float export of the last model exported, by its key: exporting one model for several targets
+# (int8, int16; bits change the quant points' qparams, not the float graph) runs torch.onnx once.
+_LAST_EXPORT: dict[str, onnx.ModelProto] = {}
+
+
+def _export_key(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opset: int, dynamic_hw: bool) -> str:
+    """What the float export depends on: the modules (with their settings), the graph, every
+    parameter and buffer, the example inputs' shapes and types, the opset and dynamic axes."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{gm}\n{gm.code}\n{opset}\n{dynamic_hw}".encode())
+    digest.update(repr([(tuple(t.shape), str(t.dtype)) for t in example_inputs]).encode())
+    for name, tensor in gm.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _export(gm: fx.GraphModule, input_names: list[str], output_names: list[str], n_outputs: int,
+            layers: dict[str, str], example_inputs: Sequence[torch.Tensor], opset: int,
+            dynamic_hw: bool) -> onnx.ModelProto:
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # e.g. "torchvision is not installed": not ours to report

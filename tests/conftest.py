@@ -18,3 +18,4 @@ def _seed():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+

@@ -41,6 +41,7 @@ EXPECTED_TABLES = {  # section key: header cells its tables must have
               "| what | deployq diff | Polygraphy |"],
     "scale": ["| depth | quant points | export (s) |", "| stage | ms / layer at 1 | ms / layer at 2 |"],
     "hessian": ["| # | layer | n | iterations |"],
+    "conformance": ["| model | quant points | export | check max LSB | int16 local: lowest row (dB) |"],
 }
 EXPECTED_ROWS = {  # section key: regular expressions of rows it must have
     "lowlight": [r"\| float \| - \| torch fp32 \| fp32 \|", r"\| float, trained on as long as QAT \| - \| torch fp32 \|", r"\| QAT \+ distillation \| deployq \| ORT int8 \| act 8 \(10 at \d+\)",
@@ -51,6 +52,7 @@ EXPECTED_ROWS = {  # section key: regular expressions of rows it must have
     "speed": [r"\| deployq QAT \| [\d.]+ \| [\d.]+× \|", r"\| Polygraphy \(2 runs\) \| [\d.]+ \|"],
     "scale": [r"\| 1 \| 3 \| [\d.]+ \|", r"\| diff kernel \|"],
     "hessian": [r"\| 1 \| `"],
+    "conformance": [r"\| squeezenet1_1 \| \d+ \| yes \| [01] \| [\d.]+ \|"],
 }
 
 

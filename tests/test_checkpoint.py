@@ -1,5 +1,7 @@
 """Checkpoints: round trip, weights_only safety, factory import policy, clear errors."""
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -66,7 +68,7 @@ def test_factories_outside_deployq_need_the_users_word(saved):
     _, path = saved
     c = ck.load(path)
     c.factory = "os.path:join"
-    with pytest.raises(ck.CheckpointError, match="outside deployq.*--model os.path:join"):
+    with pytest.raises(ck.CheckpointError, match="not one of deployq's examples.*--model os.path:join"):
         ck.build(c)
     with pytest.raises(ck.CheckpointError, match="cannot import"):
         ck.import_factory("no_such_pkg_xyz.mod:f", allowed=True)
@@ -99,3 +101,38 @@ def test_model_kwargs_reach_the_factory(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, args + ["--model-kwargs", "width=4"])
     assert result.exit_code == 2 and "is not JSON" in result.output
+
+
+def _rewritten(path, tmp_path, **fields):
+    payload = torch.load(path, weights_only=True)
+    payload.update(fields)
+    out = tmp_path / "rewritten.pt"
+    torch.save(payload, out)
+    return out
+
+
+def test_a_checkpoint_cannot_name_a_callable_inside_deployq_that_is_not_a_model_factory(saved, tmp_path):
+    """The CLI's own entry point, with arguments from the file, would run a shell command."""
+    _, path = saved
+    marker = tmp_path / "ran"
+    evil = _rewritten(path, tmp_path, factory="deployq.cli:main", factory_kwargs={
+        "args": ["inspect", "--model", "os:system", "--model-kwargs", json.dumps({"command": f"touch {marker}"}),
+                 "--input-shape", "1"], "standalone_mode": False})
+    for command in (["inspect", "--ckpt", str(evil)], ["export", "--ckpt", str(evil), "--out", str(tmp_path / "o")],
+                    ["check", "--ckpt", str(evil), "--onnx", str(evil)]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code != 0 and "deployq.cli:main" in result.output and "not one of deployq's examples" in result.output
+        assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("factory,kwargs,message", [
+    ("deployq.examples.zoo:unet", {"no_such_argument": 1}, "zoo:unet rejected the keyword arguments"),
+    ("deployq.examples.torchvision_models:two_inputs", {"depth": 3}, "two_inputs does not take"),
+    ("deployq.examples.zoo:unet", {"width": {1: 2}}, "plain data"),
+    ("deployq.examples.zoo:unet", {"width": torch.ones(1)}, "plain data"),
+])
+def test_factory_arguments_from_a_file_must_be_plain_data_the_factory_takes(saved, tmp_path, factory, kwargs, message):
+    _, path = saved
+    c = ck.load(_rewritten(path, tmp_path, factory=factory, factory_kwargs=kwargs))
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.float_model(c)

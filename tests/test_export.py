@@ -195,7 +195,11 @@ def test_ptq_from_a_plain_state_dict(tmp_path):
     assert result.exit_code == 1 and "--calib" in result.output
     result = runner.invoke(main, args + ["--calib", str(tmp_path / "calib.npy")])
     assert result.exit_code == 0, result.output
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"model.float.onnx", "model.int8.onnx", "qparams.json"}
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"model.float.onnx", "model.int8.onnx", "qparams.json", "model.int8.pt"}
+    # the calibrated model is a deployq checkpoint: check runs on what post-training quantization made
+    result = runner.invoke(main, ["check", "--ckpt", str(out / "model.int8.pt"), "--onnx", str(out / "model.int8.onnx")])
+    assert result.exit_code == 0 and "PASS" in result.output, result.output
 
 
 @pytest.mark.parametrize("make_args,message", [
