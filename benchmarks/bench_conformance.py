@@ -108,8 +108,9 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> Row:
         source = resolve_model(ckpt=str(work / "state.pt"), factory=FACTORY, factory_kwargs=kwargs, input_shape=shape)
         result, export_s = common.timed(lambda: export(source, work / "int8", calib=str(work / "calib.npy"),
                                                        calib_limit=args.calib, progress=False))
-        wide_source = resolve_model(ckpt=str(result.files["checkpoint"]), factory=FACTORY)
-        wide = export(wide_source, work / "int16", target="int16", progress=False)
+        wide_source = resolve_model(ckpt=str(work / "state.pt"), factory=FACTORY, factory_kwargs=kwargs, input_shape=shape)
+        wide = export(wide_source, work / "int16", target="int16", calib=str(work / "calib.npy"),
+                      calib_limit=args.calib, progress=False)
     name_in = result.quant_model.graph.input[0].name
     feeds = [{name_in: x[None]} for x in held_out]
     parity = check_parity(result.qmodel, result.quant_model, [torch.from_numpy(f[name_in]) for f in feeds[:4]])

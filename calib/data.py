@@ -183,6 +183,12 @@ def _array_samples(name: str, array: np.ndarray, input_shape: Sequence[int]) -> 
     """
     sample_shape = tuple(input_shape[1:])
     shape = array.shape
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise InputDataError(f"{name}: not a finite number at index {index} ({array[index]}); "
+                             "inputs must be finite (NaN or Inf would poison every range and metric)")
+    if array.dtype.kind not in "fiub":
+        raise InputDataError(f"{name}: arrays of {array.dtype} are not model inputs (expected numbers)")
     if shape == sample_shape:
         return [array]
     if shape[1:] == sample_shape:

@@ -16,7 +16,7 @@ import click
 from rich.table import Table
 
 from deployq._version import __version__
-from deployq.cli_common import UserError, console, handle_errors, model_options, parse_input_shapes
+from deployq.cli_common import POSITIVE, UserError, console, handle_errors, model_options, parse_input_shapes
 from deployq.cli_train import hessian, train
 
 
@@ -130,7 +130,7 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
 @click.option("--input", "input_path", type=click.Path(exists=True),
               help="Inputs: a raw file or folder (rawpy), images, or .npy/.npz.")
 @click.option("--random", "random_count", type=click.IntRange(1), help="N random inputs of the model's input shape.")
-@click.option("--ratio", type=click.FloatRange(0, min_open=True), help="Exposure ratio applied to raw inputs (SID-style).")
+@click.option("--ratio", type=POSITIVE, help="Exposure ratio applied to raw inputs (SID-style).")
 @click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="At most this many inputs from --input.")
 @click.option("--mode", type=click.Choice(["accumulated", "local", "sensitivity", "kernel"]), default="accumulated",
               show_default=True, help="Which error to measure (see below).")
@@ -158,7 +158,7 @@ def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_cou
     Works on deployq exports and on onnxruntime.quantization.quantize_static models.
     """
     from deployq.diff import diff as run_diff
-    from deployq.files import AtomicOutputs
+    from deployq.files import AtomicOutputs, json_text
     from deployq.report import table, to_html
     from deployq.sim import check_same_inputs, file_feeds, isa_text, load_onnx, random_feeds, with_shapes
 
@@ -178,7 +178,7 @@ def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_cou
         console.print(f"CPU: {isa_text(report.isa)}")
     with AtomicOutputs() as out:
         if json_path:
-            out.write_text(json_path, json.dumps(report.to_json(), indent=1) + "\n")
+            out.write_text(json_path, json_text(report.to_json()))
         if html_path:
             out.write_text(html_path, to_html(report, f"deployq diff: {quant_onnx}", fail_below))
     click.echo(f"verdict: {report.verdict(fail_below)}")
@@ -213,7 +213,7 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
     """
     import torch
 
-    from deployq.files import atomic_path
+    from deployq.files import atomic_path, json_text
     from deployq.model_source import resolve_model
     from deployq.parity import check_parity
     from deployq.sim import file_feeds, inputs_of, load_onnx, random_feeds, with_shapes
@@ -239,7 +239,7 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
     console.print(t)
     if json_path:
         with atomic_path(json_path) as tmp:
-            Path(tmp).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+            Path(tmp).write_text(json_text(report.to_json()))
     verdict = (f"{report.elements} codes at {len(report.points)} quant points: {100 * report.exact_fraction:.4f}% equal, "
                f"max {report.max_lsb} LSB apart")
     failures = report.failures()
@@ -254,7 +254,7 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
 @click.argument("inputs", metavar="INPUT...", nargs=-1, type=click.Path())
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="deployq-run", show_default=True,
               help="Folder for the PNGs (one per input, named after it).")
-@click.option("--ratio", type=click.FloatRange(0, min_open=True),
+@click.option("--ratio", type=POSITIVE,
               help="Exposure ratio (SID: long / short). Default: from SID file names, else 1.")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--tile", type=click.IntRange(8),

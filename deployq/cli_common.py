@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import warnings
 from typing import Any, Callable, Optional
@@ -44,8 +45,27 @@ def handle_errors(command: Callable) -> Callable:
         except (ValueError, FileNotFoundError, KeyError, RuntimeError, ImportError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise UserError(str(message)) from err
+        except Exception as err:
+            if type(err).__module__.startswith("onnxruntime"):  # its own exception types
+                raise UserError(f"onnxruntime: {' '.join(str(err).split())}") from err
+            raise
 
     return wrapper
+
+
+class PositiveFloat(click.ParamType):
+    """A positive, finite number (click's FloatRange lets NaN and infinity through)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not (math.isfinite(number) and number > 0):
+            self.fail(f"{value!r} is not a positive finite number", param, ctx)
+        return number
+
+
+POSITIVE = PositiveFloat()
 
 
 def parse_shape(value: Optional[str]) -> Optional[tuple[int, ...]]:

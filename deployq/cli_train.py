@@ -19,7 +19,7 @@ import click
 import yaml
 from rich.table import Table
 
-from deployq.cli_common import UserError, console, handle_errors, model_options
+from deployq.cli_common import POSITIVE, UserError, console, handle_errors, model_options
 from deployq.hessian import DEFAULT_MAX_ITER, DEFAULT_SHARE, DEFAULT_TOL
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -75,7 +75,7 @@ def _fmt(value: float) -> str:
               help="Stop a layer when the relative change of its running mean is below this.")
 @click.option("--max-iter", type=click.IntRange(1), default=DEFAULT_MAX_ITER, show_default=True,
               help="At most this many Rademacher samples per layer.")
-@click.option("--coeff", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+@click.option("--coeff", type=POSITIVE, default=1.0, show_default=True,
               help="The distillation weights sum to this.")
 @click.option("--batches", "limit", type=click.IntRange(1), default=8, show_default=True,
               help="How many batches of the data to use.")

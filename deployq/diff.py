@@ -141,6 +141,7 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
         if dq is None or scale is None:
             continue
         zp = zp if zp is not None else np.zeros((), np.uint8)
+        _check_scale(scale, name, node.name)
         upstream = _upstream(source, producers, by_value)
         maker = producers.get(source)
         if (maker is not None and maker.op_type in DATA_MOVEMENT_OPS and len(upstream) == 1
@@ -172,6 +173,13 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
     order = {p.name: i for i, p in enumerate(points)}
     points.sort(key=lambda p: order[p.name])
     return Matching(points, folded, unmatched)
+
+
+def _check_scale(scale: np.ndarray, name: str, node: str) -> None:
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        bad = scale[~(np.isfinite(scale) & (scale > 0))].ravel()[:3].tolist()
+        raise ModelFileError(f"quant point {name!r}: node {node!r} has scale {bad}; a scale must be positive "
+                             "and finite (the model is corrupt or was edited)")
 
 
 def _tensor_names(model: onnx.ModelProto) -> set[str]:
@@ -248,6 +256,7 @@ def _weights(quant_model: onnx.ModelProto, float_model: onnx.ModelProto, folded:
         codes = _const(inits, dq.input[0])
         scale = _const(inits, dq.input[1])
         zp = _const(inits, dq.input[2]) if len(dq.input) > 2 else np.zeros_like(codes.reshape(-1)[:1]).reshape(())
+        _check_scale(scale, dq.input[0], dq.name)
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1 if scale.ndim and node.op_type == "ConvTranspose" else 0)
         axis = axis if scale.ndim else None
         weight = dequantize_np(codes, scale, zp, axis)

@@ -13,7 +13,6 @@ saturate int16.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,7 @@ from deployq.exporters.graph import PassLog
 from deployq.exporters.rewriter import rewrite
 from deployq.exporters.torch_export import export_float
 from deployq.checkpoint import save as save_checkpoint
-from deployq.files import AtomicOutputs
+from deployq.files import AtomicOutputs, json_text
 from deployq.model_source import ModelSource
 from deployq.prepare import quant_points
 from deployq.qat import calibrate, qparams_of, set_mode
@@ -151,7 +150,7 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
             files[target] = out_dir / f"model.{target}.onnx"
             out.write_bytes(files[target], result.quant_model.SerializeToString())
             files["qparams"] = out_dir / "qparams.json"
-            out.write_text(files["qparams"], json.dumps(qp.dump(records.values()), indent=1) + "\n")
+            out.write_text(files["qparams"], json_text(qp.dump(records.values())))
             if calib is not None or qmodel is not source.qmodel:  # calibrated here, or re-quantized
                 files["checkpoint"] = out_dir / f"model.{target}.pt"
                 out.write(files["checkpoint"], lambda tmp: save_checkpoint(

@@ -7,6 +7,8 @@ when every output of the job has been written (``os.replace`` is atomic on one f
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -68,6 +70,21 @@ def atomic_path(path: Path | str) -> Iterator[str]:
         holder: list[str] = []
         out.write(path, holder.append)
         yield holder[0]
+
+
+def json_text(data: Any, indent: int = 1) -> str:
+    """`data` as strict JSON (a trailing newline): NaN and infinities, which JSON has no words for,
+    become null, so every JSON file deployq writes parses anywhere."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=indent, allow_nan=False) + "\n"
 
 
 def read_yaml(path: Path | str, what: str, error: type[Exception]) -> Any:

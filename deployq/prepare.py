@@ -21,6 +21,7 @@ import contextlib
 import copy
 import inspect
 import io
+import operator
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -343,6 +344,7 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     quant_nodes: dict[fx.Node, str] = {}
     input_anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     from_inputs = _input_dependent(gm)
+    into_activation: dict[fx.Node, str] = {}  # activation -> the add before it (one quant point after both)
     for node in list(gm.graph.nodes):
         if node.op not in ("placeholder", "call_module", "call_function", "call_method"):
             continue
@@ -354,7 +356,12 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         elif group is not None:
             name, kind, members, op = group.names[-1], "activation", tuple(group.names), modules[node.target].kind
         else:
-            name, kind, members, op = namer.name(node), "activation", (), op_label(node, modules)
+            name, kind, op = namer.name(node), "activation", op_label(node, modules)
+            members = (into_activation[node],) if node in into_activation else ()
+            activation = _fusable_activation_after_add(node, modules, config)
+            if activation is not None:  # quantized once, after the activation (as a layer's output is)
+                into_activation[activation] = name
+                continue
         known_names.update((name, *members))
         spec = config.spec_for(kind, (name, *members))
         if spec is None:
@@ -402,6 +409,22 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+ADDS = {operator.add, torch.add}
+
+
+def _fusable_activation_after_add(node: fx.Node, modules: dict[str, nn.Module], config: QConfig) -> Optional[fx.Node]:
+    """The activation that an add's result feeds, and only it, if that activation is one the
+    config fuses (``relu(x + f(x))``, the residual block). The sum is then not rounded on its own:
+    one quant point after the activation, as for a layer with its activation (fewer roundings; and
+    what onnxruntime's own quantizer does with a residual add)."""
+    is_add = (node.op == "call_function" and node.target in ADDS) or (node.op == "call_method" and node.target == "add")
+    user = _single_user(node)
+    if not is_add or user is None or not user.args or user.args[0] is not node:
+        return None
+    kind = activation_kind(user, modules)
+    return user if kind is not None and kind in config.fuse_activations else None
 
 
 def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:

@@ -11,6 +11,7 @@ vanish and memory stays bounded by one batch of tiles.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import onnxruntime as ort
 from deployq.calib.data import RAW_SUFFIXES, exposure_ratio, has_sid_ratio
 from deployq.calib.raw import load_packed
 from deployq.files import AtomicOutputs
-from deployq.sim import inputs_of, load_onnx, session
+from deployq.sim import ORT_ERRORS, inputs_of, load_onnx, ort_message, session
 
 
 class RunError(ValueError):
@@ -48,27 +49,38 @@ class Engine:
     scale: int  # output pixels per packed pixel
     channels: int  # output channels
     multiple: int = 1
+    path: str = "the model"
+    fixed_batch: Optional[int] = None  # the model's batch size, when its batch dimension is fixed
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+        if self.fixed_batch is not None and len(batch) != self.fixed_batch:  # e.g. an export with batch 1
+            return np.concatenate([self.run(batch[i:i + self.fixed_batch]) for i in range(0, len(batch), self.fixed_batch)])
+        try:
+            return self.session.run(None, {self.input_name: batch})[0]
+        except ORT_ERRORS as err:
+            raise RunError(f"onnxruntime could not run {self.path} on a ({', '.join(map(str, batch.shape))}) "
+                           f"input: {ort_message(err)}") from None
 
 
 def _probe(sess: ort.InferenceSession, name: str, h: int, w: int) -> Optional[np.ndarray]:
     try:
         return sess.run(None, {name: np.zeros((1, 4, h, w), np.float32)})[0]
-    except Exception:  # onnxruntime raises its own exception types for a size the model refuses
+    except ORT_ERRORS:  # a size the model refuses
         return None
 
 
 def load_engine(model_path: str, threads: Optional[int] = None) -> Engine:
-    model = load_onnx(model_path)
+    model = load_onnx(model_path, runtime=False)
     inputs = inputs_of(model)
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] != 4:
         shapes = [i.shape for i in inputs]
         raise RunError(f"{model_path}: deployq run feeds packed raw (N, 4, H, W); the model takes {shapes}")
     dims = next(v for v in model.graph.input if v.name == inputs[0].name).type.tensor_type.shape.dim
     dynamic = not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[2:])
-    sess = session(model, optimize=True, threads=threads or 0)
+    fixed_batch = dims[0].dim_value if dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+    if fixed_batch is not None and fixed_batch != 1:
+        raise RunError(f"{model_path}: its batch dimension is fixed at {fixed_batch}; deployq run needs 1 or a dynamic batch")
+    sess = session(model, optimize=True, threads=threads or 0, label=model_path)
     multiple = 1
     if dynamic:  # the smallest power-of-two multiple the model's down-sampling accepts
         multiple = next((m for m in MULTIPLES if _probe(sess, inputs[0].name, 128 + m, 128 + m) is not None), 0)
@@ -82,7 +94,8 @@ def load_engine(model_path: str, threads: Optional[int] = None) -> Engine:
     if probe is None or probe.ndim != 4 or probe.shape[2] % h or probe.shape[3] % w or probe.shape[2] // h != probe.shape[3] // w:
         found = "an error" if probe is None else str(probe.shape)
         raise RunError(f"{model_path}: its first output ({found}) is not an image scaled from the input {(h, w)}")
-    return Engine(sess, inputs[0].name, None if dynamic else (h, w), probe.shape[2] // h, probe.shape[1], multiple)
+    return Engine(sess, inputs[0].name, None if dynamic else (h, w), probe.shape[2] // h, probe.shape[1], multiple,
+                  model_path, fixed_batch)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -243,8 +256,8 @@ def enhance(model_path: str, inputs: Sequence[str], out_dir: str, *, ratio: Opti
 
     All PNGs appear together when every input has been processed; if one input fails, none does.
     """
-    if ratio is not None and not ratio > 0:
-        raise RunError(f"--ratio must be positive, got {ratio}")
+    if ratio is not None and not (ratio > 0 and math.isfinite(ratio)):
+        raise RunError(f"--ratio must be a positive finite number, got {ratio}")
     engine = load_engine(model_path, threads)
     files = input_files(inputs)
     if ratio is None:

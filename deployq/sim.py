@@ -9,6 +9,7 @@ is only ever run on truncated sub-models (see :mod:`deployq.diff`, mode ``kernel
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
@@ -89,22 +90,38 @@ class ModelFileError(ValueError):
     """A file that is not a usable ONNX model, or two models that cannot be compared."""
 
 
-def load_onnx(path: str | Path) -> onnx.ModelProto:
+# onnxruntime's own exception types (none of them is a RuntimeError or ValueError)
+ORT_ERRORS = tuple(e for e in vars(ort.capi.onnxruntime_pybind11_state).values()
+                   if isinstance(e, type) and issubclass(e, Exception))
+
+
+def ort_message(err: BaseException) -> str:
+    """onnxruntime's message without its '[ONNXRuntimeError] : 1 : FAIL :' prefix, one paragraph."""
+    text = " ".join(str(err).split())
+    return re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text)[:600]
+
+
+def load_onnx(path: str | Path, runtime: bool = True) -> onnx.ModelProto:
+    """An ONNX model from `path`; with `runtime`, also one this onnxruntime can load (IR version,
+    operators, domains), or a :class:`ModelFileError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"{path}: no such file")
+        raise ModelFileError(f"{path}: no such file" if not path.exists() else f"{path} is a folder, not an ONNX file")
     try:
         model = onnx.load(str(path))
-    except (DecodeError, ValueError, OSError) as err:
+    except (DecodeError, ValueError, OSError, RuntimeWarning) as err:
         raise ModelFileError(f"{path} is not an ONNX model ({type(err).__name__}: {err})") from None
     if not model.graph.node:
         raise ModelFileError(f"{path} is not an ONNX model (its graph has no nodes)")
+    if runtime:
+        session(model, optimize=False, label=str(path))
     return model
 
 
 def session(model: onnx.ModelProto, *, optimize: bool, extra_outputs: Iterable[str] = (),
-            threads: int = 1) -> ort.InferenceSession:
-    """A CPU session. With `extra_outputs` the given tensors become graph outputs (reference view)."""
+            threads: int = 1, label: str = "the model") -> ort.InferenceSession:
+    """A CPU session. With `extra_outputs` the given tensors become graph outputs (reference view).
+    A model onnxruntime refuses is a :class:`ModelFileError` naming `label`."""
     extra = [n for n in dict.fromkeys(extra_outputs) if n not in {o.name for o in model.graph.output}]
     if extra:
         if optimize:
@@ -118,12 +135,19 @@ def session(model: onnx.ModelProto, *, optimize: bool, extra_outputs: Iterable[s
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as err:
+        raise ModelFileError(f"onnxruntime {ort.__version__} cannot load {label}: {ort_message(err)}") from None
 
 
-def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str = "the model") -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    try:
+        return dict(zip(names, sess.run(names, feeds)))
+    except ORT_ERRORS as err:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())
+        raise ModelFileError(f"onnxruntime could not run {label} on inputs {shapes}: {ort_message(err)}") from None
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,6 @@ import csv
 import dataclasses
 import difflib
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,7 @@ from deployq import distributed as dd
 from deployq import qparams as qp
 from deployq.config import ConfigError, QConfig, load_config
 from deployq.config import from_dict as qconfig_from_dict
-from deployq.files import AtomicOutputs, read_yaml
+from deployq.files import AtomicOutputs, json_text, read_yaml
 from deployq.prepare import prepare
 from deployq.progress import progress_bar
 from deployq.qat import calibrate, freeze_bn_stats, load_qparams, qparams_of, set_mode
@@ -724,7 +723,7 @@ def _write_epoch(recipe: Recipe, models: Models, optimizer: torch.optim.Optimize
             out.write(out_dir / "best.pt", save_checkpoint)
         out.write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
         out.write_text(out_dir / "metrics.csv", _csv(history))
-        out.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        out.write_text(out_dir / "metrics.json", json_text(summary, indent=2))
 
 
 def _restore(state: dict[str, Any], models: Models, optimizer_factory: Callable[[], torch.optim.Optimizer],

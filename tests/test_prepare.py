@@ -1,5 +1,6 @@
 """prepare(): tracing, de-duplication, fusion, quant points, modes."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,10 @@ def test_structures_have_the_expected_quant_points():
     assert {"x", "enc1.2", "up.weight", "up", "cat", "dec.0.weight", "dec.1", "out"} <= set(unet)
     assert "pool" not in unet  # max-pool carries quantization
     res = names(zoo.resnet, (1, 3, 16, 16))
-    assert {"blocks.0.bn2", "blocks.0.add", "blocks.0.relu_1"} <= set(res)
+    assert {"blocks.0.bn2", "blocks.0.relu_1"} <= set(res)
+    assert "blocks.0.add" not in res  # relu(x + f(x)): one quant point, after the ReLU
+    points = quant_points(deployq.prepare(zoo.resnet(), torch.randn(1, 3, 16, 16)))
+    assert points["blocks.0.relu_1"].members == ("blocks.0.add",)
     ca = names(zoo.channel_attention, (1, 3, 16, 16))
     assert {"ca.pool", "ca.relu", "ca.sigmoid", "ca.mul"} <= set(ca)
     s2d = names(zoo.space_to_depth, (1, 1, 16, 16))
@@ -148,3 +152,28 @@ def test_empty_calibration_set_is_an_error():
     qmodel = deployq.prepare(zoo.reused(), torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="calibration set is empty"):
         deployq.calibrate(qmodel, [], progress=False)
+
+
+def test_an_add_before_a_fused_activation_is_quantized_once_after_it():
+    """relu(a + b) gets one quant point (the sum is not rounded on its own); with ReLU not fused,
+    or when the sum has another reader, the add keeps its own."""
+    class Residual(torch.nn.Module):
+        def __init__(self, also_return_sum=False):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.also = also_return_sum
+
+        def forward(self, x):
+            s = self.conv(x) + x
+            return (torch.relu(s), s) if self.also else torch.relu(s)
+
+    x = torch.randn(1, 3, 8, 8)
+    assert list(quant_points(deployq.prepare(Residual(), x))) == ["x", "conv.weight", "conv", "relu"]
+    unfused = {"fuse_activations": ["relu6"]}
+    assert "add" in quant_points(deployq.prepare(Residual(), x, unfused))
+    assert "add" in quant_points(deployq.prepare(Residual(also_return_sum=True), x))
+    qmodel = deployq.prepare(Residual(), x)
+    deployq.calibrate(qmodel, [torch.randn(2, 3, 8, 8)], progress=False)
+    y = qmodel(x)
+    scale, zp = qmodel.get_submodule("act_quant.relu").qparams()
+    np.testing.assert_allclose((y / scale).numpy(), np.rint((y / scale).numpy()), atol=1e-4)  # on the relu's grid
