@@ -7,19 +7,54 @@ The QAT API::
     deployq.calibrate(qmodel, calib_batches)                         # one observer pass, then quantize
     ... train qmodel ...
     deployq.save_checkpoint("qat.pt", qmodel, factory="pkg.mod:build", inputs=[...])
+
+The names below are imported on first use, so ``import deployq`` (and the ``deployq`` command's
+start-up, and its --help) does not wait for torch.
 """
 
-from deployq._version import __version__
-from deployq.checkpoint import InputSpec
-from deployq.checkpoint import load as load_checkpoint
-from deployq.checkpoint import save as save_checkpoint
-from deployq.config import QConfig, load_config
-from deployq.prepare import prepare, quant_points
-from deployq.qat import calibrate, freeze_bn_stats, qparams_of, set_mode
-from deployq.qspec import QuantSpec
+from __future__ import annotations
 
-__all__ = [
-    "InputSpec", "QConfig", "QuantSpec", "__version__", "calibrate", "freeze_bn_stats",
-    "load_checkpoint", "load_config", "prepare", "qparams_of", "quant_points", "save_checkpoint",
-    "set_mode",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from deployq._version import __version__
+
+_API = {  # name: (module, attribute)
+    "InputSpec": ("deployq.checkpoint", "InputSpec"),
+    "load_checkpoint": ("deployq.checkpoint", "load"),
+    "save_checkpoint": ("deployq.checkpoint", "save"),
+    "QConfig": ("deployq.config", "QConfig"),
+    "load_config": ("deployq.config", "load_config"),
+    "prepare": ("deployq.prepare", "prepare"),
+    "quant_points": ("deployq.prepare", "quant_points"),
+    "calibrate": ("deployq.qat", "calibrate"),
+    "freeze_bn_stats": ("deployq.qat", "freeze_bn_stats"),
+    "qparams_of": ("deployq.qat", "qparams_of"),
+    "set_mode": ("deployq.qat", "set_mode"),
+    "QuantSpec": ("deployq.qspec", "QuantSpec"),
+}
+
+if TYPE_CHECKING:
+    from deployq.checkpoint import InputSpec
+    from deployq.checkpoint import load as load_checkpoint
+    from deployq.checkpoint import save as save_checkpoint
+    from deployq.config import QConfig, load_config
+    from deployq.prepare import prepare, quant_points
+    from deployq.qat import calibrate, freeze_bn_stats, qparams_of, set_mode
+    from deployq.qspec import QuantSpec
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'deployq' has no attribute {name!r}")
+    module, attribute = _API[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+__all__ = sorted([*_API, "__version__"])

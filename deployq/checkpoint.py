@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import pickle
-import zipfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -100,15 +99,37 @@ def read_payload(path: str | Path) -> Any:
     """The object stored in a torch file, loaded with weights_only=True (tensors and plain data)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file" if path.is_dir()
+                              else f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        with warnings.catch_warnings():  # a file saved with another pickle protocol loads the same
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {first}. It is corrupt, truncated, or holds objects "
-            "other than tensors and plain data (deployq never unpickles code)."
+            f"cannot read checkpoint {path}: {first[:200]}. It is corrupt, truncated, not a torch file, or holds "
+            "objects other than tensors and plain data (deployq never unpickles code)."
         ) from None
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str, what: str) -> None:
+    """Load `state` into `model` strictly; a mismatch is one error that says which keys are missing
+    or unexpected and which tensors have other shapes (a model of another width, say)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(shapes)} tensors have other shapes (e.g. {shapes[0]})"] if shapes else []
+        parts += [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})"] if unexpected else []
+        raise CheckpointError(f"{where} does not fit {what}: {'; '.join(parts)}. Are the factory and its "
+                              "keyword arguments (e.g. a width) the ones the weights were made with?")
+    model.load_state_dict(state)
 
 
 def is_checkpoint(payload: Any) -> bool:
@@ -135,12 +156,21 @@ def parse(payload: Any, path: Path) -> Checkpoint:
             inputs=[InputSpec(i["name"], tuple(i["shape"]), i.get("dtype", "float32")) for i in payload["inputs"]],
             config=from_dict(payload["config"], f"{path}:config"),
             state_dict=payload["state_dict"],
-            qparams=qp.load(payload["qparams"]) if payload.get("qparams") else {},
+            qparams=_qparams(payload.get("qparams"), path),
             meta=dict(payload.get("meta") or {}),
             path=path,
         )
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: missing or malformed field {err}") from None
+
+
+def _qparams(value: Any, path: Path) -> dict[str, qp.QParams]:
+    if not value:
+        return {}
+    try:
+        return qp.load(value)
+    except (qp.QParamsError, TypeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: its qparams are malformed: {err}") from None
 
 
 def _mapping(value: Any, path: Path, field: str) -> dict:
@@ -234,21 +264,19 @@ def call_factory(build: Callable[..., nn.Module], reference: str, kwargs: dict[s
 def float_model(ckpt: Checkpoint, factory: Optional[str] = None) -> nn.Module:
     """The float model, built by the checkpoint's factory (or `factory`, which the user named)."""
     reference = factory or ckpt.factory
-    build = import_factory(reference, allowed=factory is not None)
-    return call_factory(build, reference, ckpt.factory_kwargs, str(ckpt.path or "the checkpoint"))
+    where = str(ckpt.path or "the checkpoint")
+    try:
+        build = import_factory(reference, allowed=factory is not None)
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    return call_factory(build, reference, ckpt.factory_kwargs, where)
 
 
 def build(ckpt: Checkpoint, factory: Optional[str] = None, model: Optional[nn.Module] = None) -> fx.GraphModule:
     """The QAT model of a checkpoint, weights and qparams loaded, in quantize mode (eval).
     `model`: the float model to prepare, if already built (else the factory builds it)."""
     model = prepare(model if model is not None else float_model(ckpt, factory), ckpt.example_inputs(), ckpt.config)
-    missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
-    if missing or unexpected:
-        where = ckpt.path or "checkpoint"
-        raise CheckpointError(
-            f"{where} does not fit the model its factory builds: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
+    load_weights(model, ckpt.state_dict, str(ckpt.path or "the checkpoint"), f"the model {factory or ckpt.factory} builds")
     calibrated = all(bool(model.get_submodule(p.quantizer).initialized)
                      for p in quant_points(model).values() if p.kind != "weight")
     set_mode(model, "quantize" if calibrated else "float")

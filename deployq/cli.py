@@ -77,7 +77,8 @@ def inspect(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
               help="int8: 8-bit body, special layers at their bits; int16: everything 16-bit; fp32: float only.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="deployq-out", show_default=True,
               help="Output folder for model.float.onnx, model.<target>.onnx and qparams.json.")
-@click.option("--opset", type=click.IntRange(21), default=21, show_default=True, help="ONNX opset (>= 21).")
+@click.option("--opset", type=click.IntRange(21), default=21, show_default=True,
+              help="ONNX opset: 21 (16-bit QuantizeLinear) up to the newest the installed onnxruntime runs.")
 @click.option("--weight-bits", type=click.IntRange(2, 16),
               help="Bits of the 8-bit-body weights, e.g. 7 for CPUs without VNNI (u8 x s8 saturation).")
 @click.option("--act-signed", is_flag=True, help="Signed 8-bit activations (s8s8 kernels; exact, same grid).")
@@ -99,7 +100,12 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
     Clip + 16-bit Q/DQ, exact). Files appear only when the whole export succeeded.
     """
     from deployq.export import bit_width_summary, export as run_export
+    from deployq.files import check_output
     from deployq.model_source import resolve_model
+
+    check_output(out_dir, "--out", folder=True)
+    for name in ("model.float.onnx", f"model.{target}.onnx", "qparams.json", f"model.{target}.pt"):
+        check_output(Path(out_dir) / name, "--out")
 
     if ckpt is None:
         raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model)")
@@ -158,13 +164,23 @@ def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_cou
     Works on deployq exports and on onnxruntime.quantization.quantize_static models.
     """
     from deployq.diff import diff as run_diff
-    from deployq.files import AtomicOutputs, json_text
+    from deployq.files import AtomicOutputs, check_output, json_text
     from deployq.report import table, to_html
-    from deployq.sim import check_same_inputs, file_feeds, isa_text, load_onnx, random_feeds, with_shapes
+    from deployq.sim import (check_same_inputs, file_feeds, isa_text, load_onnx, quantize_count, random_feeds,
+                             with_shapes)
+
+    for path, option in ((json_path, "--json"), (html_path, "--html")):
+        if path:
+            check_output(path, option)
 
     if input_path and random_count:
         raise UserError("give --input or --random, not both")
     float_model, quant_model = load_onnx(float_onnx), load_onnx(quant_onnx)
+    if quantize_count(float_model) and not quantize_count(quant_model):
+        raise UserError(f"the models are swapped: the first, {float_onnx}, is the quantized one (it has QuantizeLinear "
+                        f"nodes) and the second, {quant_onnx}, is float; give FLOAT.onnx first")
+    if not quantize_count(quant_model):
+        raise UserError(f"{quant_onnx} has no QuantizeLinear: it is not a quantized (QDQ) model")
     inputs = with_shapes(check_same_inputs(float_model, quant_model, float_onnx, quant_onnx), input_shape)
     if input_path:
         batches = file_feeds(input_path, inputs, ratio=ratio, limit=limit)
@@ -213,13 +229,19 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
     """
     import torch
 
-    from deployq.files import atomic_path, json_text
+    from deployq.files import atomic_path, check_output, json_text
     from deployq.model_source import resolve_model
     from deployq.parity import check_parity
-    from deployq.sim import file_feeds, inputs_of, load_onnx, random_feeds, with_shapes
+    from deployq.sim import file_feeds, inputs_of, load_onnx, quantize_count, random_feeds, with_shapes
+
+    if json_path:
+        check_output(json_path, "--json")
 
     source = resolve_model(ckpt=ckpt, factory=factory)
     model = load_onnx(onnx_path)
+    if not quantize_count(model):
+        raise UserError(f"{onnx_path} has no QuantizeLinear: check compares the checkpoint with its quantized (QDQ) "
+                        "export (model.<target>.onnx), not with the float model")
     inputs = inputs_of(model)
     if [i.name for i in inputs] != [i.name for i in source.inputs]:
         raise UserError(f"{onnx_path} takes inputs {[i.name for i in inputs]}, the checkpoint's model "
@@ -277,7 +299,11 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, ratio: O
     fixed-size model, or a frame over 2048x2048 packed pixels, is processed in overlapping tiles
     whose seams are blended. Reads what LibRaw reads (ARW, DNG, NEF, CR2, ...).
     """
+    from deployq.files import check_output
     from deployq.run import bench, enhance, load_engine
+
+    if inputs:
+        check_output(out_dir, "--out", folder=True)
 
     if not inputs and not bench_runs:
         raise UserError("give raw files or folders to enhance, or --bench N to time the model")

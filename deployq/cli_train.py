@@ -101,8 +101,11 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
     written with weights proportional to it. The bit-width column is a HAWQ-style suggestion.
     """
     from deployq.distill import DistillError
+    from deployq.files import check_output
     from deployq.hessian import hessian_traces, write_distill_config
     from deployq.model_source import resolve_model
+
+    check_output(out, "--out")
 
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
                            factory_kwargs=model_kwargs)

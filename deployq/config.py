@@ -200,9 +200,31 @@ def _layer(pattern: str, value: Any, where: str) -> LayerOverride:
     )
 
 
+SEEDS_KEYS = {"extra_quantizer_dict", "fuse_activations"}
+# The rest of a seeds' experiment file (its training settings, which `deployq train --recipe` reads):
+# such a file may serve as the config, and the config leaves these keys to the recipe.
+SEEDS_EXPERIMENT_KEYS = {"quant", "test", "onnx", "quant_teacher", "gpu_id", "batch_size", "debug", "pdb_debug",
+                         "load_model", "load_quant_model", "load_teacher_model", "config_file_path",
+                         "output_layer_list", "distill_config", "distill_coeff"}
+
+
 def _from_seeds(data: Mapping[str, Any], source: str) -> QConfig:
+    unknown = sorted(set(data) - SEEDS_KEYS - SEEDS_EXPERIMENT_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {', '.join(map(repr, unknown))} next to extra_quantizer_dict; "
+                          f"known: {', '.join(sorted(SEEDS_KEYS))} (and the seeds' training settings, "
+                          f"{', '.join(sorted(SEEDS_EXPERIMENT_KEYS))})")
     extra = data.get("extra_quantizer_dict") or {}
-    special = extra.get("special_layer") or {} if isinstance(extra, Mapping) else None
+    if not isinstance(extra, Mapping):
+        raise ConfigError(f"{source}: extra_quantizer_dict must be a mapping with special_layer")
+    for key, value in extra.items():
+        if key == "special_layer":
+            continue
+        if key == "input_layer" or (isinstance(value, Mapping) and set(value) <= {"weight", "activation", "quantize"}):
+            raise ConfigError(f"{source}: extra_quantizer_dict.{key} is one level too high: it belongs under "
+                              f"extra_quantizer_dict.special_layer ({{special_layer: {{{key}: ...}}}})")
+        raise ConfigError(f"{source}: extra_quantizer_dict.{key} is unknown; known: special_layer")
+    special = extra.get("special_layer") or {}
     if not isinstance(special, Mapping):
         raise ConfigError(f"{source}: extra_quantizer_dict.special_layer must be a mapping")
     input_changes: dict[str, Any] = {}

@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from torch import fx
 
@@ -35,6 +36,7 @@ from deployq.model_source import ModelSource
 from deployq.prepare import quant_points
 from deployq.qat import calibrate, qparams_of, set_mode
 from deployq.qformula import qparams_from_range, qrange
+from deployq.sim import max_opset, session
 
 TARGETS = ("int8", "int16", "fp32")
 MIN_OPSET = 21
@@ -128,8 +130,10 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
     """Export `source` for `target` into `out_dir`; nothing is written unless everything succeeds.
     `dynamic_hw`: height and width of 4-D inputs stay symbolic (fully convolutional models)."""
     start = time.perf_counter()
-    if opset < MIN_OPSET:
-        raise ValueError(f"--opset must be at least {MIN_OPSET} (16-bit QuantizeLinear needs opset 21), got {opset}")
+    if not MIN_OPSET <= opset <= max_opset():
+        raise ValueError(f"--opset must be from {MIN_OPSET} (16-bit QuantizeLinear needs opset 21) to {max_opset()} "
+                         f"(the newest this onnx {onnx.__version__} and onnxruntime {ort.__version__} both run), "
+                         f"got {opset}")
     if weight_bits is not None and not 2 <= weight_bits <= 16:
         raise ValueError(f"--weight-bits must be from 2 to 16, got {weight_bits}")
     if target == "fp32":
@@ -142,6 +146,9 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
     float_onnx = export_float(qmodel, examples, opset, dynamic_hw)
     config: QConfig = qmodel.get_submodule("act_quant").config
     result = rewrite(float_onnx, records, config.fuse_activations, opset)
+    for model in (result.float_model, result.quant_model):  # what is published, onnxruntime loads
+        if model is not None:
+            session(model, optimize=False, label=f"the exported model (opset {opset})")
     out_dir = Path(out_dir)
     files = {"float": out_dir / "model.float.onnx"}
     with AtomicOutputs() as out:

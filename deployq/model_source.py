@@ -106,14 +106,9 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
             "factory with --model PKG.MOD:FACTORY (and --calib DATA to calibrate)"
         )
     kwargs = dict(factory_kwargs or {})
-    dummy = ck.Checkpoint(factory, kwargs, [], QConfig(), {})
-    model = ck.float_model(dummy, factory)
+    model = ck.call_factory(ck.import_factory(factory, allowed=True), factory, kwargs, "--model")
     if payload is not None:
-        state = ck.plain_state_dict(payload, Path(ckpt))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{ckpt} does not fit {factory}: missing {sorted(missing)[:5]}, "
-                                  f"unexpected {sorted(unexpected)[:5]}")
+        ck.load_weights(model, ck.plain_state_dict(payload, Path(ckpt)), str(ckpt), f"the model {factory} builds")
     inputs = input_specs(input_shape, None, model)
     qconfig = load_config(config)
     qmodel = prepare(model, tuple(i.example() for i in inputs), qconfig)

@@ -265,12 +265,14 @@ def enhance(model_path: str, inputs: Sequence[str], out_dir: str, *, ratio: Opti
         if unknown:
             say(f"note: no exposure ratio for {len(unknown)} raw file(s) (first: {unknown[0]}): they are not SID "
                 "short exposures with a long one in ../long; running them at ratio 1 (pass --ratio R to brighten)")
-    written = []
+    written, lines = [], []
     with AtomicOutputs() as out:
         for path in files:
             start = time.perf_counter()
             image = infer(engine, read_input(path, ratio), tile=tile, overlap=overlap, batch=batch)
             target = out.write(Path(out_dir) / f"{path.stem}.png", lambda tmp: write_png(tmp, image))
-            say(f"{path.name} -> {target} ({image.shape[2]}x{image.shape[1]}, {time.perf_counter() - start:.2f} s)")
+            lines.append(f"{path.name} -> {target} ({image.shape[2]}x{image.shape[1]}, {time.perf_counter() - start:.2f} s)")
             written.append(target)
+    for line in lines:  # once the PNGs exist
+        say(line)
     return written

@@ -8,6 +8,7 @@ is only ever run on truncated sub-models (see :mod:`deployq.diff`, mode ``kernel
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 from dataclasses import dataclass
@@ -86,6 +87,11 @@ def quantized_tensor(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
     return source, None
 
 
+def quantize_count(model: onnx.ModelProto) -> int:
+    """How many QuantizeLinear nodes `model` has (0: a float model)."""
+    return sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
 class ModelFileError(ValueError):
     """A file that is not a usable ONNX model, or two models that cannot be compared."""
 
@@ -99,6 +105,26 @@ def ort_message(err: BaseException) -> str:
     """onnxruntime's message without its '[ONNXRuntimeError] : 1 : FAIL :' prefix, one paragraph."""
     text = " ".join(str(err).split())
     return re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text)[:600]
+
+
+@functools.lru_cache(maxsize=1)
+def max_opset() -> int:
+    """The newest ONNX opset both the installed onnx and onnxruntime support (onnxruntime is
+    asked with a one-node model at each opset onnx knows, newest first)."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    for opset in range(onnx.defs.onnx_opset_version(), 0, -1):
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [value],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 10
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        except ORT_ERRORS:
+            continue
+        return opset
+    return 0
 
 
 def load_onnx(path: str | Path, runtime: bool = True) -> onnx.ModelProto:

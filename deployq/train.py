@@ -475,11 +475,10 @@ def load_float_weights(model: nn.Module, path: Path, factory: str) -> None:
             f"{path} is a deployq checkpoint (already quantized); QAT starts from the float model's "
             "state_dict. To continue a QAT run use --resume."
         )
-    state = ck.plain_state_dict(payload, path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RecipeError(f"{path} does not fit the model {factory} builds: missing {sorted(missing)[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]}")
+    try:
+        ck.load_weights(model, ck.plain_state_dict(payload, path), str(path), f"the model {factory} builds")
+    except ck.CheckpointError as err:
+        raise RecipeError(str(err)) from None
 
 
 def build_float_model(spec: ModelSpec, weights: Optional[Path] = None) -> nn.Module:
