@@ -15,6 +15,8 @@ start-up, and its --help) does not wait for torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from deployq._version import __version__
@@ -44,17 +46,21 @@ if TYPE_CHECKING:
     from deployq.qspec import QuantSpec
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _API:
-        raise AttributeError(f"module 'deployq' has no attribute {name!r}")
-    module, attribute = _API[name]
-    value = getattr(importlib.import_module(module), attribute)
-    globals()[name] = value
-    return value
+class _Package(types.ModuleType):
+    """The API names resolve to the API objects on first use. A submodule of the same name
+    (``deployq.prepare``) sets the package attribute to itself when it is imported, so the names
+    are looked up here first, not in the module's dictionary."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _API:
+            module, attribute = _API[name]
+            return getattr(importlib.import_module(module), attribute)
+        return super().__getattribute__(name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(_API))
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
-
+sys.modules[__name__].__class__ = _Package
 
 __all__ = sorted([*_API, "__version__"])

@@ -22,7 +22,7 @@ from torch import fx
 from deployq.prepare import ACT_QUANT, quant_points
 from deployq.qat import input_names, model_inputs, weight_qparams
 from deployq.qformula import dequantize, quantize
-from deployq.quantizers import FakeQuantizer, quantize_tensor
+from deployq.quantizers import FakeQuantizer
 from deployq.sim import base_name, quantized_tensor, run, session
 
 
@@ -99,9 +99,12 @@ class ParityReport:
 class _Capture(fx.Interpreter):
     """Runs the QAT graph and records the integer codes each activation quantizer produces.
 
-    With `forced` codes (from onnxruntime), each quantizer's output is replaced by the dequantized
-    forced codes, so every layer computes from exactly the inputs the other side had: what is
-    then compared is the layer's own arithmetic, not error that flowed in from above.
+    Each quantizer runs its own forward (the fake quantization QAT trains with), and its codes are
+    read off the result, which lies on the quantization grid: a fault in a quantizer's forward
+    shows here as codes onnxruntime does not produce. With `forced` codes (from onnxruntime), each
+    quantizer's output is replaced by the dequantized forced codes, so every layer computes from
+    exactly the inputs the other side had: what is then compared is the layer's own arithmetic,
+    not error that flowed in from above.
     """
 
     def __init__(self, gm: fx.GraphModule, forced: Optional[dict[str, np.ndarray]] = None) -> None:
@@ -114,12 +117,15 @@ class _Capture(fx.Interpreter):
             return super().call_module(target, args, kwargs)
         name = target[len(ACT_QUANT) + 1:]
         q: FakeQuantizer = self.module.get_submodule(target)
-        codes = quantize_tensor(q, args[0].detach())
+        value = super().call_module(target, args, kwargs)  # the quantizer's own forward (what QAT runs)
+        scale, zero_point = q.qparams()
+        axis = q.axis if scale.ndim else None
+        # its output is on the grid: (q - zp)·s; the codes are read back off it
+        codes = quantize(value.detach(), scale, zero_point, q.qmin, q.qmax, axis)
         self.codes[name] = codes.numpy().astype(np.int64)
         if self.forced is not None and name in self.forced:
-            codes = torch.from_numpy(self.forced[name].astype(np.float32))
-        scale, zero_point = q.qparams()
-        return dequantize(codes, scale, zero_point, q.axis if scale.ndim else None)
+            value = dequantize(torch.from_numpy(self.forced[name].astype(np.float32)), scale, zero_point, axis)
+        return value
 
 
 def torch_codes(qmodel: fx.GraphModule, inputs: tuple[torch.Tensor, ...],

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from deployq.calib.observers import create_observer
-from deployq.qformula import broadcast_shape, quantize, qparams_from_range
+from deployq.qformula import broadcast_shape, qparams_from_range
 from deployq.qspec import QuantSpec
 from deployq.registry import Registry
 
@@ -309,9 +309,3 @@ def create_quantizer(spec: QuantSpec, name: str, axis: int | None = None, channe
         return cls(spec, name, axis=axis, channels=channels, is_weight=is_weight)
     except TypeError as err:
         raise ValueError(f"{name}: bad quantizer_args for {spec.quantizer!r}: {err}") from None
-
-
-def quantize_tensor(q: FakeQuantizer, x: torch.Tensor) -> torch.Tensor:
-    """Integer codes of `x` under `q`'s current qparams (for parity checks and export)."""
-    scale, zero_point = q.qparams()
-    return quantize(x, scale, zero_point, q.qmin, q.qmax, q.axis if scale.ndim else None)

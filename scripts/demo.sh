@@ -4,7 +4,7 @@
 # Sets up .venv with the pinned versions first (once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup-venv.sh
+source scripts/setup-venv.sh ""  # no extras (an empty argument: not this script's own $1)
 out="${1:-build/lowlight}"
 ckpt="examples/lowlight/checkpoints/qat.pt"
 

@@ -230,3 +230,41 @@ def test_files_left_by_an_earlier_export_are_pointed_out(tmp_path):
     result = run_export(resolve_model(ckpt=str(path)), tmp_path / "out", target="fp32", progress=False)
     assert set(result.files) == {"float"}
     assert any("model.int8.onnx, qparams.json from an earlier export" in note for note in result.notes), result.notes
+
+
+@pytest.mark.parametrize("bits", [8, 10])
+def test_parity_holds_on_exact_half_step_ties(tmp_path, bits):
+    """Inputs exactly half-way between two codes: x / s = k + ½ with a power-of-two scale, so the
+    division is exact and only the tie rule decides. onnxruntime rounds half to even; so must
+    the quantizers' own forward (round-half-up or multiplying by 1/s would differ here)."""
+    qmodel = deployq.prepare(zoo.plain_cnn(), torch.zeros(1, 3, 16, 16), {"input": bits})
+    deployq.calibrate(qmodel, [torch.rand(1, 3, 16, 16)], progress=False)
+    scale = 2.0 ** -6
+    qmodel.get_submodule("act_quant.x").set_qparams(np.array(scale, np.float32), np.array(0))
+    path = ck.save(tmp_path / "ties.pt", qmodel, factory="deployq.examples.zoo:plain_cnn",
+                   inputs=[ck.InputSpec("x", (1, 3, 16, 16))])
+    result = run_export(resolve_model(ckpt=str(path)), tmp_path / "out", progress=False)
+    k = torch.randint(0, 2 ** bits - 2, (2, 3, 16, 16))
+    ties = ((k.float() + 0.5) * scale)
+    report = check_parity(result.qmodel, result.quant_model, [ties])
+    x = next(p for p in report.points if p.name == "x")
+    assert x.elements == ties.numel() and x.exact == x.elements  # every tie rounded alike
+    assert report.ok(min_exact=0.9999, max_lsb=1)
+
+
+def test_check_catches_a_fault_in_a_quantizers_own_forward(tmp_path, monkeypatch):
+    """The torch side of check runs the quantizer modules' forward: rounding half up there (a
+    plausible bug that the shared formula would not show) is caught on ties."""
+    from deployq import quantizers
+
+    qmodel = deployq.prepare(zoo.plain_cnn(), torch.zeros(1, 3, 16, 16))
+    deployq.calibrate(qmodel, [torch.rand(1, 3, 16, 16)], progress=False)
+    qmodel.get_submodule("act_quant.x").set_qparams(np.array(2.0 ** -6, np.float32), np.array(0))
+    path = ck.save(tmp_path / "f.pt", qmodel, factory="deployq.examples.zoo:plain_cnn",
+                   inputs=[ck.InputSpec("x", (1, 3, 16, 16))])
+    result = run_export(resolve_model(ckpt=str(path)), tmp_path / "out", progress=False)
+    ties = (torch.randint(0, 200, (1, 3, 16, 16)).float() + 0.5) * 2.0 ** -6
+    monkeypatch.setattr(quantizers.FakeQuantizer, "_round", lambda self, v: torch.floor(v + 0.5))
+    report = check_parity(result.qmodel, result.quant_model, [ties])
+    x = next(p for p in report.points if p.name == "x")
+    assert x.exact < 0.75 * ties.numel() and not report.ok()  # half-up and half-to-even agree on half the ties

@@ -110,6 +110,17 @@ def test_read_raw_subtracts_per_site_black_and_scales_to_white(tmp_path):
     assert image.path == path
 
 
+def test_a_12_bit_raw_scales_to_its_own_white_level(tmp_path):
+    """A 12-bit camera (white 4095) with its own black level per site: nothing assumes 14 bits."""
+    raw = np.random.default_rng(5).integers(0, 4300, size=(SIDE, SIDE)).astype(np.uint16)
+    blacks = [256, 240, 250, 262]
+    image = read_raw(write_dng(tmp_path / "twelve.dng", raw, "RGGB", blacks, 4095))
+    black_map = np.tile(np.array(blacks, np.float32).reshape(2, 2), (SIDE // 2, SIDE // 2))
+    expected = np.clip((raw.astype(np.float32) - black_map) / (4095 - black_map), 0, 1)
+    np.testing.assert_allclose(image.bayer, expected, rtol=0, atol=1e-7)
+    assert image.white_level == 4095 and 0.4 < image.bayer.mean() < 0.6
+
+
 def test_read_raw_without_exposure_time(tmp_path):
     path = write_dng(tmp_path / "noexif.dng", _random_raw(np.random.default_rng(3)))
     assert read_raw(path).exposure_time is None

@@ -12,10 +12,11 @@ from deployq.run import RunError, infer, infer_tiled, load_engine, positions, wi
 from onnx_builders import make_model
 
 
-def shuffle_model(path, tile=16, kernel=1, seed=0, dynamic=False):
+def shuffle_model(path, tile=16, kernel=1, seed=0, dynamic=False, positive=False):
     """Conv (4 -> 12 channels) + DepthToSpace(2): a packed-raw -> RGB model in the example's shape.
     `dynamic`: height and width symbolic, and a stride-2 pooling pair that needs even sizes."""
     w = np.random.default_rng(seed).normal(0, 0.3, (12, 4, kernel, kernel)).astype(np.float32)
+    w = np.abs(w) if positive else w
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[kernel // 2] * 4),
              helper.make_node("DepthToSpace", ["c"], ["rgb"], blocksize=2, mode="CRD")]
     side_in, side_out = ("h", "w"), ("H", "W")
@@ -134,3 +135,24 @@ def test_ratio_must_be_positive_and_a_missing_one_is_said(tmp_path):
     assert out.exit_code == 0 and "no exposure ratio" in out.output and "--ratio" in out.output
     out = runner.invoke(main, ["run", str(path), str(short), "--ratio", "100", "--out", str(tmp_path / "o")])
     assert out.exit_code == 0 and "no exposure ratio" not in out.output
+
+
+def test_the_ratio_brightens_what_the_model_sees(tmp_path):
+    """Pixel values through a known (pointwise) model: the PNG is the model applied to the packed
+    raw times --ratio, clipped to [0, 1], in 8 bits."""
+    from deployq.calib.raw import pack_bayer, read_raw
+
+    path, w = shuffle_model(tmp_path / "m.onnx", positive=True)  # keeps light positive: brightening shows
+    raw = np.random.default_rng(3).integers(512, 900, size=(48, 64)).astype(np.uint16)  # dark: 0..2.4% of white
+    dng = write_dng(tmp_path / "dark.dng", raw)
+    packed = pack_bayer(read_raw(dng).bayer)
+    means = {}
+    for ratio in (1, 20):
+        out = tmp_path / f"r{ratio}"
+        result = CliRunner().invoke(main, ["run", str(path), str(dng), "--ratio", str(ratio), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        png = imageio.v3.imread(out / "dark.png").astype(np.int64)
+        expected = np.clip(direct(w, np.clip(packed * ratio, 0, 1)), 0, 1).transpose(1, 2, 0) * 255
+        assert np.abs(png - np.floor(expected + 0.5)).max() <= 1, ratio
+        means[ratio] = png.mean()
+    assert means[20] > 5 * means[1]
