@@ -38,7 +38,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
     "scale": (bench_scale, [], ["--depths", "1,2", "--repeats", "1"], False),
     "hessian": (bench_hessian, ["--threads", "1", "--model", "deployq.examples.lowlight.model:build",
                                 "--kwargs", '{"width": 8}', "--weights", "examples/lowlight/checkpoints/float.pt",
-                                "--input-shape", "2,4,32,32", "--layers", "*.lrelu_dup1", "--reference-iter", "100"],
+                                "--input-shape", "1,4,64,64", "--batches", "8", "--reference-iter", "0"],
                 ["--threads", "1", "--batches", "2", "--reference-iter", "10"], False),
     "conformance": (bench_conformance, [], ["--models", "squeezenet1_1", "--size", "64", "--calib", "2", "--eval", "2",
                                             "--repeats", "2"], False),

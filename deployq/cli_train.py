@@ -86,11 +86,14 @@ def _fmt(value: float) -> str:
 @click.option("--mode", type=click.Choice(["float", "quantize"]), default="float", show_default=True,
               help="Trace the float network (the thesis) or the fake-quantized one (a calibrated checkpoint).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Rademacher vectors.")
+@click.option("--estimator", type=click.Choice(["shared", "per-layer"]), default="shared", show_default=True,
+              help="shared: every layer's trace from one Hessian-vector product per sample (fast); per-layer: "
+                   "one product per layer and sample (less variance, time grows with the layer count).")
 @handle_errors
 def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str],
             input_shape: Optional[list],
             data: str, patterns: tuple[str, ...], top: int, out: str, tol: float, max_iter: int, coeff: float,
-            limit: int, batch_size: int, loss: str, mode: str, seed: int) -> None:
+            limit: int, batch_size: int, loss: str, mode: str, seed: int, estimator: str) -> None:
     """Rank activations by Hessian trace (Hutchinson) and write a distillation config.
 
     \b
@@ -115,7 +118,7 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
     else:
         batches = _input_batches(path, source.inputs, limit)
     report = hessian_traces(source.qmodel, batches, list(patterns) or None, loss=loss, mode=mode, tol=tol,
-                            max_iter=max_iter, seed=seed, progress=True)
+                            max_iter=max_iter, seed=seed, progress=True, estimator=estimator)
     try:
         weights = dict(report.distill_config(top, coeff).layers)
     except DistillError as err:

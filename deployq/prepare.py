@@ -10,6 +10,9 @@
   (the kinds in ``QConfig.fuse_activations``) into a :class:`deployq.fused.QuantLayer`.
 * **Quant points** (docs/design.md, contract 3): every model input, the output of every compute op (after
   its fused activation), and every layer's weight. Data-movement ops carry quantization through.
+  A model output is quantized only where a layer (Conv / Linear, with its activation) produces it:
+  there the integer kernel's requantization is free; after pooling, an add or a resize, rounding
+  the output would only add error (onnxruntime's quantize_static leaves those outputs float too).
 
 The model's own weights are used (a deep copy): QAT never starts from random weights. The result is
 in ``float`` mode, bit-identical to the input model until :func:`deployq.qat.set_mode` is called.
@@ -358,9 +361,12 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         else:
             name, kind, op = namer.name(node), "activation", op_label(node, modules)
             members = (into_activation[node],) if node in into_activation else ()
-            activation = _fusable_activation_after_add(node, modules, config)
+            activation = _fusable_activation_after(node, modules, config)
             if activation is not None:  # quantized once, after the activation (as a layer's output is)
                 into_activation[activation] = name
+                continue
+            if _only_output(node, modules):  # a model output after pooling, an add, a resize: rounding gains nothing
+                known_names.update((name, *members))
                 continue
         known_names.update((name, *members))
         spec = config.spec_for(kind, (name, *members))
@@ -414,17 +420,35 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
 ADDS = {operator.add, torch.add}
 
 
-def _fusable_activation_after_add(node: fx.Node, modules: dict[str, nn.Module], config: QConfig) -> Optional[fx.Node]:
-    """The activation that an add's result feeds, and only it, if that activation is one the
-    config fuses (``relu(x + f(x))``, the residual block). The sum is then not rounded on its own:
-    one quant point after the activation, as for a layer with its activation (fewer roundings; and
-    what onnxruntime's own quantizer does with a residual add)."""
+def _fusable_activation_after(node: fx.Node, modules: dict[str, nn.Module], config: QConfig) -> Optional[fx.Node]:
+    """The activation that `node`'s result feeds, and only it, if `node` is an add or a BatchNorm
+    of its own (not folded into a layer) and the activation is one the config fuses:
+    ``relu(x + f(x))`` (the residual block), ``relu(bn(x))`` (DenseNet's pre-activation). The
+    result is then not rounded on its own: one quant point after the activation, as for a layer
+    with its activation (fewer roundings; and what onnxruntime's own quantizer does)."""
     is_add = (node.op == "call_function" and node.target in ADDS) or (node.op == "call_method" and node.target == "add")
+    is_bn = node.op == "call_module" and isinstance(modules[node.target], BATCHNORMS)
     user = _single_user(node)
-    if not is_add or user is None or not user.args or user.args[0] is not node:
+    if not (is_add or is_bn) or user is None or not user.args or user.args[0] is not node:
         return None
     kind = activation_kind(user, modules)
     return user if kind is not None and kind in config.fuse_activations else None
+
+
+def _only_output(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True if `node`'s value reaches nothing but the model's outputs (through data movement)."""
+    stack, seen = list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op == "output":
+            continue
+        if not is_data_movement(user, modules):
+            return False
+        stack.extend(user.users)
+    return bool(seen)
 
 
 def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:

@@ -1,8 +1,10 @@
-"""Progress bars for long loops (rich), silent when output is not a terminal or when disabled."""
+"""Progress for long loops: a rich bar on a terminal; elsewhere (a log file, CI, a pipe) one plain
+line on stderr every LINE_INTERVAL seconds, so a long job is never silent; nothing when disabled."""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Iterable, Iterator, Optional, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -10,16 +12,35 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 
+LINE_INTERVAL = 10.0  # seconds between progress lines when stderr is not a terminal
+
+
 def progress_bar(items: Iterable[T], description: str, total: Optional[int] = None,
                  enabled: bool = True) -> Iterator[T]:
-    if not enabled or not sys.stderr.isatty():
+    if not enabled:
         yield from items
         return
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
+    if not sys.stderr.isatty():
+        yield from _progress_lines(items, description, total)
+        return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(description, total=total)
         for item in items:
             yield item
             bar.advance(task)
+
+
+def _progress_lines(items: Iterable[T], description: str, total: Optional[int]) -> Iterator[T]:
+    start = last = time.monotonic()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= LINE_INTERVAL:
+            print(f"{description}: {done}/{total if total is not None else '?'} ({now - start:.0f} s)",
+                  file=sys.stderr, flush=True)
+            last = now

@@ -42,6 +42,25 @@ def test_reused_modules_get_a_name_and_quantizer_per_call_site():
     assert qmodel.get_submodule("act_quant.lrelu") is not qmodel.get_submodule("act_quant.lrelu_dup1")
 
 
+def test_a_model_output_is_quantized_only_where_a_layer_makes_it():
+    """After pooling (a classifier's features), an add or a resize, rounding the output adds error
+    and saves nothing; a Conv / Linear output keeps its quant point (integer kernels make it)."""
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            pooled = F.adaptive_avg_pool2d(y, 1).flatten(1)
+            return self.fc(pooled), pooled, y + 1
+
+    points = quant_points(deployq.prepare(Heads(), torch.randn(1, 3, 8, 8)))
+    assert {"fc", "adaptive_avg_pool2d", "relu"} <= set(points)  # pooled also feeds fc: quantized
+    assert "add" not in points  # y + 1 is an output only
+
+
 def test_structures_have_the_expected_quant_points():
     def names(factory, shape):
         return list(quant_points(deployq.prepare(factory(), torch.randn(*shape))))
@@ -124,9 +143,10 @@ class HasBranchy(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 1)
         self.gate = Branchy()
+        self.out = nn.Conv2d(3, 3, 1)
 
     def forward(self, x):
-        return self.gate(self.conv(x))
+        return self.out(self.gate(self.conv(x)))
 
 
 def test_trace_failure_names_the_module_and_the_fix():
@@ -161,19 +181,25 @@ def test_an_add_before_a_fused_activation_is_quantized_once_after_it():
         def __init__(self, also_return_sum=False):
             super().__init__()
             self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.head = torch.nn.Conv2d(3, 3, 1)
             self.also = also_return_sum
 
         def forward(self, x):
             s = self.conv(x) + x
-            return (torch.relu(s), s) if self.also else torch.relu(s)
+            y = self.head(torch.relu(s))
+            return (y, self.head(s)) if self.also else y
 
     x = torch.randn(1, 3, 8, 8)
-    assert list(quant_points(deployq.prepare(Residual(), x))) == ["x", "conv.weight", "conv", "relu"]
+    assert list(quant_points(deployq.prepare(Residual(), x))) == ["x", "conv.weight", "conv", "relu", "head.weight", "head"]
     unfused = {"fuse_activations": ["relu6"]}
     assert "add" in quant_points(deployq.prepare(Residual(), x, unfused))
     assert "add" in quant_points(deployq.prepare(Residual(also_return_sum=True), x))
     qmodel = deployq.prepare(Residual(), x)
     deployq.calibrate(qmodel, [torch.randn(2, 3, 8, 8)], progress=False)
+    relu = qmodel.get_submodule("act_quant.relu")
+    seen = []
+    relu.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
     with torch.no_grad():
-        steps = (qmodel(x) / qmodel.get_submodule("act_quant.relu").qparams()[0]).numpy()
-    np.testing.assert_allclose(steps, np.rint(steps), atol=1e-4)  # the output is on the relu's grid
+        qmodel(x)
+    steps = (seen[0] / relu.qparams()[0]).numpy()
+    np.testing.assert_allclose(steps, np.rint(steps), atol=1e-4)  # the sum goes on the relu's grid

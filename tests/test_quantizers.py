@@ -167,3 +167,55 @@ def test_observe_then_quantize_freezes_qparams(rng):
     assert s.item() == pytest.approx(5.0 / 255, rel=1e-6) and zp.item() == round(1 / (5.0 / 255))
     q(torch.tensor([100.0]))  # quantize mode does not observe
     assert q.qparams()[0].item() == s.item()
+
+
+def _reference(q, x):
+    """The quantizer's formula written with autograd's own elementwise ops (what the fused node
+    replaces): LSQ's gradient scale g on the learned scale and offset, and round with the
+    straight-through or DSQ's soft-rounding gradient."""
+    from deployq.quantizers import round_ste, scale_gradient, straight_through
+
+    g = 1.0 / math.sqrt(q._feature_count(x) * q.qmax)
+    if hasattr(q, "log_scale"):
+        scale = torch.exp(scale_gradient(q.log_scale, g))
+    else:
+        scale = q.scale
+    if isinstance(q.zero_point, torch.nn.Parameter):
+        zp = torch.clamp(round_ste(scale_gradient(q.zero_point, g)), q.qmin, q.qmax)
+    else:
+        zp = q.zero_point
+    if scale.ndim:
+        shape = [1] * x.ndim
+        shape[q.axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    v = x / scale
+    if hasattr(q, "alpha") and q.training:
+        rounded = straight_through(torch.round(v), soft_round(v, torch.clamp(q.alpha, 1e-4, 0.4999)))
+    else:
+        rounded = round_ste(v)
+    return (torch.clamp(rounded + zp, q.qmin, q.qmax) - zp) * scale
+
+
+@pytest.mark.parametrize("name", ["fixed", "lsq", "lsq+", "dsq", "dsq_lsq"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_gradients_equal_autograds_own(name, per_channel):
+    """The fused node's closed-form backward gives the gradients autograd computes for the same
+    formula written out (to float rounding), for x, the scale, the zero point and DSQ's α; the
+    forward is the same, bit for bit."""
+    spec = QuantSpec(bits=4, signed=False, symmetric=False, per_channel=per_channel, quantizer=name)
+    q = create_quantizer(spec, "t", axis=1, channels=3)
+    q.set_qparams(np.array([0.11, 0.2, 0.05]) if per_channel else np.array(0.1),
+                  np.array([3, 5, 2]) if per_channel else np.array(4))
+    q.mode = "quantize"
+    q.train()
+    if isinstance(q.zero_point, torch.nn.Parameter):
+        with torch.no_grad():
+            q.zero_point.add_(0.3)  # off the integer grid, as a learned offset is
+    x = (torch.randn(2, 3, 5, 5) * 0.8 + 0.2).requires_grad_()
+    weight = torch.randn(2, 3, 5, 5)
+    params = [p for p in q.parameters() if p.requires_grad]
+    assert torch.equal(q(x), _reference(q, x))
+    fused = torch.autograd.grad((q(x) * weight).sum(), [x, *params])
+    reference = torch.autograd.grad((_reference(q, x) * weight).sum(), [x, *params])
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
