@@ -43,6 +43,7 @@ import deployq
 from benchmarks import common
 from deployq import checkpoint as ck
 from deployq import distill as dst
+from deployq import quantizers
 from deployq.config import QConfig
 from deployq.examples.lowlight.evaluate import VAL_SIZE, validation_set
 from deployq.export import ExportResult
@@ -64,7 +65,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--unet-width", type=int, default=32, help="width of the zoo UNet")
     parser.add_argument("--unet-size", type=int, default=128, help="side of the zoo UNet's input")
     parser.add_argument("--step-repeats", type=int, default=10, help="timed training steps of each kind")
-    parser.add_argument("--step-batch", type=int, default=4)
+    parser.add_argument("--step-batch", type=int, default=16, help="training batch (the example's recipes: 16)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="time deployq's QAT with eager quantizer kernels only (no torch.compile; quick runs)")
     parser.add_argument("--step-size", type=int, default=64, help="training crop in raw pixels")
     parser.add_argument("--distill-layers", help="layers distilled in the step timing, comma-separated (default: "
                         "the low-light recipe's two, else the model's last activation quant point)")
@@ -201,6 +204,14 @@ def distill_layers(student: nn.Module, requested: Optional[str]) -> list[str]:
     return [next(n for n, p in reversed(points.items()) if p.kind == "activation")]
 
 
+def with_kernels(kernels: dict, step: Callable[[], None]) -> Callable[[], None]:
+    """`step` with the quantizers' backward math set to `kernels` (compiled or eager)."""
+    def run() -> None:
+        quantizers._KERNELS.update(kernels)
+        step()
+    return run
+
+
 def torch_ao_step(float_model: nn.Module, example: torch.Tensor, inputs: torch.Tensor) -> Callable[[], None]:
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
@@ -211,7 +222,8 @@ def torch_ao_step(float_model: nn.Module, example: torch.Tensor, inputs: torch.T
 
 
 def step_contenders(checkpoint: ck.Checkpoint, factory: Optional[str], inputs: torch.Tensor,
-                    requested_layers: Optional[str]) -> tuple[dict[str, Callable[[], None]], dict[str, str], list[str]]:
+                    requested_layers: Optional[str], compile_kernels: bool = True,
+                    ) -> tuple[dict[str, Callable[[], None]], dict[str, str], list[str]]:
     """The training steps to time ({name: step}), the ones that could not be built ({name: error})
     and the distillation layers."""
     float_model = ck.float_model(checkpoint, factory).train()
@@ -219,10 +231,16 @@ def step_contenders(checkpoint: ck.Checkpoint, factory: Optional[str], inputs: t
     student = deployq.prepare(float_model, (example,), checkpoint.config)
     deployq.calibrate(student, [inputs], progress=False)
     layers = distill_layers(student, requested_layers)
+    quantizers.use_compiled_kernels(False)
+    eager = dict(quantizers._KERNELS)
+    quantizers.use_compiled_kernels(compile_kernels)
+    compiled = dict(quantizers._KERNELS)
+    quantizers.use_compiled_kernels(False)
     contenders = {"float": step_fn(copy.deepcopy(float_model), inputs, output_l1),
-                  "deployq QAT": step_fn(student, inputs, output_l1),
-                  f"deployq QAT + distillation ({len(layers)} layers)": distill_step(
-                      copy.deepcopy(student), float_model, example, inputs, layers, checkpoint.config)}
+                  "deployq QAT": with_kernels(compiled, step_fn(student, inputs, output_l1)),
+                  f"deployq QAT + distillation ({len(layers)} layers)": with_kernels(compiled, distill_step(
+                      copy.deepcopy(student), float_model, example, inputs, layers, checkpoint.config)),
+                  "deployq QAT, eager kernels": with_kernels(eager, step_fn(copy.deepcopy(student), inputs, output_l1))}
     failures = {}
     try:
         contenders["torch.ao FX QAT (x86)"] = torch_ao_step(float_model, example, inputs)
@@ -236,7 +254,8 @@ def training_section(args: argparse.Namespace, ckpts: common.LowlightCheckpoints
     side = args.step_size // 2
     gen = torch.Generator().manual_seed(0)
     inputs = torch.rand((args.step_batch, checkpoint.inputs[0].shape[1], side, side), generator=gen)
-    contenders, failures, layers = step_contenders(checkpoint, ckpts.factory, inputs, args.distill_layers)
+    contenders, failures, layers = step_contenders(checkpoint, ckpts.factory, inputs, args.distill_layers,
+                                                   not args.no_compile)
     with common.quiet():
         times = common.round_robin(contenders, args.step_repeats)
     base = common.median(times["float"])
@@ -248,7 +267,8 @@ def training_section(args: argparse.Namespace, ckpts: common.LowlightCheckpoints
               f"does not depend on them), batch {args.step_batch}×{tuple(inputs.shape[1:])}, Adam, "
               f"{args.step_repeats} steps of each kind round-robin after one warm-up, {torch.get_num_threads()} "
               "torch thread(s). deployq QAT uses the checkpoint's config; distillation layers: "
-              f"{', '.join(f'`{n}`' for n in layers)}."]
+              f"{', '.join(f'`{n}`' for n in layers)}. Its quantizers' backward runs through torch.compile "
+              "(what `deployq train` does; compiled once, in the warm-up step) or eagerly (last row)."]
     return lines
 
 

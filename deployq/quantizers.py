@@ -22,6 +22,9 @@ exported integers always match the weights they came from.
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any, Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -66,6 +69,78 @@ def soft_round(v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return i + 0.5 * (phi + 1.0)
 
 
+def _gradients_ste(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor,
+                   qmin: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Elementwise ∂L/∂x, ∂L/∂s, ∂L/∂zp of x̂ with the straight-through rounding gradient."""
+    v = x / s
+    r = torch.round(v)
+    level = r + zp
+    below = level < qmin
+    inside = ~(below | (level > qmax))
+    grad_x = torch.where(inside, grad, 0.0)
+    grad_s = torch.where(inside, r - v, torch.where(below, qmin - zp, qmax - zp)) * grad
+    grad_zp = torch.where(inside, 0.0, -s * grad)
+    return grad_x, grad_s, grad_zp
+
+
+def _gradients_dsq(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, alpha: torch.Tensor,
+                   qmin: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same with DSQ's soft-rounding slope, and ∂L/∂α (elementwise)."""
+    v = x / s
+    r = torch.round(v)
+    level = r + zp
+    below = level < qmin
+    inside = ~(below | (level > qmax))
+    k = torch.log(2.0 / alpha - 1.0)
+    u = v - torch.floor(v) - 0.5
+    t = torch.tanh(k * u)
+    half = torch.tanh(0.5 * k)
+    bell = 1.0 - t * t
+    slope = 0.5 * k * bell / half
+    dsoft_dalpha = (0.5 * (u * bell * half - 0.5 * t * (1.0 - half * half)) / (half * half)
+                    * (-2.0 / (alpha * (2.0 - alpha))))
+    grad_x = torch.where(inside, grad * slope, 0.0)
+    grad_s = torch.where(inside, r - slope * v, torch.where(below, qmin - zp, qmax - zp)) * grad
+    grad_zp = torch.where(inside, 0.0, -s * grad)
+    grad_alpha = torch.where(inside, grad * s * dsoft_dalpha, 0.0)
+    return grad_x, grad_s, grad_zp, grad_alpha
+
+
+_KERNELS = {"ste": _gradients_ste, "dsq": _gradients_dsq}  # compiled versions replace them, when asked
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Run the quantizers' backward math through ``torch.compile`` (one fused loop instead of ~25
+    tensor operations; ~8x faster on a CPU, after a one-time compilation of ~30 s) or eagerly.
+
+    A platform where compilation fails falls back to the eager functions with a warning, at the
+    first backward pass. The forward, and so every exported number, is the same either way."""
+    if not enabled:
+        _KERNELS.update(ste=_gradients_ste, dsq=_gradients_dsq)
+        return
+    for key, function in (("ste", _gradients_ste), ("dsq", _gradients_dsq)):
+        _KERNELS[key] = _compiled_or_eager(key, function)
+
+
+def _compiled_or_eager(key: str, function: Callable) -> Callable:
+    try:
+        compiled = torch.compile(function, dynamic=True)
+    except Exception as err:  # torch.compile itself unavailable on this platform
+        warnings.warn(f"deployq: fused quantizer kernels not compiled ({type(err).__name__}: {err}); running eagerly")
+        return function
+
+    def run(*args: Any) -> Any:
+        try:
+            return compiled(*args)
+        except Exception as err:  # no C++ compiler, an unsupported platform: compile fails at first use
+            warnings.warn(f"deployq: fused quantizer kernels not compiled ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]}); running eagerly")
+            _KERNELS[key] = function
+            return function(*args)
+
+    return run
+
+
 class _FakeQuantize(torch.autograd.Function):
     """x̂ = (clamp(rint(x/s) + zp, qmin, qmax) − zp)·s in one autograd node, with the closed-form
     gradients of the quantizers here (instead of the ~20 elementwise nodes autograd would record).
@@ -78,7 +153,9 @@ class _FakeQuantize(torch.autograd.Function):
         clamped at q_lim:  ∂x̂/∂x = 0,      ∂x̂/∂s = q_lim − zp,    ∂x̂/∂zp = −s, ∂x̂/∂α = 0
 
     (LSQ / LSQ+: Esser et al. 2020, Bhalgat et al. 2020; DSQ: Gong et al. 2019.) `s` and `zp`
-    arrive shaped to broadcast against x; their gradients are summed back to that shape.
+    arrive shaped to broadcast against x; their gradients are summed back to that shape. The
+    elementwise math is :func:`_gradients_ste` / :func:`_gradients_dsq` (compiled with
+    :func:`use_compiled_kernels`).
     """
 
     @staticmethod
@@ -92,34 +169,31 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, s, zp, alpha = ctx.saved_tensors
-        need_x, need_s, need_zp, _, _, need_alpha = ctx.needs_input_grad
-        v = x / s
-        r = torch.round(v)
-        level = r + zp
-        below, above = level < ctx.qmin, level > ctx.qmax
-        inside = ~(below | above)
+        _, need_s, need_zp, _, _, need_alpha = ctx.needs_input_grad
+        qmin, qmax = float(ctx.qmin), float(ctx.qmax)
+        # every call in one layout, (outer, channels, inner) with (1, channels, 1) qparams, so a
+        # compiled kernel serves per-tensor and per-channel quantizers of any rank alike
+        # (and plain tensors: the bounds as tensors, nothing requiring grad, so nothing recompiles)
+        shape = _grouped_shape(x.shape, s.shape)
+        args = (grad.reshape(shape), x.detach().reshape(shape), s.detach().reshape(1, shape[1], 1),
+                zp.detach().reshape(1, shape[1], 1))
+        bounds = (torch.tensor(qmin, dtype=x.dtype), torch.tensor(qmax, dtype=x.dtype))
+        grad_alpha = None
         if alpha is None:
-            slope, dsoft_dalpha = None, None
+            grad_x, grad_s, grad_zp = _KERNELS["ste"](*args, *bounds)
         else:
-            k = torch.log(2.0 / alpha - 1.0)
-            u = v - torch.floor(v) - 0.5
-            t, half = torch.tanh(k * u), torch.tanh(0.5 * k)
-            slope = 0.5 * k * (1.0 - t * t) / half
-            dsoft_dk = 0.5 * (u * (1.0 - t * t) * half - 0.5 * t * (1.0 - half * half)) / (half * half)
-            dsoft_dalpha = dsoft_dk * (-2.0 / (alpha * (2.0 - alpha)))
-        zero = torch.zeros((), dtype=grad.dtype)
-        grad_x = grad_s = grad_zp = grad_alpha = None
-        if need_x:
-            grad_x = torch.where(inside, grad if slope is None else grad * slope, zero)
-        if need_s:
-            inner = r - v if slope is None else r - slope * v
-            outer = torch.where(below, ctx.qmin - zp, ctx.qmax - zp)
-            grad_s = (torch.where(inside, inner, outer) * grad).sum_to_size(s.shape)
-        if need_zp:
-            grad_zp = torch.where(inside, zero, -s * grad).sum_to_size(zp.shape)
-        if need_alpha and dsoft_dalpha is not None:
-            grad_alpha = torch.where(inside, grad * s * dsoft_dalpha, zero).sum().reshape(alpha.shape)
-        return grad_x, grad_s, grad_zp, None, None, grad_alpha
+            grad_x, grad_s, grad_zp, grad_alpha = _KERNELS["dsq"](*args, alpha.detach(), *bounds)
+            grad_alpha = grad_alpha.sum().reshape(alpha.shape) if need_alpha else None
+        return (grad_x.reshape(x.shape), grad_s.sum((0, 2)).reshape(s.shape) if need_s else None,
+                grad_zp.sum((0, 2)).reshape(zp.shape) if need_zp else None, None, None, grad_alpha)
+
+
+def _grouped_shape(x_shape: torch.Size, q_shape: torch.Size) -> tuple[int, int, int]:
+    """(outer, channels, inner) of x, where the qparams (broadcast shape `q_shape`) vary along channels."""
+    axis = next((i for i, n in enumerate(q_shape) if n != 1), None)
+    if axis is None:
+        return 1, 1, math.prod(x_shape)
+    return math.prod(x_shape[:axis]), x_shape[axis], math.prod(x_shape[axis + 1:])
 
 
 class FakeQuantizer(nn.Module):

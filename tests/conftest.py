@@ -19,3 +19,12 @@ def _seed():
 def rng():
     return np.random.default_rng(0)
 
+
+
+@pytest.fixture(autouse=True)
+def _eager_quantizer_kernels(monkeypatch):
+    """Training in tests runs a few steps: compiling the quantizers' backward (torch.compile, ~30 s
+    once) would cost more than it saves. tests/test_quantizers.py tests the compiled kernels."""
+    from deployq import quantizers, train
+
+    monkeypatch.setattr(train, "use_compiled_kernels", lambda enabled=True: quantizers.use_compiled_kernels(False))

@@ -219,3 +219,21 @@ def test_fused_gradients_equal_autograds_own(name, per_channel):
     reference = torch.autograd.grad((_reference(q, x) * weight).sum(), [x, *params])
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_kernels_give_the_eager_gradients():
+    """torch.compile'd backward math (what `deployq train` uses) against the eager functions."""
+    from deployq import quantizers
+
+    x, grad = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    s, zp, alpha = torch.full((1, 3, 1, 1), 0.07), torch.tensor([2.0, 5.0, 9.0]).reshape(1, 3, 1, 1), torch.tensor(0.2)
+    bounds = (torch.tensor(0.0), torch.tensor(15.0))
+    eager = quantizers._gradients_dsq(grad, x, s, zp, alpha, *bounds)
+    quantizers.use_compiled_kernels(True)
+    try:
+        compiled = quantizers._KERNELS["dsq"](grad, x, s, zp, alpha, *bounds)
+    finally:
+        quantizers.use_compiled_kernels(False)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
