@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import (bench_conformance, bench_digits, bench_hessian, bench_lowlight, bench_parity, bench_scale,
-                        bench_speed, common)
+from benchmarks import (bench_conformance, bench_devices, bench_digits, bench_hessian, bench_lowlight, bench_parity,
+                        bench_scale, bench_speed, common)
 from deployq.files import AtomicOutputs
 
 OUTPUT = common.ROOT / "BENCHMARKS.md"
@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
                                 "--kwargs", '{"width": 8}', "--weights", "examples/lowlight/checkpoints/float.pt",
                                 "--input-shape", "1,4,64,64", "--batches", "8", "--reference-iter", "0"],
                 ["--threads", "1", "--batches", "2", "--reference-iter", "10"], False),
+    "devices": (bench_devices, [], ["--models", "unet", "--size", "32", "--repeats", "2", "--calib", "2"], True),
     "conformance": (bench_conformance, [], ["--models", "squeezenet1_1", "--size", "64", "--calib", "2", "--eval", "2",
                                             "--repeats", "2"], False),
 }

@@ -199,7 +199,7 @@ def plain_state_dict(payload: Any, path: Path) -> dict[str, torch.Tensor]:
 REGISTERED_FACTORIES = frozenset({
     "deployq.examples.lowlight.model:build",
     *(f"deployq.examples.zoo:{name}" for name in
-      ("plain_cnn", "unet", "resnet", "channel_attention", "reused", "space_to_depth")),
+      ("plain_cnn", "unet", "resnet", "channel_attention", "reused", "space_to_depth", "upsampler")),
     "deployq.examples.torchvision_models:build",
     "deployq.examples.torchvision_models:two_inputs",
 })

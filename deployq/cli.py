@@ -19,6 +19,8 @@ from deployq._version import __version__
 from deployq.cli_common import POSITIVE, UserError, console, handle_errors, model_options, parse_input_shapes
 from deployq.cli_train import hessian, train
 
+DEVICE_NAMES = ("cpu", "nnapi", "qnn", "coreml")  # the profiles of deployq.devices.DEVICES (a test keeps them equal)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="deployq")
@@ -85,35 +87,61 @@ def inspect(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
 @click.option("--dynamic-hw", is_flag=True,
               help="Keep input height and width symbolic (fully convolutional models): `deployq run` then "
                    "processes whole frames in one call instead of tiles.")
+@click.option("--device", type=click.Choice(list(DEVICE_NAMES)), default="cpu", show_default=True,
+              help="Device profile: cpu (any config); nnapi (8-bit, fixed shapes, ConvTranspose as Conv + "
+                   "DepthToSpace); qnn (u8/u16 activations, 8-bit symmetric weights, fixed shapes); coreml "
+                   "(no Q/DQ: also writes model.coreml.onnx, float with the learned weights). Configs a "
+                   "device cannot run are refused.")
+@click.option("--ort/--no-ort", "ort_format", default=True, show_default=True,
+              help="Also write the ORT-format model (.ort) and the required-operators config of a reduced build.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write what was exported and measured (files, quant points, provider coverage) as JSON; - for stdout.")
 @handle_errors
 def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[list],
            calib: Optional[str], calib_batches: int, target: str, out_dir: str, opset: int,
-           weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool) -> None:
+           weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool, device: str, ort_format: bool,
+           json_path: Optional[str]) -> None:
     """Export a checkpoint to ONNX: the float model and the integer (QDQ) model.
 
     \b
     deployq export --ckpt qat.pt --target int8 --out build/
     deployq export --ckpt float.pth --model pkg.mod:build --input-shape 1,3,224,224 --calib images/
 
+    deployq export --ckpt qat_all8.pt --device nnapi --input-shape 1,4,256,256 --out build/nnapi/
+
     BatchNorm is folded and Conv+activation fused by the rewriter; every quant point gets
     QuantizeLinear/DequantizeLinear with the learned scales and zero points (9-16-bit layers as
-    Clip + 16-bit Q/DQ, exact). Files appear only when the whole export succeeded.
+    Clip + 16-bit Q/DQ, exact). The summary ends with how many nodes NNAPI and CoreML would take,
+    by onnxruntime's own mobile usability checker. Files appear only when the whole export succeeded.
     """
-    from deployq.export import bit_width_summary, export as run_export
-    from deployq.files import check_output
+    from deployq.export import bit_width_summary, deployed_file_name, export as run_export, export_json
+    from deployq.files import check_output, json_text
     from deployq.model_source import resolve_model
 
     check_output(out_dir, "--out", folder=True)
-    for name in ("model.float.onnx", f"model.{target}.onnx", "qparams.json", f"model.{target}.pt"):
+    deployed = deployed_file_name(target, device)
+    for name in ("model.float.onnx", f"model.{target}.onnx", "qparams.json", f"model.{target}.pt",
+                 f"model.{deployed}.onnx", f"model.{deployed}.ort", f"model.{deployed}.required_operators.config"):
         check_output(Path(out_dir) / name, "--out")
+    if json_path and json_path != "-":
+        check_output(json_path, "--json")
 
     if ckpt is None:
         raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model)")
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
                            factory_kwargs=model_kwargs)
     result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
-                        act_signed=act_signed, calib=calib, calib_limit=calib_batches, dynamic_hw=dynamic_hw)
-    table = Table(title=f"deployq export -> {result.out_dir}  ({result.seconds:.1f} s)")
+                        act_signed=act_signed, calib=calib, calib_limit=calib_batches, dynamic_hw=dynamic_hw,
+                        device=device, ort_format=ort_format)
+    if json_path == "-":
+        click.echo(json_text(export_json(result)), nl=False)
+        return
+    if json_path:
+        from deployq.files import AtomicOutputs
+
+        with AtomicOutputs() as out:
+            out.write_text(json_path, json_text(export_json(result)))
+    table = Table(title=f"deployq export --device {device} -> {result.out_dir}  ({result.seconds:.1f} s)")
     table.add_column("what")
     table.add_column("value")
     for kind, counts in bit_width_summary(result.records).items():
@@ -125,6 +153,8 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
         table.add_row(f"{target} / float size", f"{sizes[target] / sizes['float']:.1%}")
     for what, n in sorted(result.log.counts.items()):
         table.add_row("rewriter", f"{what}: {n}")
+    for c in result.coverage:
+        table.add_row(f"{c.provider} would take", c.text())
     console.print(table)
     for note in result.notes:
         console.print(f"[dim]{note}[/dim]")
@@ -211,7 +241,8 @@ def _input_ranges(quant_model) -> dict[str, tuple[float, float]]:
 
 @main.command()
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The deployq checkpoint.")
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Its exported QDQ model.")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False),
+              help="Its exported QDQ model (.onnx), or its ORT-format file (.ort, read with the .onnx beside it).")
 @click.option("--model", "factory", metavar="PKG.MOD:FACTORY", help="Model factory, if not inside deployq.")
 @click.option("--input", "input_path", type=click.Path(exists=True), help="Inputs (raw, images, .npy/.npz); default: random.")
 @click.option("--random", "random_count", type=click.IntRange(1), default=4, show_default=True, help="Random inputs if no --input.")
@@ -226,17 +257,27 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
     on the same inputs; each torch quantizer continues from onnxruntime's codes (unless
     --accumulated), so every point shows its own arithmetic. Exit 1 if any point is more than
     1 LSB apart.
+
+    An ORT-format file has no intermediate tensors to read: check reads them from the .onnx beside
+    it, then runs the .ort and the .onnx (integer kernels) on the same inputs; their outputs must
+    be at most 1 LSB apart.
     """
     import torch
 
     from deployq.files import atomic_path, check_output, json_text
     from deployq.model_source import resolve_model
     from deployq.parity import check_parity
-    from deployq.sim import file_feeds, inputs_of, load_onnx, quantize_count, random_feeds, with_shapes
+    from deployq.sim import file_feeds, inputs_of, is_ort_format, load_onnx, quantize_count, random_feeds, with_shapes
 
     if json_path:
         check_output(json_path, "--json")
 
+    ort_path = None
+    if is_ort_format(onnx_path):
+        ort_path, onnx_path = onnx_path, str(Path(onnx_path).with_suffix(".onnx"))
+        if not Path(onnx_path).is_file():
+            raise UserError(f"{ort_path}: an ORT-format file has no intermediate tensors to compare; check reads "
+                            f"them from the ONNX model it was converted from, expected at {onnx_path}")
     source = resolve_model(ckpt=ckpt, factory=factory)
     model = load_onnx(onnx_path)
     if not quantize_count(model):
@@ -259,11 +300,22 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
         t.add_row(p.name, p.kind, str(p.bits), str(p.elements), f"{100 * p.exact_fraction:.3f}%", str(p.one),
                   f"[bold red]{p.more}[/]" if p.more else "0")
     console.print(t)
-    if json_path:
-        with atomic_path(json_path) as tmp:
-            Path(tmp).write_text(json_text(report.to_json()))
     verdict = (f"{report.elements} codes at {len(report.points)} quant points: {100 * report.exact_fraction:.4f}% equal, "
                f"max {report.max_lsb} LSB apart")
+    data, same = report.to_json(), None
+    if ort_path is not None:
+        from deployq.parity import compare_ort_format
+
+        same = compare_ort_format(model, ort_path, feeds)
+        data["ort_format"] = {"file": ort_path, **same.to_json()}
+        verdict += (f"; {Path(ort_path).name} vs {Path(onnx_path).name}: {same.equal}/{same.elements} output "
+                    f"values equal, max {same.max_lsb:g} LSB apart")
+    if json_path:
+        with atomic_path(json_path) as tmp:
+            Path(tmp).write_text(json_text(data))
+    if same is not None and not same.ok:
+        click.echo(f"FAIL: {verdict}")
+        sys.exit(1)
     failures = report.failures()
     if failures:
         click.echo(f"FAIL: {verdict}; more than 1 LSB at {', '.join(p.name for p in failures[:5])}")

@@ -36,6 +36,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from deployq.exporters.depth_to_space import SUFFIX as BLOCKS_SUFFIX
 from deployq.exporters.fold_bn import fold_batchnorm_pass
 from deployq.exporters.graph import WEIGHT_LAYER_OPS, to_model
 from deployq.exporters.insert_qdq import DATA_MOVEMENT_OPS
@@ -144,19 +145,28 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
         _check_scale(scale, name, node.name)
         upstream = _upstream(source, producers, by_value)
         maker = producers.get(source)
-        if (maker is not None and maker.op_type in DATA_MOVEMENT_OPS and len(upstream) == 1
+        blocks = by_name.get(name + BLOCKS_SUFFIX) if upstream == (name + BLOCKS_SUFFIX,) else None
+        if blocks is not None and maker.op_type == "DepthToSpace" and _same(blocks, scale, zp):
+            # a ConvTranspose rewritten as Conv + DepthToSpace (a device profile): the layer's quant point
+            # is this tensor, in the layout the float model has; the Conv's block-layout copy is not one
+            points.remove(blocks)
+            del by_name[blocks.name]
+            upstream, layer, op = blocks.inputs, blocks.layer, "ConvTranspose"
+        elif (maker is not None and maker.op_type in DATA_MOVEMENT_OPS and len(upstream) == 1
                 and _same(by_name[upstream[0]], scale, zp)):
             by_value[dq.output[0]] = by_name[upstream[0]]  # carried through data movement, not a new point
             continue
+        else:
+            layer, op = _layer_of(maker, producers), maker.op_type if maker else "input"
         if name not in float_tensors:
             unmatched.append(name)
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), None) if scale.ndim else None
-        point = QPoint(name, "activation", maker.op_type if maker else "input",
+        point = QPoint(name, "activation", op,
                        narrowing_clip_bits(clip, node, inits, producers) if clip else 8 * zp.dtype.itemsize,
                        zp.dtype.kind == "i", scale.astype(np.float32),
                        zp.astype(np.int64), axis, value=dq.output[0], codes=node.output[0], source=source,
-                       inputs=upstream, layer=_layer_of(maker, producers))
+                       inputs=upstream, layer=layer)
         if name in graph_outputs and dq.output[0] != name:
             point.value = dq.output[0]
         points.append(point)

@@ -31,6 +31,7 @@ from deployq.exporters.graph import PassLog
 from deployq.exporters.rewriter import rewrite
 from deployq.exporters.torch_export import export_float
 from deployq.checkpoint import save as save_checkpoint
+from deployq.devices import DEVICE_KEY, DEVICES, Coverage, check_config, coverage, device as get_device, fix_shapes, learned_float, to_ort_format
 from deployq.files import AtomicOutputs, json_text
 from deployq.model_source import ModelSource
 from deployq.prepare import quant_points
@@ -54,6 +55,8 @@ class ExportResult:
     float_model: onnx.ModelProto
     quant_model: Optional[onnx.ModelProto]
     notes: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    coverage: list[Coverage] = field(default_factory=list)
 
     def sizes(self) -> dict[str, int]:
         return {name: path.stat().st_size for name, path in self.files.items()}
@@ -126,10 +129,18 @@ def prepare_for_target(source: ModelSource, target: str, *, weight_bits: Optiona
 
 def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", opset: int = MIN_OPSET,
            weight_bits: Optional[int] = None, act_signed: bool = False, calib: Optional[str] = None,
-           calib_limit: int = 100, dynamic_hw: bool = False, progress: bool = True) -> ExportResult:
+           calib_limit: int = 100, dynamic_hw: bool = False, device: str = "cpu", ort_format: bool = True,
+           progress: bool = True) -> ExportResult:
     """Export `source` for `target` into `out_dir`; nothing is written unless everything succeeds.
-    `dynamic_hw`: height and width of 4-D inputs stay symbolic (fully convolutional models)."""
+    `dynamic_hw`: height and width of 4-D inputs stay symbolic (fully convolutional models).
+    `device`: a profile of :mod:`deployq.devices` (constraints, exact rewrites); the provider
+    coverage of the result is measured for every device. `ort_format`: also write the ORT-format
+    model and the required-operators config of a reduced onnxruntime build."""
     start = time.perf_counter()
+    dev = get_device(device)
+    if dynamic_hw and dev.fixed_shapes:
+        raise ValueError(f"--device {dev.name} needs fixed input shapes: drop --dynamic-hw and give the "
+                         "deployment size with --input-shape")
     if not MIN_OPSET <= opset <= max_opset():
         raise ValueError(f"--opset must be from {MIN_OPSET} (16-bit QuantizeLinear needs opset 21) to {max_opset()} "
                          f"(the newest this onnx {onnx.__version__} and onnxruntime {ort.__version__} both run), "
@@ -142,17 +153,38 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
         qmodel = prepare_for_target(source, target, weight_bits=weight_bits, act_signed=act_signed,
                                     calib=calib, calib_limit=calib_limit, progress=progress)
         records = qparams_of(qmodel)
+        check_config(dev, records.values())
     examples = tuple(i.example() for i in source.inputs)
     float_onnx = export_float(qmodel, examples, opset, dynamic_hw)
     config: QConfig = qmodel.get_submodule("act_quant").config
-    result = rewrite(float_onnx, records, config.fuse_activations, opset)
-    for model in (result.float_model, result.quant_model):  # what is published, onnxruntime loads
-        if model is not None:
+    result = rewrite(float_onnx, records, config.fuse_activations, opset, block_convtranspose=dev.block_convtranspose)
+    if dev.fixed_shapes:
+        shapes = {i.name: tuple(i.shape) for i in source.inputs}
+        for model in (result.float_model, result.quant_model):
+            if model is not None:
+                fix_shapes(model, shapes)
+    deployed = result.quant_model if result.quant_model is not None else result.float_model
+    if not dev.takes_qdq and result.quant_model is not None:
+        deployed = learned_float(result.float_model, result.quant_model)
+    for model in {id(m): m for m in (result.float_model, result.quant_model, deployed) if m is not None}.values():
+        if model is not None:  # what is published, onnxruntime loads
+            model.metadata_props.add(key=DEVICE_KEY, value=dev.name)  # read back by `check` on the .ort file
             session(model, optimize=False, label=f"the exported model (opset {opset})")
     out_dir = Path(out_dir)
     files = {"float": out_dir / "model.float.onnx"}
+    covered, why = coverage(deployed)
+    deployed_name = deployed_file_name(target, dev.name)
     with AtomicOutputs() as out:
         out.write_bytes(files["float"], result.float_model.SerializeToString())
+        if deployed_name == dev.name:
+            files[dev.name] = out_dir / f"model.{dev.name}.onnx"
+            out.write_bytes(files[dev.name], deployed.SerializeToString())
+        if ort_format:
+            ort_bytes, operators = to_ort_format(deployed, dev)
+            files["ort"] = out_dir / f"model.{deployed_name}.ort"
+            out.write_bytes(files["ort"], ort_bytes)
+            files["operators"] = out_dir / f"model.{deployed_name}.required_operators.config"
+            out.write_bytes(files["operators"], operators)
         if result.quant_model is not None:
             files[target] = out_dir / f"model.{target}.onnx"
             out.write_bytes(files[target], result.quant_model.SerializeToString())
@@ -163,14 +195,35 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
                 out.write(files["checkpoint"], lambda tmp: save_checkpoint(
                     tmp, qmodel, factory=source.factory, factory_kwargs=source.factory_kwargs, inputs=source.inputs,
                     meta={"exported_for": target, "calibration": str(calib) if calib else None}))
-    notes = list(result.log.notes)
+    notes = list(result.log.notes) + ([f"provider coverage not measured: {why}"] if why else [])
     others = ([out_dir / f"model.{t}.{ext}" for t in TARGETS if t != "fp32" for ext in ("onnx", "pt")]
-              + [out_dir / "qparams.json"])
+              + [out_dir / f"model.{n}.onnx" for n in DEVICES]
+              + [out_dir / f"model.{n}.{ext}" for n in (*TARGETS, "float", *DEVICES)
+                 for ext in ("ort", "required_operators.config")] + [out_dir / "qparams.json"])
     stale = [p.name for p in others if p.exists() and p not in files.values()]
     if stale:
         notes.append(f"{out_dir} also holds {', '.join(stale)} from an earlier export, not from this one")
     return ExportResult(out_dir, files, records or {}, target, time.perf_counter() - start, result.log,
-                        qmodel, result.float_model, result.quant_model, notes)
+                        qmodel, result.float_model, result.quant_model, notes, dev.name, covered)
+
+
+def deployed_file_name(target: str, device: str) -> str:
+    """NAME of the model.NAME.onnx a device runs (and of its .ort): the QDQ model, the float model
+    for --target fp32, or for CoreML (no Q/DQ) the float graph with the learned weights."""
+    if target == "fp32":
+        return "float"
+    return target if get_device(device).takes_qdq else device
+
+
+def export_json(result: ExportResult) -> dict:
+    """What an export wrote and measured, for ``deployq export --json``."""
+    return {"out_dir": str(result.out_dir), "target": result.target, "device": result.device,
+            "seconds": round(result.seconds, 2),
+            "files": {k: {"path": str(p), "bytes": p.stat().st_size} for k, p in result.files.items()},
+            "quant_points": {kind: {str(b): n for b, n in sorted(c.items())}
+                             for kind, c in bit_width_summary(result.records).items()},
+            "rewriter": dict(sorted(result.log.counts.items())),
+            "coverage": [c.to_json() for c in result.coverage], "notes": result.notes}
 
 
 def bit_width_summary(records: dict[str, qp.QParams]) -> dict[str, Counter]:

@@ -19,6 +19,7 @@ import onnx
 import torch
 from torch import fx
 
+from deployq.exporters.depth_to_space import from_block_weight, is_block_weight
 from deployq.prepare import ACT_QUANT, quant_points
 from deployq.qat import input_names, model_inputs, weight_qparams
 from deployq.qformula import dequantize, quantize
@@ -219,6 +220,61 @@ def check_parity(qmodel: fx.GraphModule, model: onnx.ModelProto, batches: Iterab
         if not weights_done:
             theirs = onnx_weight_codes(model, [n for n, p in points.items() if p.kind == "weight"])
             for name, codes in theirs.items():
+                if codes.shape != ours[name].shape and is_block_weight(codes, ours[name].shape):
+                    codes = from_block_weight(codes, ours[name].shape)  # a ConvTranspose as Conv + DepthToSpace
                 report[name].add(ours[name], codes)
             weights_done = True
     return ParityReport([report[n] for n in points if report[n].elements])
+
+
+@dataclass(frozen=True)
+class FormatAgreement:
+    """How an ORT-format file's outputs compare with those of the ONNX model it was converted from."""
+
+    elements: int
+    equal: int
+    max_lsb: float  # in steps of each output's quantization grid (its DequantizeLinear scale)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_lsb <= 1
+
+    def to_json(self) -> dict:
+        return {"elements": self.elements, "equal": self.equal, "max_lsb": self.max_lsb, "ok": self.ok}
+
+
+def _output_steps(model: onnx.ModelProto) -> dict[str, float]:
+    """{graph output: the step of its grid}: the scale of the DequantizeLinear that makes it (the
+    largest, if per channel); 0 for a float output."""
+    inits = {i.name: i for i in model.graph.initializer}
+    makers = {o: n for n in model.graph.node for o in n.output}
+    steps = {}
+    for out in model.graph.output:
+        node = makers.get(out.name)
+        scale = node.input[1] if node is not None and node.op_type == "DequantizeLinear" else None
+        steps[out.name] = float(np.max(onnx.numpy_helper.to_array(inits[scale]))) if scale in inits else 0.0
+    return steps
+
+
+def compare_ort_format(model: onnx.ModelProto, ort_path: str, feeds: Iterable[dict[str, np.ndarray]]) -> FormatAgreement:
+    """Run the ORT-format file and its ONNX model, optimized as the converter optimized it for the
+    device profile in the file's metadata, on `feeds`. Quantized outputs are compared in steps of
+    their grid; a float output may differ by float rounding (1e-5 of its largest value)."""
+    from deployq.devices import device_of, ort_reference
+    from deployq.sim import ort_format_session
+
+    theirs = ort_format_session(ort_path)
+    ours = ort_reference(model, device_of(theirs.get_modelmeta().custom_metadata_map))
+    steps = _output_steps(model)
+    elements = equal = 0
+    worst = 0.0
+    for feed in feeds:
+        a, b = run(theirs, feed, label=str(ort_path)), run(ours, feed)
+        for name, step in steps.items():
+            diff = np.abs(a[name].astype(np.float64) - b[name].astype(np.float64))
+            if not diff.size:
+                continue
+            elements, equal = elements + diff.size, equal + int(np.sum(diff == 0))
+            unit = step or 1e-5 * max(float(np.abs(b[name]).max()), 1e-30)
+            worst = max(worst, float(diff.max() / unit))
+    return FormatAgreement(elements, equal, round(worst, 3))

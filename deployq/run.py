@@ -24,7 +24,7 @@ import onnxruntime as ort
 from deployq.calib.data import RAW_SUFFIXES, exposure_ratio, has_sid_ratio
 from deployq.calib.raw import load_packed
 from deployq.files import AtomicOutputs
-from deployq.sim import ORT_ERRORS, inputs_of, load_onnx, ort_message, session
+from deployq.sim import ORT_ERRORS, is_ort_format, load_onnx, ort_format_session, ort_message, session
 
 
 class RunError(ValueError):
@@ -70,17 +70,20 @@ def _probe(sess: ort.InferenceSession, name: str, h: int, w: int) -> Optional[np
 
 
 def load_engine(model_path: str, threads: Optional[int] = None) -> Engine:
-    model = load_onnx(model_path, runtime=False)
-    inputs = inputs_of(model)
+    """An engine for an ONNX file, or an ORT-format file (``.ort``, what ORT Mobile loads)."""
+    if is_ort_format(model_path):
+        sess = ort_format_session(model_path, threads=threads or 0)
+    else:
+        sess = session(load_onnx(model_path, runtime=False), optimize=True, threads=threads or 0, label=model_path)
+    inputs = sess.get_inputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] != 4:
-        shapes = [i.shape for i in inputs]
+        shapes = [tuple(i.shape) for i in inputs]
         raise RunError(f"{model_path}: deployq run feeds packed raw (N, 4, H, W); the model takes {shapes}")
-    dims = next(v for v in model.graph.input if v.name == inputs[0].name).type.tensor_type.shape.dim
-    dynamic = not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[2:])
-    fixed_batch = dims[0].dim_value if dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+    dims = [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape]
+    dynamic = None in dims[2:]
+    fixed_batch = dims[0]
     if fixed_batch is not None and fixed_batch != 1:
         raise RunError(f"{model_path}: its batch dimension is fixed at {fixed_batch}; deployq run needs 1 or a dynamic batch")
-    sess = session(model, optimize=True, threads=threads or 0, label=model_path)
     multiple = 1
     if dynamic:  # the smallest power-of-two multiple the model's down-sampling accepts
         multiple = next((m for m in MULTIPLES if _probe(sess, inputs[0].name, 128 + m, 128 + m) is not None), 0)
@@ -89,7 +92,7 @@ def load_engine(model_path: str, threads: Optional[int] = None) -> Engine:
             raise RunError(f"{model_path}: its input height and width are dynamic, but it runs on no size "
                            f"128 + m (m in {MULTIPLES})")
     else:
-        _, _, h, w = inputs[0].shape
+        _, _, h, w = dims
     probe = _probe(sess, inputs[0].name, h, w)
     if probe is None or probe.ndim != 4 or probe.shape[2] % h or probe.shape[3] % w or probe.shape[2] // h != probe.shape[3] // w:
         found = "an error" if probe is None else str(probe.shape)

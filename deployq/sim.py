@@ -167,6 +167,25 @@ def session(model: onnx.ModelProto, *, optimize: bool, extra_outputs: Iterable[s
         raise ModelFileError(f"onnxruntime {ort.__version__} cannot load {label}: {ort_message(err)}") from None
 
 
+def is_ort_format(path: str | Path) -> bool:
+    """True for an ORT-format model file (``.ort``: what ORT Mobile and minimal builds load)."""
+    return Path(path).suffix.lower() == ".ort"
+
+
+def ort_format_session(path: str | Path, *, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session for an ORT-format file; a file onnxruntime refuses is a :class:`ModelFileError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file" if not path.exists() else f"{path} is a folder, not an ORT file")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as err:
+        raise ModelFileError(f"onnxruntime {ort.__version__} cannot load {path}: {ort_message(err)}") from None
+
+
 def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str = "the model") -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
     try:

@@ -164,6 +164,26 @@ class SpaceToDepth(nn.Module):
         return F.pixel_shuffle(self.out(F.pixel_unshuffle(y, 2)), 2)
 
 
+class Upsampler(nn.Module):
+    """Transposed convolutions in the three places a quant point can sit: before a LeakyReLU (its own
+    quant point), fused with a ReLU, and at the model output."""
+
+    def __init__(self, in_ch: int = 3, width: int = 8) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(in_ch, width, stride=2)
+        self.up1 = nn.ConvTranspose2d(width, width, 2, stride=2)
+        self.act1 = nn.LeakyReLU(0.1)
+        self.down = conv_bn_relu(width, width, stride=2)
+        self.up2 = nn.ConvTranspose2d(width, width, 2, stride=2)
+        self.act2 = nn.ReLU()
+        self.head = nn.ConvTranspose2d(width, in_ch, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act1(self.up1(self.stem(x)))
+        y = self.act2(self.up2(self.down(y)))
+        return self.head(F.max_pool2d(y, 2))
+
+
 def plain_cnn(seed: int = 0, **kw) -> nn.Module:
     return _init(PlainCNN(**kw), seed)
 
@@ -188,6 +208,10 @@ def space_to_depth(seed: int = 0, **kw) -> nn.Module:
     return _init(SpaceToDepth(**kw), seed)
 
 
+def upsampler(seed: int = 0, **kw) -> nn.Module:
+    return _init(Upsampler(**kw), seed)
+
+
 FACTORIES = {
     "plain_cnn": (plain_cnn, (1, 3, 16, 16)),
     "unet": (unet, (1, 3, 16, 16)),
@@ -195,4 +219,5 @@ FACTORIES = {
     "channel_attention": (channel_attention, (1, 3, 16, 16)),
     "reused": (reused, (1, 3, 16, 16)),
     "space_to_depth": (space_to_depth, (1, 1, 16, 16)),
+    "upsampler": (upsampler, (1, 3, 16, 16)),
 }

@@ -2,6 +2,9 @@
 
     fold_bn  ->  fuse_activation (groups)  ->  [float model out]  ->  insert_qdq  ->  cleanup
 
+A device profile (:mod:`deployq.devices`) may add ``depth_to_space`` (ConvTranspose with kernel =
+stride as Conv + DepthToSpace) to both models, so that they still share every tensor name.
+
 Each pass is its own module and is tested alone; this file only runs them in order and collects
 their logs.
 """
@@ -15,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from deployq.exporters.cleanup import cleanup, finalize
+from deployq.exporters.depth_to_space import convtranspose_to_depth_to_space
 from deployq.exporters.fold_bn import fold_batchnorm_pass
 from deployq.exporters.fuse_activation import find_fused_groups
 from deployq.exporters.graph import PassLog, to_model
@@ -30,15 +34,21 @@ class Rewritten:
 
 
 def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QParams]], fuse_activations: Iterable[str],
-            opset: int = 21) -> Rewritten:
-    """Fold BN and group activations (the float model); then insert Q/DQ if `records` are given."""
+            opset: int = 21, block_convtranspose: bool = False) -> Rewritten:
+    """Fold BN and group activations (the float model); then insert Q/DQ if `records` are given.
+    `block_convtranspose`: rewrite ConvTranspose (kernel = stride) as Conv + DepthToSpace in both."""
     log = PassLog()
     graph = gs.import_onnx(model)
     keep = {r.name for r in (records or {}).values() if r.kind != "weight"}
     fold_batchnorm_pass(graph, keep, log)
     groups = find_fused_groups(graph, fuse_activations, log)
-    float_model = finalize(to_model(cleanup(graph, log).copy(), opset))
+    float_graph = cleanup(graph, log).copy()
+    if block_convtranspose:  # logged once: for the QDQ graph when there is one
+        convtranspose_to_depth_to_space(float_graph, log if records is None else PassLog(), keep if records else None)
+    float_model = finalize(to_model(float_graph, opset))
     if records is None:
         return Rewritten(float_model, None, log)
     insert_qdq(graph, records, groups, log)
+    if block_convtranspose:
+        convtranspose_to_depth_to_space(cleanup(graph, log), log, keep)
     return Rewritten(float_model, finalize(to_model(cleanup(graph, log), opset)), log)

@@ -196,7 +196,8 @@ def test_ptq_from_a_plain_state_dict(tmp_path):
     result = runner.invoke(main, args + ["--calib", str(tmp_path / "calib.npy")])
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"model.float.onnx", "model.int8.onnx", "qparams.json", "model.int8.pt"}
+    assert {p.name for p in out.iterdir()} == {"model.float.onnx", "model.int8.onnx", "qparams.json", "model.int8.pt",
+                                               "model.int8.ort", "model.int8.required_operators.config"}
     # the calibrated model is a deployq checkpoint: check runs on what post-training quantization made
     result = runner.invoke(main, ["check", "--ckpt", str(out / "model.int8.pt"), "--onnx", str(out / "model.int8.onnx")])
     assert result.exit_code == 0 and "PASS" in result.output, result.output
@@ -228,8 +229,10 @@ def test_files_left_by_an_earlier_export_are_pointed_out(tmp_path):
     path, _ = trained_checkpoint(tmp_path, "unet", steps=1)
     run_export(resolve_model(ckpt=str(path)), tmp_path / "out", progress=False)
     result = run_export(resolve_model(ckpt=str(path)), tmp_path / "out", target="fp32", progress=False)
-    assert set(result.files) == {"float"}
-    assert any("model.int8.onnx, qparams.json from an earlier export" in note for note in result.notes), result.notes
+    assert set(result.files) == {"float", "ort", "operators"} and result.files["ort"].name == "model.float.ort"
+    stale = next((n for n in result.notes if "from an earlier export" in n), "")
+    for name in ("model.int8.onnx", "model.int8.ort", "model.int8.required_operators.config", "qparams.json"):
+        assert name in stale, result.notes
 
 
 @pytest.mark.parametrize("bits", [8, 10])
