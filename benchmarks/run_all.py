@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import (bench_conformance, bench_devices, bench_digits, bench_hessian, bench_lowlight, bench_parity,
-                        bench_scale, bench_speed, common)
+from benchmarks import (bench_conformance, bench_devices, bench_digits, bench_hessian, bench_latency, bench_lowlight,
+                        bench_parity, bench_scale, bench_speed, common)
 from deployq.files import AtomicOutputs
 
 OUTPUT = common.ROOT / "BENCHMARKS.md"
@@ -36,6 +36,8 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
     "speed": (bench_speed, [], ["--repeats", "2", "--step-repeats", "1", "--step-batch", "4", "--no-compile",
                                 "--export-repeats", "1", "--diff-repeats", "1",
                                 "--diff-inputs", "1", "--unet-width", "4", "--unet-size", "16"], True),
+    "latency": (bench_latency, [], ["--widths", "8", "--sizes", "32", "--threads", "1", "--repeats", "1",
+                                    "--profile", "8,32"], True),
     "scale": (bench_scale, [], ["--depths", "1,2", "--repeats", "1"], False),
     "hessian": (bench_hessian, ["--threads", "1", "--model", "deployq.examples.lowlight.model:build",
                                 "--kwargs", '{"width": 8}', "--weights", "examples/lowlight/checkpoints/float.pt",

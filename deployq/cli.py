@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,8 @@ import click
 from rich.table import Table
 
 from deployq._version import __version__
-from deployq.cli_common import POSITIVE, UserError, console, handle_errors, model_options, parse_input_shapes
+from deployq.cli_common import (EXIT_GATE, POSITIVE, UserError, console, handle_errors, json_option, model_options,
+                                parse_input_shapes, say, write_json)
 from deployq.cli_train import hessian, train
 
 DEVICE_NAMES = ("cpu", "nnapi", "qnn", "coreml")  # the profiles of deployq.devices.DEVICES (a test keeps them equal)
@@ -30,7 +30,7 @@ def main() -> None:
     \b
     Typical flow:
       deployq inspect --model pkg.mod:build --input-shape 1,3,224,224   # list quant points
-      deployq hessian --ckpt qat.pt --data calib/ --out distill.yaml     # where to distill
+      deployq hessian --ckpt qat.pt --input calib/ --yaml distill.yaml   # where to distill
       deployq train   --recipe recipe.yaml                               # QAT + distillation
       deployq export  --ckpt qat.pt --target int8 --out build/            # float + QDQ ONNX
       deployq diff    build/model.float.onnx build/model.int8.onnx       # per-layer parity
@@ -40,25 +40,27 @@ def main() -> None:
 
 @main.command()
 @model_options
-@click.option("--json", "as_json", is_flag=True, help="Print the quant points as JSON.")
+@json_option("the quant points")
 @handle_errors
 def inspect(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str],
-            input_shape: Optional[list], as_json: bool) -> None:
+            input_shape: Optional[list], json_path: Optional[str]) -> None:
     """List every quant point: name, kind, op, bits, scheme, quantizer, observer.
 
     The names are the ones to use in a config's `layers:` section, in checkpoints, in
     qparams.json, in the ONNX graph and in diff reports.
     """
+    from deployq.files import check_output
     from deployq.model_source import resolve_model
     from deployq.prepare import quant_points
 
+    if json_path and json_path != "-":
+        check_output(json_path, "--json")
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
                            factory_kwargs=model_kwargs)
     points = quant_points(source.qmodel)
-    if as_json:
-        click.echo(json.dumps([
-            {"name": p.name, "kind": p.kind, "op": p.op, **p.spec.to_dict(), "input": p.input}
-            for p in points.values()], indent=2))
+    write_json(json_path, [{"name": p.name, "kind": p.kind, "op": p.op, **p.spec.to_dict(), "input": p.input}
+                           for p in points.values()])
+    if json_path == "-":
         return
     table = Table(title=f"{len(points)} quant points", show_lines=False)
     table.add_column("name", no_wrap=True)
@@ -71,7 +73,7 @@ def inspect(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
 
 @main.command()
 @model_options
-@click.option("--calib", type=click.Path(exists=True),
+@click.option("--input", "--calib", "calib", type=click.Path(exists=True),
               help="Calibration data (folder of raw files, images, .npy/.npz): post-training quantization.")
 @click.option("--calib-batches", type=click.IntRange(1), default=100, show_default=True,
               help="How many calibration inputs to observe (the thesis: ~100 is enough).")
@@ -94,13 +96,15 @@ def inspect(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
                    "device cannot run are refused.")
 @click.option("--ort/--no-ort", "ort_format", default=True, show_default=True,
               help="Also write the ORT-format model (.ort) and the required-operators config of a reduced build.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
-              help="Write what was exported and measured (files, quant points, provider coverage) as JSON; - for stdout.")
+@click.option("--output-names", metavar="NAME[,NAME...]",
+              callback=lambda c, p, v: [n.strip() for n in v.split(",")] if v else None,
+              help="Names of the exported models' outputs, in order (default: the traced names, e.g. output_0).")
+@json_option("what was exported and measured (files, quant points, provider coverage)")
 @handle_errors
 def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[list],
            calib: Optional[str], calib_batches: int, target: str, out_dir: str, opset: int,
            weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool, device: str, ort_format: bool,
-           json_path: Optional[str]) -> None:
+           output_names: Optional[list], json_path: Optional[str]) -> None:
     """Export a checkpoint to ONNX: the float model and the integer (QDQ) model.
 
     \b
@@ -115,7 +119,7 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
     by onnxruntime's own mobile usability checker. Files appear only when the whole export succeeded.
     """
     from deployq.export import bit_width_summary, deployed_file_name, export as run_export, export_json
-    from deployq.files import check_output, json_text
+    from deployq.files import check_output
     from deployq.model_source import resolve_model
 
     check_output(out_dir, "--out", folder=True)
@@ -132,15 +136,10 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
                            factory_kwargs=model_kwargs)
     result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
                         act_signed=act_signed, calib=calib, calib_limit=calib_batches, dynamic_hw=dynamic_hw,
-                        device=device, ort_format=ort_format)
+                        device=device, ort_format=ort_format, output_names=output_names, progress=json_path != "-")
+    write_json(json_path, export_json(result))
     if json_path == "-":
-        click.echo(json_text(export_json(result)), nl=False)
         return
-    if json_path:
-        from deployq.files import AtomicOutputs
-
-        with AtomicOutputs() as out:
-            out.write_text(json_path, json_text(export_json(result)))
     table = Table(title=f"deployq export --device {device} -> {result.out_dir}  ({result.seconds:.1f} s)")
     table.add_column("what")
     table.add_column("value")
@@ -170,10 +169,11 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
 @click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="At most this many inputs from --input.")
 @click.option("--mode", type=click.Choice(["accumulated", "local", "sensitivity", "kernel"]), default="accumulated",
               show_default=True, help="Which error to measure (see below).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every number as JSON.")
+@json_option("every number")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--top", type=click.IntRange(1), help="Show only the K worst quant points.")
-@click.option("--fail-below", type=float, metavar="SQNR_DB", help="Exit 1 if the output SQNR is below this (CI gate).")
+@click.option("--fail-below", type=float, metavar="SQNR_DB",
+              help="CI gate: exit 3 if the output SQNR is below this (errors exit 1).")
 @click.option("--input-shape", multiple=True, callback=lambda c, p, v: parse_input_shapes(v), metavar="[NAME:]N,C,H,W",
               help="Input shape for models with symbolic height/width (a --dynamic-hw export); repeat as NAME:N,C,H,W.")
 @click.option("--points", multiple=True, metavar="GLOB",
@@ -192,51 +192,38 @@ def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_cou
       sensitivity  one quant point quantized at a time, everything else float; output error, ranked
       kernel       real integer kernels (fully optimized sub-models) vs the reference view
     Works on deployq exports and on onnxruntime.quantization.quantize_static models.
+    Exit status: 0 pass, 3 below --fail-below (the gate), 1 an error (bad file, option or input).
     """
-    from deployq.diff import diff as run_diff
+    from deployq.api import diff as run_diff
     from deployq.files import AtomicOutputs, check_output, json_text
-    from deployq.report import table, to_html
-    from deployq.sim import (check_same_inputs, file_feeds, isa_text, load_onnx, quantize_count, random_feeds,
-                             with_shapes)
+    from deployq.report import table
+    from deployq.sim import isa_text
 
     for path, option in ((json_path, "--json"), (html_path, "--html")):
-        if path:
+        if path and path != "-":
             check_output(path, option)
-
     if input_path and random_count:
         raise UserError("give --input or --random, not both")
-    float_model, quant_model = load_onnx(float_onnx), load_onnx(quant_onnx)
-    if quantize_count(float_model) and not quantize_count(quant_model):
-        raise UserError(f"the models are swapped: the first, {float_onnx}, is the quantized one (it has QuantizeLinear "
-                        f"nodes) and the second, {quant_onnx}, is float; give FLOAT.onnx first")
-    if not quantize_count(quant_model):
-        raise UserError(f"{quant_onnx} has no QuantizeLinear: it is not a quantized (QDQ) model")
-    inputs = with_shapes(check_same_inputs(float_model, quant_model, float_onnx, quant_onnx), input_shape)
-    if input_path:
-        batches = file_feeds(input_path, inputs, ratio=ratio, limit=limit)
+    report = run_diff(float_onnx, quant_onnx, input_path, mode=mode, random=random_count or 4,
+                      points=list(points) or None, input_shapes=input_shape, ratio=ratio, limit=limit, progress=True)
+    if json_path == "-":
+        write_json("-", report.to_json())
     else:
-        batches = list(random_feeds(inputs, random_count or 4, ranges=_input_ranges(quant_model)))
-    report = run_diff(float_model, quant_model, batches, mode=mode, points=list(points) or None)
-    console.print(table(report, top))
-    for warning in report.warnings:
-        console.print(f"[bold yellow]warning:[/] {warning}")
-    if mode == "kernel":
-        console.print(f"CPU: {isa_text(report.isa)}")
+        console.print(table(report, top))
+        for warning in report.warnings:
+            console.print(f"[bold yellow]warning:[/] {warning}")
+        if mode == "kernel":
+            console.print(f"CPU: {isa_text(report.isa)}")
     with AtomicOutputs() as out:
-        if json_path:
+        if json_path and json_path != "-":
             out.write_text(json_path, json_text(report.to_json()))
         if html_path:
-            out.write_text(html_path, to_html(report, f"deployq diff: {quant_onnx}", fail_below))
-    click.echo(f"verdict: {report.verdict(fail_below)}")
+            out.write_text(html_path, report.to_html(fail_below))
+    if json_path != "-":
+        say(f"verdict: {report.verdict(fail_below)}") if report.passed(fail_below) else \
+            click.echo(f"verdict: {report.verdict(fail_below)}")
     if not report.passed(fail_below):
-        sys.exit(1)
-
-
-def _input_ranges(quant_model) -> dict[str, tuple[float, float]]:
-    """The represented range of each input's quantizer: random inputs then exercise every code."""
-    from deployq.diff import match_inputs
-
-    return match_inputs(quant_model)
+        sys.exit(EXIT_GATE)
 
 
 @main.command()
@@ -247,7 +234,7 @@ def _input_ranges(quant_model) -> dict[str, tuple[float, float]]:
 @click.option("--input", "input_path", type=click.Path(exists=True), help="Inputs (raw, images, .npy/.npz); default: random.")
 @click.option("--random", "random_count", type=click.IntRange(1), default=4, show_default=True, help="Random inputs if no --input.")
 @click.option("--accumulated", is_flag=True, help="Let both run freely (errors spread) instead of comparing each point on the same inputs.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the per-point parity as JSON.")
+@json_option("the per-point parity")
 @handle_errors
 def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optional[str], random_count: int,
           accumulated: bool, json_path: Optional[str]) -> None:
@@ -255,72 +242,37 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
 
     Runs onnxruntime in the reference view (QDQ semantics exactly) and the checkpoint's QAT model
     on the same inputs; each torch quantizer continues from onnxruntime's codes (unless
-    --accumulated), so every point shows its own arithmetic. Exit 1 if any point is more than
-    1 LSB apart.
+    --accumulated), so every point shows its own arithmetic. Exit 3 if any point is more than
+    1 LSB apart (the gate); 1 on an error.
 
     An ORT-format file has no intermediate tensors to read: check reads them from the .onnx beside
     it, then runs the .ort and the .onnx (integer kernels) on the same inputs; their outputs must
     be at most 1 LSB apart.
     """
-    import torch
+    from deployq.api import check as run_check
+    from deployq.files import AtomicOutputs, check_output, json_text
 
-    from deployq.files import atomic_path, check_output, json_text
-    from deployq.model_source import resolve_model
-    from deployq.parity import check_parity
-    from deployq.sim import file_feeds, inputs_of, is_ort_format, load_onnx, quantize_count, random_feeds, with_shapes
-
-    if json_path:
+    if json_path and json_path != "-":
         check_output(json_path, "--json")
-
-    ort_path = None
-    if is_ort_format(onnx_path):
-        ort_path, onnx_path = onnx_path, str(Path(onnx_path).with_suffix(".onnx"))
-        if not Path(onnx_path).is_file():
-            raise UserError(f"{ort_path}: an ORT-format file has no intermediate tensors to compare; check reads "
-                            f"them from the ONNX model it was converted from, expected at {onnx_path}")
-    source = resolve_model(ckpt=ckpt, factory=factory)
-    model = load_onnx(onnx_path)
-    if not quantize_count(model):
-        raise UserError(f"{onnx_path} has no QuantizeLinear: check compares the checkpoint with its quantized (QDQ) "
-                        "export (model.<target>.onnx), not with the float model")
-    inputs = inputs_of(model)
-    if [i.name for i in inputs] != [i.name for i in source.inputs]:
-        raise UserError(f"{onnx_path} takes inputs {[i.name for i in inputs]}, the checkpoint's model "
-                        f"{[i.name for i in source.inputs]}")
-    free = {i.name for i in inputs if i.free}  # symbolic H/W: the checkpoint's shapes
-    inputs = with_shapes(inputs, [(i.name, i.shape) for i in source.inputs if i.name in free])
-    feeds = (file_feeds(input_path, inputs) if input_path else
-             list(random_feeds(inputs, random_count, ranges=_input_ranges(model))))
-    batches = [{name: torch.from_numpy(a) for name, a in f.items()} for f in feeds]
-    report = check_parity(source.qmodel, model, batches, local=not accumulated)
-    t = Table(title=f"deployq check: torch fake-quant vs {onnx_path} (codes)")
-    for col in ("name", "kind", "bits", "elements", "equal", "1 LSB", ">1 LSB"):
-        t.add_column(col, justify="left" if col in ("name", "kind") else "right", no_wrap=col == "name")
-    for p in report.points:
-        t.add_row(p.name, p.kind, str(p.bits), str(p.elements), f"{100 * p.exact_fraction:.3f}%", str(p.one),
-                  f"[bold red]{p.more}[/]" if p.more else "0")
-    console.print(t)
-    verdict = (f"{report.elements} codes at {len(report.points)} quant points: {100 * report.exact_fraction:.4f}% equal, "
-               f"max {report.max_lsb} LSB apart")
-    data, same = report.to_json(), None
-    if ort_path is not None:
-        from deployq.parity import compare_ort_format
-
-        same = compare_ort_format(model, ort_path, feeds)
-        data["ort_format"] = {"file": ort_path, **same.to_json()}
-        verdict += (f"; {Path(ort_path).name} vs {Path(onnx_path).name}: {same.equal}/{same.elements} output "
-                    f"values equal, max {same.max_lsb:g} LSB apart")
-    if json_path:
-        with atomic_path(json_path) as tmp:
-            Path(tmp).write_text(json_text(data))
-    if same is not None and not same.ok:
-        click.echo(f"FAIL: {verdict}")
-        sys.exit(1)
-    failures = report.failures()
-    if failures:
-        click.echo(f"FAIL: {verdict}; more than 1 LSB at {', '.join(p.name for p in failures[:5])}")
-        sys.exit(1)
-    click.echo(f"PASS: {verdict}")
+    report = run_check(ckpt, onnx_path, input_path, random=random_count, local=not accumulated, factory=factory,
+                       progress=True)
+    if json_path == "-":
+        click.echo(json_text(report.to_json()), nl=False)
+    else:
+        t = Table(title=f"deployq check: torch fake-quant vs {report.onnx} (codes)")
+        for col in ("name", "kind", "bits", "elements", "equal", "1 LSB", ">1 LSB"):
+            t.add_column(col, justify="left" if col in ("name", "kind") else "right", no_wrap=col == "name")
+        for p in report.points:
+            t.add_row(p.name, p.kind, str(p.bits), str(p.elements), f"{100 * p.exact_fraction:.3f}%", str(p.one),
+                      f"[bold red]{p.more}[/]" if p.more else "0")
+        console.print(t)
+    if json_path and json_path != "-":
+        with AtomicOutputs() as out:
+            out.write_text(json_path, json_text(report.to_json()))
+    if json_path != "-":
+        say(report.verdict()) if report.passed() else click.echo(report.verdict())
+    if not report.passed():
+        sys.exit(EXIT_GATE)
 
 
 @main.command(name="run")
@@ -338,9 +290,11 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
               help="Overlap between tiles, in packed pixels; seams are blended over it (default: a quarter tile, at most 16).")
 @click.option("--batch", type=click.IntRange(1), default=4, show_default=True, help="Tiles per onnxruntime call.")
 @click.option("--bench", "bench_runs", type=click.IntRange(1), help="Also time N calls and print latency percentiles.")
+@json_option("the PNGs written and the latency percentiles")
 @handle_errors
 def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, ratio: Optional[float], threads: Optional[int],
-                tile: Optional[int], overlap: Optional[int], batch: int, bench_runs: Optional[int]) -> None:
+                tile: Optional[int], overlap: Optional[int], batch: int, bench_runs: Optional[int],
+                json_path: Optional[str]) -> None:
     """Enhance raw camera files with an ONNX model (float or int8): raw -> packed -> ORT -> sRGB PNG.
 
     \b
@@ -356,19 +310,25 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, ratio: O
 
     if inputs:
         check_output(out_dir, "--out", folder=True)
+    if json_path and json_path != "-":
+        check_output(json_path, "--json")
 
     if not inputs and not bench_runs:
         raise UserError("give raw files or folders to enhance, or --bench N to time the model")
+    tell = (lambda _: None) if json_path == "-" else say
+    data: dict = {"model": model_path}
     if inputs:
-        enhance(model_path, inputs, out_dir, ratio=ratio, threads=threads, tile=tile, overlap=overlap, batch=batch,
-                say=click.echo)
+        data["written"] = [str(p) for p in enhance(model_path, inputs, out_dir, ratio=ratio, threads=threads, tile=tile,
+                                                   overlap=overlap, batch=batch, say=tell)]
     if bench_runs:
         engine = load_engine(model_path, threads)
         result = bench(engine, bench_runs, batch=batch)
         p = result.percentiles()
         th, tw = result.size
-        click.echo(f"latency over {bench_runs} calls of {batch} tile(s) {th}x{tw}: p50 {p['p50']:.2f} ms, "
-                   f"p90 {p['p90']:.2f} ms, p99 {p['p99']:.2f} ms")
+        tell(f"latency over {bench_runs} calls of {batch} tile(s) {th}x{tw}: p50 {p['p50']:.2f} ms, "
+             f"p90 {p['p90']:.2f} ms, p99 {p['p99']:.2f} ms")
+        data["latency_ms"] = {**p, "calls": bench_runs, "tiles_per_call": batch, "tile": [th, tw]}
+    write_json(json_path, data)
 
 
 main.add_command(hessian)

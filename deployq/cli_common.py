@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import sys
 import warnings
@@ -14,6 +15,9 @@ from rich.console import Console
 
 # a wide console when output goes to a file or pipe, so tables keep one row per line
 console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+EXIT_GATE = 3  # a gate that failed (diff --fail-below, check beyond 1 LSB); errors exit 1, Ctrl-C 130
 
 
 class UserError(click.ClickException):
@@ -32,9 +36,70 @@ def _show_warning(message: Any, category: type, filename: str, lineno: int, file
 _default_show_warning = warnings.showwarning
 
 
-def handle_errors(command: Callable) -> Callable:
-    """Turn deployq's own errors (ValueError family, missing files) into clean CLI errors."""
+def set_verbosity(quiet: bool, verbose: bool) -> None:
+    """-q: nothing on stdout or stderr but errors, warnings, a failed gate and asked-for JSON;
+    -v: also the rewriter's notes and deployq's log lines."""
+    from deployq import progress
 
+    if quiet and verbose:
+        raise click.UsageError("give -q/--quiet or -v/--verbose, not both")
+    console.quiet = quiet
+    progress.QUIET = quiet
+    logger = logging.getLogger("deployq")
+    if verbose and not any(getattr(h, "deployq_verbose", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.deployq_verbose = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def json_option(what: str) -> Callable:
+    """--json FILE|-, the same on every command."""
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), is_flag=False,
+                        flag_value="-", metavar="[FILE|-]",
+                        help=f"Write {what} as JSON to FILE; alone or with -, print only the JSON, to stdout.")
+
+
+def write_json(path: Optional[str], data: Any) -> None:
+    """--json: to stdout for -, else atomically to the file (checked writable before the work)."""
+    if not path:
+        return
+    from deployq.files import AtomicOutputs, json_text
+
+    if path == "-":
+        click.echo(json_text(data), nl=False)
+        return
+    with AtomicOutputs() as out:
+        out.write_text(path, json_text(data))
+
+
+def say(text: str, err: bool = False) -> None:
+    """A result line (a verdict, what was written), unless -q."""
+    if not console.quiet:
+        click.echo(text, err=err)
+
+
+def _verbosity_options(command: Callable) -> Callable:
+    """-q/--quiet and -v/--verbose on every command (handle_errors adds them)."""
+    state: dict[str, bool] = {}
+
+    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        state[param.name] = value
+        if len(state) == 2:
+            set_verbosity(state.pop("quiet"), state.pop("verbose"))
+
+    command = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=remember, is_eager=True,
+                           help="Also print the rewriter's notes and log lines.")(command)
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=remember, is_eager=True,
+                        help="Print nothing on success (errors, warnings and a failed gate still print).")(command)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Turn deployq's own errors (ValueError family, missing files) into clean CLI errors; give the
+    command the shared -q/-v options."""
+
+    @_verbosity_options
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         warnings.showwarning = _show_warning

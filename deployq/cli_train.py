@@ -19,7 +19,7 @@ import click
 import yaml
 from rich.table import Table
 
-from deployq.cli_common import POSITIVE, UserError, console, handle_errors, model_options
+from deployq.cli_common import POSITIVE, UserError, console, handle_errors, json_option, model_options, write_json
 from deployq.hessian import DEFAULT_MAX_ITER, DEFAULT_SHARE, DEFAULT_TOL
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -64,12 +64,12 @@ def _fmt(value: float) -> str:
 
 @click.command("hessian")
 @model_options
-@click.option("--data", required=True, type=click.Path(exists=True),
+@click.option("--input", "--data", "data", required=True, type=click.Path(exists=True),
               help="Inputs (folder or file: raw, images, .npy/.npz), or a YAML dataset / recipe (uses its targets).")
 @click.option("--layers", "patterns", multiple=True, metavar="GLOB",
               help="Only activations matching this glob (repeatable). Default: every activation quant point.")
 @click.option("--top", type=click.IntRange(1), default=3, show_default=True, help="Layers written to the config.")
-@click.option("--out", type=click.Path(dir_okay=False), default="distill.yaml", show_default=True,
+@click.option("--yaml", "--out", "out", type=click.Path(dir_okay=False), default="distill.yaml", show_default=True,
               help="Distillation config to write (native form; a recipe's `distill:` section).")
 @click.option("--tol", type=click.FloatRange(0), default=DEFAULT_TOL, show_default=True,
               help="Stop a layer when the relative change of its running mean is below this.")
@@ -89,11 +89,13 @@ def _fmt(value: float) -> str:
 @click.option("--estimator", type=click.Choice(["shared", "per-layer"]), default="shared", show_default=True,
               help="shared: every layer's trace from one Hessian-vector product per sample (fast); per-layer: "
                    "one product per layer and sample (less variance, time grows with the layer count).")
+@json_option("every layer's trace, standard error and suggested bits")
 @handle_errors
 def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str],
             input_shape: Optional[list],
             data: str, patterns: tuple[str, ...], top: int, out: str, tol: float, max_iter: int, coeff: float,
-            limit: int, batch_size: int, loss: str, mode: str, seed: int, estimator: str) -> None:
+            limit: int, batch_size: int, loss: str, mode: str, seed: int, estimator: str,
+            json_path: Optional[str]) -> None:
     """Rank activations by Hessian trace (Hutchinson) and write a distillation config.
 
     \b
@@ -108,7 +110,9 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
     from deployq.hessian import hessian_traces, write_distill_config
     from deployq.model_source import resolve_model
 
-    check_output(out, "--out")
+    check_output(out, "--yaml")
+    if json_path and json_path != "-":
+        check_output(json_path, "--json")
 
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
                            factory_kwargs=model_kwargs)
@@ -137,6 +141,8 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
                       _fmt(layer.per_element), f"{layer.iterations}{'' if layer.converged else '*'}",
                       f"{layer.seconds:.2f}", _fmt(s.omega[low]), _fmt(s.omega[high]), str(s.bits),
                       _fmt(weights[layer.name]) if layer.name in weights else "")
+    if json_path == "-":
+        console.quiet = True  # stdout carries only the JSON
     console.print(table)
     console.print(f"[dim]Hessian of: {report.loss}.[/dim]")
     if not all(layer.converged for layer in report.layers):
@@ -147,6 +153,8 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
         raise UserError(f"no distillation config written: {problem}")
     chosen = write_distill_config(report, out, top, coeff)
     console.print(f"wrote {out}: {len(chosen.layers)} layers, Σλ = {coeff:g}")
+    write_json(json_path, {**report.to_json(), "distill_config": str(out),
+                           "suggested_bits": {n: s.bits for n, s in suggestions.items()}})
 
 
 @click.command("train")
@@ -154,8 +162,9 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
               help="Training recipe (YAML): model, float weights, quant config, data, loss, distillation.")
 @click.option("--resume", is_flag=True, help="Continue the run in the recipe's output_dir (model, optimizer, epoch, best).")
 @click.option("--epochs", type=click.IntRange(1), help="Train to this many epochs (overrides the recipe).")
+@json_option("the best epoch, the checkpoints and every epoch's metrics")
 @handle_errors
-def train(recipe: str, resume: bool, epochs: Optional[int]) -> None:
+def train(recipe: str, resume: bool, epochs: Optional[int], json_path: Optional[str]) -> None:
     """Quantization-aware training with feature distillation, from a recipe.
 
     \b
@@ -166,13 +175,22 @@ def train(recipe: str, resume: bool, epochs: Optional[int]) -> None:
     Writes best.pt and last.pt (deployq checkpoints), metrics.csv / metrics.json and state.pt
     (for --resume) to the recipe's output_dir, on rank 0 only.
     """
+    from deployq.files import check_output
     from deployq.train import train as run_training
 
+    if json_path and json_path != "-":
+        check_output(json_path, "--json")
+    if json_path == "-":
+        console.quiet = True  # stdout carries only the JSON
     result = run_training(recipe, resume=resume, epochs=epochs, log=console.print)
     if not result.is_main:
         return
     best = "none" if result.best_epoch is None else f"{result.best_value:.4g} at epoch {result.best_epoch}"
     console.print(f"best: {best}; checkpoints in {result.output_dir}")
+    write_json(json_path, {"best_value": result.best_value, "best_epoch": result.best_epoch,
+                           "output_dir": str(result.output_dir),
+                           "checkpoints": {k: str(v) for k, v in result.checkpoints.items()},
+                           "history": result.history, "notes": list(result.notes)})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -49,6 +49,7 @@ MODES = ("accumulated", "local", "sensitivity", "kernel")
 LAYER_OPS = WEIGHT_LAYER_OPS
 ACTIVATION_OPS = ("Relu", "LeakyRelu", "Clip")
 LSB_BINS = ("0", "1", ">1")
+SAMPLE = 4096  # float values kept per quant point for the report's value histogram
 # ----------------------------------------------------------------------------------- matching
 
 
@@ -333,11 +334,25 @@ class Stats:
     quant_sq: float = 0.0
     max_err: float = 0.0
     lsb: list[int] = field(default_factory=lambda: [0, 0, 0])
+    sample: Optional[np.ndarray] = None  # a quant point's float values (evenly spaced, up to SAMPLE) for its histogram
+    example: Optional[tuple[np.ndarray, np.ndarray]] = None  # a model output: (float, quantized) of the first item
+
+    def _keep(self, ref: np.ndarray, quant: np.ndarray, point: Optional[QPoint]) -> None:
+        if point is None:
+            if self.example is None and ref.ndim >= 1 and len(ref):
+                self.example = (np.array(ref[0], np.float32), np.array(quant[0], np.float32))
+            return
+        have = 0 if self.sample is None else self.sample.size
+        if have < SAMPLE and ref.size:
+            flat = ref.ravel()
+            taken = flat[::max(1, flat.size // SAMPLE)][:SAMPLE - have].astype(np.float32)
+            self.sample = taken if self.sample is None else np.concatenate([self.sample, taken])
 
     def add(self, ref: np.ndarray, quant: np.ndarray, point: Optional[QPoint] = None,
             codes: Optional[np.ndarray] = None) -> None:
         if ref.shape != quant.shape:
             raise ModelFileError(f"{point.name if point else 'tensor'}: float shape {ref.shape} vs quantized {quant.shape}")
+        self._keep(ref, quant, point)
         r, q = ref.astype(np.float64).ravel(), quant.astype(np.float64).ravel()
         e = r - q
         self.n += r.size
@@ -415,6 +430,17 @@ class DiffReport:
     unmatched: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     jump_db: float = 6.0
+    title: str = "deployq diff"
+
+    def worst(self, k: int = 5) -> list[Row]:
+        """The `k` weakest activation quant points (lowest SQNR; most sensitive in sensitivity mode)."""
+        return self.ranking()[:k]
+
+    def to_html(self, fail_below: Optional[float] = None) -> str:
+        """The report as one self-contained HTML page (what ``deployq diff --html`` writes)."""
+        from deployq.report import to_html
+
+        return to_html(self, self.title, fail_below)
 
     def ranking(self) -> list[Row]:
         """Activation rows, worst first (lowest SQNR)."""
@@ -468,8 +494,9 @@ class DiffReport:
 
 def _mark_jumps(rows: list[Row], jump_db: float) -> None:
     by_name = {r.point.name: r for r in rows}
-    for row in rows:
-        upstream = [by_name[n].stats.sqnr_db for n in row.point.inputs if n in by_name]
+    for row in rows:  # measured from quantized layers on: a model input is near-lossless, so the
+        # first layer after it would always look like a jump
+        upstream = [by_name[n].stats.sqnr_db for n in row.point.inputs if n in by_name and by_name[n].point.op != "input"]
         if not upstream or not math.isfinite(row.stats.sqnr_db):
             continue
         best = min(upstream)

@@ -35,6 +35,7 @@ from deployq.devices import DEVICE_KEY, DEVICES, Coverage, check_config, coverag
 from deployq.files import AtomicOutputs, json_text
 from deployq.model_source import ModelSource
 from deployq.prepare import quant_points
+from deployq.progress import stage
 from deployq.qat import calibrate, qparams_of, set_mode
 from deployq.qformula import qparams_from_range, qrange
 from deployq.sim import max_opset, session
@@ -130,12 +131,13 @@ def prepare_for_target(source: ModelSource, target: str, *, weight_bits: Optiona
 def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", opset: int = MIN_OPSET,
            weight_bits: Optional[int] = None, act_signed: bool = False, calib: Optional[str] = None,
            calib_limit: int = 100, dynamic_hw: bool = False, device: str = "cpu", ort_format: bool = True,
-           progress: bool = True) -> ExportResult:
+           output_names: Optional[list[str]] = None, progress: bool = True) -> ExportResult:
     """Export `source` for `target` into `out_dir`; nothing is written unless everything succeeds.
     `dynamic_hw`: height and width of 4-D inputs stay symbolic (fully convolutional models).
     `device`: a profile of :mod:`deployq.devices` (constraints, exact rewrites); the provider
     coverage of the result is measured for every device. `ort_format`: also write the ORT-format
-    model and the required-operators config of a reduced onnxruntime build."""
+    model and the required-operators config of a reduced onnxruntime build. `output_names`: names
+    for the models' outputs, in order (the quant point names inside stay as they are)."""
     start = time.perf_counter()
     dev = get_device(device)
     if dynamic_hw and dev.fixed_shapes:
@@ -155,23 +157,31 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
         records = qparams_of(qmodel)
         check_config(dev, records.values())
     examples = tuple(i.example() for i in source.inputs)
+    stage("export: tracing the model (torch.export -> ONNX)", progress)
     float_onnx = export_float(qmodel, examples, opset, dynamic_hw)
     config: QConfig = qmodel.get_submodule("act_quant").config
+    stage("export: rewriting (fold BN, fuse activations, insert Q/DQ)", progress)
     result = rewrite(float_onnx, records, config.fuse_activations, opset, block_convtranspose=dev.block_convtranspose)
     if dev.fixed_shapes:
         shapes = {i.name: tuple(i.shape) for i in source.inputs}
         for model in (result.float_model, result.quant_model):
             if model is not None:
                 fix_shapes(model, shapes)
+    if output_names is not None:
+        for model in (result.float_model, result.quant_model):
+            if model is not None:
+                name_outputs(model, output_names)
     deployed = result.quant_model if result.quant_model is not None else result.float_model
     if not dev.takes_qdq and result.quant_model is not None:
         deployed = learned_float(result.float_model, result.quant_model)
+    stage("export: loading the models in onnxruntime", progress)
     for model in {id(m): m for m in (result.float_model, result.quant_model, deployed) if m is not None}.values():
         if model is not None:  # what is published, onnxruntime loads
             model.metadata_props.add(key=DEVICE_KEY, value=dev.name)  # read back by `check` on the .ort file
             session(model, optimize=False, label=f"the exported model (opset {opset})")
     out_dir = Path(out_dir)
     files = {"float": out_dir / "model.float.onnx"}
+    stage("export: measuring NNAPI / CoreML coverage (onnxruntime's usability checker)", progress)
     covered, why = coverage(deployed)
     deployed_name = deployed_file_name(target, dev.name)
     with AtomicOutputs() as out:
@@ -180,6 +190,7 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
             files[dev.name] = out_dir / f"model.{dev.name}.onnx"
             out.write_bytes(files[dev.name], deployed.SerializeToString())
         if ort_format:
+            stage("export: converting to ORT format", progress)
             ort_bytes, operators = to_ort_format(deployed, dev)
             files["ort"] = out_dir / f"model.{deployed_name}.ort"
             out.write_bytes(files["ort"], ort_bytes)
@@ -205,6 +216,28 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
         notes.append(f"{out_dir} also holds {', '.join(stale)} from an earlier export, not from this one")
     return ExportResult(out_dir, files, records or {}, target, time.perf_counter() - start, result.log,
                         qmodel, result.float_model, result.quant_model, notes, dev.name, covered)
+
+
+def name_outputs(model: onnx.ModelProto, names: list[str]) -> None:
+    """Give the graph outputs `names`, in order (in place): each old output feeds an Identity
+    named for the new one, so every tensor inside keeps its name (onnxruntime removes the Identity)."""
+    outputs = list(model.graph.output)
+    if len(names) != len(outputs):
+        raise ValueError(f"--output-names gives {len(names)} names; the model has {len(outputs)} outputs "
+                         f"({', '.join(o.name for o in outputs)})")
+    taken = {t for n in model.graph.node for t in (*n.input, *n.output)} | {i.name for i in model.graph.input}
+    clash = [n for n, o in zip(names, outputs) if n != o.name and n in taken]
+    if len(set(names)) != len(names) or clash or not all(names):
+        raise ValueError(f"--output-names must be distinct, non-empty and not names of tensors inside the model"
+                         f"{f' (taken: {clash[0]!r})' if clash else ''}")
+    for name, out in zip(names, outputs):
+        if name == out.name:
+            continue
+        model.graph.node.append(onnx.helper.make_node("Identity", [out.name], [name], name=f"{name}_output"))
+        renamed = onnx.ValueInfoProto()
+        renamed.CopyFrom(out)
+        renamed.name = name
+        out.CopyFrom(renamed)
 
 
 def deployed_file_name(target: str, device: str) -> str:

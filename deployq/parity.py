@@ -12,6 +12,7 @@ summed in another order lands on the other side of a half-step) and are at most 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch import fx
 
 from deployq.exporters.depth_to_space import from_block_weight, is_block_weight
 from deployq.prepare import ACT_QUANT, quant_points
+from deployq.progress import progress_bar
 from deployq.qat import input_names, model_inputs, weight_qparams
 from deployq.qformula import dequantize, quantize
 from deployq.quantizers import FakeQuantizer
@@ -63,6 +65,26 @@ class PointParity:
 @dataclass
 class ParityReport:
     points: list[PointParity] = field(default_factory=list)
+    onnx: str = "the model"  # what was checked
+    ort_format: Optional["FormatAgreement"] = None  # an ORT-format file's outputs against the .onnx's
+    ort_path: Optional[str] = None
+
+    def passed(self) -> bool:
+        """What ``deployq check`` gates on: no quant point more than 1 LSB apart (and the ORT file,
+        if one was given, at most 1 LSB from the .onnx at the outputs)."""
+        return not self.failures() and (self.ort_format is None or self.ort_format.ok)
+
+    def verdict(self) -> str:
+        text = (f"{self.elements} codes at {len(self.points)} quant points: {100 * self.exact_fraction:.4f}% equal, "
+                f"max {self.max_lsb} LSB apart")
+        if self.ort_format is not None:
+            f = self.ort_format
+            text += (f"; {Path(self.ort_path).name} vs {Path(self.onnx).name}: {f.equal}/{f.elements} output "
+                     f"values equal, max {f.max_lsb:g} LSB apart")
+        failures = self.failures()
+        if failures:
+            text += f"; more than 1 LSB at {', '.join(p.name for p in failures[:5])}"
+        return ("PASS: " if self.passed() else "FAIL: ") + text
 
     @property
     def elements(self) -> int:
@@ -93,8 +115,12 @@ class ParityReport:
         return min(self.points, key=lambda p: p.exact_fraction, default=None)
 
     def to_json(self) -> dict:
-        return {"elements": self.elements, "exact_fraction": self.exact_fraction, "max_lsb": self.max_lsb,
-                "ok": self.ok(), "points": [p.to_json() for p in self.points]}
+        data = {"onnx": self.onnx, "elements": self.elements, "exact_fraction": self.exact_fraction,
+                "max_lsb": self.max_lsb, "ok": self.ok(), "passed": self.passed(),
+                "points": [p.to_json() for p in self.points]}
+        if self.ort_format is not None:
+            data["ort_format"] = {"file": self.ort_path, **self.ort_format.to_json()}
+        return data
 
 
 class _Capture(fx.Interpreter):
@@ -187,7 +213,7 @@ def onnx_weight_codes(model: onnx.ModelProto, names: Iterable[str]) -> dict[str,
 
 
 def check_parity(qmodel: fx.GraphModule, model: onnx.ModelProto, batches: Iterable, *,
-                 max_batches: Optional[int] = None, local: bool = True) -> ParityReport:
+                 max_batches: Optional[int] = None, local: bool = True, progress: bool = False) -> ParityReport:
     """Compare integer codes of `qmodel` (torch) and `model` (ORT, reference view) over `batches`.
 
     local=True (default): torch continues from ORT's codes at every quant point, so each point
@@ -207,7 +233,7 @@ def check_parity(qmodel: fx.GraphModule, model: onnx.ModelProto, batches: Iterab
         raise ValueError(f"the ONNX model takes inputs {sorted(onnx_inputs)}, the torch model {names}")
     report = {n: PointParity(n, p.kind, p.spec.bits) for n, p in points.items()}
     weights_done = False
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(progress_bar(batches, "check", enabled=progress)):
         if max_batches is not None and i >= max_batches:
             break
         inputs = model_inputs(batch, names)

@@ -13,11 +13,18 @@ T = TypeVar("T")
 
 
 LINE_INTERVAL = 10.0  # seconds between progress lines when stderr is not a terminal
+QUIET = False  # set by the CLI's -q: no progress at all
+
+
+def stage(text: str, enabled: bool = True) -> None:
+    """One line on stderr as a long job enters a stage ("export: tracing with torch.export")."""
+    if enabled and not QUIET:
+        print(text, file=sys.stderr, flush=True)
 
 
 def progress_bar(items: Iterable[T], description: str, total: Optional[int] = None,
                  enabled: bool = True) -> Iterator[T]:
-    if not enabled:
+    if not enabled or QUIET:
         yield from items
         return
     if total is None and hasattr(items, "__len__"):

@@ -43,6 +43,7 @@ EXPECTED_TABLES = {  # section key: header cells its tables must have
     "hessian": ["| # | layer | n | iterations |"],
     "conformance": ["| model | quant points | export | check max LSB | int16 local: lowest row (dB) |"],
     "devices": ["| model | NNAPI, --device cpu | NNAPI, --device nnapi |"],
+    "latency": ["| width | packed input | threads | fp32 (ms) |", "| op type | fp32 | int8, 10-bit head/tail |"],
 }
 EXPECTED_ROWS = {  # section key: regular expressions of rows it must have
     "lowlight": [r"\| float \| - \| torch fp32 \| fp32 \|", r"\| float, trained on as long as QAT \| - \| torch fp32 \|", r"\| QAT \+ distillation \| deployq \| ORT int8 \| act 8 \(10 at \d+\)",
@@ -53,6 +54,7 @@ EXPECTED_ROWS = {  # section key: regular expressions of rows it must have
     "speed": [r"\| deployq QAT \| [\d.]+ \| [\d.]+× \|", r"\| Polygraphy \(2 runs\) \| [\d.]+ \|"],
     "scale": [r"\| 1 \| 3 \| [\d.]+ \|", r"\| diff kernel \|"],
     "hessian": [r"\| 1 \| `"],
+    "latency": [r"\| 8 \| 32×32 \| 1 \| \d+ \| [\d.]+× \| [\d.]+× \| [\d.]+× \| [\d.]+× \|"],
     "devices": [r"\| zoo UNet \(ConvTranspose\) \| \d+/\d+ \([\d.]+%\), 1 \| (\d+)/\1 \(100\.0%\), 1 \|"],
     "conformance": [r"\| squeezenet1_1 \| \d+ \| yes \| [01] \| [\d.]+ \|"],
 }
@@ -78,7 +80,7 @@ def lowlight_args(ckpts: common.LowlightCheckpoints) -> list[str]:
 
 # two groups of about equal time, so that `pytest -n 2` runs them side by side; the first shares
 # the low-light exports between its benchmarks, as the full run does
-GROUPS = ["lowlight,speed", "digits,scale,hessian,parity,devices"]
+GROUPS = ["lowlight,speed,latency", "digits,scale,hessian,parity,devices"]
 
 
 @pytest.mark.parametrize("only", GROUPS)

@@ -163,7 +163,17 @@ def test_cli_writes_json_and_self_contained_html(exported, tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert "<svg" in page and "enc1.2" in page
     links = re.findall(r'(?:src|href)\s*=\s*"([^"]+)"', page) + re.findall(r"url\(", page)
-    assert links == []  # nothing to fetch: renders offline
+    assert links and all(link.startswith("data:image/png;base64,") for link in links)  # nothing to fetch: offline
+    # the output pictures (float, quantized, error) of the image model, as PNGs that decode
+    import base64
+
+    import imageio.v3
+    images = [imageio.v3.imread(base64.b64decode(link.split(",", 1)[1])) for link in links]
+    assert len(images) == 3 and images[0].shape == images[1].shape == images[2].shape == (16, 16, 3)
+    assert "<h2>Activations (" in page and "<h2>Weights (" in page and "Per-channel weight ranges" in page
+    acts = page.split("<h2>Activations (")[1].split("<h2>Weights (")[0]
+    assert "enc1.2" in acts and "out.weight" not in acts  # the sections do not mix
+    assert 'stroke="#c33"' in acts  # a value histogram with its representable range marked
 
 
 def test_fail_below_gates_ci(exported):
@@ -171,7 +181,7 @@ def test_fail_below_gates_ci(exported):
     args = ["diff", str(result.files["float"]), str(result.files["int8"]), "--random", "2"]
     assert CliRunner().invoke(main, args + ["--fail-below", "5"]).exit_code == 0
     out = CliRunner().invoke(main, args + ["--fail-below", "200"])
-    assert out.exit_code == 1 and "FAIL" in out.output
+    assert out.exit_code == 3 and "FAIL" in out.output  # the gate: distinct from errors (1)
 
 
 def test_mismatched_models_are_clear_errors(exported, tmp_path):
@@ -211,7 +221,7 @@ def test_check_compares_torch_and_onnx_codes(exported, tmp_path):
     faulty = inject_fault(result.quant_model, "enc2.2")
     onnx.save(faulty, tmp_path / "faulty.onnx")
     out = CliRunner().invoke(main, ["check", "--ckpt", str(path), "--onnx", str(tmp_path / "faulty.onnx")])
-    assert out.exit_code == 1 and "enc2.2" in out.output
+    assert out.exit_code == 3 and "enc2.2" in out.output  # a failed gate
 
 
 def test_the_jump_marker_column_shows_only_with_a_marked_row(exported):

@@ -1,0 +1,168 @@
+"""Latency at deployment sizes: the low-light network in onnxruntime, fp32 against every int8 form.
+
+    python benchmarks/bench_latency.py [--widths 8,32] [--sizes 256,512] [--threads 1,2] [--repeats 5]
+
+Width 8 uses the shipped QAT checkpoints (qat.pt: 10-bit head/tail, qat_all8.pt: all 8-bit); other
+widths the factory's random weights calibrated post-training under the same two configs
+(quant.yaml, quant_all8.yaml) on synthetic packed raw: latency does not depend on the weights'
+values. Models are exported with ``--dynamic-hw`` (one model for every size), except the nnapi
+profile, which fixes the shape. Per (width, size, threads), one input, round-robin:
+
+* fp32 (the float model deployq exports beside the int8 one);
+* deployq int8 with the 10-bit head/tail (standard QDQ: 16-bit Q/DQ around those layers);
+* deployq int8, all 8-bit; and the same exported with ``--device nnapi`` (ConvTranspose as an
+  integer Conv + DepthToSpace);
+* onnxruntime's ``quantize_static`` (MinMax, QDQ, per-channel s8 weights) of the same float model.
+
+Then onnxruntime's own profiler splits one configuration's time by operator type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import deployq
+from benchmarks import common
+from deployq.checkpoint import InputSpec
+from deployq.examples.lowlight import model as lowlight
+from deployq.export import export
+from deployq.model_source import forward_arguments, resolve_model
+from deployq.sim import load_onnx, session
+
+SCRIPT = "bench_latency.py"
+FACTORY = "deployq.examples.lowlight.model:build"
+CONFIGS = Path(lowlight.__file__).parent
+CONTENDERS = ("fp32", "int8, 10-bit head/tail", "int8, all 8-bit", "int8, all 8-bit, --device nnapi",
+              "quantize_static MinMax")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_lowlight_arguments(parser)
+    parser.add_argument("--widths", default="8,32", help="network widths (8: the shipped checkpoints)")
+    parser.add_argument("--sizes", default="256,512", help="packed input sides (raw pixels / 2)")
+    parser.add_argument("--threads", default="1,2", help="onnxruntime intra-op threads")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each contender per configuration")
+    parser.add_argument("--profile", default="32,256", help="WIDTH,SIZE profiled by operator type (1 thread)")
+    return parser.parse_args(argv)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def checkpoints(width: int, ckpts: common.LowlightCheckpoints, work: Path) -> dict[str, Path]:
+    """{'10-bit': ckpt, 'all8': ckpt} for `width`: the given (shipped) ones at 8, else PTQ-calibrated."""
+    if width == 8:
+        return {"10-bit": ckpts.qat, "all8": ckpts.qat_all8}
+    model = lowlight.build(width=width)
+    name = forward_arguments(model)[0]
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.rand((1, 4, 64, 64), generator=gen) * 0.1 for _ in range(2)]
+    out = {}
+    for key, config in (("10-bit", "quant.yaml"), ("all8", "quant_all8.yaml")):
+        qmodel = deployq.prepare(model, batches[0], str(CONFIGS / config))
+        deployq.calibrate(qmodel, batches, progress=False)
+        out[key] = deployq.save_checkpoint(work / f"w{width}_{key}.pt", qmodel, factory=FACTORY,
+                                           factory_kwargs={"width": width}, inputs=[InputSpec(name, (1, 4, 64, 64))])
+    return out
+
+
+def _export(ckpt: Path, out: Path, size: int | None, factory: str | None, device: str = "cpu"):
+    with common.quiet():
+        shape = [(None, (1, 4, size, size))] if size else None
+        return export(resolve_model(ckpt=str(ckpt), factory=factory, input_shape=shape), out, dynamic_hw=size is None,
+                      device=device, ort_format=False, progress=False)
+
+
+def models(width: int, sizes: list[int], ckpts: common.LowlightCheckpoints, work: Path) -> dict:
+    """{contender: path} per size (the nnapi profile has one model per size, the others one for all)."""
+    made = checkpoints(width, ckpts, work)
+    factory = ckpts.factory if width == 8 else None
+    ten = _export(made["10-bit"], work / f"w{width}_10", None, factory)
+    all8 = _export(made["all8"], work / f"w{width}_8", None, factory)
+    x = np.random.default_rng(0).uniform(0, 0.1, (1, 4, min(sizes), min(sizes))).astype(np.float32)
+    static = common.quantize_static_qdq(ten.files["float"], work / f"w{width}_static.onnx", [x], "MinMax")
+    shared = {"fp32": ten.files["float"], "int8, 10-bit head/tail": ten.files["int8"],
+              "int8, all 8-bit": all8.files["int8"], "quantize_static MinMax": static}
+    return {size: {**shared, "int8, all 8-bit, --device nnapi":
+                   _export(made["all8"], work / f"w{width}_nnapi_{size}", size, factory, "nnapi").files["int8"]}
+            for size in sizes}
+
+
+def profile_by_op(path: Path, x: np.ndarray, work: Path, runs: int = 3) -> Counter:
+    """Microseconds per operator type over `runs` calls, by onnxruntime's profiler (1 thread)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(work / path.stem)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess.run(None, {sess.get_inputs()[0].name: x})
+    totals: Counter = Counter()
+    for _ in range(runs):
+        sess.run(None, {sess.get_inputs()[0].name: x})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            totals[e["args"]["op_name"]] += e["dur"]
+    return totals
+
+
+def run(argv: list[str]) -> common.Section:
+    args = parse_args(argv)
+    ckpts = common.lowlight_checkpoints(args)
+    widths, sizes, threads = _ints(args.widths), _ints(args.sizes), _ints(args.threads)
+    rows, profiles = [], []
+    prof_width, prof_size = _ints(args.profile)
+    with tempfile.TemporaryDirectory(prefix="deployq-bench-latency-") as tmp:
+        work = Path(tmp)
+        for width in widths:
+            by_size = models(width, sizes, ckpts, work)
+            for size in sizes:
+                x = np.random.default_rng(size).uniform(0, 0.1, (1, 4, size, size)).astype(np.float32)
+                for n in threads:
+                    sessions = {c: session(load_onnx(p), optimize=True, threads=n) for c, p in by_size[size].items()}
+                    times = common.round_robin({c: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x}))
+                                                for c, s in sessions.items()}, args.repeats, warmup=1)
+                    med = {c: common.median(t) for c, t in times.items()}
+                    rows.append([str(width), f"{size}×{size}", str(n), f"{1000 * med['fp32']:.0f}",
+                                 *(f"{med['fp32'] / med[c]:.2f}×" for c in CONTENDERS[1:])])
+                if width == prof_width and size == prof_size:
+                    for c in ("fp32", "int8, 10-bit head/tail", "int8, all 8-bit, --device nnapi"):
+                        profiles.append((c, profile_by_op(Path(by_size[size][c]), x, work)))
+    header = ["width", "packed input", "threads", "fp32 (ms)", *(f"{c}: fp32 / int8" for c in CONTENDERS[1:])]
+    lines = ["Speed-up of each int8 model over fp32 (fp32 median / int8 median: above 1 is faster), onnxruntime "
+             f"{ort.__version__} CPU provider, fully optimized, batch 1, median of {args.repeats} round-robin runs "
+             "per configuration. Width 8: the shipped checkpoints; other widths: the same network and configs "
+             "with random weights calibrated post-training.", "", *common.table(header, rows), ""]
+    if profiles:
+        ops = sorted({op for _, t in profiles for op in t}, key=lambda op: -max(t[op] / sum(t.values()) for _, t in profiles))
+        shown = [op for op in ops if max(t[op] / sum(t.values()) for _, t in profiles) >= 0.01]
+        lines += [f"Where the time goes (onnxruntime profiler, width {prof_width}, {prof_size}×{prof_size}, 1 thread): "
+                  "share of kernel time by operator type (ops under 1 % everywhere left out).", "",
+                  *common.table(["op type", *(c for c, _ in profiles)],
+                                [[op, *(common.percent(t[op] / sum(t.values()), 1) if t[op] else "" for _, t in profiles)]
+                                 for op in shown]), ""]
+    return common.Section("latency", "Latency at deployment sizes: int8 forms against fp32",
+                          common.command_line(SCRIPT, argv), lines)
+
+
+def main(argv: list[str]) -> int:
+    return common.main_for(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

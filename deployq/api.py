@@ -1,0 +1,190 @@
+"""The Python API of the three deployment commands: ``deployq.export``, ``deployq.diff``, ``deployq.check``.
+
+    import deployq
+    result = deployq.export(qmodel, example, "build/")                      # a QAT model in memory
+    report = deployq.diff(result.files["float"], result.files["int8"], inputs=batches)
+    print(report.verdict()); report.worst(5); open("diff.html", "w").write(report.to_html())
+    parity = deployq.check(qmodel, result.files["int8"], inputs=batches)
+    assert parity.ok()
+
+The CLI commands of the same names call these functions; everything they print comes from the
+returned objects (:class:`deployq.export.ExportResult`, :class:`deployq.diff.DiffReport`,
+:class:`deployq.parity.ParityReport`). docs/api.md describes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+import torch
+from torch import fx, nn
+
+from deployq.checkpoint import InputSpec
+from deployq.config import load_config
+from deployq.diff import DiffReport, diff as _diff, match_inputs
+from deployq.export import ExportResult, export as _export
+from deployq.model_source import ModelSource, forward_arguments, resolve_model
+from deployq.parity import FormatAgreement, ParityReport, check_parity, compare_ort_format
+from deployq.prepare import ACT_QUANT, prepare, quant_points
+from deployq.qat import calibrate
+from deployq.sim import (InputInfo, ModelFileError, check_same_inputs, file_feeds, inputs_of, is_ort_format,
+                         load_onnx, quantize_count, random_feeds, with_shapes)
+
+ModelLike = Union[nn.Module, str, Path]
+OnnxLike = Union[onnx.ModelProto, str, Path]
+Inputs = Union[str, Path, Iterable, None]  # a file or folder, or batches (arrays / tensors / dicts of them)
+
+
+def _is_prepared(model: nn.Module) -> bool:
+    return isinstance(model, fx.GraphModule) and hasattr(model, ACT_QUANT)
+
+
+def _as_tuple(example: object) -> tuple[torch.Tensor, ...]:
+    items = example if isinstance(example, (tuple, list)) else (example,)
+    return tuple(torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t) for t in items)
+
+
+def _source(model: ModelLike, example_inputs: object, config: object) -> ModelSource:
+    """A ModelSource for a checkpoint path, a model prepared by deployq, or a float model."""
+    if isinstance(model, (str, Path)):
+        if example_inputs is not None or config is not None:
+            raise ValueError("a checkpoint carries its inputs and config: pass neither example_inputs nor config")
+        return resolve_model(ckpt=str(model))
+    if example_inputs is None:
+        raise ValueError("example_inputs are needed to trace and export an nn.Module (a tensor, or a tuple of them)")
+    examples = _as_tuple(example_inputs)
+    names = forward_arguments(model)
+    if len(names) != len(examples):
+        raise ValueError(f"the model takes {len(names)} inputs ({', '.join(names)}); example_inputs has {len(examples)}")
+    inputs = [InputSpec(n, tuple(t.shape)) for n, t in zip(names, examples)]
+    if _is_prepared(model):
+        if config is not None:
+            raise ValueError("the model is already prepared with its config; pass config only with a float model")
+        qconfig = model.get_submodule(ACT_QUANT).config
+        calibrated = all(bool(model.get_submodule(p.quantizer).initialized)
+                         for p in quant_points(model).values() if p.kind != "weight")
+        return ModelSource(model, model, inputs, "", {}, qconfig, calibrated)
+    qconfig = load_config(config)
+    return ModelSource(prepare(model, examples, qconfig), model, inputs, "", {}, qconfig, False)
+
+
+def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, Path] = "deployq-out", *,
+           config: object = None, calib: Inputs = None, calib_limit: int = 100, target: str = "int8",
+           device: str = "cpu", opset: int = 21, dynamic_hw: bool = False, ort_format: bool = True,
+           progress: bool = False) -> ExportResult:
+    """Export to ``out_dir``: model.float.onnx, model.<target>.onnx, qparams.json (and the ORT file).
+
+    `model`: a model from :func:`deployq.prepare` (calibrated or trained), a float ``nn.Module``
+    (post-training quantization: give `calib`, and `config` if not the default), or the path of a
+    deployq checkpoint. `calib`: a folder or file of inputs (what ``--calib`` takes), or an iterable
+    of batches (tensors, or tuples of tensors for several inputs). `target`, `device`, `opset` and
+    `dynamic_hw` are the CLI options of the same names. Nothing is written unless everything succeeds.
+    """
+    source = _source(model, example_inputs, config)
+    calib_path = None
+    if calib is not None and isinstance(calib, (str, Path)):
+        calib_path = str(calib)
+    elif calib is not None:
+        if source.qmodel is model:  # calibrate a copy: the caller's model keeps its qparams
+            raise ValueError("the model is already prepared: calibrate it with deployq.calibrate(), then export it")
+        calibrate(source.qmodel, calib, max_batches=calib_limit, progress=progress)
+        source.calibrated = True
+    return _export(source, out_dir, target=target, opset=opset, calib=calib_path, calib_limit=calib_limit,
+                   dynamic_hw=dynamic_hw, device=device, ort_format=ort_format, progress=progress)
+
+
+def _onnx(model: OnnxLike) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model, onnx.ModelProto):
+        return model, "the model"
+    return load_onnx(model), str(model)
+
+
+def _feeds(inputs: Inputs, infos: list[InputInfo], random: int, ranges: Mapping[str, tuple[float, float]],
+           ratio: Optional[float] = None, limit: Optional[int] = None) -> list[dict[str, np.ndarray]]:
+    """Input feeds: from files, from given batches, or `random` uniform ones over the input's range."""
+    if inputs is None:
+        return list(random_feeds(infos, random, ranges=dict(ranges)))
+    if isinstance(inputs, (str, Path)):
+        return file_feeds(str(inputs), infos, ratio=ratio, limit=limit)
+    feeds = []
+    for batch in inputs:
+        if isinstance(batch, Mapping):
+            arrays = {k: np.asarray(v.detach().numpy() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        else:
+            arrays = {i.name: np.asarray(t.detach().numpy() if isinstance(t, torch.Tensor) else t)
+                      for i, t in zip(infos, batch if isinstance(batch, (tuple, list)) else (batch,))}
+        feeds.append({i.name: arrays[i.name].astype(i.dtype) for i in infos})
+        if limit is not None and len(feeds) >= limit:
+            break
+    if not feeds:
+        raise ValueError("inputs gave no batch")
+    return feeds
+
+
+def diff(float_onnx: OnnxLike, quant_onnx: OnnxLike, inputs: Inputs = None, *, mode: str = "accumulated",
+         random: int = 4, points: Optional[Sequence[str]] = None, input_shapes=None, ratio: Optional[float] = None,
+         limit: int = 16, progress: bool = False) -> DiffReport:
+    """Compare a float ONNX model with its quantized (QDQ) model, quant point by quant point.
+
+    `inputs`: a file or folder (raw, images, .npy/.npz), batches (arrays, tensors, or dicts by input
+    name), or None for `random` uniform inputs over each input's quantized range. `mode`:
+    accumulated, local, sensitivity or kernel (``deployq diff --help``). `points`: globs of the quant
+    points to report. Returns a :class:`~deployq.diff.DiffReport` (``.verdict()``, ``.worst(k)``,
+    ``.to_json()``, ``.to_html()``).
+    """
+    (float_model, float_name), (quant_model, quant_name) = _onnx(float_onnx), _onnx(quant_onnx)
+    if quantize_count(float_model) and not quantize_count(quant_model):
+        raise ModelFileError(f"the models are swapped: the first, {float_name}, is the quantized one (it has "
+                             f"QuantizeLinear nodes) and the second, {quant_name}, is float; give the float model first")
+    if not quantize_count(quant_model):
+        raise ModelFileError(f"{quant_name} has no QuantizeLinear: it is not a quantized (QDQ) model")
+    infos = with_shapes(check_same_inputs(float_model, quant_model, float_name, quant_name), input_shapes)
+    feeds = _feeds(inputs, infos, random, match_inputs(quant_model), ratio, limit)
+    report = _diff(float_model, quant_model, feeds, mode=mode, points=list(points) if points else None,
+                   progress=progress)
+    report.title = f"deployq diff: {quant_name}"
+    return report
+
+
+def check(model: ModelLike, onnx_model: OnnxLike, inputs: Inputs = None, *, random: int = 4, local: bool = True,
+          factory: Optional[str] = None, progress: bool = False) -> ParityReport:
+    """Torch fake-quant vs onnxruntime (reference view) in integer codes at every quant point.
+
+    `model`: a model from :func:`deployq.prepare` (calibrated or trained) or a checkpoint path
+    (`factory` as ``--model`` if its factory is not deployq's). `onnx_model`: its QDQ export, or the
+    ORT-format file beside it (then its outputs are also compared with the .onnx's: the report's
+    ``ort_format``). `local`: each torch quantizer continues from onnxruntime's codes.
+    """
+    ort_path = None
+    if not isinstance(onnx_model, onnx.ModelProto) and is_ort_format(onnx_model):
+        ort_path, onnx_model = str(onnx_model), Path(onnx_model).with_suffix(".onnx")
+        if not onnx_model.is_file():
+            raise ModelFileError(f"{ort_path}: an ORT-format file has no intermediate tensors to compare; check "
+                                 f"reads them from the ONNX model it was converted from, expected at {onnx_model}")
+    if isinstance(model, (str, Path)):
+        source = resolve_model(ckpt=str(model), factory=factory)
+        qmodel, names, shapes = source.qmodel, [i.name for i in source.inputs], {i.name: i.shape for i in source.inputs}
+    elif _is_prepared(model):
+        qmodel, names, shapes = model, forward_arguments(model), {}
+    else:
+        raise ValueError("check takes a model from deployq.prepare (calibrated or trained) or a checkpoint path")
+    quant, name = _onnx(onnx_model)
+    if not quantize_count(quant):
+        raise ModelFileError(f"{name} has no QuantizeLinear: check compares the model with its quantized (QDQ) "
+                             "export (model.<target>.onnx), not with the float model")
+    infos = inputs_of(quant)
+    if [i.name for i in infos] != names:
+        raise ModelFileError(f"{name} takes inputs {[i.name for i in infos]}, the torch model {names}")
+    infos = with_shapes(infos, [(i.name, shapes[i.name]) for i in infos if i.free and i.name in shapes])
+    feeds = _feeds(inputs, infos, random, match_inputs(quant))
+    report = check_parity(qmodel, quant, [{k: torch.from_numpy(v) for k, v in f.items()} for f in feeds], local=local,
+                          progress=progress)
+    report.onnx, report.ort_format = name, (compare_ort_format(quant, ort_path, feeds) if ort_path else None)
+    report.ort_path = ort_path
+    return report
+
+
+__all__ = ["export", "diff", "check", "ExportResult", "DiffReport", "ParityReport", "FormatAgreement"]

@@ -1,0 +1,182 @@
+"""The Python API (deployq.export / diff / check) and the conventions every command shares:
+`--json -` prints only JSON, a failed gate exits 3 (errors 1), the package is typed."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+import deployq
+from deployq.cli import main
+from deployq.examples import zoo
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The zoo UNet, post-training quantized from memory through the API."""
+    out = tmp_path_factory.mktemp("api")
+    model = zoo.unet()
+    batches = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    result = deployq.export(model, batches[0][:1], out, calib=batches)
+    return model, batches, result
+
+
+def test_the_api_names_are_the_functions_and_the_modules_still_import():
+    for name in ("export", "diff", "check"):
+        assert name in deployq.__all__ and callable(getattr(deployq, name))
+        assert getattr(deployq, name).__module__ == "deployq.api"
+    module = importlib.import_module("deployq.export")  # the submodule, as before
+    assert hasattr(module, "ExportResult") and deployq.export.__module__ == "deployq.api"
+    assert (Path(deployq.__file__).parent / "py.typed").is_file()
+
+
+def test_export_from_memory_writes_the_files_and_leaves_the_float_model_alone(exported):
+    model, batches, result = exported
+    assert {"float", "int8", "qparams", "ort"} <= set(result.files)
+    assert all(p.is_file() for p in result.files.values())
+    assert not any(type(m).__name__ == "FakeQuantizer" for m in model.modules())  # prepared a copy
+    with pytest.raises(ValueError, match="example_inputs"):
+        deployq.export(model, None, result.out_dir)
+
+
+def test_diff_report_has_its_worst_rows_json_and_html(exported):
+    _, batches, result = exported
+    report = deployq.diff(result.files["float"], result.files["int8"], inputs=batches[:2])
+    worst = report.worst(3)
+    assert len(worst) == 3 and worst[0].stats.sqnr_db <= worst[-1].stats.sqnr_db
+    assert worst[0] is report.ranking()[0]
+    assert json.loads(json.dumps(report.to_json()))["mode"] == "accumulated"
+    page = report.to_html()
+    assert page.startswith("<!DOCTYPE html>") and worst[0].point.name in page
+    with pytest.raises(ValueError, match="swapped"):
+        deployq.diff(result.files["int8"], result.files["float"])
+
+
+def test_check_in_memory_and_from_the_written_checkpoint(exported):
+    _, batches, result = exported
+    report = deployq.check(result.files["checkpoint"] if "checkpoint" in result.files else result.qmodel,
+                           result.files["int8"], inputs=batches[:2])
+    assert report.passed() and report.verdict().startswith("PASS: ")
+    report = deployq.check(result.qmodel, result.files["ort"], inputs=batches[:1])
+    assert report.ort_format is not None and report.ort_format.ok and report.passed()
+    with pytest.raises(ValueError, match="no QuantizeLinear"):
+        deployq.check(result.qmodel, result.files["float"])
+
+
+def _corrupted(path: Path, out: Path) -> Path:
+    """`path` with the zero point of its second activation QuantizeLinear moved by 3 codes."""
+    model = onnx.load(path)
+    zps = [n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear" and not n.input[0].endswith("weight")]
+    init = next(i for i in model.graph.initializer if i.name == zps[1])
+    value = onnx.numpy_helper.to_array(init).astype(np.int64) + 3
+    init.CopyFrom(onnx.numpy_helper.from_array(value.astype(onnx.numpy_helper.to_array(init).dtype), init.name))
+    onnx.save(model, out)
+    return out
+
+
+def test_json_dash_prints_only_json_and_gates_exit_3(exported, tmp_path):
+    _, batches, result = exported
+    runner = CliRunner()
+    diff_args = ["diff", str(result.files["float"]), str(result.files["int8"]), "--random", "1"]
+    out = runner.invoke(main, diff_args + ["--json", "-"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["mode"] == "accumulated"
+    out = runner.invoke(main, diff_args + ["--json", "-", "--fail-below", "500"])
+    assert out.exit_code == 3 and json.loads(out.stdout)["gate_sqnr_db"] < 500
+    np.save(tmp_path / "x.npy", batches[0].numpy())
+    bad = _corrupted(result.files["int8"], tmp_path / "bad.onnx")
+    ckpt = tmp_path / "qat.pt"
+    deployq.save_checkpoint(ckpt, result.qmodel, factory="deployq.examples.zoo:unet",
+                            inputs=[deployq.InputSpec("x", (1, 3, 32, 32))])
+    out = runner.invoke(main, ["check", "--ckpt", str(ckpt), "--onnx", str(result.files["int8"]), "--json", "-"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["passed"] is True
+    out = runner.invoke(main, ["check", "--ckpt", str(ckpt), "--onnx", str(bad), "--random", "1"])
+    assert out.exit_code == 3 and out.output.splitlines()[-1].startswith("FAIL: "), out.output
+    out = runner.invoke(main, ["check", "--ckpt", str(ckpt), "--onnx", str(tmp_path / "missing.onnx")])
+    assert out.exit_code == 1  # an error, not a failed gate
+
+
+def test_the_first_layer_is_not_flagged_as_an_error_jump(exported):
+    _, batches, result = exported
+    report = deployq.diff(result.files["float"], result.files["int8"], inputs=batches[:1])
+    after_input = [r for r in report.rows if r.point.inputs and all(
+        next(p for p in report.rows if p.point.name == n).point.op == "input" for n in r.point.inputs)]
+    assert after_input and not any(r.jump for r in after_input)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A float state_dict and data for every command: a UNet with 4 input channels (packed raw, so
+    `run` takes it), its PTQ export, a training recipe and one synthetic DNG."""
+    import yaml
+
+    from deployq.calib.synthetic import write_sid_folder
+
+    w = tmp_path_factory.mktemp("conventions")
+    model = zoo.unet(in_ch=4, width=4)
+    torch.save(model.state_dict(), w / "float.pth")
+    x = np.random.default_rng(0).uniform(0, 0.3, (8, 4, 16, 16)).astype(np.float32)
+    np.save(w / "x.npy", x[:, None])
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).numpy()
+    np.savez(w / "train.npz", input=x, target=y)
+    (w / "recipe.yaml").write_text(yaml.safe_dump({
+        "model": {"factory": "deployq.examples.zoo:unet", "kwargs": {"in_ch": 4, "width": 4}, "weights": "float.pth"},
+        "data": {"kind": "npz", "train": "train.npz", "val": "train.npz"}, "loss": "l1", "epochs": 1,
+        "batch_size": 4, "calibration_batches": 1, "output_dir": "run"}))
+    result = CliRunner().invoke(main, ["export", "--ckpt", str(w / "float.pth"), "--model", "deployq.examples.zoo:unet",
+                                       "--model-kwargs", '{"in_ch": 4, "width": 4}', "--input-shape", "1,4,16,16",
+                                       "--input", str(w / "x.npy"), "--out", str(w / "build")])
+    assert result.exit_code == 0, result.output
+    write_sid_folder(w / "raw", 1, 64, seed=1, split="val")
+    return w
+
+
+def _commands(w: Path) -> dict[str, list[str]]:
+    model = ["--model", "deployq.examples.zoo:unet"]
+    ckpt = ["--ckpt", str(w / "build" / "model.int8.pt"), *model]
+    onnx_files = [str(w / "build" / "model.float.onnx"), str(w / "build" / "model.int8.onnx")]
+    return {
+        "inspect": ["inspect", *ckpt],
+        "export": ["export", *ckpt, "--no-ort", "--out", str(w / "again")],
+        "diff": ["diff", *onnx_files, "--random", "1"],
+        "check": ["check", *ckpt, "--onnx", onnx_files[1], "--random", "1"],
+        "run": ["run", onnx_files[1], str(w / "raw" / "short"), "--out", str(w / "png"), "--bench", "2"],
+        "hessian": ["hessian", *ckpt, "--input", str(w / "x.npy"), "--layers", "enc1*", "--max-iter", "2",
+                    "--batches", "1", "--yaml", str(w / "distill.yaml"), "--top", "1"],
+        "train": ["train", "--recipe", str(w / "recipe.yaml")],
+    }
+
+
+@pytest.mark.parametrize("command", ["inspect", "export", "diff", "check", "run", "hessian", "train"])
+def test_every_command_prints_only_json_with_json_dash_and_nothing_with_q(workdir, command, monkeypatch):
+    monkeypatch.chdir(workdir)
+    args = _commands(workdir)[command]
+    out = CliRunner().invoke(main, [*args, "--json", "-"])
+    assert out.exit_code == 0, out.output
+    json.loads(out.stdout)  # stdout is one JSON document and nothing else
+    if command == "train":
+        import shutil
+
+        shutil.rmtree(workdir / "run")  # a second run into the same folder needs --resume
+    out = CliRunner().invoke(main, [*args, "-q"])
+    assert out.exit_code == 0, out.output
+    assert out.stdout == "" and out.stderr == "", (out.stdout, out.stderr)
+
+
+def test_output_names_are_set_on_both_models_and_diff_still_pairs_them(workdir, tmp_path):
+    args = _commands(workdir)["export"][:-2]
+    out = CliRunner().invoke(main, [*args, "--out", str(tmp_path), "--output-names", "image"])
+    assert out.exit_code == 0, out.output
+    float_model, quant = (onnx.load(tmp_path / f"model.{k}.onnx") for k in ("float", "int8"))
+    assert [o.name for o in float_model.graph.output] == [o.name for o in quant.graph.output] == ["image"]
+    report = deployq.diff(tmp_path / "model.float.onnx", tmp_path / "model.int8.onnx", random=1)
+    assert list(report.outputs) == ["image"] and "out" in {r.point.name for r in report.rows}
+    out = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "bad"), "--output-names", "a,b"])
+    assert out.exit_code == 1 and "--output-names gives 2 names; the model has 1 outputs" in out.output
