@@ -34,7 +34,7 @@ from benchmarks import common
 from deployq.diff import diff, match_inputs
 from deployq.export import MIN_OPSET, ExportResult
 from deployq.exporters.rewriter import rewrite
-from deployq.exporters.torch_export import export_float
+from deployq.exporters.torch_export import clear_export_cache, export_float
 from deployq.sim import inputs_of, random_feeds
 
 SCRIPT = "bench_scale.py"
@@ -76,6 +76,7 @@ def measure(depth: int, args: argparse.Namespace, work: Path) -> Point:
         return common.export_checkpoint(ckpt, out, factory=FACTORY)
 
     def torch_stage() -> onnx.ModelProto:
+        clear_export_cache()  # timed from scratch, not from the export before
         with common.quiet():
             return export_float(result.qmodel, examples, MIN_OPSET)
 

@@ -298,7 +298,9 @@ def export_section(args: argparse.Namespace, ckpts: common.LowlightCheckpoints, 
                           "lrr")
     lines += ["", f"{args.export_repeats} exports of each, round-robin, input {shape}. deployq export = load the "
               "checkpoint, rebuild the QAT model, torch.onnx export (dynamo) of the float graph with named quant "
-              "points, the rewrite passes (fold BN, fuse activations, insert Q/DQ) and writing three files."]
+              "points, the rewrite passes (fold BN, fuse activations, insert Q/DQ), loading both models in "
+              "onnxruntime, the NNAPI/CoreML coverage check, the ORT-format conversion and writing the files; each "
+              "export from scratch (the float-export cache of an earlier call in the process cleared)."]
     return lines
 
 

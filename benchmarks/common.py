@@ -34,6 +34,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 import deployq
 from deployq.checkpoint import InputSpec, import_factory
 from deployq.export import ExportResult, export
+from deployq.exporters.torch_export import clear_export_cache
 from deployq.files import AtomicOutputs
 from deployq.model_source import resolve_model
 from deployq.sim import cpu_isa, isa_text
@@ -217,7 +218,9 @@ def calibrated_checkpoint(path: Path, factory: str, kwargs: Mapping[str, Any], s
 
 def export_checkpoint(ckpt: Path, out_dir: Path, *, factory: Optional[str] = None,
                       input_shape: Optional[tuple[int, ...]] = None, target: str = "int8") -> ExportResult:
-    """``deployq export --ckpt CKPT [--model FACTORY] [--input-shape S] --target T --out OUT``."""
+    """``deployq export --ckpt CKPT [--model FACTORY] [--input-shape S] --target T --out OUT``, from
+    scratch: not from the float export an earlier call in this process left behind."""
+    clear_export_cache()
     with quiet():
         source = resolve_model(ckpt=str(ckpt), factory=factory, input_shape=input_shape)
         return export(source, out_dir, target=target, progress=False)

@@ -19,7 +19,7 @@ from deployq.cli_common import (EXIT_GATE, POSITIVE, UserError, console, handle_
                                 parse_input_shapes, say, write_json)
 from deployq.cli_train import hessian, train
 
-DEVICE_NAMES = ("cpu", "nnapi", "qnn", "coreml")  # the profiles of deployq.devices.DEVICES (a test keeps them equal)
+DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of deployq.devices.DEVICES (a test keeps them equal)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -91,7 +91,8 @@ def inspect(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
                    "processes whole frames in one call instead of tiles.")
 @click.option("--device", type=click.Choice(list(DEVICE_NAMES)), default="cpu", show_default=True,
               help="Device profile: cpu (any config); nnapi (8-bit, fixed shapes, ConvTranspose as Conv + "
-                   "DepthToSpace); qnn (u8/u16 activations, 8-bit symmetric weights, fixed shapes); coreml "
+                   "DepthToSpace); qnn (u8/u16 activations, 8-bit symmetric weights, fixed shapes); xnnpack "
+                   "(8-bit, symmetric weights, ConvTranspose as Conv + DepthToSpace); coreml "
                    "(no Q/DQ: also writes model.coreml.onnx, float with the learned weights). Configs a "
                    "device cannot run are refused.")
 @click.option("--ort/--no-ort", "ort_format", default=True, show_default=True,

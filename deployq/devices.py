@@ -8,6 +8,8 @@ change) and exact rewrites of the exported graph:
             ConvTranspose (kernel = stride) as Conv + DepthToSpace(DCR)
     qnn     Qualcomm QNN (HTP): u8/u16 activations (the 10-bit layers run natively as 16-bit),
             8-bit symmetric weights; fixed input shapes
+    xnnpack XNNPACK (ORT Mobile's CPU kernels on Arm): 8-bit activations (u8 or s8), 8-bit symmetric
+            weights; ConvTranspose (kernel = stride) as Conv + DepthToSpace; shapes as exported
     coreml  Apple CoreML: takes no QuantizeLinear/DequantizeLinear, so the profile's model is the float
             graph with the learned weights (the dequantized weight codes); fixed shapes; ConvTranspose
             as Conv + DepthToSpace
@@ -61,6 +63,9 @@ DEVICES = {d.name: d for d in (
            symmetric_weights=True, ort_platform="arm", ort_style="Runtime"),
     Device("qnn", "QNN", "Qualcomm QNN: u8/u16 activations, 8-bit symmetric weights, fixed shapes",
            fixed_shapes=True, max_weight_bits=8, signed_activations=False, symmetric_weights=True,
+           ort_platform="arm", ort_style="Runtime"),
+    Device("xnnpack", "XNNPACK", "XNNPACK (ORT Mobile on Arm CPUs): 8-bit, symmetric weights, ConvTranspose as Conv",
+           block_convtranspose=True, max_activation_bits=8, max_weight_bits=8, symmetric_weights=True,
            ort_platform="arm", ort_style="Runtime"),
     Device("coreml", "CoreML", "Apple CoreML: float model with the learned weights (CoreML takes no Q/DQ)",
            fixed_shapes=True, block_convtranspose=True, takes_qdq=False, ort_platform="arm", ort_style="Runtime"),

@@ -161,6 +161,11 @@ def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
 _LAST_EXPORT: dict[str, onnx.ModelProto] = {}
 
 
+def clear_export_cache() -> None:
+    """Forget the last float export (benchmarks time an export from scratch, as a new process does)."""
+    _LAST_EXPORT.clear()
+
+
 def _export_key(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opset: int, dynamic_hw: bool) -> str:
     """What the float export depends on: the modules (with their settings), the graph, every
     parameter and buffer, the example inputs' shapes and types, the opset and dynamic axes."""

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 
 from deployq import devices
 from deployq.cli import DEVICE_NAMES, main
+from deployq.examples.lowlight import model as lowlight_model
 from deployq.exporters.depth_to_space import (convtranspose_to_depth_to_space, from_block_weight, to_block_weight,
                                               why_not)
 from deployq.exporters.graph import PassLog, to_model
@@ -27,7 +28,7 @@ from deployq.sim import session
 
 ZOO_UNET = "deployq.examples.zoo:unet"
 ZOO_UPSAMPLER = "deployq.examples.zoo:upsampler"
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "examples" / "lowlight" / "checkpoints"
+CHECKPOINTS = Path(lowlight_model.__file__).with_name("checkpoints")
 
 
 def _convtranspose_graph(kernel: int, stride: int, activation: str | None = "Relu", seed: int = 0) -> onnx.ModelProto:
@@ -97,6 +98,9 @@ def test_nnapi_refuses_ten_bit_points_signed_activations_and_affine_weights_and_
     assert "'ok'" not in text and " ok" not in text
     devices.check_config(devices.device("qnn"), [_record("head.act", "activation", 10)])  # QNN runs u16
     devices.check_config(devices.device("cpu"), records)  # the CPU runs anything
+    devices.check_config(devices.device("xnnpack"), [_record("body.act", "activation", 8, signed=True)])  # s8 too
+    with pytest.raises(ValueError, match="wider than 8 bits"):
+        devices.check_config(devices.device("xnnpack"), [_record("head.act", "activation", 10)])
 
 
 def test_the_cli_offers_every_profile():
