@@ -14,7 +14,11 @@ profile, which fixes the shape. Per (width, size, threads), one input, round-rob
   integer Conv + DepthToSpace);
 * onnxruntime's ``quantize_static`` (MinMax, QDQ, per-channel s8 weights) of the same float model.
 
-Then onnxruntime's own profiler splits one configuration's time by operator type.
+Then onnxruntime's own profiler splits one configuration's time by operator type, and single
+convolutions show why the 9–16-bit layers stay float emulation: the only integer convolution of
+onnxruntime's CPU provider that returns its int32 accumulator (what an exact wide layer needs) is
+``ConvInteger``, timed here against the float ``Conv`` and the 8-bit ``QLinearConv``, with an exact
+10-bit-activation form (codes split into a high and a low byte, two ``ConvInteger``, combined in int32).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -40,6 +45,7 @@ from deployq.examples.lowlight import model as lowlight
 from deployq.export import export
 from deployq.model_source import forward_arguments, resolve_model
 from deployq.sim import load_onnx, session
+from onnx import TensorProto, helper, numpy_helper
 
 SCRIPT = "bench_latency.py"
 FACTORY = "deployq.examples.lowlight.model:build"
@@ -121,6 +127,77 @@ def profile_by_op(path: Path, x: np.ndarray, work: Path, runs: int = 3) -> Count
     return totals
 
 
+def _graph(nodes: list, inputs: list, inits: list, out_type: int) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "conv", inputs, [helper.make_tensor_value_info("y", out_type, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def conv_forms(cin: int, cout: int, size: int) -> dict[str, tuple[onnx.ModelProto, dict]]:
+    """One 3×3 convolution in each form: {name: (model, feed)}."""
+    rng = np.random.default_rng(0)
+    shape = [1, cin, size, size]
+    w8 = rng.integers(-127, 128, (cout, cin, 3, 3)).astype(np.int8)
+    q10 = rng.integers(0, 1024, shape).astype(np.uint16)
+    u8 = rng.integers(0, 256, shape).astype(np.uint8)
+    pads = {"pads": [1, 1, 1, 1]}
+    const = lambda v, n: numpy_helper.from_array(np.asarray(v), n)  # noqa: E731
+    f32 = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    xu8 = helper.make_tensor_value_info("x", TensorProto.UINT8, shape)
+    forms = {
+        "float Conv (how 9-16-bit layers run)": (_graph([helper.make_node("Conv", ["x", "w"], ["y"], **pads)], [f32],
+                                               [const(w8.astype(np.float32) * 0.01, "w")], TensorProto.FLOAT),
+                                                {"x": q10.astype(np.float32) * 0.001}),
+        "QLinearConv u8 x s8 (8-bit layers)": (_graph([helper.make_node(
+            "QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], **pads)], [xu8],
+            [const(np.float32(0.01), "xs"), const(np.uint8(0), "xz"), const(w8, "w"), const(np.float32(0.01), "ws"),
+             const(np.int8(0), "wz"), const(np.float32(0.1), "ys"), const(np.uint8(0), "yz")], TensorProto.UINT8),
+            {"x": u8}),
+        "ConvInteger u8 x u8 (int32 out)": (_graph([helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["y"], **pads)],
+                                                   [xu8], [const((w8.astype(np.int16) + 128).astype(np.uint8), "w"),
+                                                           const(np.uint8(0), "xz"), const(np.uint8(128), "wz")],
+                                                   TensorProto.INT32), {"x": u8}),
+        "ConvInteger u8 x s8 (int32 out)": (_graph([helper.make_node("ConvInteger", ["x", "w"], ["y"], **pads)], [xu8],
+                                                   [const(w8, "w")], TensorProto.INT32), {"x": u8}),
+    }
+    split = [helper.make_node("Cast", ["x"], ["q"], to=TensorProto.INT32),  # 10-bit codes -> high and low byte
+             helper.make_node("Div", ["q", "four"], ["hi32"]), helper.make_node("Mul", ["hi32", "four"], ["hi4"]),
+             helper.make_node("Sub", ["q", "hi4"], ["lo32"]),
+             helper.make_node("Cast", ["hi32"], ["hi"], to=TensorProto.UINT8),
+             helper.make_node("Cast", ["lo32"], ["lo"], to=TensorProto.UINT8),
+             helper.make_node("ConvInteger", ["hi", "w", "xz", "wz"], ["ahi"], **pads),
+             helper.make_node("ConvInteger", ["lo", "w", "xz", "wz"], ["alo"], **pads),
+             helper.make_node("Mul", ["ahi", "four"], ["ahi4"]), helper.make_node("Add", ["ahi4", "alo"], ["y"])]
+    forms["exact 10-bit x 8-bit: 2 ConvInteger + int32 combine"] = (
+        _graph(split, [helper.make_tensor_value_info("x", TensorProto.UINT16, shape)],
+               [const(np.int32(4), "four"), const((w8.astype(np.int16) + 128).astype(np.uint8), "w"),
+                const(np.uint8(0), "xz"), const(np.uint8(128), "wz")], TensorProto.INT32), {"x": q10})
+    return forms
+
+
+def wide_layer_lines(repeats: int) -> list[str]:
+    """Single-convolution timings, and a check that the split form is exact (numpy int64 reference)."""
+    rows = []
+    for cin, cout, size in ((4, 32, 256), (32, 32, 256)):
+        forms = conv_forms(cin, cout, size)
+        sessions = {name: session(model, optimize=True, threads=1) for name, (model, _) in forms.items()}
+        times = common.round_robin({n: (lambda s=s, f=forms[n][1]: s.run(None, f)) for n, s in sessions.items()},
+                                   repeats, warmup=1)
+        model, feed = forms["exact 10-bit x 8-bit: 2 ConvInteger + int32 combine"]
+        got = sessions["exact 10-bit x 8-bit: 2 ConvInteger + int32 combine"].run(None, feed)[0]
+        w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w")).astype(np.int64) - 128
+        want = torch.nn.functional.conv2d(torch.from_numpy(feed["x"].astype(np.float64)),
+                                          torch.from_numpy(w.astype(np.float64)), padding=1).numpy()
+        exact = np.array_equal(got, np.rint(want).astype(np.int64))
+        base = common.median(times["float Conv (how 9-16-bit layers run)"])
+        for name, t in times.items():
+            rows.append([f"{cin}→{cout}, 3×3, {size}×{size}", name, f"{1000 * common.median(t):.2f}",
+                         f"{common.median(t) / base:.2f}×", ("yes" if exact else "NO") if name.startswith("exact") else ""])
+    return ["Why the 9–16-bit layers stay float emulation: one convolution in each form onnxruntime's CPU provider "
+            f"offers, 1 thread, median of {repeats} round-robin runs (time relative to the float Conv; exact: equal "
+            "to a numpy int64 convolution of the codes).", "",
+            *common.table(["convolution", "form", "ms", "× float Conv", "exact"], rows, "llrrl"), ""]
+
+
 def run(argv: list[str]) -> common.Section:
     args = parse_args(argv)
     ckpts = common.lowlight_checkpoints(args)
@@ -156,6 +233,7 @@ def run(argv: list[str]) -> common.Section:
                   *common.table(["op type", *(c for c, _ in profiles)],
                                 [[op, *(common.percent(t[op] / sum(t.values()), 1) if t[op] else "" for _, t in profiles)]
                                  for op in shown]), ""]
+    lines += wide_layer_lines(max(3, args.repeats))
     return common.Section("latency", "Latency at deployment sizes: int8 forms against fp32",
                           common.command_line(SCRIPT, argv), lines)
 

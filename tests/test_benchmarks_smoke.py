@@ -43,7 +43,8 @@ EXPECTED_TABLES = {  # section key: header cells its tables must have
     "hessian": ["| # | layer | n | iterations |"],
     "conformance": ["| model | quant points | export | check max LSB | int16 local: lowest row (dB) |"],
     "devices": ["| model | NNAPI, --device cpu | NNAPI, --device nnapi |"],
-    "latency": ["| width | packed input | threads | fp32 (ms) |", "| op type | fp32 | int8, 10-bit head/tail |"],
+    "latency": ["| width | packed input | threads | fp32 (ms) |", "| op type | fp32 | int8, 10-bit head/tail |",
+                "| convolution | form | ms | × float Conv | exact |"],
 }
 EXPECTED_ROWS = {  # section key: regular expressions of rows it must have
     "lowlight": [r"\| float \| - \| torch fp32 \| fp32 \|", r"\| float, trained on as long as QAT \| - \| torch fp32 \|", r"\| QAT \+ distillation \| deployq \| ORT int8 \| act 8 \(10 at \d+\)",
@@ -54,7 +55,8 @@ EXPECTED_ROWS = {  # section key: regular expressions of rows it must have
     "speed": [r"\| deployq QAT \| [\d.]+ \| [\d.]+× \|", r"\| Polygraphy \(2 runs\) \| [\d.]+ \|"],
     "scale": [r"\| 1 \| 3 \| [\d.]+ \|", r"\| diff kernel \|"],
     "hessian": [r"\| 1 \| `"],
-    "latency": [r"\| 8 \| 32×32 \| 1 \| \d+ \| [\d.]+× \| [\d.]+× \| [\d.]+× \| [\d.]+× \|"],
+    "latency": [r"\| 8 \| 32×32 \| 1 \| \d+ \| [\d.]+× \| [\d.]+× \| [\d.]+× \| [\d.]+× \|",
+                r"\| exact 10-bit x 8-bit: 2 ConvInteger \+ int32 combine \| [\d.]+ \| [\d.]+× \| yes \|"],
     "devices": [r"\| zoo UNet \(ConvTranspose\) \| \d+/\d+ \([\d.]+%\), 1 \| (\d+)/\1 \(100\.0%\), 1 \|"],
     "conformance": [r"\| squeezenet1_1 \| \d+ \| yes \| [01] \| [\d.]+ \|"],
 }
