@@ -84,22 +84,38 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
     `dynamic_hw` are the CLI options of the same names. Nothing is written unless everything succeeds.
     """
     source = _source(model, example_inputs, config)
+    prepared = source.qmodel is model
+    if prepared and calib is not None:  # the caller's trained qparams are never overwritten
+        raise ValueError("the model is already prepared: calibrate it with deployq.calibrate() (or train it), "
+                         "then export it without calib")
+    if prepared and target == "int16":
+        raise ValueError("target='int16' prepares the float model again at 16 bits: pass the float model "
+                         "(with calib) or a checkpoint path instead of a prepared one")
     calib_path = None
     if calib is not None and isinstance(calib, (str, Path)):
         calib_path = str(calib)
     elif calib is not None:
-        if source.qmodel is model:  # calibrate a copy: the caller's model keeps its qparams
-            raise ValueError("the model is already prepared: calibrate it with deployq.calibrate(), then export it")
-        calibrate(source.qmodel, calib, max_batches=calib_limit, progress=progress)
+        calibrate(source.qmodel, _batches(calib), max_batches=calib_limit, progress=progress)
         source.calibrated = True
     return _export(source, out_dir, target=target, opset=opset, calib=calib_path, calib_limit=calib_limit,
                    dynamic_hw=dynamic_hw, device=device, ort_format=ort_format, progress=progress)
+
+
+def _batches(data: object) -> list:
+    """Batches from an iterable of them; one tensor or array is one batch."""
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        return [data]
+    return list(data)
 
 
 def _onnx(model: OnnxLike) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
         return model, "the model"
     return load_onnx(model), str(model)
+
+
+def _given_batches(inputs: Inputs) -> bool:
+    return inputs is not None and not isinstance(inputs, (str, Path))
 
 
 def _feeds(inputs: Inputs, infos: list[InputInfo], random: int, ranges: Mapping[str, tuple[float, float]],
@@ -110,12 +126,17 @@ def _feeds(inputs: Inputs, infos: list[InputInfo], random: int, ranges: Mapping[
     if isinstance(inputs, (str, Path)):
         return file_feeds(str(inputs), infos, ratio=ratio, limit=limit)
     feeds = []
-    for batch in inputs:
+    names = [i.name for i in infos]
+    for batch in _batches(inputs):
         if isinstance(batch, Mapping):
             arrays = {k: np.asarray(v.detach().numpy() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         else:
-            arrays = {i.name: np.asarray(t.detach().numpy() if isinstance(t, torch.Tensor) else t)
-                      for i, t in zip(infos, batch if isinstance(batch, (tuple, list)) else (batch,))}
+            items = batch if isinstance(batch, (tuple, list)) else (batch,)
+            arrays = {n: np.asarray(t.detach().numpy() if isinstance(t, torch.Tensor) else t) for n, t in zip(names, items)}
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise ValueError(f"a batch of inputs lacks {', '.join(missing)}: the model takes {', '.join(names)} "
+                             "(give a tuple in that order, or a dict by name)")
         feeds.append({i.name: arrays[i.name].astype(i.dtype) for i in infos})
         if limit is not None and len(feeds) >= limit:
             break
@@ -141,7 +162,9 @@ def diff(float_onnx: OnnxLike, quant_onnx: OnnxLike, inputs: Inputs = None, *, m
                              f"QuantizeLinear nodes) and the second, {quant_name}, is float; give the float model first")
     if not quantize_count(quant_model):
         raise ModelFileError(f"{quant_name} has no QuantizeLinear: it is not a quantized (QDQ) model")
-    infos = with_shapes(check_same_inputs(float_model, quant_model, float_name, quant_name), input_shapes)
+    infos = check_same_inputs(float_model, quant_model, float_name, quant_name)
+    if not _given_batches(inputs):  # batches carry their own shapes; files and random inputs need them
+        infos = with_shapes(infos, input_shapes, where="input_shapes")
     feeds = _feeds(inputs, infos, random, match_inputs(quant_model), ratio, limit)
     report = _diff(float_model, quant_model, feeds, mode=mode, points=list(points) if points else None,
                    progress=progress)
@@ -150,13 +173,14 @@ def diff(float_onnx: OnnxLike, quant_onnx: OnnxLike, inputs: Inputs = None, *, m
 
 
 def check(model: ModelLike, onnx_model: OnnxLike, inputs: Inputs = None, *, random: int = 4, local: bool = True,
-          factory: Optional[str] = None, progress: bool = False) -> ParityReport:
+          factory: Optional[str] = None, input_shapes=None, progress: bool = False) -> ParityReport:
     """Torch fake-quant vs onnxruntime (reference view) in integer codes at every quant point.
 
     `model`: a model from :func:`deployq.prepare` (calibrated or trained) or a checkpoint path
     (`factory` as ``--model`` if its factory is not deployq's). `onnx_model`: its QDQ export, or the
     ORT-format file beside it (then its outputs are also compared with the .onnx's: the report's
-    ``ort_format``). `local`: each torch quantizer continues from onnxruntime's codes.
+    ``ort_format``). `local`: each torch quantizer continues from onnxruntime's codes. `input_shapes`:
+    ``[(name, shape), ...]`` for a model with symbolic height and width when `inputs` are files or random.
     """
     ort_path = None
     if not isinstance(onnx_model, onnx.ModelProto) and is_ort_format(onnx_model):
@@ -178,7 +202,9 @@ def check(model: ModelLike, onnx_model: OnnxLike, inputs: Inputs = None, *, rand
     infos = inputs_of(quant)
     if [i.name for i in infos] != names:
         raise ModelFileError(f"{name} takes inputs {[i.name for i in infos]}, the torch model {names}")
-    infos = with_shapes(infos, [(i.name, shapes[i.name]) for i in infos if i.free and i.name in shapes])
+    if not _given_batches(inputs):  # the checkpoint's shapes, else input_shapes, for symbolic dimensions
+        given = input_shapes or [(i.name, shapes[i.name]) for i in infos if i.free and i.name in shapes]
+        infos = with_shapes(infos, given, where="input_shapes")
     feeds = _feeds(inputs, infos, random, match_inputs(quant))
     report = check_parity(qmodel, quant, [{k: torch.from_numpy(v) for k, v in f.items()} for f in feeds], local=local,
                           progress=progress)

@@ -207,12 +207,12 @@ def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_cou
         raise UserError("give --input or --random, not both")
     report = run_diff(float_onnx, quant_onnx, input_path, mode=mode, random=random_count or 4,
                       points=list(points) or None, input_shapes=input_shape, ratio=ratio, limit=limit, progress=True)
+    for warning in report.warnings:  # on stderr: also under -q and --json -
+        click.echo(click.style("warning: ", fg="yellow", bold=True) + warning, err=True)
     if json_path == "-":
         write_json("-", report.to_json())
     else:
         console.print(table(report, top))
-        for warning in report.warnings:
-            console.print(f"[bold yellow]warning:[/] {warning}")
         if mode == "kernel":
             console.print(f"CPU: {isa_text(report.isa)}")
     with AtomicOutputs() as out:

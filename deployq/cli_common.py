@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
@@ -54,11 +55,18 @@ def set_verbosity(quiet: bool, verbose: bool) -> None:
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def _json_target(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    if value and value != "-" and Path(value).exists() and Path(value).suffix.lower() != ".json":
+        raise click.BadParameter(f"{value} exists and is not a .json file; --json would overwrite it "
+                                 "(give a new FILE.json, or - for stdout)", ctx, param)
+    return value
+
+
 def json_option(what: str) -> Callable:
     """--json FILE|-, the same on every command."""
-    return click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), is_flag=False,
-                        flag_value="-", metavar="[FILE|-]",
-                        help=f"Write {what} as JSON to FILE; alone or with -, print only the JSON, to stdout.")
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
+                        metavar="FILE|-", callback=_json_target,
+                        help=f"Write {what} as JSON to FILE; with -, print only the JSON, to stdout.")
 
 
 def write_json(path: Optional[str], data: Any) -> None:
@@ -82,17 +90,29 @@ def say(text: str, err: bool = False) -> None:
 
 def _verbosity_options(command: Callable) -> Callable:
     """-q/--quiet and -v/--verbose on every command (handle_errors adds them)."""
-    state: dict[str, bool] = {}
 
     def remember(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        state = ctx.meta.setdefault("deployq.verbosity", {})  # one invocation's, never the next one's
         state[param.name] = value
         if len(state) == 2:
-            set_verbosity(state.pop("quiet"), state.pop("verbose"))
+            set_verbosity(state["quiet"], state["verbose"])
 
     command = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=remember, is_eager=True,
                            help="Also print the rewriter's notes and log lines.")(command)
     return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=remember, is_eager=True,
                         help="Print nothing on success (errors, warnings and a failed gate still print).")(command)
+
+
+def _reset_verbosity() -> None:
+    """After a command: the defaults again, for whatever runs next in this process."""
+    from deployq import progress
+
+    console.quiet = False
+    progress.QUIET = False
+    logger = logging.getLogger("deployq")
+    for handler in [h for h in logger.handlers if getattr(h, "deployq_verbose", False)]:
+        logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
 
 
 def handle_errors(command: Callable) -> Callable:
@@ -114,6 +134,8 @@ def handle_errors(command: Callable) -> Callable:
             if type(err).__module__.startswith("onnxruntime"):  # its own exception types
                 raise UserError(f"onnxruntime: {' '.join(str(err).split())}") from err
             raise
+        finally:
+            _reset_verbosity()
 
     return wrapper
 

@@ -126,7 +126,7 @@ def _pictures(report: DiffReport) -> list[str]:
     for name, stats in report.outputs.items():
         if stats.example is None or stats.example[0].ndim != 3 or min(stats.example[0].shape[1:]) < 8:
             continue
-        ref, quant = stats.example
+        ref, quant = (np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) for a in stats.example)
         lo, hi = (float(v) for v in np.percentile(ref, [0.5, 99.5]))
         error = np.abs(quant - ref).mean(axis=0)
         shown = "" if ref.shape[0] in (1, 3) else f" (channel 0 of {ref.shape[0]})"
@@ -195,7 +195,10 @@ def _clip_range(row: Row) -> tuple[float, float]:
 def _value_histogram(row: Row, width: int = 160, height: int = 34, bins: int = 40) -> str:
     """The float values at a quant point, with its representable range marked (red lines)."""
     values = row.stats.sample
-    if values is None or not values.size or row.point.scale.size != 1:
+    if values is None or row.point.scale.size != 1:
+        return ""
+    values = values[np.isfinite(values)]  # an overflowing float model: its histogram shows what is finite
+    if not values.size:
         return ""
     clip_lo, clip_hi = _clip_range(row)
     lo, hi = min(float(values.min()), clip_lo), max(float(values.max()), clip_hi)

@@ -180,3 +180,58 @@ def test_output_names_are_set_on_both_models_and_diff_still_pairs_them(workdir, 
     assert list(report.outputs) == ["image"] and "out" in {r.point.name for r in report.rows}
     out = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "bad"), "--output-names", "a,b"])
     assert out.exit_code == 1 and "--output-names gives 2 names; the model has 1 outputs" in out.output
+
+
+def test_a_prepared_model_keeps_its_qparams_and_says_what_to_do(exported, tmp_path):
+    _, batches, result = exported
+    before = {k: v.scale for k, v in deployq.qparams_of(result.qmodel).items()}
+    for calib in (batches, tmp_path):
+        with pytest.raises(ValueError, match="already prepared"):
+            deployq.export(result.qmodel, batches[0][:1], tmp_path / "x", calib=calib)
+    with pytest.raises(ValueError, match="int16"):
+        deployq.export(result.qmodel, batches[0][:1], tmp_path / "x", target="int16")
+    assert {k: v.scale for k, v in deployq.qparams_of(result.qmodel).items()} == before
+    assert not (tmp_path / "x").exists()
+
+
+def test_api_inputs_one_tensor_is_one_batch_and_missing_inputs_are_named(exported):
+    _, batches, result = exported
+    report = deployq.diff(result.files["float"], result.files["int8"], inputs=batches[0])
+    assert report.batches == 1
+    with pytest.raises(ValueError, match="lacks x"):
+        deployq.diff(result.files["float"], result.files["int8"], inputs=[{"y": batches[0]}])
+
+
+def test_verbosity_does_not_leak_into_the_next_command(exported):
+    from deployq import progress
+    from deployq.cli_common import console
+
+    _, _, result = exported
+    args = ["diff", str(result.files["float"]), str(result.files["int8"]), "--random", "1"]
+    assert CliRunner().invoke(main, [*args, "-q", "--help"]).exit_code == 0
+    out = CliRunner().invoke(main, [*args, "-v"])
+    assert out.exit_code == 0, out.output
+    assert CliRunner().invoke(main, [*args, "-q"]).exit_code == 0
+    assert console.quiet is False and progress.QUIET is False
+
+
+def test_json_refuses_to_overwrite_a_file_that_is_not_json(exported, tmp_path):
+    _, _, result = exported
+    victim = tmp_path / "frame.npy"
+    np.save(victim, np.zeros(3))
+    out = CliRunner().invoke(main, ["diff", "--json", str(victim), str(result.files["float"]), str(result.files["int8"])])
+    assert out.exit_code == 2 and "not a .json file" in out.output
+    assert np.load(victim).shape == (3,)
+
+
+def test_report_survives_non_finite_values(exported):
+    from deployq.report import _value_histogram
+
+    _, batches, result = exported
+    report = deployq.diff(result.files["float"], result.files["int8"], inputs=batches[:1])
+    row = next(r for r in report.rows if r.point.kind == "activation")
+    row.stats.sample = np.array([np.inf, np.nan, 0.5, 1.0], np.float32)
+    assert "<svg" in _value_histogram(row)
+    for stats in report.outputs.values():
+        stats.example = (np.full_like(stats.example[0], np.nan), stats.example[1])
+    assert "data:image/png" in report.to_html()

@@ -77,7 +77,7 @@ def test_factories_outside_deployq_need_the_users_word(saved):
 def test_cli_inspect_reads_checkpoints_and_factories(saved):
     _, path = saved
     runner = CliRunner()
-    result = runner.invoke(main, ["inspect", "--ckpt", str(path), "--json"])
+    result = runner.invoke(main, ["inspect", "--ckpt", str(path), "--json", "-"])
     assert result.exit_code == 0, result.output
     assert '"name": "cat"' in result.output and '"bits": 10' in result.output
     result = runner.invoke(main, ["inspect", "--model", "deployq.examples.zoo:reused", "--input-shape", "1,3,8,8"])

@@ -139,7 +139,7 @@ class Conformance:
         return _model(self.name, tmp_path_factory)
 
     def test_inspect_lists_the_quant_points_export_uses(self, model):
-        points = json.loads(model.cli("inspect", *model.model_args(), *model.shape_args(), "--json"))
+        points = json.loads(model.cli("inspect", *model.model_args(), *model.shape_args(), "--json", "-"))
         assert [p["name"] for p in points] == list(model.qparams("int8"))
 
 
