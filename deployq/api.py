@@ -28,8 +28,8 @@ from deployq.diff import DiffReport, diff as _diff, match_inputs
 from deployq.export import ExportResult, export as _export
 from deployq.model_source import ModelSource, forward_arguments, resolve_model
 from deployq.parity import FormatAgreement, ParityReport, check_parity, compare_ort_format
-from deployq.prepare import ACT_QUANT, prepare, quant_points
-from deployq.qat import calibrate
+from deployq.prepare import ACT_QUANT, prepare
+from deployq.qat import calibrate, is_calibrated
 from deployq.sim import (InputInfo, ModelFileError, check_same_inputs, file_feeds, inputs_of, is_ort_format,
                          load_onnx, quantize_count, random_feeds, with_shapes)
 
@@ -64,8 +64,7 @@ def _source(model: ModelLike, example_inputs: object, config: object) -> ModelSo
         if config is not None:
             raise ValueError("the model is already prepared with its config; pass config only with a float model")
         qconfig = model.get_submodule(ACT_QUANT).config
-        calibrated = all(bool(model.get_submodule(p.quantizer).initialized)
-                         for p in quant_points(model).values() if p.kind != "weight")
+        calibrated = is_calibrated(model)
         return ModelSource(model, model, inputs, "", {}, qconfig, calibrated)
     qconfig = load_config(config)
     return ModelSource(prepare(model, examples, qconfig), model, inputs, "", {}, qconfig, False)

@@ -29,8 +29,8 @@ from deployq import qparams as qp
 from deployq._version import __version__
 from deployq.config import QConfig, from_dict
 from deployq.files import atomic_path
-from deployq.prepare import prepare, quant_points
-from deployq.qat import qparams_of, set_mode
+from deployq.prepare import prepare
+from deployq.qat import is_calibrated, qparams_of, set_mode
 
 FORMAT, VERSION = "deployq-checkpoint", 1
 
@@ -277,7 +277,6 @@ def build(ckpt: Checkpoint, factory: Optional[str] = None, model: Optional[nn.Mo
     `model`: the float model to prepare, if already built (else the factory builds it)."""
     model = prepare(model if model is not None else float_model(ckpt, factory), ckpt.example_inputs(), ckpt.config)
     load_weights(model, ckpt.state_dict, str(ckpt.path or "the checkpoint"), f"the model {factory or ckpt.factory} builds")
-    calibrated = all(bool(model.get_submodule(p.quantizer).initialized)
-                     for p in quant_points(model).values() if p.kind != "weight")
+    calibrated = is_calibrated(model)
     set_mode(model, "quantize" if calibrated else "float")
     return model.eval()

@@ -49,12 +49,9 @@ def inspect(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
     The names are the ones to use in a config's `layers:` section, in checkpoints, in
     qparams.json, in the ONNX graph and in diff reports.
     """
-    from deployq.files import check_output
     from deployq.model_source import resolve_model
     from deployq.prepare import quant_points
 
-    if json_path and json_path != "-":
-        check_output(json_path, "--json")
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
                            factory_kwargs=model_kwargs)
     points = quant_points(source.qmodel)
@@ -128,8 +125,6 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
     for name in ("model.float.onnx", f"model.{target}.onnx", "qparams.json", f"model.{target}.pt",
                  f"model.{deployed}.onnx", f"model.{deployed}.ort", f"model.{deployed}.required_operators.config"):
         check_output(Path(out_dir) / name, "--out")
-    if json_path and json_path != "-":
-        check_output(json_path, "--json")
 
     if ckpt is None:
         raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model)")
@@ -200,9 +195,8 @@ def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_cou
     from deployq.report import table
     from deployq.sim import isa_text
 
-    for path, option in ((json_path, "--json"), (html_path, "--html")):
-        if path and path != "-":
-            check_output(path, option)
+    if html_path:
+        check_output(html_path, "--html")
     if input_path and random_count:
         raise UserError("give --input or --random, not both")
     report = run_diff(float_onnx, quant_onnx, input_path, mode=mode, random=random_count or 4,
@@ -251,15 +245,11 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
     be at most 1 LSB apart.
     """
     from deployq.api import check as run_check
-    from deployq.files import AtomicOutputs, check_output, json_text
 
-    if json_path and json_path != "-":
-        check_output(json_path, "--json")
     report = run_check(ckpt, onnx_path, input_path, random=random_count, local=not accumulated, factory=factory,
                        progress=True)
-    if json_path == "-":
-        click.echo(json_text(report.to_json()), nl=False)
-    else:
+    write_json(json_path, report.to_json())
+    if json_path != "-":
         t = Table(title=f"deployq check: torch fake-quant vs {report.onnx} (codes)")
         for col in ("name", "kind", "bits", "elements", "equal", "1 LSB", ">1 LSB"):
             t.add_column(col, justify="left" if col in ("name", "kind") else "right", no_wrap=col == "name")
@@ -267,10 +257,6 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
             t.add_row(p.name, p.kind, str(p.bits), str(p.elements), f"{100 * p.exact_fraction:.3f}%", str(p.one),
                       f"[bold red]{p.more}[/]" if p.more else "0")
         console.print(t)
-    if json_path and json_path != "-":
-        with AtomicOutputs() as out:
-            out.write_text(json_path, json_text(report.to_json()))
-    if json_path != "-":
         say(report.verdict()) if report.passed() else click.echo(report.verdict())
     if not report.passed():
         sys.exit(EXIT_GATE)
@@ -311,8 +297,6 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, ratio: O
 
     if inputs:
         check_output(out_dir, "--out", folder=True)
-    if json_path and json_path != "-":
-        check_output(json_path, "--json")
 
     if not inputs and not bench_runs:
         raise UserError("give raw files or folders to enhance, or --bench N to time the model")

@@ -56,9 +56,18 @@ def set_verbosity(quiet: bool, verbose: bool) -> None:
 
 
 def _json_target(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
-    if value and value != "-" and Path(value).exists() and Path(value).suffix.lower() != ".json":
+    """--json FILE is checked before any work: writable, and not a file of another kind it would replace."""
+    if not value or value == "-":
+        return value
+    from deployq.files import check_output
+
+    if Path(value).exists() and Path(value).suffix.lower() != ".json":
         raise click.BadParameter(f"{value} exists and is not a .json file; --json would overwrite it "
                                  "(give a new FILE.json, or - for stdout)", ctx, param)
+    try:
+        check_output(value, "--json")
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
     return value
 
 

@@ -111,8 +111,6 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
     from deployq.model_source import resolve_model
 
     check_output(out, "--yaml")
-    if json_path and json_path != "-":
-        check_output(json_path, "--json")
 
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
                            factory_kwargs=model_kwargs)
@@ -175,11 +173,8 @@ def train(recipe: str, resume: bool, epochs: Optional[int], json_path: Optional[
     Writes best.pt and last.pt (deployq checkpoints), metrics.csv / metrics.json and state.pt
     (for --resume) to the recipe's output_dir, on rank 0 only.
     """
-    from deployq.files import check_output
     from deployq.train import train as run_training
 
-    if json_path and json_path != "-":
-        check_output(json_path, "--json")
     if json_path == "-":
         console.quiet = True  # stdout carries only the JSON
     result = run_training(recipe, resume=resume, epochs=epochs, log=console.print)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Iterable, Optional
 import numpy as np
 import onnx
 
+from deployq.qformula import dequantize_np
 from deployq.qparams import QParams
 
 if TYPE_CHECKING:
@@ -126,13 +127,10 @@ def fix_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> on
 
 
 def _dequantized(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
-    arrays = [onnx.numpy_helper.to_array(inits[i]) for i in node.input if i]
-    q, scale = arrays[0], arrays[1].astype(np.float32)
-    zp = arrays[2].astype(np.float32) if len(arrays) > 2 else np.zeros_like(scale)
-    shape = [1] * q.ndim
-    if scale.ndim:
-        shape[next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim] = -1
-    return ((q.astype(np.float32) - zp.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+    """The value of DequantizeLinear(constant codes, scale[, zero point]), by the one formula."""
+    q, scale, *zp = (onnx.numpy_helper.to_array(inits[i]) for i in node.input if i)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(q.ndim, 1) if scale.ndim else None
+    return dequantize_np(q, scale, zp[0] if zp else np.zeros_like(scale), axis)
 
 
 def learned_float(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> onnx.ModelProto:

@@ -17,7 +17,8 @@ from torch import fx, nn
 from deployq import checkpoint as ck
 from deployq.checkpoint import CheckpointError, InputSpec
 from deployq.config import QConfig, load_config
-from deployq.prepare import prepare, quant_points
+from deployq.prepare import prepare
+from deployq.qat import is_calibrated
 
 
 @dataclass
@@ -97,8 +98,7 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
         inputs = input_specs(input_shape, c.inputs, model)
         c.inputs = inputs
         qmodel = ck.build(c, factory, model)
-        calibrated = all(bool(qmodel.get_submodule(p.quantizer).initialized)
-                         for p in quant_points(qmodel).values() if p.kind != "weight")
+        calibrated = is_calibrated(qmodel)
         return ModelSource(qmodel, model, inputs, factory or c.factory, c.factory_kwargs, c.config, calibrated, c)
     if factory is None:
         raise CheckpointError(

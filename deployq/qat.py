@@ -40,6 +40,12 @@ def set_mode(model: nn.Module, mode: str) -> None:
             m.mode = mode
 
 
+def is_calibrated(model: nn.Module) -> bool:
+    """True once every activation quantizer has qparams (from calibration, training or a checkpoint)."""
+    return all(bool(model.get_submodule(p.quantizer).initialized)
+               for p in quant_points(model).values() if p.kind != "weight")
+
+
 def input_names(model: nn.Module) -> list[str]:
     """The names of a prepared model's inputs (its forward's arguments), in order."""
     model = getattr(model, "module", model)
