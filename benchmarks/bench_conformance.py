@@ -35,12 +35,13 @@ import onnx
 import torch
 
 from benchmarks import common
-from deployq.diff import diff
+from deployq.verify.diff import diff
 from deployq.examples import torchvision_models as tvm
-from deployq.export import export
-from deployq.model_source import resolve_model
-from deployq.parity import check_parity
-from deployq.sim import base_name, load_onnx, quantized_tensor, session
+from deployq.deploy.export import export
+from deployq.qat.loading import resolve_model
+from deployq.verify.parity import check_parity
+from deployq.core.runtime import load_onnx, session
+from deployq.exporters.graph import base_name, quantized_tensor
 
 SCRIPT = "bench_conformance.py"
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",

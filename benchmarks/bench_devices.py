@@ -30,10 +30,10 @@ import torch
 
 from benchmarks import common
 from deployq.examples import torchvision_models as tvm
-from deployq.export import export
-from deployq.model_source import resolve_model
-from deployq.parity import check_parity
-from deployq.sim import session
+from deployq.deploy.export import export
+from deployq.qat.loading import resolve_model
+from deployq.verify.parity import check_parity
+from deployq.core.runtime import session
 
 SCRIPT = "bench_devices.py"
 PROFILES = ("cpu", "nnapi", "coreml")

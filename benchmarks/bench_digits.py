@@ -5,7 +5,7 @@
 ``sklearn.datasets.load_digits`` (1797 8×8 images, values 0..16 scaled to [0, 1]) split 75/25,
 stratified, ``random_state=0``. The float model (``benchmarks.models:digits_cnn``) is trained
 here, then quantized five ways: deployq QAT with and without distillation from the float model
-(``deployq.train``, same epochs), deployq PTQ (calibration only), onnxruntime's quantize_static
+(``deployq.train.loop``, same epochs), deployq PTQ (calibration only), onnxruntime's quantize_static
 (MinMax / Entropy / Percentile), and torch.ao FX QAT (``prepare_qat_fx`` / ``convert_fx``, x86
 qconfig, the same epochs and learning rate), run in torch and, exported with torch.onnx, in
 onnxruntime. QAT runs report the last epoch (no selection on the test set).
@@ -32,9 +32,9 @@ from torch import nn
 
 from benchmarks import common
 from benchmarks.models import digits_cnn
-from deployq.export import ExportResult
-from deployq.sim import load_onnx, session
-from deployq.train import train
+from deployq.deploy.export import ExportResult
+from deployq.core.runtime import load_onnx, session
+from deployq.train.loop import train
 
 SCRIPT = "bench_digits.py"
 FACTORY = "benchmarks.models:digits_cnn"

@@ -31,8 +31,9 @@ import torch
 
 import deployq
 from benchmarks import common
-from deployq.checkpoint import import_factory
-from deployq.hessian import DEFAULT_MAX_ITER, DEFAULT_TOL, HessianReport, hessian_traces
+from deployq.qat.loading import import_factory
+from deployq.train.hessian import DEFAULT_MAX_ITER, DEFAULT_TOL, hessian_traces
+from deployq.train.hessian_report import HessianReport
 
 SCRIPT = "bench_hessian.py"
 

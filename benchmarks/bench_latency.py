@@ -40,11 +40,11 @@ import torch
 
 import deployq
 from benchmarks import common
-from deployq.checkpoint import InputSpec
+from deployq.qat.checkpoint import InputSpec
 from deployq.examples.lowlight import model as lowlight
-from deployq.export import export
-from deployq.model_source import forward_arguments, resolve_model
-from deployq.sim import load_onnx, session
+from deployq.deploy.export import export
+from deployq.qat.loading import forward_arguments, resolve_model
+from deployq.core.runtime import load_onnx, session
 from onnx import TensorProto, helper, numpy_helper
 
 SCRIPT = "bench_latency.py"

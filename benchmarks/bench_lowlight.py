@@ -1,4 +1,4 @@
-"""Accuracy retention on the low-light example: PSNR / SSIM on the held-out set.
+"""Accuracy retention on the low-light example: PSNR / SSIM on the test split.
 
     python benchmarks/bench_lowlight.py [--float F.pt --float-control C.pt --qat Q.pt --qat-nodistill N.pt --qat-all8 A.pt]
 
@@ -8,8 +8,9 @@ deployq QAT with distillation
 (torch fake-quant, and onnxruntime running deployq's int8 export); QAT without distillation; QAT
 with every layer at 8 bits; and onnxruntime.quantization.quantize_static of the float ONNX model
 (QDQ, per-channel weights; MinMax / Entropy / Percentile calibration on training-split items).
-The checkpoints are evaluated, never trained, here. Every onnxruntime row runs fully optimized
-sessions (the integer kernels a CPU really runs).
+The checkpoints are evaluated, never trained, here, on the test split: photographs, a sensor and
+a band of noise levels that neither training nor checkpoint selection (the validation split) saw.
+Every onnxruntime row runs fully optimized sessions (the integer kernels a CPU really runs).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 import numpy as np
 
 from benchmarks import common
-from deployq.calib.synthetic import SyntheticLowLight
-from deployq.examples.lowlight.evaluate import (VAL_LENGTH, VAL_SIZE, Predictor, evaluate, onnx_predictor,
-                                                torch_predictor, validation_set)
-from deployq.export import ExportResult, bit_width_summary
-from deployq.model_source import resolve_model
+from deployq.examples.lowlight.data import SyntheticLowLight
+from deployq.examples.lowlight.evaluate import (TEST_LENGTH, TEST_SIZE, Predictor, evaluate, onnx_predictor,
+                                                test_set, torch_predictor)
+from deployq.deploy.export import ExportResult, bit_width_summary
+from deployq.qat.loading import resolve_model
 
 SCRIPT = "bench_lowlight.py"
 
@@ -48,8 +49,8 @@ class Row:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_lowlight_arguments(parser)
-    parser.add_argument("--val-size", type=int, default=VAL_SIZE, help="held-out crop size in raw pixels")
-    parser.add_argument("--val-items", type=int, default=VAL_LENGTH, help="held-out images")
+    parser.add_argument("--test-size", type=int, default=TEST_SIZE, help="test crop size in raw pixels")
+    parser.add_argument("--test-items", type=int, default=TEST_LENGTH, help="test images")
     parser.add_argument("--calib-items", type=int, default=32, help="quantize_static calibration items (train split)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     return parser.parse_args(argv)
@@ -114,12 +115,12 @@ def quantize_static_rows(float_onnx: Path, calibration: list[np.ndarray], items:
 
 
 def run_rows(args: argparse.Namespace, ckpts: common.LowlightCheckpoints, work: Path) -> list[Row]:
-    shape = (1, 4, args.val_size // 2, args.val_size // 2)
-    held_out = validation_set(size=args.val_size)
-    items = [held_out[i] for i in range(min(args.val_items, len(held_out)))]
+    shape = (1, 4, args.test_size // 2, args.test_size // 2)
+    held_out = test_set(size=args.test_size)
+    items = [held_out[i] for i in range(min(args.test_items, len(held_out)))]
     float_onnx = common.shared_export(ckpts.float, factory=ckpts.float_factory, input_shape=shape,
                                       target="fp32").files["float"]
-    calibration = calibration_arrays(args.val_size, args.calib_items)
+    calibration = calibration_arrays(args.test_size, args.calib_items)
     return (float_rows(ckpts, shape, items, args.threads) + deployq_rows(ckpts, shape, items, args.threads)
             + quantize_static_rows(float_onnx, calibration, items, args.threads, work))
 
@@ -136,13 +137,15 @@ def run(argv: list[str]) -> common.Section:
          for r in rows], "llllrrr")
     notes = [
         "",
-        f"Held-out set: SyntheticLowLight(split='val', size={args.val_size}), {min(args.val_items, VAL_LENGTH)} "
-        f"images (photographs the training split never sees). quantize_static calibrates on {args.calib_items} "
+        f"Test set: SyntheticLowLight(split='test', size={args.test_size}), {min(args.test_items, TEST_LENGTH)} "
+        "images: photographs, a sensor (Fujifilm X-T2 colour matrix) and a band of shot noise (2e-4 to 3.5e-4) "
+        "that neither training nor checkpoint selection saw (checkpoints are picked on split='val'). "
+        f"quantize_static calibrates on {args.calib_items} "
         "training-split items; QDQ format, u8 activations, s8 per-channel weights. deployq rows export each "
         "checkpoint with `deployq export` and run its int8 model; `bits` counts quant points by width "
         f"(act: activations and inputs, wt: weights). Checkpoints: {ckpts.describe()}.",
     ]
-    return common.Section("lowlight", "Accuracy: low-light example (PSNR / SSIM, held-out set)",
+    return common.Section("lowlight", "Accuracy: low-light example (PSNR / SSIM, test split)",
                           common.command_line(SCRIPT, argv), body + notes)
 
 

@@ -31,11 +31,13 @@ import onnx
 import torch
 
 from benchmarks import common
-from deployq.diff import diff, match_inputs
-from deployq.export import MIN_OPSET, ExportResult
+from deployq.verify.diff import diff
+from deployq.verify.match import match_inputs
+from deployq.deploy.export import MIN_OPSET, ExportResult
 from deployq.exporters.rewriter import rewrite
-from deployq.exporters.torch_export import clear_export_cache, export_float
-from deployq.sim import inputs_of, random_feeds
+from deployq.deploy.float_graph import export_float
+from deployq.exporters.torch_export import clear_export_cache
+from deployq.core.runtime import inputs_of, random_feeds
 
 SCRIPT = "bench_scale.py"
 FACTORY = "benchmarks.models:conv_stack"

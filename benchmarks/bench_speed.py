@@ -41,14 +41,15 @@ from torch import nn
 
 import deployq
 from benchmarks import common
-from deployq import checkpoint as ck
-from deployq import distill as dst
-from deployq import quantizers
-from deployq.config import QConfig
+from deployq.qat import checkpoint as ck
+from deployq.qat import loading
+from deployq.train import distill as dst
+from deployq.qat import fake_quant
+from deployq.qat.config import QConfig
 from deployq.examples.lowlight.evaluate import VAL_SIZE, validation_set
-from deployq.export import ExportResult
-from deployq.model_source import resolve_model
-from deployq.sim import load_onnx, session
+from deployq.deploy.export import ExportResult
+from deployq.qat.loading import resolve_model
+from deployq.core.runtime import load_onnx, session
 
 SCRIPT = "bench_speed.py"
 INTEGER_CONVS = ("QLinearConv", "ConvInteger", "QLinearConvTranspose")
@@ -207,7 +208,7 @@ def distill_layers(student: nn.Module, requested: Optional[str]) -> list[str]:
 def with_kernels(kernels: dict, step: Callable[[], None]) -> Callable[[], None]:
     """`step` with the quantizers' backward math set to `kernels` (compiled or eager)."""
     def run() -> None:
-        quantizers._KERNELS.update(kernels)
+        fake_quant._KERNELS.update(kernels)
         step()
     return run
 
@@ -226,16 +227,16 @@ def step_contenders(checkpoint: ck.Checkpoint, factory: Optional[str], inputs: t
                     ) -> tuple[dict[str, Callable[[], None]], dict[str, str], list[str]]:
     """The training steps to time ({name: step}), the ones that could not be built ({name: error})
     and the distillation layers."""
-    float_model = ck.float_model(checkpoint, factory).train()
+    float_model = loading.checkpoint_float_model(checkpoint, factory).train()
     example = inputs[:1]
     student = deployq.prepare(float_model, (example,), checkpoint.config)
     deployq.calibrate(student, [inputs], progress=False)
     layers = distill_layers(student, requested_layers)
-    quantizers.use_compiled_kernels(False)
-    eager = dict(quantizers._KERNELS)
-    quantizers.use_compiled_kernels(compile_kernels)
-    compiled = dict(quantizers._KERNELS)
-    quantizers.use_compiled_kernels(False)
+    fake_quant.use_compiled_kernels(False)
+    eager = dict(fake_quant._KERNELS)
+    fake_quant.use_compiled_kernels(compile_kernels)
+    compiled = dict(fake_quant._KERNELS)
+    fake_quant.use_compiled_kernels(False)
     contenders = {"float": step_fn(copy.deepcopy(float_model), inputs, output_l1),
                   "deployq QAT": with_kernels(compiled, step_fn(student, inputs, output_l1)),
                   f"deployq QAT + distillation ({len(layers)} layers)": with_kernels(compiled, distill_step(

@@ -32,12 +32,13 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 import deployq
-from deployq.checkpoint import InputSpec, import_factory
-from deployq.export import ExportResult, export
+from deployq.qat.checkpoint import InputSpec
+from deployq.qat.loading import import_factory
+from deployq.deploy.export import ExportResult, export
 from deployq.exporters.torch_export import clear_export_cache
-from deployq.files import AtomicOutputs
-from deployq.model_source import resolve_model
-from deployq.sim import cpu_isa, isa_text
+from deployq.core.files import AtomicOutputs
+from deployq.qat.loading import resolve_model
+from deployq.core.runtime import cpu_isa, isa_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

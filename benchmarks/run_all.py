@@ -24,13 +24,13 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 
 from benchmarks import (bench_conformance, bench_devices, bench_digits, bench_hessian, bench_latency, bench_lowlight,
                         bench_parity, bench_scale, bench_speed, common)
-from deployq.files import AtomicOutputs
+from deployq.core.files import AtomicOutputs
 
 OUTPUT = common.ROOT / "BENCHMARKS.md"
 
 # name: (module, full settings, quick settings, uses the low-light checkpoints)
 BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
-    "lowlight": (bench_lowlight, [], ["--val-items", "2", "--calib-items", "2"], True),
+    "lowlight": (bench_lowlight, [], ["--test-items", "2", "--calib-items", "2"], True),
     "digits": (bench_digits, [], ["--float-epochs", "1", "--qat-epochs", "1", "--calib-items", "32"], False),
     "parity": (bench_parity, [], ["--models", "plain_cnn", "--batches", "1"], True),
     "speed": (bench_speed, [], ["--repeats", "2", "--step-repeats", "1", "--step-batch", "4", "--no-compile",

@@ -17,6 +17,7 @@ import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import skimage.io
@@ -24,7 +25,9 @@ import skimage.transform
 import skimage.util
 import torch
 
-from .raw import RawReadError, exposure_from_name, pack_bayer, read_raw, sid_ratio
+from deployq.core.runtime import InputInfo
+
+from .raw import RawReadError, amplify, exposure_from_name, pack_bayer, read_raw, sid_ratio, unpack_bayer
 
 __all__ = [
     "ARRAY_SUFFIXES",
@@ -120,7 +123,8 @@ def has_sid_ratio(short: Path) -> bool:
 
 
 def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarray:
-    """A raw file as one ``(C, H, W)`` sample: packed (C = 4) or the mosaic (C = 1)."""
+    """A raw file as one ``(C, H, W)`` sample: packed (C = 4) or the mosaic (C = 1), amplified by
+    the exposure ratio and the file's as-shot white balance (:func:`~.raw.amplify`)."""
     channels, height, width = chw
     if channels not in (1, 4):
         raise InputDataError(
@@ -130,17 +134,17 @@ def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarr
     if ratio is None:
         ratio = exposure_ratio(path)
     try:
-        bayer = read_raw(path).bayer
+        image = read_raw(path)
     except RawReadError as error:
         raise InputDataError(str(error)) from error
-    data = pack_bayer(bayer) if channels == 4 else bayer[None]
+    packed = amplify(pack_bayer(image.bayer), ratio, image.white_balance)
+    data = packed if channels == 4 else unpack_bayer(packed)[None]
     if data.shape[-2] < height or data.shape[-1] < width:
         raise InputDataError(
             f"{path}: the raw data {_shape_text(data.shape)} is smaller than the model input "
             f"{_shape_text(chw)}; raw data is cropped, never resized"
         )
-    data = _centre_crop(data, height, width, step=1 if channels == 4 else 2)
-    return np.clip(data * np.float32(ratio), 0.0, 1.0).astype(np.float32)
+    return _centre_crop(data, height, width, step=1 if channels == 4 else 2).astype(np.float32)
 
 
 def _image_sample(path: Path, chw: Sequence[int]) -> np.ndarray:
@@ -342,3 +346,12 @@ def iterate_batches(arrays: Iterable[np.ndarray], batch_size: int) -> Iterator[t
             chunk = []
     if chunk:
         yield torch.from_numpy(np.concatenate(chunk))
+
+
+def file_feeds(path: str, inputs: list[InputInfo], ratio: Optional[float] = None,
+               limit: Optional[int] = None) -> list[dict[str, np.ndarray]]:
+    """Inputs read from files: raw, images, .npy/.npz for a one-input model; .npz files keyed by
+    input name for a model with several inputs (:func:`deployq.calib.data.load_feeds`)."""
+    feeds = load_feeds(path, [(i.name, i.shape) for i in inputs], ratio=ratio, limit=limit)
+    dtypes = {i.name: i.dtype for i in inputs}
+    return [{name: a.astype(dtypes[name]) for name, a in f.items()} for f in feeds]

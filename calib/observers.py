@@ -2,7 +2,7 @@
 
 An observer sees calibration batches through :meth:`Observer.update` and turns what it saw into a
 range (per tensor, or per channel along ``axis``). The range becomes a scale and zero point in
-exactly one place, :func:`deployq.qformula.qparams_from_range`.
+exactly one place, :func:`deployq.core.qformula.qparams_from_range`.
 
 | name          | range                                                                          |
 |---------------|--------------------------------------------------------------------------------|
@@ -21,7 +21,7 @@ Observers of several processes (a ``torchrun`` job, each rank seeing its own cal
 merge their statistics with :meth:`Observer.reduce` before the range is computed, so every rank
 ends with the same qparams: extremes by element-wise min / max, histograms by agreeing on a
 common range, re-binning to it and summing the counts. The element-wise operations come from a
-:class:`StatisticsReducer` (``deployq.distributed`` implements it with ``all_reduce``).
+:class:`StatisticsReducer` (``deployq.train.distributed`` implements it with ``all_reduce``).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from deployq.qformula import qparams_from_range
-from deployq.qspec import QuantSpec
-from deployq.registry import Registry
+from deployq.core.qformula import qparams_from_range
+from deployq.core.qspec import QuantSpec
+from deployq.core.registry import Registry
 
 OBSERVERS: Registry[type["Observer"]] = Registry("observer")
 

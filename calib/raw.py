@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,9 @@ __all__ = [
     "RawImage",
     "RawReadError",
     "bayer_pattern",
+    "canonical_offset",
     "exposure_from_name",
+    "amplify",
     "load_packed",
     "pack_bayer",
     "read_raw",
@@ -51,7 +54,9 @@ class RawImage:
     ``pattern`` is the CFA layout of the top-left 2x2 of LibRaw's visible area *before* the
     shift (e.g. ``"BGGR"``); ``black_level`` is rawpy's ``black_level_per_channel`` (indexed by
     LibRaw colour index, the order of ``color_desc``); ``exposure_time`` is the EXIF exposure in
-    seconds, or None when the file has none.
+    seconds, or None when the file has none; ``white_balance`` is the camera's as-shot
+    multipliers (R, G, B) with green 1 (a DNG's AsShotNeutral inverted), or None when the file
+    has none.
     """
 
     bayer: np.ndarray = field(repr=False)
@@ -60,6 +65,7 @@ class RawImage:
     white_level: int
     exposure_time: float | None
     path: Path
+    white_balance: tuple[float, float, float] | None = None
 
 
 def bayer_pattern(raw_pattern: np.ndarray | None, color_desc: bytes | str) -> str:
@@ -93,7 +99,7 @@ def bayer_pattern(raw_pattern: np.ndarray | None, color_desc: bytes | str) -> st
     return letters
 
 
-def _canonical_offset(pattern: str) -> tuple[int, int]:
+def canonical_offset(pattern: str) -> tuple[int, int]:
     """Row and column where R sits in a 2x2 Bayer ``pattern``: the crop that makes it RGGB."""
     index = pattern.index("R")
     return index // 2, index % 2
@@ -145,6 +151,7 @@ def read_raw(path: str | os.PathLike) -> RawImage:
             black = np.asarray(black_level, dtype=np.float32)[raw.raw_colors_visible]
             values = raw.raw_image_visible.astype(np.float32)
             exposure_time = _exposure_seconds(raw)
+            white_balance = _as_shot_white_balance(raw)
     except (rawpy.LibRawError, OSError) as error:
         raise RawReadError(f"{path}: LibRaw cannot read it ({_describe(error)})") from error
     except ValueError as error:
@@ -154,13 +161,21 @@ def read_raw(path: str | os.PathLike) -> RawImage:
             f"{path}: white level {white_level} is not above black level {int(black.max())}"
         )
     bayer = np.clip((values - black) / (white_level - black), 0.0, 1.0)
-    row, col = _canonical_offset(pattern)
+    row, col = canonical_offset(pattern)
     height = (bayer.shape[0] - row) // 2 * 2
     width = (bayer.shape[1] - col) // 2 * 2
     if height == 0 or width == 0:
         raise RawReadError(f"{path}: visible area {bayer.shape} is too small for a 2x2 Bayer block")
     bayer = np.ascontiguousarray(bayer[row : row + height, col : col + width], dtype=np.float32)
-    return RawImage(bayer, pattern, black_level, white_level, exposure_time, path)
+    return RawImage(bayer, pattern, black_level, white_level, exposure_time, path, white_balance)
+
+
+def _as_shot_white_balance(raw: rawpy.RawPy) -> tuple[float, float, float] | None:
+    """rawpy's ``camera_whitebalance`` (R, G, B, G2) as (R, G, B) multipliers with G = 1."""
+    gains = [float(g) for g in raw.camera_whitebalance[:3]]
+    if not all(np.isfinite(g) and g > 0 for g in gains):
+        return None
+    return (gains[0] / gains[1], 1.0, gains[2] / gains[1])
 
 
 def _describe(error: BaseException) -> str:
@@ -232,13 +247,34 @@ def sid_ratio(
     return min(times[1] / times[0], cap)
 
 
-def load_packed(path: str | os.PathLike, ratio: float | None = None) -> np.ndarray:
-    """Read a raw file as packed RGGB ``(4, H/2, W/2)`` float32.
+def amplify(
+    packed: np.ndarray, ratio: float | None, white_balance: Sequence[float] | None = None
+) -> np.ndarray:
+    """Packed RGGB ``(..., 4, h, w)`` in [0, 1] -> what a low-light network sees:
 
-    ``clip(pack_bayer(read_raw(path).bayer) * ratio, 0, 1)``; with ``ratio=None`` the data is
-    only packed (its values are already in [0, 1]).
+    ``clip(packed * ratio * gains, 0, 1)`` with ``gains = (R, G, G, B)`` of ``white_balance``
+    (multipliers, green 1) per channel; ``ratio=None`` and ``white_balance=None`` leave that
+    factor out (and the values unclipped when both are out).
     """
-    packed = pack_bayer(read_raw(path).bayer)
-    if ratio is not None:
-        packed = np.clip(packed * np.float32(ratio), 0.0, 1.0)
-    return packed.astype(np.float32, copy=False)
+    packed = np.asarray(packed, dtype=np.float32)
+    if ratio is None and white_balance is None:
+        return packed
+    scale = np.ones(4, dtype=np.float32) * np.float32(1.0 if ratio is None else ratio)
+    if white_balance is not None:
+        red, green, blue = (float(g) for g in white_balance)
+        scale *= np.array([red, green, green, blue], dtype=np.float32)
+    return np.clip(packed * scale[:, None, None], 0.0, 1.0)
+
+
+def load_packed(
+    path: str | os.PathLike, ratio: float | None = None, white_balance: bool = True
+) -> np.ndarray:
+    """Read a raw file as packed RGGB ``(4, H/2, W/2)`` float32, amplified by ``ratio``.
+
+    :func:`amplify` of ``pack_bayer(read_raw(path).bayer)`` with the file's as-shot white
+    balance when ``white_balance`` is true and the file has one; with ``ratio=None`` and no
+    white balance the data is only packed (its values are already in [0, 1]).
+    """
+    image = read_raw(path)
+    gains = image.white_balance if white_balance else None
+    return amplify(pack_bayer(image.bayer), ratio, gains)

@@ -17,8 +17,6 @@ start-up, and its --help) does not wait for torch.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from deployq._version import __version__
@@ -27,53 +25,47 @@ _API = {  # name: (module, attribute)
     "export": ("deployq.api", "export"),
     "diff": ("deployq.api", "diff"),
     "check": ("deployq.api", "check"),
-    "ExportResult": ("deployq.export", "ExportResult"),
-    "DiffReport": ("deployq.diff", "DiffReport"),
-    "ParityReport": ("deployq.parity", "ParityReport"),
-    "InputSpec": ("deployq.checkpoint", "InputSpec"),
-    "load_checkpoint": ("deployq.checkpoint", "load"),
-    "save_checkpoint": ("deployq.checkpoint", "save"),
-    "QConfig": ("deployq.config", "QConfig"),
-    "load_config": ("deployq.config", "load_config"),
-    "prepare": ("deployq.prepare", "prepare"),
-    "quant_points": ("deployq.prepare", "quant_points"),
-    "calibrate": ("deployq.qat", "calibrate"),
-    "freeze_bn_stats": ("deployq.qat", "freeze_bn_stats"),
-    "qparams_of": ("deployq.qat", "qparams_of"),
-    "set_mode": ("deployq.qat", "set_mode"),
-    "QuantSpec": ("deployq.qspec", "QuantSpec"),
+    "ExportResult": ("deployq.deploy.export", "ExportResult"),
+    "DiffReport": ("deployq.verify.stats", "DiffReport"),
+    "ParityReport": ("deployq.verify.parity", "ParityReport"),
+    "InputSpec": ("deployq.qat.checkpoint", "InputSpec"),
+    "load_checkpoint": ("deployq.qat.checkpoint", "load"),
+    "save_checkpoint": ("deployq.qat.checkpoint", "save"),
+    "QConfig": ("deployq.qat.config", "QConfig"),
+    "load_config": ("deployq.qat.config", "load_config"),
+    "prepare": ("deployq.qat.prepare", "prepare"),
+    "quant_points": ("deployq.qat.prepare", "quant_points"),
+    "calibrate": ("deployq.qat.calibrate", "calibrate"),
+    "freeze_bn_stats": ("deployq.qat.calibrate", "freeze_bn_stats"),
+    "qparams_of": ("deployq.qat.calibrate", "qparams_of"),
+    "set_mode": ("deployq.qat.calibrate", "set_mode"),
+    "QuantSpec": ("deployq.core.qspec", "QuantSpec"),
 }
 
 if TYPE_CHECKING:
     from deployq.api import check, diff, export
-    from deployq.diff import DiffReport
-    from deployq.export import ExportResult
-    from deployq.parity import ParityReport
-    from deployq.checkpoint import InputSpec
-    from deployq.checkpoint import load as load_checkpoint
-    from deployq.checkpoint import save as save_checkpoint
-    from deployq.config import QConfig, load_config
-    from deployq.prepare import prepare, quant_points
-    from deployq.qat import calibrate, freeze_bn_stats, qparams_of, set_mode
-    from deployq.qspec import QuantSpec
+    from deployq.verify.stats import DiffReport
+    from deployq.deploy.export import ExportResult
+    from deployq.verify.parity import ParityReport
+    from deployq.qat.checkpoint import InputSpec
+    from deployq.qat.checkpoint import load as load_checkpoint
+    from deployq.qat.checkpoint import save as save_checkpoint
+    from deployq.qat.config import QConfig, load_config
+    from deployq.qat.prepare import prepare, quant_points
+    from deployq.qat.calibrate import calibrate, freeze_bn_stats, qparams_of, set_mode
+    from deployq.core.qspec import QuantSpec
 
 
-class _Package(types.ModuleType):
-    """The API names resolve to the API objects on first use. A submodule of the same name
-    (``deployq.prepare``, ``deployq.export``, ``deployq.diff``) sets the package attribute to itself
-    when it is imported, so the names are looked up here first, not in the module's dictionary;
-    ``import deployq.export`` and ``from deployq.export import ...`` still reach the module."""
-
-    def __getattribute__(self, name: str) -> Any:
-        if name in _API:
-            module, attribute = _API[name]
-            return getattr(importlib.import_module(module), attribute)
-        return super().__getattribute__(name)
-
-    def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(_API))
+def __getattr__(name: str) -> Any:
+    """The API names, imported on first use (PEP 562)."""
+    if name in _API:
+        module, attribute = _API[name]
+        return getattr(importlib.import_module(module), attribute)
+    raise AttributeError(f"module 'deployq' has no attribute {name!r}")
 
 
-sys.modules[__name__].__class__ = _Package
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
 
 __all__ = sorted([*_API, "__version__"])

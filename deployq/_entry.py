@@ -1,6 +1,6 @@
 """The ``deployq`` command's entry point: the command line, started so that Ctrl-C or SIGTERM at
 any moment (also while torch is still being imported) ends it with a one-line message and exit
-status 130, every output that was being written cleaned up (deployq.files.AtomicOutputs)."""
+status 130, every output that was being written cleaned up (deployq.core.files.AtomicOutputs)."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@
     assert parity.ok()
 
 The CLI commands of the same names call these functions; everything they print comes from the
-returned objects (:class:`deployq.export.ExportResult`, :class:`deployq.diff.DiffReport`,
-:class:`deployq.parity.ParityReport`). docs/api.md describes them.
+returned objects (:class:`deployq.deploy.export.ExportResult`, :class:`deployq.verify.stats.DiffReport`,
+:class:`deployq.verify.parity.ParityReport`). docs/api.md describes them.
 """
 
 from __future__ import annotations
@@ -22,16 +22,19 @@ import onnx
 import torch
 from torch import fx, nn
 
-from deployq.checkpoint import InputSpec
-from deployq.config import load_config
-from deployq.diff import DiffReport, diff as _diff, match_inputs
-from deployq.export import ExportResult, export as _export
-from deployq.model_source import ModelSource, forward_arguments, resolve_model
-from deployq.parity import FormatAgreement, ParityReport, check_parity, compare_ort_format
-from deployq.prepare import ACT_QUANT, prepare
-from deployq.qat import calibrate, is_calibrated
-from deployq.sim import (InputInfo, ModelFileError, check_same_inputs, file_feeds, inputs_of, is_ort_format,
-                         load_onnx, quantize_count, random_feeds, with_shapes)
+from deployq.qat.checkpoint import InputSpec
+from deployq.qat.config import load_config
+from deployq.verify.diff import diff as _diff
+from deployq.verify.stats import DiffReport
+from deployq.verify.match import match_inputs
+from deployq.deploy.export import ExportResult, export as _export
+from deployq.qat.loading import ModelSource, forward_arguments, resolve_model
+from deployq.verify.parity import FormatAgreement, ParityReport, check_parity, compare_ort_format
+from deployq.qat.prepare import ACT_QUANT, prepare
+from deployq.qat.calibrate import calibrate, is_calibrated
+from deployq.calib.data import file_feeds
+from deployq.core.runtime import InputInfo, ModelFileError, check_same_inputs, inputs_of, is_ort_format, load_onnx, random_feeds, with_shapes
+from deployq.exporters.graph import quantize_count
 
 ModelLike = Union[nn.Module, str, Path]
 OnnxLike = Union[onnx.ModelProto, str, Path]
@@ -76,7 +79,7 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
            progress: bool = False) -> ExportResult:
     """Export to ``out_dir``: model.float.onnx, model.<target>.onnx, qparams.json (and the ORT file).
 
-    `model`: a model from :func:`deployq.prepare` (calibrated or trained), a float ``nn.Module``
+    `model`: a model from :func:`deployq.qat.prepare` (calibrated or trained), a float ``nn.Module``
     (post-training quantization: give `calib`, and `config` if not the default), or the path of a
     deployq checkpoint. `calib`: a folder or file of inputs (what ``--calib`` takes), or an iterable
     of batches (tensors, or tuples of tensors for several inputs). `target`, `device`, `opset` and
@@ -152,7 +155,7 @@ def diff(float_onnx: OnnxLike, quant_onnx: OnnxLike, inputs: Inputs = None, *, m
     `inputs`: a file or folder (raw, images, .npy/.npz), batches (arrays, tensors, or dicts by input
     name), or None for `random` uniform inputs over each input's quantized range. `mode`:
     accumulated, local, sensitivity or kernel (``deployq diff --help``). `points`: globs of the quant
-    points to report. Returns a :class:`~deployq.diff.DiffReport` (``.verdict()``, ``.worst(k)``,
+    points to report. Returns a :class:`~deployq.verify.stats.DiffReport` (``.verdict()``, ``.worst(k)``,
     ``.to_json()``, ``.to_html()``).
     """
     (float_model, float_name), (quant_model, quant_name) = _onnx(float_onnx), _onnx(quant_onnx)
@@ -163,7 +166,7 @@ def diff(float_onnx: OnnxLike, quant_onnx: OnnxLike, inputs: Inputs = None, *, m
         raise ModelFileError(f"{quant_name} has no QuantizeLinear: it is not a quantized (QDQ) model")
     infos = check_same_inputs(float_model, quant_model, float_name, quant_name)
     if not _given_batches(inputs):  # batches carry their own shapes; files and random inputs need them
-        infos = with_shapes(infos, input_shapes, where="input_shapes")
+        infos = with_shapes(infos, input_shapes, where="--input-shape (input_shapes)")
     feeds = _feeds(inputs, infos, random, match_inputs(quant_model), ratio, limit)
     report = _diff(float_model, quant_model, feeds, mode=mode, points=list(points) if points else None,
                    progress=progress)
@@ -175,7 +178,7 @@ def check(model: ModelLike, onnx_model: OnnxLike, inputs: Inputs = None, *, rand
           factory: Optional[str] = None, input_shapes=None, progress: bool = False) -> ParityReport:
     """Torch fake-quant vs onnxruntime (reference view) in integer codes at every quant point.
 
-    `model`: a model from :func:`deployq.prepare` (calibrated or trained) or a checkpoint path
+    `model`: a model from :func:`deployq.qat.prepare` (calibrated or trained) or a checkpoint path
     (`factory` as ``--model`` if its factory is not deployq's). `onnx_model`: its QDQ export, or the
     ORT-format file beside it (then its outputs are also compared with the .onnx's: the report's
     ``ort_format``). `local`: each torch quantizer continues from onnxruntime's codes. `input_shapes`:
@@ -203,7 +206,7 @@ def check(model: ModelLike, onnx_model: OnnxLike, inputs: Inputs = None, *, rand
         raise ModelFileError(f"{name} takes inputs {[i.name for i in infos]}, the torch model {names}")
     if not _given_batches(inputs):  # the checkpoint's shapes, else input_shapes, for symbolic dimensions
         given = input_shapes or [(i.name, shapes[i.name]) for i in infos if i.free and i.name in shapes]
-        infos = with_shapes(infos, given, where="input_shapes")
+        infos = with_shapes(infos, given, where="--input-shape (input_shapes)")
     feeds = _feeds(inputs, infos, random, match_inputs(quant))
     report = check_parity(qmodel, quant, [{k: torch.from_numpy(v) for k, v in f.items()} for f in feeds], local=local,
                           progress=progress)

@@ -23,8 +23,8 @@ import onnxruntime as ort
 
 from deployq.calib.data import RAW_SUFFIXES, exposure_ratio, has_sid_ratio
 from deployq.calib.raw import load_packed
-from deployq.files import AtomicOutputs
-from deployq.sim import ORT_ERRORS, is_ort_format, load_onnx, ort_format_session, ort_message, session
+from deployq.core.files import AtomicOutputs
+from deployq.core.runtime import ORT_ERRORS, is_ort_format, load_onnx, ort_format_session, ort_message, session
 
 
 class RunError(ValueError):
@@ -62,9 +62,13 @@ class Engine:
                            f"input: {ort_message(err)}") from None
 
 
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4  # a probe that fails is an answer, not an error for the log
+
+
 def _probe(sess: ort.InferenceSession, name: str, h: int, w: int) -> Optional[np.ndarray]:
     try:
-        return sess.run(None, {name: np.zeros((1, 4, h, w), np.float32)})[0]
+        return sess.run(None, {name: np.zeros((1, 4, h, w), np.float32)}, _QUIET)[0]
     except ORT_ERRORS:  # a size the model refuses
         return None
 

@@ -84,7 +84,7 @@ def photo_crops(count: int, size: int, *, held_out: bool = False, seed: int = 0)
 
     `held_out` picks the crops from HELD_OUT_PHOTOS only (evaluation); otherwise from the others
     (BatchNorm statistics, calibration)."""
-    from deployq.calib.synthetic import sample_images
+    from deployq.examples.lowlight.data import sample_images
 
     photos = [image for name, image in sample_images().items() if (name in HELD_OUT_PHOTOS) == held_out]
     rng = np.random.default_rng(seed)

@@ -1,1 +1,12 @@
-"""ONNX export and the graph rewriter (one module per pass)."""
+"""The ONNX side: torch -> ONNX conversion, graph helpers with the op vocabulary, and the rewrite
+passes (one module per pass, run in order by :mod:`.rewriter`).
+
+This package imports only deployq's bottom layer (:mod:`deployq.core`). The verify stage reads
+graphs through :mod:`.graph` and the names re-exported here, never through a pass module.
+"""
+
+from deployq.exporters.depth_to_space import SUFFIX as BLOCKS_SUFFIX
+from deployq.exporters.depth_to_space import from_block_weight, is_block_weight
+from deployq.exporters.rewriter import Rewritten, fold_batchnorm_copy, rewrite
+
+__all__ = ["BLOCKS_SUFFIX", "Rewritten", "fold_batchnorm_copy", "from_block_weight", "is_block_weight", "rewrite"]

@@ -5,7 +5,7 @@ Backward fold (the usual case) - BN after a layer whose output feeds only the BN
     y = BN(W * x + c)  =>  W' = a ⊙ W,  c' = a·(c − μ) + β,   a = γ / √(σ² + ε)
 
 with a broadcast along the layer's output-channel axis (0 for Conv, 1 for ConvTranspose, 0 for Gemm
-with transB=1). This is :func:`deployq.folding.fold_batchnorm`, the same code the QAT modules use,
+with transB=1). This is :func:`deployq.core.folding.fold_batchnorm`, the same code the QAT modules use,
 so folded float32 weights are bit-identical to torch's.
 
 Forward fold - BN before a Conv without padding (padding would feed zeros, not BN(0), to the
@@ -24,10 +24,9 @@ from typing import Iterable, Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from deployq.folding import bn_scale, fold_batchnorm
-from deployq.exporters.graph import PassLog, constant_value, consumers, layer_axis, producer
+from deployq.core.folding import bn_scale, fold_batchnorm
+from deployq.exporters.graph import BN_FOLDABLE_OPS, PassLog, constant_value, consumers, layer_axis, producer
 
-LAYERS = ("Conv", "ConvTranspose", "Gemm")
 
 
 def _bn_params(bn: gs.Node) -> Optional[tuple[np.ndarray, ...]]:
@@ -57,7 +56,7 @@ def _set_constant(graph: gs.Graph, node: gs.Node, index: int, value: np.ndarray,
 
 def _why_not_backward(layer: Optional[gs.Node], bn: gs.Node, graph: gs.Graph, keep: set[str]) -> Optional[str]:
     x = bn.inputs[0]
-    if layer is None or layer.op not in LAYERS:
+    if layer is None or layer.op not in BN_FOLDABLE_OPS:
         return f"its input comes from {layer.op if layer else 'a graph input'}, not Conv/ConvTranspose/Gemm"
     if len(consumers(x)) != 1 or x in graph.outputs:
         return f"the output of {layer.name!r} is also used elsewhere"

@@ -19,9 +19,8 @@ from typing import Iterable, Optional
 
 import onnx_graphsurgeon as gs
 
-from deployq.exporters.graph import WEIGHT_LAYER_OPS, PassLog, consumers
+from deployq.exporters.graph import ONNX_ACTIVATIONS, WEIGHT_LAYER_OPS, PassLog, consumers
 
-ONNX_ACTIVATIONS = {"relu": ("Relu",), "relu6": ("Clip",), "hardtanh": ("Clip",), "leaky_relu": ("LeakyRelu",)}
 
 
 @dataclass(frozen=True)

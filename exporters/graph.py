@@ -17,8 +17,19 @@ import onnx_graphsurgeon as gs
 
 LOG = logging.getLogger("deployq.exporters")
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings are about its own optional deps
-IR_VERSION = 10
-WEIGHT_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops whose input 1 is a layer's weight  # onnxruntime 1.20+ loads IR 10; opset 21 (int16 Q/DQ) needs IR >= 10
+IR_VERSION = 10  # onnxruntime 1.20+ loads IR 10; opset 21 (int16 Q/DQ) needs IR >= 10
+
+# The op vocabulary, defined once for every pass, diff and check:
+WEIGHT_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops whose input 1 is a layer's weight
+BN_FOLDABLE_OPS = ("Conv", "ConvTranspose", "Gemm")  # layers a following BatchNormalization folds into
+# a layer's activation (QConfig.fuse_activations name -> ONNX ops): one quant point with the layer
+ONNX_ACTIVATIONS = {"relu": ("Relu",), "relu6": ("Clip",), "hardtanh": ("Clip",), "leaky_relu": ("LeakyRelu",)}
+ACTIVATION_OPS = tuple(sorted({op for ops in ONNX_ACTIVATIONS.values() for op in ops}))
+# ops that only move, select or zero-pad values: their output carries their input's quant grid
+# (deployq.qat.fx_ops lists the torch ops that export to these; a test keeps the two in step)
+DATA_MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "DepthToSpace", "SpaceToDepth", "MaxPool", "Flatten",
+                               "Gather", "Squeeze", "Unsqueeze", "Slice", "Split", "Identity", "Pad", "Resize",
+                               "Expand", "Tile", "Dropout"})
 
 
 class RewriteError(ValueError):
@@ -125,3 +136,73 @@ def to_model(graph: gs.Graph, opset: int) -> onnx.ModelProto:
     model.producer_name = "deployq"
     return model
 
+
+# ---------------------------------------------------------------------------------------------
+# Reading QDQ models at the proto level (diff, check and the benchmarks read graphs through these)
+# ---------------------------------------------------------------------------------------------
+
+
+# What a graph output's value before quantization is called once the output name moves to the
+# dequantized value: deployq's exporter, and onnxruntime.quantization.
+PREQUANT_SUFFIXES = ("_prequant", "_QuantizeLinear_Input")
+
+
+def base_name(tensor: str) -> str:
+    """The quant-point name of the tensor a QuantizeLinear reads (suffixes above removed)."""
+    for suffix in PREQUANT_SUFFIXES:
+        if tensor.endswith(suffix):
+            return tensor[: -len(suffix)]
+    return tensor
+
+
+def constant_array(name: str, initializers: dict[str, onnx.TensorProto],
+                   producers: dict[str, onnx.NodeProto]) -> Optional[np.ndarray]:
+    """The value of an initializer or of a Constant node's output; None for computed tensors."""
+    if name in initializers:
+        return onnx.numpy_helper.to_array(initializers[name])
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if value is not None:
+            return onnx.numpy_helper.to_array(value.t)
+    return None
+
+
+def narrowing_clip_bits(clip: onnx.NodeProto, quantize: onnx.NodeProto, initializers: dict[str, onnx.TensorProto],
+                        producers: dict[str, onnx.NodeProto]) -> Optional[int]:
+    """The code width if `clip` is the Clip that keeps codes narrower than their storage type.
+
+    A 9..15-bit code stored in int16 (or a 2..7-bit one in int8) is preceded by
+    ``Clip((qmin − zp)·s, (qmax − zp)·s)``: its bounds are exactly 2^b − 1 steps of the
+    QuantizeLinear's scale apart, with b below the storage width. Any other Clip (a model's ReLU6
+    or Hardtanh) is the model's own op, and the tensor it produces is the quant point.
+    """
+    if clip.op_type != "Clip" or len(clip.input) != 3 or len(quantize.input) < 2:
+        return None
+    lo, hi = (constant_array(n, initializers, producers) for n in clip.input[1:3])
+    scale = constant_array(quantize.input[1], initializers, producers)
+    zp = constant_array(quantize.input[2], initializers, producers) if len(quantize.input) > 2 else None
+    if lo is None or hi is None or scale is None or scale.size != 1 or lo.size != 1 or hi.size != 1:
+        return None
+    storage_bits = 8 * (zp.dtype.itemsize if zp is not None else 1)
+    steps = (float(hi) - float(lo)) / float(scale)
+    levels = round(steps) + 1
+    if abs(steps - round(steps)) > 1e-3 or levels < 4 or levels & (levels - 1):
+        return None
+    bits = levels.bit_length() - 1
+    return bits if bits < storage_bits else None
+
+
+def quantized_tensor(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
+                     initializers: dict[str, onnx.TensorProto]) -> tuple[str, Optional[onnx.NodeProto]]:
+    """(tensor, clip) for a QuantizeLinear: the tensor it quantizes, looking through the Clip that
+    keeps a narrower code in its storage type (:func:`narrowing_clip_bits`), and that Clip (or None)."""
+    source, clip = node.input[0], producers.get(node.input[0])
+    if clip is not None and narrowing_clip_bits(clip, node, initializers, producers) is not None:
+        return clip.input[0], clip
+    return source, None
+
+
+def quantize_count(model: onnx.ModelProto) -> int:
+    """How many QuantizeLinear nodes `model` has (0: a float model)."""
+    return sum(n.op_type == "QuantizeLinear" for n in model.graph.node)

@@ -8,7 +8,7 @@
 * Weights: integer initializers (int8 up to 8 bits, int16 above) + DequantizeLinear, per channel
   along the layer's output axis (0 for Conv / Gemm with transB=1, 1 for ConvTranspose).
 * Bias: int32 codes with scale s_in·s_w (what integer kernels add to the accumulator), where both
-  the input and the weight are 8-bit (:func:`deployq.qformula.bias_is_quantized`); else float.
+  the input and the weight are 8-bit (:func:`deployq.core.qformula.bias_is_quantized`); else float.
 * Data movement (Reshape, Transpose, DepthToSpace, MaxPool, ...) carries quantization: a Q/DQ pair
   with the *same* qparams follows it, a numerical no-op that lets onnxruntime keep the tensor in
   integers (docs/design.md, contract 3).
@@ -27,14 +27,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from deployq.exporters.fuse_activation import FusedGroup
-from deployq.exporters.graph import (WEIGHT_LAYER_OPS, PassLog, RewriteError, constant_value, consumers,
+from deployq.exporters.graph import (DATA_MOVEMENT_OPS, WEIGHT_LAYER_OPS, PassLog, RewriteError, constant_value, consumers,
                                      layer_axis, layer_bias, Names, producer)
-from deployq.qformula import bias_is_quantized, bias_scale, onnx_integer_dtype, quantize_bias_np, quantize_np
-from deployq.qparams import QParams
+from deployq.core.qformula import bias_is_quantized, bias_scale, onnx_integer_dtype, quantize_bias_np, quantize_np
+from deployq.core.qparams import QuantPoint
 
-DATA_MOVEMENT_OPS = {"Reshape", "Transpose", "DepthToSpace", "SpaceToDepth", "MaxPool", "Flatten", "Gather",
-                     "Squeeze", "Unsqueeze", "Slice", "Split", "Identity", "Pad", "Resize", "Expand",
-                     "Tile", "Dropout"}
 
 
 def carries_quantization(node: gs.Node) -> bool:
@@ -58,10 +55,10 @@ class _Inserter:
         self.graph = graph
         self.name = Names(graph)
         self.log = log
-        self.dq_record: dict[int, QParams] = {}  # id(DQ output tensor) -> record
+        self.dq_record: dict[int, QuantPoint] = {}  # id(DQ output tensor) -> record
         self.constants: dict[str, tuple[gs.Constant, gs.Constant]] = {}
 
-    def _qparam_constants(self, rec: QParams) -> tuple[gs.Constant, gs.Constant]:
+    def _qparam_constants(self, rec: QuantPoint) -> tuple[gs.Constant, gs.Constant]:
         if rec.name not in self.constants:
             dtype = onnx_integer_dtype(rec.bits, rec.signed)
             scale = gs.Constant(self.name(f"{rec.name}_scale"), rec.scale_array)
@@ -69,7 +66,7 @@ class _Inserter:
             self.constants[rec.name] = (scale, zp)
         return self.constants[rec.name]
 
-    def quantize_tensor(self, tensor: gs.Variable, rec: QParams, base: str, clip: bool) -> gs.Variable:
+    def quantize_tensor(self, tensor: gs.Variable, rec: QuantPoint, base: str, clip: bool) -> gs.Variable:
         """Insert (Clip ->) Q -> DQ after `tensor`; consumers and graph outputs read the DQ."""
         g = self.graph
         dtype = onnx_integer_dtype(rec.bits, rec.signed)
@@ -106,7 +103,7 @@ class _Inserter:
         self.dq_record[id(value)] = rec
         return value
 
-    def input_record(self, tensor: gs.Tensor) -> Optional[QParams]:
+    def input_record(self, tensor: gs.Tensor) -> Optional[QuantPoint]:
         """The qparams of the DQ feeding `tensor`, looking back through data-movement ops."""
         seen = 0
         while tensor is not None and seen < 1000:
@@ -118,7 +115,7 @@ class _Inserter:
             tensor, seen = node.inputs[0], seen + 1
         return None
 
-    def quantize_weights(self, node: gs.Node, rec: QParams) -> None:
+    def quantize_weights(self, node: gs.Node, rec: QuantPoint) -> None:
         weight = node.inputs[1] if len(node.inputs) > 1 else None
         values = constant_value(weight) if weight is not None else None
         if values is None:
@@ -143,7 +140,7 @@ class _Inserter:
         self.log.count(f"{rec.bits}-bit weights")
         self.quantize_bias(node, rec, use_axis)
 
-    def quantize_bias(self, node: gs.Node, rec: QParams, weight_axis: Optional[int]) -> None:
+    def quantize_bias(self, node: gs.Node, rec: QuantPoint, weight_axis: Optional[int]) -> None:
         in_rec = self.input_record(node.inputs[0])
         if rec.input is not None and (in_rec is None or in_rec.name != rec.input):
             found = in_rec.name if in_rec else "no quantized input"
@@ -168,7 +165,7 @@ class _Inserter:
         holder.inputs[index] = value
         self.log.count("int32 biases")
 
-    def carry(self, activations: dict[str, QParams]) -> None:
+    def carry(self, activations: dict[str, QuantPoint]) -> None:
         """Q/DQ with the input's qparams after every data-movement op fed by a DQ."""
         self.graph.toposort()
         for node in list(self.graph.nodes):
@@ -182,7 +179,7 @@ class _Inserter:
                 self.log.count("Q/DQ carried through data movement")
 
 
-def insert_qdq(graph: gs.Graph, records: dict[str, QParams], groups: list[FusedGroup] = (),
+def insert_qdq(graph: gs.Graph, records: dict[str, QuantPoint], groups: list[FusedGroup] = (),
                log: Optional[PassLog] = None) -> gs.Graph:
     """Quantize `graph` as `records` say: activation records name tensors, weight records name
     their layer node (``record.layer``)."""

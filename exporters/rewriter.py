@@ -2,7 +2,7 @@
 
     fold_bn  ->  fuse_activation (groups)  ->  [float model out]  ->  insert_qdq  ->  cleanup
 
-A device profile (:mod:`deployq.devices`) may add ``depth_to_space`` (ConvTranspose with kernel =
+A device profile (:mod:`deployq.deploy.devices`) may add ``depth_to_space`` (ConvTranspose with kernel =
 stride as Conv + DepthToSpace) to both models, so that they still share every tensor name.
 
 Each pass is its own module and is tested alone; this file only runs them in order and collects
@@ -23,7 +23,7 @@ from deployq.exporters.fold_bn import fold_batchnorm_pass
 from deployq.exporters.fuse_activation import find_fused_groups
 from deployq.exporters.graph import PassLog, to_model
 from deployq.exporters.insert_qdq import insert_qdq
-from deployq.qparams import QParams
+from deployq.core.qparams import QuantPoint
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Rewritten:
     log: PassLog = field(default_factory=PassLog)
 
 
-def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QParams]], fuse_activations: Iterable[str],
+def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QuantPoint]], fuse_activations: Iterable[str],
             opset: int = 21, block_convtranspose: bool = False) -> Rewritten:
     """Fold BN and group activations (the float model); then insert Q/DQ if `records` are given.
     `block_convtranspose`: rewrite ConvTranspose (kernel = stride) as Conv + DepthToSpace in both."""
@@ -52,3 +52,11 @@ def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QParams]], fuse_
     if block_convtranspose:
         convtranspose_to_depth_to_space(cleanup(graph, log), log, keep)
     return Rewritten(float_model, finalize(to_model(cleanup(graph, log), opset)), log)
+
+
+def fold_batchnorm_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every BatchNormalization after a layer folded into it, the opset
+    kept: what diff compares a QDQ model against (the rewriter folded BN before quantizing)."""
+    graph = fold_batchnorm_pass(gs.import_onnx(model))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    return to_model(graph, opset)

@@ -1,9 +1,9 @@
-"""Export the float graph of a prepared model with torch.onnx, every quant point named (contract 1).
+"""torch.onnx export of a float fx graph, every quant point named (contract 1).
 
-The graph that is exported is the prepared model's own fx graph in float mode, with the fake
-quantizers taken out and each fused QuantLayer expanded back into Layer -> BatchNorm -> activation,
-BN unfolded, so that the ONNX rewriter does the folding (the same passes then serve ONNX models
-deployq did not export). To pin names on tensors the exporter would otherwise call ``conv2d_3``,
+:mod:`deployq.deploy.float_graph` builds the graph from a prepared model (its own fx graph in float
+mode, fake quantizers taken out, each fused QuantLayer expanded back into Layer -> BatchNorm ->
+activation, BN unfolded) so that the ONNX rewriter does the folding (the same passes then serve
+ONNX models deployq did not export); this module only converts it and pins the names. To pin names on tensors the exporter would otherwise call ``conv2d_3``,
 each quant-point tensor and each layer's raw output is made a graph output with that name
 (``output_names``), and these extra outputs are dropped again after export:
 
@@ -18,11 +18,11 @@ exports to the same bytes.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import io
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import onnx
@@ -32,69 +32,21 @@ from torch import fx
 
 from deployq.exporters.graph import (WEIGHT_LAYER_OPS, RewriteError, constant_value, layer_bias, layer_output,
                                      producer, to_model)
-from deployq.fused import QuantLayer
-from deployq.prepare import ACT_QUANT
-from deployq.qat import set_mode
 
 
-def export_module(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, list[str], list[str], int, dict[str, str]]:
-    """The float export GraphModule, its input names, output names, the number of real model
-    outputs (the rest are naming outputs) and {layer path: layer path} for the weight layers."""
-    gm = copy.deepcopy(getattr(qmodel, "module", qmodel))
-    set_mode(gm, "float")
-    gm.eval()
-    graph = gm.graph
-    modules = dict(gm.named_modules())
-    named: dict[fx.Node, str] = {}
-    for node in list(graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith(f"{ACT_QUANT}."):
-            source = node.args[0]
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
-            if source.op != "placeholder":
-                named[source] = str(node.target)[len(ACT_QUANT) + 1:]
-    layers: dict[fx.Node, str] = {}
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], QuantLayer):
-            continue
-        layer, path = modules[node.target], str(node.target)
-        with graph.inserting_before(node):
-            raw = current = graph.call_module(f"{path}.layer", node.args, node.kwargs)
-            if layer.bn is not None:
-                current = graph.call_module(f"{path}.bn", (current,))
-            if layer.act is not None:
-                current = graph.call_module(f"{path}.act", (current,))
-        node.replace_all_uses_with(current)
-        if node in named:
-            named[current] = named.pop(node)
-        graph.erase_node(node)
-        layers[raw] = path
+@dataclass(frozen=True)
+class ExportModule:
+    """What :func:`to_onnx` exports: a float fx GraphModule whose extra outputs name tensors.
 
-    output = next(n for n in graph.nodes if n.op == "output")
-    results = output.args[0]
-    if isinstance(results, dict):  # e.g. torchvision's segmentation models: {"out": ..., "aux": ...}
-        results = list(results.values())
-    flat = list(results) if isinstance(results, (tuple, list)) else [results]
-    if not all(isinstance(r, fx.Node) for r in flat):
-        raise RewriteError("the model must return a tensor, or a tuple, list or dict of tensors, to be exported")
-    output_names, seen = [], set()
-    for i, node in enumerate(flat):
-        name = named.get(node) or layers.get(node) or ("output" if len(flat) == 1 else f"output_{i}")
-        if name in seen:
-            raise RewriteError(f"the model returns the same tensor {name!r} twice")
-        seen.add(name)
-        output_names.append(name)
-    extras = []
-    for node, name in list(named.items()) + list(layers.items()):
-        if node not in flat and name not in seen:
-            extras.append(node)
-            output_names.append(name)
-            seen.add(name)
-    output.args = (tuple(flat + extras),)
-    graph.lint()
-    gm.recompile()
-    inputs = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
-    return gm, inputs, output_names, len(flat), {p: p for p in layers.values()}
+    ``output_names[:n_outputs]`` are the model's real outputs; the rest are naming outputs
+    (tensor NAME = the value at quant point NAME, tensor PATH = the raw output of layer PATH),
+    dropped again after export. ``layers`` lists the weight-layer paths."""
+
+    gm: fx.GraphModule
+    input_names: list[str]
+    output_names: list[str]
+    n_outputs: int
+    layers: dict[str, str]
 
 
 def _layer_node(tensor: gs.Tensor) -> Optional[gs.Node]:
@@ -138,19 +90,18 @@ def _dynamic_dims(example: torch.Tensor, batch: torch.export.Dim, dynamic_hw: bo
     return {0: batch}
 
 
-def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opset: int = 21,
-                 dynamic_hw: bool = False) -> onnx.ModelProto:
-    """The float ONNX model of `qmodel` (BN not yet folded), tensors named by quant points.
+def to_onnx(module: ExportModule, example_inputs: Sequence[torch.Tensor], opset: int = 21,
+            dynamic_hw: bool = False) -> onnx.ModelProto:
+    """The ONNX model of `module` (torch.onnx, dynamo), tensors named as its outputs say.
 
     The batch dimension is always dynamic; `dynamic_hw` also keeps the height and width of 4-D
     inputs symbolic (a fully convolutional model then runs on whole frames of any size its
     down-sampling allows)."""
-    gm, input_names, output_names, n_outputs, layers = export_module(qmodel)
-    key = _export_key(gm, example_inputs, opset, dynamic_hw)
+    key = _export_key(module.gm, example_inputs, opset, dynamic_hw)
     if key not in _LAST_EXPORT:
         _LAST_EXPORT.clear()
-        _LAST_EXPORT[key] = _export(gm, input_names, output_names, n_outputs, layers, example_inputs, opset,
-                                    dynamic_hw)
+        _LAST_EXPORT[key] = _export(module.gm, module.input_names, module.output_names, module.n_outputs,
+                                    module.layers, example_inputs, opset, dynamic_hw)
     out = onnx.ModelProto()
     out.CopyFrom(_LAST_EXPORT[key])
     return out

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the shipped default: export the low-light example's QAT checkpoint to float and
-# int8 ONNX, diff them layer by layer on real (synthetic) DNG files, and enhance those files.
+# int8 ONNX, diff them layer by layer on DNG files from a camera training never saw, enhance whole
+# frames with both models and put float | int8 | ground truth side by side in one PNG.
 # Sets up .venv with the pinned versions first (once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,17 +9,22 @@ source scripts/setup-venv.sh ""  # no extras (an empty argument: not this script
 out="${1:-build/lowlight}"
 ckpt="examples/lowlight/checkpoints/qat.pt"
 
-echo "== deployq export (QAT checkpoint -> float + int8 ONNX) =="
-deployq export --ckpt "$ckpt" --target int8 --out "$out"
+echo "== deployq export (QAT checkpoint -> float + int8 ONNX, any frame size) =="
+deployq export --ckpt "$ckpt" --target int8 --dynamic-hw --out "$out"
 
-echo "== held-out DNG files (SID layout) =="
-python -m deployq.examples.lowlight.make_raw "$out/raw" --scenes 4 --size 256
+echo "== DNG files from the test camera (SID layout): 256 x 256 crops, and two whole frames =="
+python -m deployq.examples.lowlight.make_raw "$out/raw" --scenes 4 --size 256 --split test
+python -m deployq.examples.lowlight.make_raw "$out/frames" --scenes 2 --size 0 --split test --seed 3
 
 echo "== deployq diff (float vs int8, quant point by quant point) =="
-deployq diff "$out/model.float.onnx" "$out/model.int8.onnx" --input "$out/raw/short" --top 12 --html "$out/diff.html"
+deployq diff "$out/model.float.onnx" "$out/model.int8.onnx" --input "$out/raw/short" --input-shape 1,4,128,128 \
+    --top 12 --html "$out/diff.html"
 
 echo "== deployq check (torch fake-quant vs ONNX, in integer codes) =="
 deployq check --ckpt "$ckpt" --onnx "$out/model.int8.onnx" --random 2 | tail -n 1
 
-echo "== deployq run (raw -> int8 ONNX -> sRGB PNG) =="
-deployq run "$out/model.int8.onnx" "$out/raw/short" --out "$out/png" --bench 20
+echo "== deployq run (raw -> ONNX -> sRGB PNG, whole frames in one call) =="
+deployq run "$out/model.int8.onnx" "$out/frames/short" --out "$out/png-int8" --bench 20
+deployq run "$out/model.float.onnx" "$out/frames/short" --out "$out/png-float"
+python -m deployq.examples.lowlight.compare "$out/frames" --float "$out/png-float" --int8 "$out/png-int8" \
+    --out "$out/compare.png"

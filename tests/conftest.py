@@ -25,6 +25,7 @@ def rng():
 def _eager_quantizer_kernels(monkeypatch):
     """Training in tests runs a few steps: compiling the quantizers' backward (torch.compile, ~30 s
     once) would cost more than it saves. tests/test_quantizers.py tests the compiled kernels."""
-    from deployq import quantizers, train
+    from deployq.qat import fake_quant
+    from deployq.train import loop as train
 
-    monkeypatch.setattr(train, "use_compiled_kernels", lambda enabled=True: quantizers.use_compiled_kernels(False))
+    monkeypatch.setattr(train, "use_compiled_kernels", lambda enabled=True: fake_quant.use_compiled_kernels(False))

@@ -1,4 +1,4 @@
-"""The Python API (deployq.export / diff / check) and the conventions every command shares:
+"""The Python API (deployq.deploy.export / diff / check) and the conventions every command shares:
 `--json -` prints only JSON, a failed gate exits 3 (errors 1), the package is typed."""
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ def exported(tmp_path_factory):
     return model, batches, result
 
 
-def test_the_api_names_are_the_functions_and_the_modules_still_import():
+def test_the_api_names_are_the_functions_and_the_stage_modules_import_beside_them():
     for name in ("export", "diff", "check"):
         assert name in deployq.__all__ and callable(getattr(deployq, name))
         assert getattr(deployq, name).__module__ == "deployq.api"
-    module = importlib.import_module("deployq.export")  # the submodule, as before
+    module = importlib.import_module("deployq.deploy.export")  # the stage module
     assert hasattr(module, "ExportResult") and deployq.export.__module__ == "deployq.api"
     assert (Path(deployq.__file__).parent / "py.typed").is_file()
 
@@ -116,7 +116,7 @@ def workdir(tmp_path_factory):
     `run` takes it), its PTQ export, a training recipe and one synthetic DNG."""
     import yaml
 
-    from deployq.calib.synthetic import write_sid_folder
+    from deployq.examples.lowlight.data import write_sid_folder
 
     w = tmp_path_factory.mktemp("conventions")
     model = zoo.unet(in_ch=4, width=4)
@@ -203,8 +203,8 @@ def test_api_inputs_one_tensor_is_one_batch_and_missing_inputs_are_named(exporte
 
 
 def test_verbosity_does_not_leak_into_the_next_command(exported):
-    from deployq import progress
-    from deployq.cli_common import console
+    from deployq.core import progress
+    from deployq.cli.common import console
 
     _, _, result = exported
     args = ["diff", str(result.files["float"]), str(result.files["int8"]), "--random", "1"]
@@ -225,7 +225,7 @@ def test_json_refuses_to_overwrite_a_file_that_is_not_json(exported, tmp_path):
 
 
 def test_report_survives_non_finite_values(exported):
-    from deployq.report import _value_histogram
+    from deployq.verify.report import _value_histogram
 
     _, batches, result = exported
     report = deployq.diff(result.files["float"], result.files["int8"], inputs=batches[:1])

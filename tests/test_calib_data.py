@@ -9,7 +9,8 @@ import torch
 
 from deployq.calib.data import InputDataError, iterate_batches, load_inputs
 from deployq.calib.raw import load_packed, read_raw
-from deployq.calib.synthetic import write_dng, write_sid_folder
+from deployq.calib.dng import write_dng
+from deployq.examples.lowlight.data import write_sid_folder
 
 SHAPE = (1, 4, 8, 8)
 

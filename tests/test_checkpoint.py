@@ -7,7 +7,8 @@ import torch
 from click.testing import CliRunner
 
 import deployq
-from deployq import checkpoint as ck
+from deployq.qat import checkpoint as ck
+from deployq.qat import loading
 from deployq.cli import main
 from deployq.examples import zoo
 
@@ -28,7 +29,7 @@ def saved(tmp_path):
 
 def test_round_trip_gives_the_same_model_and_qparams(saved):
     qmodel, path = saved
-    loaded = ck.build(ck.load(path))
+    loaded = loading.build(ck.load(path))
     x = torch.randn(*SHAPE)
     assert torch.equal(loaded(x), qmodel(x))
     ours, theirs = deployq.qparams_of(qmodel), deployq.qparams_of(loaded)
@@ -69,9 +70,9 @@ def test_factories_outside_deployq_need_the_users_word(saved):
     c = ck.load(path)
     c.factory = "os.path:join"
     with pytest.raises(ck.CheckpointError, match="not one of deployq's examples.*--model os.path:join"):
-        ck.build(c)
+        loading.build(c)
     with pytest.raises(ck.CheckpointError, match="cannot import"):
-        ck.import_factory("no_such_pkg_xyz.mod:f", allowed=True)
+        loading.import_factory("no_such_pkg_xyz.mod:f", allowed=True)
 
 
 def test_cli_inspect_reads_checkpoints_and_factories(saved):
@@ -135,4 +136,4 @@ def test_factory_arguments_from_a_file_must_be_plain_data_the_factory_takes(save
     _, path = saved
     c = ck.load(_rewritten(path, tmp_path, factory=factory, factory_kwargs=kwargs))
     with pytest.raises(ck.CheckpointError, match=message):
-        ck.float_model(c)
+        loading.checkpoint_float_model(c)

@@ -5,9 +5,9 @@ import torch
 import yaml
 
 import deployq
-from deployq.config import ConfigError, from_dict, load_config
+from deployq.qat.config import ConfigError, from_dict, load_config
 from deployq.examples import zoo
-from deployq.prepare import quant_points
+from deployq.qat.prepare import quant_points
 
 # The seeds' config as the lab notes use it (shared/seeds/001_*.txt), trimmed to the quant part.
 SEEDS_YAML = """

@@ -25,12 +25,12 @@ from click.testing import CliRunner
 
 import deployq
 from deployq.cli import main
-from deployq.diff import diff
+from deployq.verify.diff import diff
 from deployq.examples import torchvision_models as tvm
-from deployq.export import export
-from deployq.model_source import forward_arguments, resolve_model
-from deployq.parity import check_parity
-from deployq.sim import inputs_of, load_onnx
+from deployq.deploy.export import export
+from deployq.qat.loading import forward_arguments, resolve_model
+from deployq.verify.parity import check_parity
+from deployq.core.runtime import inputs_of, load_onnx
 
 SIZE = 64
 FACTORY = "deployq.examples.torchvision_models:build"

@@ -17,14 +17,15 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from deployq import devices
-from deployq.cli import DEVICE_NAMES, main
+from deployq.deploy import devices
+from deployq.cli import main
+from deployq.cli.export import DEVICE_NAMES
 from deployq.examples.lowlight import model as lowlight_model
 from deployq.exporters.depth_to_space import (convtranspose_to_depth_to_space, from_block_weight, to_block_weight,
                                               why_not)
 from deployq.exporters.graph import PassLog, to_model
-from deployq.qparams import QParams
-from deployq.sim import session
+from deployq.core.qparams import QuantPoint
+from deployq.core.runtime import session
 
 ZOO_UNET = "deployq.examples.zoo:unet"
 ZOO_UPSAMPLER = "deployq.examples.zoo:upsampler"
@@ -79,12 +80,9 @@ def test_overlapping_convtranspose_stays_with_a_note_saying_why():
     assert graph.nodes[0].op == "ConvTranspose" and "stays" in log.notes[0] and "'up'" in log.notes[0]
 
 
-def _record(name: str, kind: str, bits: int, signed: bool = False, symmetric: bool = False) -> QParams:
-    from deployq.qformula import qrange
-
-    qmin, qmax = qrange(bits, signed)
-    return QParams(name=name, kind=kind, bits=bits, signed=signed, symmetric=symmetric, qmin=qmin, qmax=qmax,
-                   scale=(0.1,), zero_point=(0 if signed else 128,), axis=None)
+def _record(name: str, kind: str, bits: int, signed: bool = False, symmetric: bool = False) -> QuantPoint:
+    return QuantPoint(name=name, kind=kind, bits=bits, signed=signed, symmetric=symmetric,
+                      scale=(0.1,), zero_point=(0 if signed else 128,), axis=None)
 
 
 def test_nnapi_refuses_ten_bit_points_signed_activations_and_affine_weights_and_says_what_to_change():
@@ -210,7 +208,7 @@ def test_the_example_for_nnapi_checks_and_runs_from_its_ort_file(tmp_path):
     """The shipped all-8-bit low-light model for NNAPI: one partition; its .ort file computes what
     its .onnx computes optimized as the converter optimized it (NNAPI style: basic level, the QDQ
     graph kept for the provider), and `run` takes it."""
-    from deployq.calib.synthetic import write_sid_folder
+    from deployq.examples.lowlight.data import write_sid_folder
 
     out = tmp_path / "nnapi"
     result = CliRunner().invoke(main, ["export", "--ckpt", str(CHECKPOINTS / "qat_all8.pt"), "--device", "nnapi",
@@ -256,7 +254,7 @@ def upsampler(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["accumulated", "local", "kernel"])
 def test_diff_pairs_the_rewritten_layers_under_their_own_names(upsampler, mode):
-    from deployq.diff import diff
+    from deployq.verify.diff import diff
 
     x = [{"x": np.random.default_rng(i).uniform(0, 1, (1, 3, 32, 32)).astype(np.float32)} for i in range(2)]
     reports = {name: diff(onnx.load(upsampler / name / "model.float.onnx"), onnx.load(upsampler / name / "model.int8.onnx"),

@@ -11,13 +11,15 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import deployq
-from deployq import checkpoint as ck
+from deployq.qat import checkpoint as ck
 from deployq.cli import main
-from deployq.diff import Stats, diff, match, saturation_warning
+from deployq.verify.diff import diff, saturation_warning
+from deployq.verify.match import match
+from deployq.verify.stats import Stats
 from deployq.examples import zoo
-from deployq.export import export as run_export
-from deployq.model_source import resolve_model
-from deployq.sim import ModelFileError, cpu_isa
+from deployq.deploy.export import export as run_export
+from deployq.qat.loading import resolve_model
+from deployq.core.runtime import ModelFileError, cpu_isa
 
 SHAPE = (1, 3, 16, 16)
 
@@ -124,7 +126,7 @@ def test_quantize_static_model_with_batchnorm(tmp_path):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from deployq.exporters.torch_export import export_float
+    from deployq.deploy.float_graph import export_float
 
     float_model = export_float(deployq.prepare(zoo.resnet(), torch.rand(*SHAPE)), (torch.rand(*SHAPE),))
     assert sum(n.op_type == "BatchNormalization" for n in float_model.graph.node) == 5
@@ -190,7 +192,7 @@ def test_mismatched_models_are_clear_errors(exported, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"definitely not onnx")
     out = runner.invoke(main, ["diff", str(result.files["float"]), str(tmp_path / "junk.onnx"), "--random", "1"])
     assert out.exit_code == 1 and "junk.onnx is not an ONNX model" in out.output
-    from deployq.exporters.torch_export import export_float
+    from deployq.deploy.float_graph import export_float
 
     other = export_float(deployq.prepare(zoo.resnet(), torch.rand(1, 3, 8, 8)), (torch.rand(1, 3, 8, 8),))
     onnx.save(other, tmp_path / "other.onnx")
@@ -227,7 +229,7 @@ def test_check_compares_torch_and_onnx_codes(exported, tmp_path):
 def test_the_jump_marker_column_shows_only_with_a_marked_row(exported):
     from rich.console import Console
 
-    from deployq.report import table
+    from deployq.verify.report import table
 
     def header_and_text(report):
         console = Console(width=250, record=True)
@@ -247,7 +249,7 @@ def test_the_jump_marker_column_shows_only_with_a_marked_row(exported):
 
 
 def test_weight_widths_are_read_off_16_bit_codes():
-    from deployq.diff import _weight_bits
+    from deployq.verify.match import _weight_bits
 
     assert _weight_bits(np.array([-512, 3, 511], np.int16)) == 10  # 10-bit affine uses -512
     assert _weight_bits(np.array([-511, 500], np.int16)) == 10

@@ -6,7 +6,8 @@ import yaml
 from torch import nn
 
 import deployq
-from deployq import distill as dst
+from deployq.train import distill as dst
+from deployq.train import losses
 from deployq.examples import zoo
 
 SHAPE = (1, 3, 16, 16)
@@ -168,11 +169,11 @@ def test_task_losses_check_shapes_and_the_lowlight_loss_uses_both_outputs():
     batch = {"input": x, "target": torch.rand(2, 3, 8, 8), "mono": torch.rand(2, 1, 8, 8)}
     rgb, mono = TwoHeads()(x)
     expected = (rgb - batch["target"]).abs().mean() + (mono - batch["mono"]).abs().mean()
-    torch.testing.assert_close(dst.task_loss("lowlight")((rgb, mono), batch), expected)
-    torch.testing.assert_close(dst.task_loss("l1")(rgb, batch), (rgb - batch["target"]).abs().mean())
+    torch.testing.assert_close(losses.task_loss("deployq.examples.lowlight.loss:lowlight_loss")((rgb, mono), batch), expected)
+    torch.testing.assert_close(losses.task_loss("l1")(rgb, batch), (rgb - batch["target"]).abs().mean())
     with pytest.raises(dst.DistillError, match=r"output has shape \(2, 1, 8, 8\) but the target has shape \(2, 3, 8, 8\)"):
-        dst.task_loss("mse")(mono, batch)
+        losses.task_loss("mse")(mono, batch)
     with pytest.raises(dst.DistillError, match="integer class targets"):
-        dst.task_loss("cross_entropy")(torch.rand(2, 10), {"input": x, "target": torch.rand(2)})
+        losses.task_loss("cross_entropy")(torch.rand(2, 10), {"input": x, "target": torch.rand(2)})
     with pytest.raises(dst.DistillError, match="unknown task loss 'l3'; known: cross_entropy, l1"):
-        dst.task_loss("l3")
+        losses.task_loss("l3")

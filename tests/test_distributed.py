@@ -14,11 +14,12 @@ import torch
 import yaml
 
 import deployq
-from deployq import checkpoint as ck
-from deployq import distributed as dd
+from deployq.qat import checkpoint as ck
+from deployq.qat import loading
+from deployq.train import distributed as dd
 from deployq.calib.observers import create_observer
 from deployq.examples import zoo
-from deployq.qspec import QuantSpec
+from deployq.core.qspec import QuantSpec
 
 
 class ThreadReducer:
@@ -132,9 +133,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import deployq
-from deployq import distributed as dd
+from deployq.train import distributed as dd
 from deployq.examples import zoo
-from deployq.train import train
+from deployq.train.loop import train
 
 out = Path(sys.argv[1])
 ctx = dd.init()
@@ -188,5 +189,5 @@ def test_torchrun_two_processes_agree_on_qparams_and_write_one_checkpoint(tmp_pa
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert files == ["best.pt", "last.pt", "metrics.csv", "metrics.json", "state.pt"]  # rank 0 only, no leftovers
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
-    last = ck.build(ck.load(tmp_path / "run" / "last.pt"))
+    last = loading.build(ck.load(tmp_path / "run" / "last.pt"))
     assert json.loads(json.dumps({n: q.to_json() for n, q in deployq.qparams_of(last).items()})) == trained[0]

@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import deployq
-from deployq import checkpoint as ck
+from deployq.qat import checkpoint as ck
 from deployq.examples.lowlight import model as lowlight
 from deployq.cli import main
 from deployq.examples import zoo
-from deployq.export import export as run_export
-from deployq.model_source import resolve_model
-from deployq.parity import check_parity
+from deployq.deploy.export import export as run_export
+from deployq.qat.loading import resolve_model
+from deployq.verify.parity import check_parity
 
 LOWLIGHT_CONFIG = str(Path(lowlight.__file__).with_name("quant.yaml"))
 
@@ -258,7 +258,7 @@ def test_parity_holds_on_exact_half_step_ties(tmp_path, bits):
 def test_check_catches_a_fault_in_a_quantizers_own_forward(tmp_path, monkeypatch):
     """The torch side of check runs the quantizer modules' forward: rounding half up there (a
     plausible bug that the shared formula would not show) is caught on ties."""
-    from deployq import quantizers
+    from deployq.qat import fake_quant
 
     qmodel = deployq.prepare(zoo.plain_cnn(), torch.zeros(1, 3, 16, 16))
     deployq.calibrate(qmodel, [torch.rand(1, 3, 16, 16)], progress=False)
@@ -270,7 +270,7 @@ def test_check_catches_a_fault_in_a_quantizers_own_forward(tmp_path, monkeypatch
     def half_up(ctx, x, s, zp, qmin, qmax, alpha):
         return (torch.clamp(torch.floor(x / s + 0.5) + zp, qmin, qmax) - zp) * s
 
-    monkeypatch.setattr(quantizers._FakeQuantize, "forward", staticmethod(half_up))
+    monkeypatch.setattr(fake_quant.FakeQuantize, "forward", staticmethod(half_up))
     report = check_parity(result.qmodel, result.quant_model, [ties])
     x = next(p for p in report.points if p.name == "x")
     assert x.exact < 0.75 * ties.numel() and not report.ok()  # half-up and half-to-even agree on half the ties

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from deployq.files import AtomicOutputs, OutputPathError, check_output, clean_leftovers, json_text
+from deployq.core.files import AtomicOutputs, OutputPathError, check_output, clean_leftovers, json_text
 
 
 def test_a_set_is_published_all_or_nothing(tmp_path):

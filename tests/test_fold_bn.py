@@ -10,7 +10,7 @@ import deployq
 from deployq.examples import zoo
 from deployq.exporters.fold_bn import fold_batchnorm_pass
 from deployq.exporters.graph import PassLog, to_model
-from deployq.exporters.torch_export import export_float
+from deployq.deploy.float_graph import export_float
 from onnx_builders import bn_params, make_model, run, value
 
 

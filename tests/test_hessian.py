@@ -8,11 +8,12 @@ from click.testing import CliRunner
 from torch import nn
 
 import deployq
-from deployq import checkpoint as ck
-from deployq import distill as dst
-from deployq.cli_train import hessian as hessian_command
+from deployq.qat import checkpoint as ck
+from deployq.train import distill as dst
+from deployq.cli.train import hessian as hessian_command
 from deployq.examples import zoo
-from deployq.hessian import hessian_traces, write_distill_config
+from deployq.train.hessian import hessian_traces
+from deployq.train.hessian_report import write_distill_config
 
 
 class SmoothNet(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from deployq import qparams as qp
+from deployq.core import qparams as qp
 from deployq.exporters.fuse_activation import find_fused_groups
 from deployq.exporters.cleanup import cleanup, finalize
 from deployq.exporters.graph import RewriteError, to_model

@@ -9,11 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from deployq import checkpoint as ck
+from deployq.qat import checkpoint as ck
+from deployq.qat import loading
 from deployq.cli import main
 from deployq.examples.lowlight import model as lowlight
 from deployq.examples.lowlight.evaluate import psnr
-from deployq.parity import check_parity
+from deployq.verify.parity import check_parity
 
 CHECKPOINTS = Path(lowlight.__file__).with_name("checkpoints")
 
@@ -38,7 +39,7 @@ def test_the_shipped_float_weights_are_trained_and_load_safely():
 def test_the_shipped_qat_model_exports_with_parity(exported):
     import onnx
 
-    source = ck.build(ck.load(CHECKPOINTS / "qat.pt"))
+    source = loading.build(ck.load(CHECKPOINTS / "qat.pt"))
     batches = [torch.rand(1, 4, 64, 64) * 0.6 for _ in range(2)]
     report = check_parity(source, onnx.load(exported / "model.int8.onnx"), batches)
     assert report.ok(), [p.to_json() for p in report.failures()]
@@ -49,7 +50,7 @@ def test_a_synthetic_dng_gives_the_same_psnr_through_float_and_int8(exported, tm
     the float model (float.pt) and the int8 model (qat.pt's export); the mean PSNR against the
     ground truth differs by 0.10 dB on this machine (README); the assertion leaves 0.05 dB for
     another CPU's integer kernels."""
-    from deployq.calib.synthetic import write_sid_folder
+    from deployq.examples.lowlight.data import write_sid_folder
 
     runner = CliRunner()
     float_dir = tmp_path / "float"

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from deployq.calib.observers import OBSERVERS, create_observer
-from deployq.qformula import ZeroRangeWarning, dequantize_np, quantize_np
-from deployq.qspec import QuantSpec
+from deployq.core.qformula import ZeroRangeWarning, dequantize_np, quantize_np
+from deployq.core.qspec import QuantSpec
 
 U8 = QuantSpec(bits=8)
 S8_SYM = QuantSpec(bits=8, signed=True, symmetric=True)

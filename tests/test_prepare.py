@@ -8,8 +8,9 @@ from torch import nn
 
 import deployq
 from deployq.examples import zoo
-from deployq.fused import QuantLayer
-from deployq.prepare import TraceError, quant_points
+from deployq.qat.fused import QuantLayer
+from deployq.qat.prepare import quant_points
+from deployq.qat.trace import TraceError
 
 
 @pytest.mark.parametrize("name", sorted(zoo.FACTORIES))

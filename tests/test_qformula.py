@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployq.qformula import (ZeroRangeWarning, bias_is_quantized, dequantize, fake_quantize, qparams_from_range,
+from deployq.core.qformula import (ZeroRangeWarning, bias_is_quantized, dequantize, fake_quantize, qparams_from_range,
                               qrange, quantize, quantize_np)
 
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from deployq.qspec import QuantSpec
-from deployq.quantizers import QUANTIZERS, create_quantizer, soft_round
+from deployq.core.qspec import QuantSpec
+from deployq.qat import fake_quant
+from deployq.qat.fake_quant import soft_round
+from deployq.qat.quantizers import QUANTIZERS, create_quantizer
 
 ALL = ["fixed", "lsq", "lsq+", "dsq", "dsq_lsq", "pact"]
 
@@ -155,7 +157,7 @@ def test_activation_quantizer_refuses_to_run_uncalibrated():
 
 
 def test_observe_then_quantize_freezes_qparams(rng):
-    from deployq.qat import set_mode
+    from deployq.qat.calibrate import set_mode
 
     q = make("lsq", 8)
     model = torch.nn.Sequential(q)
@@ -173,7 +175,7 @@ def _reference(q, x):
     """The quantizer's formula written with autograd's own elementwise ops (what the fused node
     replaces): LSQ's gradient scale g on the learned scale and offset, and round with the
     straight-through or DSQ's soft-rounding gradient."""
-    from deployq.quantizers import round_ste, scale_gradient, straight_through
+    from deployq.qat.fake_quant import round_ste, scale_gradient, straight_through
 
     g = 1.0 / math.sqrt(q._feature_count(x) * q.qmax)
     if hasattr(q, "log_scale"):
@@ -224,16 +226,14 @@ def test_fused_gradients_equal_autograds_own(name, per_channel):
 @pytest.mark.slow
 def test_compiled_kernels_give_the_eager_gradients():
     """torch.compile'd backward math (what `deployq train` uses) against the eager functions."""
-    from deployq import quantizers
-
     x, grad = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     s, zp, alpha = torch.full((1, 3, 1, 1), 0.07), torch.tensor([2.0, 5.0, 9.0]).reshape(1, 3, 1, 1), torch.tensor(0.2)
     bounds = (torch.tensor(0.0), torch.tensor(15.0))
-    eager = quantizers._gradients_dsq(grad, x, s, zp, alpha, *bounds)
-    quantizers.use_compiled_kernels(True)
+    eager = fake_quant._gradients_dsq(grad, x, s, zp, alpha, *bounds)
+    fake_quant.use_compiled_kernels(True)
     try:
-        compiled = quantizers._KERNELS["dsq"](grad, x, s, zp, alpha, *bounds)
+        compiled = fake_quant._KERNELS["dsq"](grad, x, s, zp, alpha, *bounds)
     finally:
-        quantizers.use_compiled_kernels(False)
+        fake_quant.use_compiled_kernels(False)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

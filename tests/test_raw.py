@@ -19,7 +19,8 @@ from deployq.calib.raw import (
     sid_ratio,
     unpack_bayer,
 )
-from deployq.calib.synthetic import mosaic, write_dng
+from deployq.calib.dng import write_dng
+from deployq.examples.lowlight.isp import mosaic
 
 SIDE = 32
 
@@ -282,3 +283,21 @@ def test_load_packed_amplifies_and_clips(tmp_path):
     assert amplified.dtype == np.float32 and amplified.shape == (4, SIDE // 2, SIDE // 2)
     np.testing.assert_allclose(amplified, np.clip(pack_bayer(bayer) * 100, 0, 1), rtol=1e-6)
     assert amplified.max() == 1.0
+
+
+def test_as_shot_white_balance_is_read_and_applied_per_cfa_site(tmp_path):
+    """AsShotNeutral (written as the inverse of the multipliers) comes back as (R, 1, B); the
+    loader multiplies R sites by R, both green sites by 1, B sites by B, then clips."""
+    raw = _random_raw(np.random.default_rng(4), low=512, high=900)
+    path = write_dng(tmp_path / "00001_00_0.1s.dng", raw, pattern="GBRG", white_balance=(2.0, 1.0, 1.6))
+    image = read_raw(path)
+    assert image.white_balance == pytest.approx((2.0, 1.0, 1.6), rel=1e-4)
+    packed = pack_bayer(image.bayer)  # canonical RGGB after the reader's crop
+    expected = np.clip(packed * 100 * np.array([2.0, 1.0, 1.0, 1.6], np.float32)[:, None, None], 0, 1)
+    np.testing.assert_allclose(load_packed(path, ratio=100), expected, rtol=1e-5)
+    np.testing.assert_allclose(load_packed(path, ratio=100, white_balance=False), np.clip(packed * 100, 0, 1), rtol=1e-6)
+    bare = write_dng(tmp_path / "00002_00_0.1s.dng", raw)  # no AsShotNeutral: nothing to apply
+    assert read_raw(bare).white_balance is None
+    np.testing.assert_array_equal(load_packed(bare, ratio=1), np.clip(pack_bayer(read_raw(bare).bayer), 0, 1))
+    with pytest.raises(ValueError, match="white_balance"):
+        write_dng(tmp_path / "bad.dng", raw, white_balance=(2.0, 0.0, 1.0))

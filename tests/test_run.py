@@ -6,7 +6,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from deployq.calib.synthetic import sid_pair, sample_images, write_dng
+from deployq.calib.dng import write_dng
+from deployq.examples.lowlight.camera import sid_pair
+from deployq.examples.lowlight.data import sample_images
 from deployq.cli import main
 from deployq.run import RunError, infer, infer_tiled, load_engine, positions, window
 from onnx_builders import make_model

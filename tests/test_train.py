@@ -12,10 +12,11 @@ from click.testing import CliRunner
 from torch import nn
 
 import deployq
-from deployq import checkpoint as ck
-from deployq.cli_train import train as train_command
+from deployq.qat import checkpoint as ck
+from deployq.qat import loading
+from deployq.cli.train import train as train_command
 from deployq.examples import zoo
-from deployq.train import RecipeError, load_recipe, train
+from deployq.train.loop import RecipeError, load_recipe, train
 
 
 @pytest.fixture
@@ -60,11 +61,11 @@ def test_training_writes_loadable_checkpoints_and_per_epoch_metrics(workdir):
     run = workdir / "run"
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "metrics.csv", "metrics.json", "state.pt"]
     x = torch.rand(2, 3, 16, 16)
-    last = ck.build(ck.load(run / "last.pt"))
+    last = loading.build(ck.load(run / "last.pt"))
     assert torch.equal(last(x), result.model.eval()(x))
     best = ck.load(run / "best.pt")
     assert best.meta["epoch"] == result.best_epoch and best.factory == "deployq.examples.zoo:unet"
-    assert ck.build(best).training is False
+    assert loading.build(best).training is False
     rows = (run / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,loss,task_loss,distill_loss,distill/enc2.2,distill/dec.1,val_loss,psnr,best")
     assert len(rows) == 3
@@ -221,28 +222,30 @@ class FakeSyntheticLowLight(torch.utils.data.Dataset):
                 "target": torch.rand(3, s, s, generator=g), "ratio": torch.tensor(100.0)}
 
 
-def test_synthetic_lowlight_data_and_the_lowlight_loss(tmp_path, monkeypatch):
-    fake = types.ModuleType("deployq.calib.synthetic")
+def test_data_and_loss_named_by_the_recipe_as_package_module_function(tmp_path, monkeypatch):
+    """The example's recipes name their dataset and loss as pkg.mod:function; the split's options
+    and the shared ones reach the function, with the split's name."""
+    fake = types.ModuleType("fake_lowlight_data")
     fake.SyntheticLowLight = FakeSyntheticLowLight
-    monkeypatch.setitem(sys.modules, "deployq.calib.synthetic", fake)
+    monkeypatch.setitem(sys.modules, "fake_lowlight_data", fake)
     monkeypatch.setitem(sys.modules, "lowlight_factories", types.SimpleNamespace(rgb_mono=rgb_mono))
     torch.save(rgb_mono().state_dict(), tmp_path / "float.pth")
     doc = {"model": {"factory": "lowlight_factories:rgb_mono", "weights": "float.pth"},
-           "data": {"kind": "synthetic_lowlight", "size": 16, "ratios": [100, 300], "seed": 7,
+           "data": {"kind": "fake_lowlight_data:SyntheticLowLight", "size": 16, "ratios": [100, 300], "seed": 7,
                     "train": {"length": 8}, "val": 4},
-           "loss": "lowlight", "epochs": 1, "batch_size": 4, "calibration_batches": 2, "output_dir": "run",
+           "loss": "deployq.examples.lowlight.loss:lowlight_loss", "epochs": 1, "batch_size": 4, "calibration_batches": 2, "output_dir": "run",
            "distill": {"layers": {"act": 1.0}}}
     result = train(write(tmp_path, doc), progress=False)
     assert FakeSyntheticLowLight.made[-2:] == [
-        {"size": 16, "length": 8, "split": "train", "ratios": (100, 300), "seed": 7},
-        {"size": 16, "length": 4, "split": "val", "ratios": (100, 300), "seed": 7}]
+        {"size": 16, "length": 8, "split": "train", "ratios": [100, 300], "seed": 7},
+        {"size": 16, "length": 4, "split": "val", "ratios": [100, 300], "seed": 7}]
     assert 5 < result.history[0]["psnr"] < 60 and result.history[0]["task_loss"] > 0
 
 
 def test_metrics_match_hand_computations():
     """PSNR = 10·log10(1 / MSE) per image (prediction clamped to [0, 1]), summed with the count;
     accuracy counts arg-max hits."""
-    from deployq.train import METRICS
+    from deployq.train.metrics import METRICS
 
     pred = torch.tensor([[0.5, 0.5], [1.5, 0.0]])  # image 2: 1.5 clamps to 1
     target = torch.tensor([[0.6, 0.4], [0.9, 0.0]])

@@ -1,7 +1,9 @@
 """Held-out evaluation of the low-light example: PSNR and SSIM of the sRGB output.
 
-The held-out set is :class:`deployq.calib.synthetic.SyntheticLowLight` with ``split="val"``:
-SID-style pairs made from photographs the training split never sees. Torch models, ONNX files and
+Two held-out sets of :class:`~deployq.examples.lowlight.data.SyntheticLowLight`: ``validation_set()``
+(``split="val"``: photographs training never sees, training's camera distribution) picks
+checkpoints; ``test_set()`` (``split="test"``: other photographs, a sensor and noise levels no
+other split draws) is what results are reported on. Torch models, ONNX files and
 onnxruntime sessions are all evaluated by the same loop, on the same inputs.
 
     python -m deployq.examples.lowlight.evaluate build/model.float.onnx build/model.int8.onnx
@@ -18,14 +20,21 @@ import onnx
 import torch
 from skimage.metrics import structural_similarity
 
-from deployq.calib.synthetic import SyntheticLowLight
-from deployq.sim import load_onnx, session
+from deployq.examples.lowlight.data import SyntheticLowLight
+from deployq.core.runtime import load_onnx, session
 
 VAL_SIZE, VAL_LENGTH, VAL_SEED = 128, 48, 2024
+TEST_SIZE, TEST_LENGTH, TEST_SEED = 128, 96, 2025
 
 
 def validation_set(size: int = VAL_SIZE, length: int = VAL_LENGTH, seed: int = VAL_SEED) -> SyntheticLowLight:
+    """The split that picks checkpoints."""
     return SyntheticLowLight(size=size, length=length, split="val", seed=seed)
+
+
+def test_set(size: int = TEST_SIZE, length: int = TEST_LENGTH, seed: int = TEST_SEED) -> SyntheticLowLight:
+    """The split results are reported on: unseen photographs, sensor and noise levels."""
+    return SyntheticLowLight(size=size, length=length, split="test", seed=seed)
 
 
 def psnr(pred: np.ndarray, target: np.ndarray) -> float:
@@ -63,8 +72,8 @@ def onnx_predictor(model: str | onnx.ModelProto, optimize: bool = True, threads:
 
 
 def evaluate(predict: Predictor, dataset: Sequence | None = None, batch: int = 8) -> dict[str, float]:
-    """Mean PSNR (dB) and SSIM of `predict` over `dataset` (default: the held-out set)."""
-    dataset = dataset if dataset is not None else validation_set()
+    """Mean PSNR (dB) and SSIM of `predict` over `dataset` (default: the test set)."""
+    dataset = dataset if dataset is not None else test_set()
     psnrs, ssims = [], []
     for start in range(0, len(dataset), batch):
         items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
@@ -81,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="ONNX files to evaluate")
     parser.add_argument("--reference-view", action="store_true", help="run with graph optimizations disabled")
+    parser.add_argument("--split", choices=("val", "test"), default="test", help="which held-out set (default test)")
     args = parser.parse_args(argv)
-    results = {m: evaluate(onnx_predictor(m, optimize=not args.reference_view)) for m in args.models}
+    dataset = test_set() if args.split == "test" else validation_set()
+    results = {m: evaluate(onnx_predictor(m, optimize=not args.reference_view), dataset) for m in args.models}
     print(json.dumps(results, indent=1))
 
 

@@ -1,8 +1,8 @@
 """Train the float low-light network on synthetic SID-style pairs (the step before QAT).
 
-Loss as in the paper: L1 on the sRGB output + L1 on the DBF's mono output. Adam with a cosine
-learning-rate schedule and gradient-norm clipping at 1; the held-out PSNR / SSIM is measured at the end and written beside the
-weights. The shipped checkpoint was made with:
+Loss as in the paper (:mod:`.loss`): L1 on the sRGB output + L1 on the DBF's mono output. Adam
+with a cosine learning-rate schedule and gradient-norm clipping at 1; the validation split picks
+the checkpoint, the test split is measured on it once and written beside the weights. The shipped checkpoint was made with:
 
     python -m deployq.examples.lowlight.train_float --steps 8000 --threads 1 --out examples/lowlight/checkpoints
 
@@ -14,6 +14,7 @@ that gets as many extra steps as QAT does).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -21,21 +22,18 @@ from pathlib import Path
 
 import torch
 
-from deployq.calib.synthetic import SyntheticLowLight
-from deployq.examples.lowlight.evaluate import evaluate, torch_predictor
+from deployq.examples.lowlight.data import SyntheticLowLight
+from deployq.examples.lowlight.evaluate import evaluate, test_set, torch_predictor, validation_set
+from deployq.examples.lowlight.loss import lowlight_loss
 from deployq.examples.lowlight.model import build
-from deployq.files import AtomicOutputs
-from deployq.progress import progress_bar
-
-
-def lowlight_loss(output: tuple[torch.Tensor, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """L1(sRGB) + L1(mono), the paper's objective."""
-    rgb, mono = output
-    return (rgb - batch["target"]).abs().mean() + (mono - batch["mono"]).abs().mean()
+from deployq.core.files import AtomicOutputs
+from deployq.core.progress import progress_bar
 
 
 def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, out: Path, threads: int,
-          init: Path | None = None, name: str = "float") -> dict:
+          init: Path | None = None, name: str = "float", val_every: int = 1000) -> dict:
+    """Train, validate every `val_every` steps, keep the weights with the best validation PSNR;
+    the test split is measured once, on those weights, at the end."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # Adam's tiny second moments turn denormal: 16x slower on CPUs
@@ -46,7 +44,8 @@ def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, o
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    log = []
+    val = validation_set()
+    log, best = [], {"psnr": -math.inf, "step": None, "state": None}
     start = time.perf_counter()
     model.train()
     for step, items in enumerate(progress_bar(loader, "float training", total=steps)):
@@ -58,18 +57,28 @@ def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, o
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
             log.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start})
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
-    metrics = evaluate(torch_predictor(model))
+        if (step + 1) % val_every == 0 or step == steps - 1:
+            psnr = evaluate(torch_predictor(model), val)["psnr"]
+            model.train()
+            log[-1]["val_psnr"] = psnr
+            print(f"step {step + 1:6d}  loss {loss.item():.4f}  val {psnr:.2f} dB  {time.perf_counter() - start:.0f} s", flush=True)
+            if psnr > best["psnr"]:
+                best = {"psnr": psnr, "step": step + 1, "state": copy.deepcopy(model.state_dict())}
+                with AtomicOutputs() as files:  # the best so far, readable while training goes on
+                    files.write(out / f"{name}.best-so-far.pt", lambda tmp: torch.save(best["state"], tmp))
+    model.load_state_dict(best["state"])
     command = (f"python -m deployq.examples.lowlight.train_float --steps {steps} --size {size} --batch {batch} "
-               f"--width {width} --lr {lr} --seed {seed} --threads {threads}")
+               f"--width {width} --lr {lr} --seed {seed} --threads {threads} --val-every {val_every}")
     if init is not None:
         command += f" --init {init} --name {name}"
-    report = {"command": command,
-              "width": width, "steps": steps, "train_seconds": time.perf_counter() - start,
-              "held_out": metrics, "log": log}
+    report = {"command": command, "width": width, "steps": steps, "best_step": best["step"],
+              "train_seconds": time.perf_counter() - start, "photographs": data.names,
+              "val": evaluate(torch_predictor(model), val), "test": evaluate(torch_predictor(model), test_set()),
+              "log": log}
     with AtomicOutputs() as files:
         files.write(out / f"{name}.pt", lambda tmp: torch.save(model.state_dict(), tmp))
         files.write_text(out / f"{name}.json", json.dumps(report, indent=1) + "\n")
+    (out / f"{name}.best-so-far.pt").unlink(missing_ok=True)
     return report
 
 
@@ -85,10 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("examples/lowlight/checkpoints"))
     parser.add_argument("--init", type=Path, help="continue from these float weights (a state_dict)")
     parser.add_argument("--name", default="float", help="output files: NAME.pt and NAME.json")
+    parser.add_argument("--val-every", type=int, default=1000, help="steps between validations (checkpoint choice)")
     args = parser.parse_args(argv)
     report = train(args.steps, args.size, args.batch, args.width, args.lr, args.seed, args.out, args.threads,
-                   args.init, args.name)
-    print(json.dumps(report["held_out"]))
+                   args.init, args.name, args.val_every)
+    print(json.dumps({"val": report["val"], "test": report["test"]}))
 
 
 if __name__ == "__main__":

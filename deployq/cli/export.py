@@ -1,0 +1,100 @@
+"""``deployq export``: a checkpoint (or a float model and calibration data) to float and QDQ ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+from rich.table import Table
+
+from deployq.cli.common import UserError, console, handle_errors, json_option, model_options, write_json
+
+DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of deployq.deploy.devices.DEVICES (a test keeps them equal)
+
+
+@click.command("export")
+@model_options
+@click.option("--input", "--calib", "calib", type=click.Path(exists=True),
+              help="Calibration data (folder of raw files, images, .npy/.npz): post-training quantization.")
+@click.option("--calib-batches", type=click.IntRange(1), default=100, show_default=True,
+              help="How many calibration inputs to observe (the thesis: ~100 is enough).")
+@click.option("--target", type=click.Choice(["int8", "int16", "fp32"]), default="int8", show_default=True,
+              help="int8: 8-bit body, special layers at their bits; int16: everything 16-bit; fp32: float only.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="deployq-out", show_default=True,
+              help="Output folder for model.float.onnx, model.<target>.onnx and qparams.json.")
+@click.option("--opset", type=click.IntRange(21), default=21, show_default=True,
+              help="ONNX opset: 21 (16-bit QuantizeLinear) up to the newest the installed onnxruntime runs.")
+@click.option("--weight-bits", type=click.IntRange(2, 16),
+              help="Bits of the 8-bit-body weights, e.g. 7 for CPUs without VNNI (u8 x s8 saturation).")
+@click.option("--act-signed", is_flag=True, help="Signed 8-bit activations (s8s8 kernels; exact, same grid).")
+@click.option("--dynamic-hw", is_flag=True,
+              help="Keep input height and width symbolic (fully convolutional models): `deployq run` then "
+                   "processes whole frames in one call instead of tiles.")
+@click.option("--device", type=click.Choice(list(DEVICE_NAMES)), default="cpu", show_default=True,
+              help="Device profile: cpu (any config); nnapi (8-bit, fixed shapes, ConvTranspose as Conv + "
+                   "DepthToSpace); qnn (u8/u16 activations, 8-bit symmetric weights, fixed shapes); xnnpack "
+                   "(8-bit, symmetric weights, ConvTranspose as Conv + DepthToSpace); coreml "
+                   "(no Q/DQ: also writes model.coreml.onnx, float with the learned weights). Configs a "
+                   "device cannot run are refused.")
+@click.option("--ort/--no-ort", "ort_format", default=True, show_default=True,
+              help="Also write the ORT-format model (.ort) and the required-operators config of a reduced build.")
+@click.option("--output-names", metavar="NAME[,NAME...]",
+              callback=lambda c, p, v: [n.strip() for n in v.split(",")] if v else None,
+              help="Names of the exported models' outputs, in order (default: the traced names, e.g. output_0).")
+@json_option("what was exported and measured (files, quant points, provider coverage)")
+@handle_errors
+def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[list],
+           calib: Optional[str], calib_batches: int, target: str, out_dir: str, opset: int,
+           weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool, device: str, ort_format: bool,
+           output_names: Optional[list], json_path: Optional[str]) -> None:
+    """Export a checkpoint to ONNX: the float model and the integer (QDQ) model.
+
+    \b
+    deployq export --ckpt qat.pt --target int8 --out build/
+    deployq export --ckpt float.pth --model pkg.mod:build --input-shape 1,3,224,224 --calib images/
+
+    deployq export --ckpt qat_all8.pt --device nnapi --input-shape 1,4,256,256 --out build/nnapi/
+
+    BatchNorm is folded and Conv+activation fused by the rewriter; every quant point gets
+    QuantizeLinear/DequantizeLinear with the learned scales and zero points (9-16-bit layers as
+    Clip + 16-bit Q/DQ, exact). The summary ends with how many nodes NNAPI and CoreML would take,
+    by onnxruntime's own mobile usability checker. Files appear only when the whole export succeeded.
+    """
+    from deployq.deploy.export import bit_width_summary, deployed_file_name, export as run_export, export_json
+    from deployq.core.files import check_output
+    from deployq.qat.loading import resolve_model
+
+    check_output(out_dir, "--out", folder=True)
+    deployed = deployed_file_name(target, device)
+    for name in ("model.float.onnx", f"model.{target}.onnx", "qparams.json", f"model.{target}.pt",
+                 f"model.{deployed}.onnx", f"model.{deployed}.ort", f"model.{deployed}.required_operators.config"):
+        check_output(Path(out_dir) / name, "--out")
+
+    if ckpt is None:
+        raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model)")
+    source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
+                           factory_kwargs=model_kwargs)
+    result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
+                        act_signed=act_signed, calib=calib, calib_limit=calib_batches, dynamic_hw=dynamic_hw,
+                        device=device, ort_format=ort_format, output_names=output_names, progress=json_path != "-")
+    write_json(json_path, export_json(result))
+    if json_path == "-":
+        return
+    table = Table(title=f"deployq export --device {device} -> {result.out_dir}  ({result.seconds:.1f} s)")
+    table.add_column("what")
+    table.add_column("value")
+    for kind, counts in bit_width_summary(result.records).items():
+        table.add_row(f"{kind} quant points", ", ".join(f"{n} x {b}-bit" for b, n in sorted(counts.items())))
+    sizes = result.sizes()
+    for name, path in result.files.items():
+        table.add_row(str(path.name), f"{sizes[name] / 1024:.1f} KiB")
+    if target in sizes:
+        table.add_row(f"{target} / float size", f"{sizes[target] / sizes['float']:.1%}")
+    for what, n in sorted(result.log.counts.items()):
+        table.add_row("rewriter", f"{what}: {n}")
+    for c in result.coverage:
+        table.add_row(f"{c.provider} would take", c.text())
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[dim]{note}[/dim]")

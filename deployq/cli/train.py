@@ -1,0 +1,63 @@
+"""``deployq train``: quantization-aware training with distillation, from a recipe.
+
+    deployq train --recipe qat.yaml [--resume] [--epochs N]
+    torchrun --nproc_per_node=4 -m deployq.cli.train train --recipe qat.yaml
+
+``python -m deployq.cli.train`` runs ``train`` and ``hessian`` without the main group (what
+``torchrun -m`` needs); ``deployq.cli.main`` registers the same command objects.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from deployq.cli.common import console, handle_errors, json_option, write_json
+from deployq.cli.hessian import hessian
+
+
+
+@click.command("train")
+@click.option("--recipe", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training recipe (YAML): model, float weights, quant config, data, loss, distillation.")
+@click.option("--resume", is_flag=True, help="Continue the run in the recipe's output_dir (model, optimizer, epoch, best).")
+@click.option("--epochs", type=click.IntRange(1), help="Train to this many epochs (overrides the recipe).")
+@json_option("the best epoch, the checkpoints and every epoch's metrics")
+@handle_errors
+def train(recipe: str, resume: bool, epochs: Optional[int], json_path: Optional[str]) -> None:
+    """Quantization-aware training with feature distillation, from a recipe.
+
+    \b
+    deployq train --recipe qat.yaml
+    deployq train --recipe qat.yaml --resume --epochs 30
+    torchrun --nproc_per_node=4 -m deployq.cli.train train --recipe qat.yaml
+
+    Writes best.pt and last.pt (deployq checkpoints), metrics.csv / metrics.json and state.pt
+    (for --resume) to the recipe's output_dir, on rank 0 only.
+    """
+    from deployq.train.loop import train as run_training
+
+    if json_path == "-":
+        console.quiet = True  # stdout carries only the JSON
+    result = run_training(recipe, resume=resume, epochs=epochs, log=console.print)
+    if not result.is_main:
+        return
+    best = "none" if result.best_epoch is None else f"{result.best_value:.4g} at epoch {result.best_epoch}"
+    console.print(f"best: {best}; checkpoints in {result.output_dir}")
+    write_json(json_path, {"best_value": result.best_value, "best_epoch": result.best_epoch,
+                           "output_dir": str(result.output_dir),
+                           "checkpoints": {k: str(v) for k, v in result.checkpoints.items()},
+                           "history": result.history, "notes": list(result.notes)})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def commands() -> None:
+    """deployq hessian / train (for `python -m deployq.cli.train`, e.g. under torchrun)."""
+
+
+commands.add_command(hessian)
+commands.add_command(train)
+
+if __name__ == "__main__":  # pragma: no cover
+    commands(prog_name="deployq")

@@ -1,0 +1,88 @@
+"""The float graph deployq exports from a prepared (QAT) model: quantizers taken out, each fused
+QuantLayer expanded back into Layer -> BatchNorm -> activation, every quant point named.
+
+The exporters package converts it (:func:`deployq.exporters.torch_export.to_onnx`); the naming
+contract (docs/design.md, contract 1) is written there.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import onnx
+import torch
+from torch import fx
+
+from deployq.exporters.graph import RewriteError
+from deployq.exporters.torch_export import ExportModule, to_onnx
+from deployq.qat.calibrate import set_mode
+from deployq.qat.fused import QuantLayer
+from deployq.qat.prepare import ACT_QUANT
+
+
+def export_module(qmodel: fx.GraphModule) -> ExportModule:
+    """The float graph of a prepared model, ready for :func:`~deployq.exporters.torch_export.to_onnx`:
+    quantizers out, fused layers expanded, every quant point and raw layer output an extra output."""
+    gm = copy.deepcopy(getattr(qmodel, "module", qmodel))
+    set_mode(gm, "float")
+    gm.eval()
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    named: dict[fx.Node, str] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith(f"{ACT_QUANT}."):
+            source = node.args[0]
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            if source.op != "placeholder":
+                named[source] = str(node.target)[len(ACT_QUANT) + 1:]
+    layers: dict[fx.Node, str] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], QuantLayer):
+            continue
+        layer, path = modules[node.target], str(node.target)
+        with graph.inserting_before(node):
+            raw = current = graph.call_module(f"{path}.layer", node.args, node.kwargs)
+            if layer.bn is not None:
+                current = graph.call_module(f"{path}.bn", (current,))
+            if layer.act is not None:
+                current = graph.call_module(f"{path}.act", (current,))
+        node.replace_all_uses_with(current)
+        if node in named:
+            named[current] = named.pop(node)
+        graph.erase_node(node)
+        layers[raw] = path
+
+    output = next(n for n in graph.nodes if n.op == "output")
+    results = output.args[0]
+    if isinstance(results, dict):  # e.g. torchvision's segmentation models: {"out": ..., "aux": ...}
+        results = list(results.values())
+    flat = list(results) if isinstance(results, (tuple, list)) else [results]
+    if not all(isinstance(r, fx.Node) for r in flat):
+        raise RewriteError("the model must return a tensor, or a tuple, list or dict of tensors, to be exported")
+    output_names, seen = [], set()
+    for i, node in enumerate(flat):
+        name = named.get(node) or layers.get(node) or ("output" if len(flat) == 1 else f"output_{i}")
+        if name in seen:
+            raise RewriteError(f"the model returns the same tensor {name!r} twice")
+        seen.add(name)
+        output_names.append(name)
+    extras = []
+    for node, name in list(named.items()) + list(layers.items()):
+        if node not in flat and name not in seen:
+            extras.append(node)
+            output_names.append(name)
+            seen.add(name)
+    output.args = (tuple(flat + extras),)
+    graph.lint()
+    gm.recompile()
+    inputs = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    return ExportModule(gm, inputs, output_names, len(flat), {p: p for p in layers.values()})
+
+
+def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opset: int = 21,
+                 dynamic_hw: bool = False) -> onnx.ModelProto:
+    """The float ONNX model of `qmodel` (BN not yet folded), tensors named by quant points;
+    `dynamic_hw` keeps the height and width of 4-D inputs symbolic."""
+    return to_onnx(export_module(qmodel), example_inputs, opset, dynamic_hw)

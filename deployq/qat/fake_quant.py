@@ -1,0 +1,173 @@
+"""The autograd kernels under every fake quantizer: one ``torch.autograd.Function`` whose forward is
+:mod:`deployq.core.qformula`'s formula and whose backward is the quantizer's gradient rule
+(straight-through, LSQ / LSQ+ for scale and zero point, DSQ's soft rounding), computed in one pass
+over grouped ``(outer, channels, inner)`` views. ``use_compiled_kernels`` swaps the gradient
+functions for their torch.compile'd versions.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["FakeQuantize", "round_ste", "scale_gradient", "soft_round", "straight_through", "use_compiled_kernels"]
+
+
+def straight_through(value: torch.Tensor, gradient_path: torch.Tensor) -> torch.Tensor:
+    """Forward: exactly `value`. Backward: the gradient of `gradient_path`.
+
+    ``value + (g - g.detach())`` adds an exact 0.0, so the forward is bit-identical to `value`.
+    """
+    return value.detach() + (gradient_path - gradient_path.detach())
+
+
+def round_ste(v: torch.Tensor) -> torch.Tensor:
+    """rint (half to even) forward, identity gradient (the straight-through estimator)."""
+    return straight_through(torch.round(v), v)
+
+
+def scale_gradient(p: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; the gradient reaching `p` is multiplied by `factor` (LSQ's g)."""
+    return straight_through(p, p * factor)
+
+
+def soft_round(v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """DSQ's differentiable rounding in the integer domain (interval width Δ = 1).
+
+    Within [i, i+1]: i + (φ + 1)/2 with φ = tanh(k(v − i − ½)) / tanh(k/2), k = log(2/α − 1).
+    As α → 0, k → ∞ and this becomes round(v); α is the distance of φ from ±1 at the interval ends.
+    """
+    i = torch.floor(v).detach()
+    k = torch.log(2.0 / alpha - 1.0)
+    phi = torch.tanh(k * (v - i - 0.5)) / torch.tanh(0.5 * k)
+    return i + 0.5 * (phi + 1.0)
+
+
+def _gradients_ste(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor,
+                   qmin: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Elementwise ∂L/∂x, ∂L/∂s, ∂L/∂zp of x̂ with the straight-through rounding gradient."""
+    v = x / s
+    r = torch.round(v)
+    level = r + zp
+    below = level < qmin
+    inside = ~(below | (level > qmax))
+    grad_x = torch.where(inside, grad, 0.0)
+    grad_s = torch.where(inside, r - v, torch.where(below, qmin - zp, qmax - zp)) * grad
+    grad_zp = torch.where(inside, 0.0, -s * grad)
+    return grad_x, grad_s, grad_zp
+
+
+def _gradients_dsq(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, alpha: torch.Tensor,
+                   qmin: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same with DSQ's soft-rounding slope, and ∂L/∂α (elementwise)."""
+    v = x / s
+    r = torch.round(v)
+    level = r + zp
+    below = level < qmin
+    inside = ~(below | (level > qmax))
+    k = torch.log(2.0 / alpha - 1.0)
+    u = v - torch.floor(v) - 0.5
+    t = torch.tanh(k * u)
+    half = torch.tanh(0.5 * k)
+    bell = 1.0 - t * t
+    slope = 0.5 * k * bell / half
+    dsoft_dalpha = (0.5 * (u * bell * half - 0.5 * t * (1.0 - half * half)) / (half * half)
+                    * (-2.0 / (alpha * (2.0 - alpha))))
+    grad_x = torch.where(inside, grad * slope, 0.0)
+    grad_s = torch.where(inside, r - slope * v, torch.where(below, qmin - zp, qmax - zp)) * grad
+    grad_zp = torch.where(inside, 0.0, -s * grad)
+    grad_alpha = torch.where(inside, grad * s * dsoft_dalpha, 0.0)
+    return grad_x, grad_s, grad_zp, grad_alpha
+
+
+_KERNELS = {"ste": _gradients_ste, "dsq": _gradients_dsq}  # compiled versions replace them, when asked
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Run the quantizers' backward math through ``torch.compile`` (one fused loop instead of ~25
+    tensor operations; ~8x faster on a CPU, after a one-time compilation of ~30 s) or eagerly.
+
+    A platform where compilation fails falls back to the eager functions with a warning, at the
+    first backward pass. The forward, and so every exported number, is the same either way."""
+    if not enabled:
+        _KERNELS.update(ste=_gradients_ste, dsq=_gradients_dsq)
+        return
+    for key, function in (("ste", _gradients_ste), ("dsq", _gradients_dsq)):
+        _KERNELS[key] = _compiled_or_eager(key, function)
+
+
+def _compiled_or_eager(key: str, function: Callable) -> Callable:
+    try:
+        compiled = torch.compile(function, dynamic=True)
+    except Exception as err:  # torch.compile itself unavailable on this platform
+        warnings.warn(f"deployq: fused quantizer kernels not compiled ({type(err).__name__}: {err}); running eagerly")
+        return function
+
+    def run(*args: Any) -> Any:
+        try:
+            return compiled(*args)
+        except Exception as err:  # no C++ compiler, an unsupported platform: compile fails at first use
+            warnings.warn(f"deployq: fused quantizer kernels not compiled ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]}); running eagerly")
+            _KERNELS[key] = function
+            return function(*args)
+
+    return run
+
+
+class FakeQuantize(torch.autograd.Function):
+    """x̂ = (clamp(rint(x/s) + zp, qmin, qmax) − zp)·s in one autograd node, with the closed-form
+    gradients of the quantizers here (instead of the ~20 elementwise nodes autograd would record).
+
+    Forward: the same float operations as :func:`deployq.core.qformula.fake_quantize`, bit for bit.
+    Backward, with v = x/s, r = rint(v), and r'(v) the rounding's derivative (1: straight-through;
+    DSQ: ½·k·(1 − tanh²(k·u)) / tanh(k/2), u = v − ⌊v⌋ − ½, k = log(2/α − 1)):
+
+        inside the range:  ∂x̂/∂x = r'(v),  ∂x̂/∂s = r − r'(v)·v,  ∂x̂/∂zp = 0,  ∂x̂/∂α = s·∂soft/∂α
+        clamped at q_lim:  ∂x̂/∂x = 0,      ∂x̂/∂s = q_lim − zp,    ∂x̂/∂zp = −s, ∂x̂/∂α = 0
+
+    (LSQ / LSQ+: Esser et al. 2020, Bhalgat et al. 2020; DSQ: Gong et al. 2019.) `s` and `zp`
+    arrive shaped to broadcast against x; their gradients are summed back to that shape. The
+    elementwise math is :func:`_gradients_ste` / :func:`_gradients_dsq` (compiled with
+    :func:`use_compiled_kernels`).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
+                alpha: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, s, zp, alpha)
+        ctx.qmin, ctx.qmax = qmin, qmax
+        q = torch.clamp(torch.round(x / s) + zp, qmin, qmax)
+        return (q - zp) * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, s, zp, alpha = ctx.saved_tensors
+        _, need_s, need_zp, _, _, need_alpha = ctx.needs_input_grad
+        qmin, qmax = float(ctx.qmin), float(ctx.qmax)
+        # every call in one layout, (outer, channels, inner) with (1, channels, 1) qparams, so a
+        # compiled kernel serves per-tensor and per-channel quantizers of any rank alike
+        # (and plain tensors: the bounds as tensors, nothing requiring grad, so nothing recompiles)
+        shape = _grouped_shape(x.shape, s.shape)
+        args = (grad.reshape(shape), x.detach().reshape(shape), s.detach().reshape(1, shape[1], 1),
+                zp.detach().reshape(1, shape[1], 1))
+        bounds = (torch.tensor(qmin, dtype=x.dtype), torch.tensor(qmax, dtype=x.dtype))
+        grad_alpha = None
+        if alpha is None:
+            grad_x, grad_s, grad_zp = _KERNELS["ste"](*args, *bounds)
+        else:
+            grad_x, grad_s, grad_zp, grad_alpha = _KERNELS["dsq"](*args, alpha.detach(), *bounds)
+            grad_alpha = grad_alpha.sum().reshape(alpha.shape) if need_alpha else None
+        return (grad_x.reshape(x.shape), grad_s.sum((0, 2)).reshape(s.shape) if need_s else None,
+                grad_zp.sum((0, 2)).reshape(zp.shape) if need_zp else None, None, None, grad_alpha)
+
+
+def _grouped_shape(x_shape: torch.Size, q_shape: torch.Size) -> tuple[int, int, int]:
+    """(outer, channels, inner) of x, where the qparams (broadcast shape `q_shape`) vary along channels."""
+    axis = next((i for i, n in enumerate(q_shape) if n != 1), None)
+    if axis is None:
+        return 1, 1, math.prod(x_shape)
+    return math.prod(x_shape[:axis]), x_shape[axis], math.prod(x_shape[axis + 1:])

@@ -1,0 +1,280 @@
+"""Fake quantizers: modules that quantize-dequantize a tensor in training, registered by name.
+
+Every quantizer computes, in its forward, exactly the formula of :mod:`deployq.core.qformula`
+(true division, ties to even); they differ only in what is learned and in the gradient.
+
+| name      | what is learned                   | gradient                                        |
+|-----------|-----------------------------------|-------------------------------------------------|
+| fixed     | nothing (scale from the observer) | straight-through inside the range, 0 outside    |
+| lsq       | scale s                           | LSQ (Esser et al., ICLR 2020), scaled 1/√(N·Qp)  |
+| lsq+      | scale s and zero point            | LSQ+ (Bhalgat et al., CVPRW 2020)               |
+| dsq       | soft-rounding width α             | DSQ (Gong et al., ICCV 2019): tanh-shaped round |
+| dsq_lsq   | s, zero point and α               | DSQ's soft rounding with LSQ+'s learned s, zp   |
+| pact      | clipping level α (activations)    | PACT (Choi et al., 2018)                        |
+
+A quantizer is in one of three modes (see :func:`deployq.qat.calibrate.set_mode`): ``float`` (identity), ``observe``
+(identity; activation quantizers feed their observer) and ``quantize``. Activation qparams come
+from one calibration pass and are then frozen (or learned); weight qparams of observer-driven
+quantizers (fixed, dsq) are recomputed from the current weights at every forward, so that the
+exported integers always match the weights they came from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from deployq.calib.observers import create_observer
+from deployq.core.qformula import broadcast_shape, qparams_from_range
+from deployq.core.qspec import QuantSpec
+from deployq.core.registry import Registry
+from deployq.qat.fake_quant import FakeQuantize, round_ste, scale_gradient, straight_through
+
+QUANTIZERS: Registry[type["FakeQuantizer"]] = Registry("quantizer")
+MODES = ("float", "observe", "quantize")
+MIN_SCALE = 1e-10  # PACT's clipping level never goes below this
+
+
+class FakeQuantizer(nn.Module):
+    """Base: scale / zero-point storage, observer, modes. Subclasses choose what is learned."""
+
+    #: recompute weight qparams from the weight at every forward (observer-driven quantizers)
+    weights_follow_observer = True
+
+    def __init__(self, spec: QuantSpec, name: str, axis: int | None = None, channels: int = 1,
+                 is_weight: bool = False) -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        self.axis = axis if spec.per_channel else None
+        self.channels = channels if spec.per_channel else 1
+        self.is_weight = is_weight
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.mode = "float"
+        self.observer = create_observer(spec, self.axis, name)
+        shape = (self.channels,) if spec.per_channel else ()
+        self.register_buffer("initialized", torch.tensor(False))
+        self._create_qparams(shape, **dict(spec.quantizer_args))
+
+    # --- storage ---------------------------------------------------------------------------
+    def _create_qparams(self, shape: tuple[int, ...]) -> None:
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+
+    def set_qparams(self, scale: np.ndarray, zero_point: np.ndarray) -> None:
+        """Load qparams (from an observer or a file) into whatever this quantizer stores."""
+        with torch.no_grad():
+            self.scale.copy_(torch.as_tensor(scale, dtype=torch.float32).reshape(self.scale.shape))
+            self.zero_point.copy_(torch.as_tensor(zero_point, dtype=torch.float32).reshape(self.zero_point.shape))
+            self.initialized.fill_(True)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The effective (scale, zero_point) of the forward: float32 and integer-valued float."""
+        return self._effective_scale().detach(), self._effective_zero_point().detach()
+
+    def _effective_scale(self) -> torch.Tensor:
+        return self.scale
+
+    def _effective_zero_point(self) -> torch.Tensor:
+        return self.zero_point
+
+    # --- calibration -----------------------------------------------------------------------
+    def calibrate_from(self, x: torch.Tensor) -> None:
+        """Set qparams from `x` alone (weights), with a fresh observer of the configured kind."""
+        observer = create_observer(self.spec, self.axis, self.name)
+        observer.update(x)
+        self.set_qparams(*observer.qparams())
+
+    def finish_calibration(self) -> None:
+        """Turn what the observer saw into qparams (activations, when leaving ``observe``)."""
+        if self.is_weight:
+            return
+        self.set_qparams(*self.observer.qparams())
+        self.observer = create_observer(self.spec, self.axis, self.name)
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "float":
+            return x
+        if self.mode == "observe":
+            if not self.is_weight:
+                self.observer.update(x)
+            return x
+        if self.is_weight and (self.weights_follow_observer or not bool(self.initialized)):
+            self.calibrate_from(x)
+        elif not bool(self.initialized):
+            raise RuntimeError(
+                f"{self.name}: quantize mode before calibration; run deployq.calibrate(model, "
+                "batches) first (or load a checkpoint that has qparams)"
+            )
+        return self._fake_quantize(x)
+
+    def _rounding_alpha(self) -> torch.Tensor | None:
+        """DSQ's soft-rounding width for the gradient, or None for the straight-through estimator."""
+        return None
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quantize_with(x, self._effective_scale(), self._effective_zero_point())
+
+    def _quantize_with(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        """((clamp(round(x / s) + zp, qmin, qmax) − zp) · s, with this quantizer's rounding gradient
+        (one fused autograd node, :class:`_FakeQuantize`)."""
+        shape = broadcast_shape(x.ndim, self.axis) if scale.ndim else []
+        s = scale.reshape(shape) if shape else scale
+        zp = zero_point.reshape(shape) if shape else zero_point
+        return FakeQuantize.apply(x, s.to(x.dtype), zp.to(x.dtype), self.qmin, self.qmax, self._rounding_alpha())
+
+    def _feature_count(self, x: torch.Tensor) -> int:
+        """N of LSQ's gradient scale: weights per scale entry, or activation features per sample."""
+        if self.is_weight:
+            return max(1, x.numel() // self.channels)
+        return max(1, x[0].numel() // self.channels) if x.ndim > 1 else max(1, x.numel())
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, {self.spec.describe()}, mode={self.mode}"
+
+
+@QUANTIZERS.register("fixed")
+class FixedQuantizer(FakeQuantizer):
+    """Observer-driven scale and zero point; straight-through gradient inside the range."""
+
+
+@QUANTIZERS.register("lsq")
+class LSQQuantizer(FakeQuantizer):
+    """LSQ: the step size s is learned; ∂x̂/∂s = round(x/s) − x/s inside the range and
+    qmin − zp or qmax − zp outside, scaled by g = 1/√(N·Qp) (Esser et al., 2020).
+
+    s is stored as ``log_scale`` (s = exp(log_scale)): it stays positive, and an optimizer's step
+    changes it relatively. A linear s under Adam moves by about the learning rate per step, which
+    drives the small scales of near-empty weight channels through zero within a few hundred steps
+    (their int32 bias then saturates and integer kernels overflow). The gradient reaching
+    log_scale is s · ∂L/∂s, the paper's gradient by the chain rule.
+    """
+
+    weights_follow_observer = False
+
+    def _create_qparams(self, shape: tuple[int, ...]) -> None:
+        self.log_scale = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+
+    def set_qparams(self, scale: np.ndarray, zero_point: np.ndarray) -> None:
+        with torch.no_grad():
+            scale = torch.as_tensor(scale, dtype=torch.float32).reshape(self.log_scale.shape)
+            self.log_scale.copy_(torch.log(scale))
+            self.zero_point.copy_(torch.as_tensor(zero_point, dtype=torch.float32).reshape(self.zero_point.shape))
+            self.initialized.fill_(True)
+
+    def _effective_scale(self) -> torch.Tensor:
+        return torch.exp(self.log_scale)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        g = 1.0 / math.sqrt(self._feature_count(x) * max(self.qmax, 1))
+        scale = torch.exp(scale_gradient(self.log_scale, g))
+        return self._quantize_with(x, scale, self._zero_point_for_forward(g))
+
+    def _zero_point_for_forward(self, g: float) -> torch.Tensor:
+        return self.zero_point
+
+
+@QUANTIZERS.register("lsq+")
+class LSQPlusQuantizer(LSQQuantizer):
+    """LSQ+: scale and offset are both learned. The offset is kept as a float zero point that is
+    rounded (straight-through) and clamped in the forward, so x̂ follows the integer formula; for
+    symmetric schemes the zero point stays 0 and only the scale is learned."""
+
+    def _create_qparams(self, shape: tuple[int, ...]) -> None:
+        self.log_scale = nn.Parameter(torch.zeros(shape))
+        self.zero_point = nn.Parameter(torch.zeros(shape), requires_grad=not self.spec.symmetric)
+
+    def _effective_zero_point(self) -> torch.Tensor:
+        return torch.clamp(torch.round(self.zero_point), self.qmin, self.qmax)
+
+    def _zero_point_for_forward(self, g: float) -> torch.Tensor:
+        if self.spec.symmetric:
+            return self.zero_point.detach()
+        return torch.clamp(round_ste(scale_gradient(self.zero_point, g)), self.qmin, self.qmax)
+
+
+class _DSQRounding:
+    """Mixin: rint forward, DSQ's soft rounding gradient with a learnable α in training."""
+
+    def _create_alpha(self, alpha: float) -> None:
+        if not 0.0 < alpha < 0.5:
+            raise ValueError(f"{self.name}: dsq alpha must be in (0, 0.5), got {alpha}")
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def _rounding_alpha(self) -> torch.Tensor | None:
+        return torch.clamp(self.alpha, 1e-4, 0.4999) if self.training else None
+
+
+@QUANTIZERS.register("dsq")
+class DSQQuantizer(_DSQRounding, FakeQuantizer):
+    """DSQ: observer-driven scale and zero point; rounding gradient from tanh-shaped soft
+    rounding whose width α (default 0.2) is learned."""
+
+    def _create_qparams(self, shape: tuple[int, ...], alpha: float = 0.2) -> None:
+        super()._create_qparams(shape)
+        self._create_alpha(alpha)
+
+
+@QUANTIZERS.register("dsq_lsq")
+class DSQLSQQuantizer(_DSQRounding, LSQPlusQuantizer):
+    """The thesis' combination: LSQ+'s learned scale and offset, DSQ's soft rounding gradient."""
+
+    def _create_qparams(self, shape: tuple[int, ...], alpha: float = 0.2) -> None:
+        super()._create_qparams(shape)
+        self._create_alpha(alpha)
+
+
+@QUANTIZERS.register("pact")
+class PACTQuantizer(FakeQuantizer):
+    """PACT for activations: y = clip(x, qmin·s, α) with s = α / qmax and zp = 0 (so unsigned
+    codes clip at 0, as PACT's ReLU); ∂x̂/∂α = 1 where x ≥ α (straight-through for the rounding)."""
+
+    weights_follow_observer = False
+
+    def _create_qparams(self, shape: tuple[int, ...]) -> None:
+        if self.is_weight:
+            raise ValueError(f"{self.name}: pact is for activations, not weights")
+        if self.spec.per_channel:
+            raise ValueError(f"{self.name}: pact learns one clipping level; use a per-tensor scheme")
+        self.alpha = nn.Parameter(torch.tensor(1.0))
+
+    def set_qparams(self, scale: np.ndarray, zero_point: np.ndarray) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(float(np.asarray(scale).reshape(-1)[0]) * self.qmax)
+            self.initialized.fill_(True)
+
+    def finish_calibration(self) -> None:
+        lo, hi = self.observer.compute_range()
+        amax = max(abs(float(lo)), abs(float(hi))) if self.spec.signed else float(hi)
+        scale, _ = qparams_from_range(-amax if self.spec.signed else 0.0, amax, self.qmin,
+                                      self.qmax, True, self.name)
+        self.set_qparams(scale, np.zeros(()))
+        self.observer = create_observer(self.spec, self.axis, self.name)
+
+    def _effective_scale(self) -> torch.Tensor:
+        return torch.clamp(self.alpha, min=MIN_SCALE) / self.qmax
+
+    def _effective_zero_point(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = torch.clamp(self.alpha, min=MIN_SCALE)
+        scale = alpha / self.qmax
+        y = torch.minimum(torch.maximum(x, scale * self.qmin), alpha)  # clip to [qmin·s, α]
+        s = scale.detach()
+        yq = (torch.clamp(torch.round(y / s), self.qmin, self.qmax)) * s
+        return straight_through(yq, y)
+
+
+def create_quantizer(spec: QuantSpec, name: str, axis: int | None = None, channels: int = 1,
+                     is_weight: bool = False) -> FakeQuantizer:
+    cls = QUANTIZERS.get(spec.quantizer)
+    try:
+        return cls(spec, name, axis=axis, channels=channels, is_weight=is_weight)
+    except TypeError as err:
+        raise ValueError(f"{name}: bad quantizer_args for {spec.quantizer!r}: {err}") from None
