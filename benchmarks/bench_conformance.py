@@ -39,7 +39,7 @@ from deployq.verify.diff import diff
 from deployq.examples import torchvision_models as tvm
 from deployq.deploy.export import export
 from deployq.qat.loading import resolve_model
-from deployq.verify.parity import check_parity
+from deployq.verify.check import check_parity
 from deployq.core.runtime import load_onnx, session
 from deployq.exporters.graph import base_name, quantized_tensor
 

@@ -32,7 +32,7 @@ from benchmarks import common
 from deployq.examples import torchvision_models as tvm
 from deployq.deploy.export import export
 from deployq.qat.loading import resolve_model
-from deployq.verify.parity import check_parity
+from deployq.verify.check import check_parity
 from deployq.core.runtime import session
 
 SCRIPT = "bench_devices.py"

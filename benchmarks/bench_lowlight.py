@@ -42,8 +42,9 @@ class Row:
     method: str
     runtime: str
     bits: str
-    psnr: float
+    psnr: float  # the mean over seeds when there are several
     ssim: float
+    seeds: tuple[float, ...] = ()  # PSNR of each seed's checkpoint (the shipped one first)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,6 +53,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int, default=TEST_SIZE, help="test crop size in raw pixels")
     parser.add_argument("--test-items", type=int, default=TEST_LENGTH, help="test images")
     parser.add_argument("--calib-items", type=int, default=32, help="quantize_static calibration items (train split)")
+    parser.add_argument("--qat-seeds", default="", metavar="PATH[,PATH...]",
+                        help="checkpoints of qat.yaml trained with other seeds (deployq train --seed N --out DIR)")
+    parser.add_argument("--qat-nodistill-seeds", default="", metavar="PATH[,PATH...]",
+                        help="checkpoints of qat_nodistill.yaml trained with other seeds")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     return parser.parse_args(argv)
 
@@ -80,27 +85,51 @@ def score(predict: Predictor, items: list) -> tuple[float, float]:
 
 
 def float_rows(ckpts: common.LowlightCheckpoints, shape: tuple[int, ...], items: list, threads: int) -> list[Row]:
-    source = resolve_model(ckpt=str(ckpts.float), factory=ckpts.float_factory, input_shape=shape)
-    float_onnx = common.shared_export(ckpts.float, factory=ckpts.float_factory, input_shape=shape, target="fp32")
-    control = resolve_model(ckpt=str(ckpts.float_control), factory=ckpts.float_factory, input_shape=shape)
-    return [Row("float", "-", "torch fp32", "fp32", *score(torch_predictor(source.float_model), items)),
+    kwargs = ckpts.float_kwargs
+    source = resolve_model(ckpt=str(ckpts.float), factory=ckpts.float_factory, input_shape=shape, factory_kwargs=kwargs)
+    float_onnx = common.shared_export(ckpts.float, factory=ckpts.float_factory, input_shape=shape, target="fp32",
+                                      factory_kwargs=kwargs)
+    rows = [Row("float", "-", "torch fp32", "fp32", *score(torch_predictor(source.float_model), items)),
             Row("float", "deployq export", "ORT fp32", "fp32",
-                *score(onnx_predictor(str(float_onnx.files["float"]), threads=threads), items)),
-            Row("float, trained on as long as QAT", "-", "torch fp32", "fp32",
-                *score(torch_predictor(control.float_model), items))]
+                *score(onnx_predictor(str(float_onnx.files["float"]), threads=threads), items))]
+    if ckpts.float_control.is_file():
+        control = resolve_model(ckpt=str(ckpts.float_control), factory=ckpts.float_factory, input_shape=shape,
+                                factory_kwargs=kwargs)
+        rows.append(Row("float, trained on as long as QAT", "-", "torch fp32", "fp32",
+                        *score(torch_predictor(control.float_model), items)))
+    return rows
 
 
-def deployq_rows(ckpts: common.LowlightCheckpoints, shape: tuple[int, ...], items: list, threads: int) -> list[Row]:
-    """Each QAT checkpoint exported and run in onnxruntime; the distilled one in torch too."""
-    rows = []
-    for label, ckpt in (("QAT + distillation", ckpts.qat), ("QAT, no distillation", ckpts.qat_nodistill),
-                        ("QAT, all 8-bit", ckpts.qat_all8)):
-        result = common.shared_export(ckpt, factory=ckpts.factory, input_shape=shape)
-        if label == "QAT + distillation":
-            rows.append(Row(label, "deployq", "torch fake-quant", bits_text(result),
-                            *score(torch_predictor(result.qmodel), items)))
-        rows.append(Row(label, "deployq", "ORT int8", bits_text(result),
-                        *score(onnx_predictor(str(result.files["int8"]), threads=threads), items)))
+def _paths(text: str) -> list[Path]:
+    """The seed checkpoints given that exist (they are trained, not shipped: README)."""
+    return [Path(p) for p in text.split(",") if p.strip() and Path(p.strip()).is_file()]
+
+
+def int8_row(label: str, ckpts: list[Path], factory, shape: tuple[int, ...], items: list, threads: int) -> Row:
+    """One recipe's checkpoints (the shipped one, then other seeds), each exported and run in
+    onnxruntime: PSNR / SSIM averaged over them, each seed's PSNR kept."""
+    scores, bits = [], ""
+    for ckpt in ckpts:
+        result = common.shared_export(ckpt, factory=factory, input_shape=shape)
+        bits = bits_text(result)
+        scores.append(score(onnx_predictor(str(result.files["int8"]), threads=threads), items))
+    psnrs = tuple(p for p, _ in scores)
+    return Row(label, "deployq", "ORT int8", bits, float(np.mean(psnrs)), float(np.mean([q for _, q in scores])),
+               psnrs if len(psnrs) > 1 else ())
+
+
+def deployq_rows(ckpts: common.LowlightCheckpoints, shape: tuple[int, ...], items: list, threads: int,
+                 seeds: dict[str, list[Path]]) -> list[Row]:
+    """Each QAT checkpoint exported and run in onnxruntime (over its seeds, where given); the
+    distilled one in torch too."""
+    result = common.shared_export(ckpts.qat, factory=ckpts.factory, input_shape=shape)
+    rows = [Row("QAT + distillation", "deployq", "torch fake-quant", bits_text(result),
+                *score(torch_predictor(result.qmodel), items))]
+    for label, key, ckpt in (("QAT + distillation", "qat", ckpts.qat),
+                             ("QAT, no distillation", "qat_nodistill", ckpts.qat_nodistill),
+                             ("QAT, all 8-bit", "qat_all8", ckpts.qat_all8)):
+        if ckpt.is_file():  # the ablations are trained (README), not shipped
+            rows.append(int8_row(label, [ckpt, *seeds.get(key, [])], ckpts.factory, shape, items, threads))
     return rows
 
 
@@ -119,9 +148,10 @@ def run_rows(args: argparse.Namespace, ckpts: common.LowlightCheckpoints, work: 
     held_out = test_set(size=args.test_size)
     items = [held_out[i] for i in range(min(args.test_items, len(held_out)))]
     float_onnx = common.shared_export(ckpts.float, factory=ckpts.float_factory, input_shape=shape,
-                                      target="fp32").files["float"]
+                                      target="fp32", factory_kwargs=ckpts.float_kwargs).files["float"]
     calibration = calibration_arrays(args.test_size, args.calib_items)
-    return (float_rows(ckpts, shape, items, args.threads) + deployq_rows(ckpts, shape, items, args.threads)
+    seeds = {"qat": _paths(args.qat_seeds), "qat_nodistill": _paths(args.qat_nodistill_seeds)}
+    return (float_rows(ckpts, shape, items, args.threads) + deployq_rows(ckpts, shape, items, args.threads, seeds)
             + quantize_static_rows(float_onnx, calibration, items, args.threads, work))
 
 
@@ -131,9 +161,15 @@ def run(argv: list[str]) -> common.Section:
     with tempfile.TemporaryDirectory(prefix="bench_lowlight.") as tmp:
         rows = run_rows(args, ckpts, Path(tmp))
     reference = rows[0].psnr
+
+    def psnr_text(r: Row) -> str:
+        if not r.seeds:
+            return f"{r.psnr:.2f}"
+        return f"{r.psnr:.2f} ± {np.std(r.seeds, ddof=1):.2f} ({' / '.join(f'{p:.2f}' for p in r.seeds)})"
+
     body = common.table(
         ["weights", "quantization", "runtime", "bits", "PSNR (dB)", "Δ PSNR vs float (dB)", "SSIM"],
-        [(r.model, r.method, r.runtime, r.bits, f"{r.psnr:.2f}", f"{r.psnr - reference:+.2f}", f"{r.ssim:.4f}")
+        [(r.model, r.method, r.runtime, r.bits, psnr_text(r), f"{r.psnr - reference:+.2f}", f"{r.ssim:.4f}")
          for r in rows], "llllrrr")
     notes = [
         "",
@@ -143,7 +179,10 @@ def run(argv: list[str]) -> common.Section:
         f"quantize_static calibrates on {args.calib_items} "
         "training-split items; QDQ format, u8 activations, s8 per-channel weights. deployq rows export each "
         "checkpoint with `deployq export` and run its int8 model; `bits` counts quant points by width "
-        f"(act: activations and inputs, wt: weights). Checkpoints: {ckpts.describe()}.",
+        f"(act: activations and inputs, wt: weights). Checkpoints: {ckpts.describe()}. Where a row has "
+        "several seeds, PSNR is mean ± sample sd over them (each seed's value in brackets, the shipped "
+        f"checkpoint first): {', '.join(map(common.shown_path, _paths(args.qat_seeds))) or 'no other seed of qat.yaml'}; "
+        f"{', '.join(map(common.shown_path, _paths(args.qat_nodistill_seeds))) or 'no other seed of qat_nodistill.yaml'}.",
     ]
     return common.Section("lowlight", "Accuracy: low-light example (PSNR / SSIM, test split)",
                           common.command_line(SCRIPT, argv), body + notes)

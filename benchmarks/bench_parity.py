@@ -5,7 +5,7 @@
 For every zoo model (``deployq.examples.zoo.FACTORIES``, default 8-bit config, calibrated on
 random inputs) and the low-light QAT checkpoint (10-bit head/tail, held-out inputs):
 
-* reference view (``deployq.verify.parity.check_parity``): integer codes of the torch fake-quant model
+* reference view (``deployq.verify.check.check_parity``): integer codes of the torch fake-quant model
   against onnxruntime with graph optimizations off, at every quant point; *local* continues torch
   from onnxruntime's codes at each point, *accumulated* lets both run freely;
 * kernel view (``deployq.verify.diff.diff(mode='kernel')``): codes of fully optimized onnxruntime
@@ -31,7 +31,7 @@ from deployq.verify.diff import diff
 from deployq.examples.lowlight.evaluate import VAL_SIZE, validation_set
 from deployq.examples.zoo import FACTORIES
 from deployq.deploy.export import ExportResult
-from deployq.verify.parity import ParityReport, check_parity
+from deployq.verify.check import ParityReport, check_parity
 
 SCRIPT = "bench_parity.py"
 

@@ -417,7 +417,8 @@ def lowlight_exports(args: argparse.Namespace, ckpts: common.LowlightCheckpoints
     shape = (1, 4, side, side)
     held_out = validation_set(size=args.size)
     return {
-        "float": common.shared_export(ckpts.float, factory=ckpts.float_factory, input_shape=shape,
+        "float": common.shared_export(ckpts.float, factory=ckpts.float_factory, factory_kwargs=ckpts.float_kwargs,
+                                      input_shape=shape,
                                       target="fp32").files["float"],
         "qat": common.shared_export(ckpts.qat, factory=ckpts.factory, input_shape=shape),
         "qat_all8": common.shared_export(ckpts.qat_all8, factory=ckpts.factory, input_shape=shape),

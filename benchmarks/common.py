@@ -7,6 +7,7 @@ other jobs falls on both alike.
 
 from __future__ import annotations
 
+import json
 import contextlib
 import datetime
 import importlib.metadata
@@ -33,6 +34,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 
 import deployq
 from deployq.qat.checkpoint import InputSpec
+from deployq.qat.checkpoint import load as load_checkpoint
 from deployq.qat.loading import import_factory
 from deployq.deploy.export import ExportResult, export
 from deployq.exporters.torch_export import clear_export_cache
@@ -218,12 +220,13 @@ def calibrated_checkpoint(path: Path, factory: str, kwargs: Mapping[str, Any], s
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path, *, factory: Optional[str] = None,
-                      input_shape: Optional[tuple[int, ...]] = None, target: str = "int8") -> ExportResult:
-    """``deployq export --ckpt CKPT [--model FACTORY] [--input-shape S] --target T --out OUT``, from
-    scratch: not from the float export an earlier call in this process left behind."""
+                      input_shape: Optional[tuple[int, ...]] = None, target: str = "int8",
+                      factory_kwargs: Optional[dict] = None) -> ExportResult:
+    """``deployq export --ckpt CKPT [--model FACTORY [--model-kwargs K]] [--input-shape S] --target T
+    --out OUT``, from scratch: not from the float export an earlier call in this process left behind."""
     clear_export_cache()
     with quiet():
-        source = resolve_model(ckpt=str(ckpt), factory=factory, input_shape=input_shape)
+        source = resolve_model(ckpt=str(ckpt), factory=factory, input_shape=input_shape, factory_kwargs=factory_kwargs)
         return export(source, out_dir, target=target, progress=False)
 
 
@@ -232,30 +235,37 @@ _EXPORT_DIRS: list[tempfile.TemporaryDirectory] = []  # one, made on first use, 
 
 
 def shared_export(ckpt: Path, *, factory: Optional[str] = None, input_shape: Optional[tuple[int, ...]] = None,
-                  target: str = "int8") -> ExportResult:
+                  target: str = "int8", factory_kwargs: Optional[dict] = None) -> ExportResult:
     """:func:`export_checkpoint`, once per process for the same file (path, size, mtime), factory,
     shape and target: benchmarks that evaluate one checkpoint share its export. Callers must not
     modify the result. Timing benchmarks call :func:`export_checkpoint` instead."""
     stat = Path(ckpt).stat()
-    key = (str(Path(ckpt).resolve()), stat.st_size, stat.st_mtime_ns, factory, input_shape, target)
+    key = (str(Path(ckpt).resolve()), stat.st_size, stat.st_mtime_ns, factory, input_shape, target,
+           json.dumps(factory_kwargs, sort_keys=True))
     if key not in _EXPORTS:
         if not _EXPORT_DIRS:
             _EXPORT_DIRS.append(tempfile.TemporaryDirectory(prefix="deployq-bench-exports."))
         out = Path(_EXPORT_DIRS[0].name) / str(len(_EXPORTS))
-        _EXPORTS[key] = export_checkpoint(ckpt, out, factory=factory, input_shape=input_shape, target=target)
+        _EXPORTS[key] = export_checkpoint(ckpt, out, factory=factory, input_shape=input_shape, target=target,
+                                          factory_kwargs=factory_kwargs)
     return _EXPORTS[key]
 
 
 # ---------------------------------------------------------------------------------- low-light
 
 
-LOWLIGHT_FILES = {  # field: (default file in examples/lowlight/checkpoints, what it is)
-    "float": ("float.pt", "float state_dict of the low-light model"),
-    "float_control": ("float_control.pt", "float state_dict trained on as long as QAT (the control)"),
-    "qat": ("qat.pt", "deployq checkpoint: QAT with distillation, 10-bit head/tail"),
-    "qat_nodistill": ("qat_nodistill.pt", "deployq checkpoint: QAT without distillation"),
-    "qat_all8": ("qat_all8.pt", "deployq checkpoint: QAT with every layer at 8 bits"),
+LOWLIGHT_RUNS = ROOT / "runs" / "lowlight"
+LOWLIGHT_FILES = {  # field: (default path, what it is). The ablations are not shipped (their size):
+    # examples/lowlight/README.md has the commands that train them into runs/lowlight
+    "float": (LOWLIGHT_CHECKPOINTS / "float.pt", "float state_dict of the low-light model"),
+    "float_control": (LOWLIGHT_RUNS / "float_control" / "float_control.pt",
+                      "float state_dict trained on as long as QAT (the control; trained, not shipped)"),
+    "qat": (LOWLIGHT_CHECKPOINTS / "qat.pt", "deployq checkpoint: QAT with distillation, 10-bit head/tail"),
+    "qat_nodistill": (LOWLIGHT_RUNS / "qat_nodistill" / "best.pt",
+                      "deployq checkpoint: QAT without distillation (trained, not shipped)"),
+    "qat_all8": (LOWLIGHT_CHECKPOINTS / "qat_all8.pt", "deployq checkpoint: QAT with every layer at 8 bits"),
 }
+SHIPPED = ("float", "qat", "qat_all8")
 
 
 @dataclass(frozen=True)
@@ -273,12 +283,19 @@ class LowlightCheckpoints:
     def float_factory(self) -> str:
         return self.factory or LOWLIGHT_FACTORY
 
+    @property
+    def float_kwargs(self) -> dict:
+        """The factory's keyword arguments for the plain float state_dicts: what the QAT checkpoint,
+        which was trained from them, records (e.g. the width)."""
+        return dict(load_checkpoint(self.qat).factory_kwargs)
+
     def paths(self) -> dict[str, Path]:
         return {name: Path(getattr(self, name)) for name in LOWLIGHT_FILES}
 
     def check(self, *names: str) -> "LowlightCheckpoints":
-        """Raise one clear error naming every missing file among `names` (default: all)."""
-        missing = [f"{flag(n)} {p}" for n, p in self.paths().items() if (n in names or not names) and not p.is_file()]
+        """Raise one clear error naming every missing file among `names` (default: the shipped ones)."""
+        names = names or SHIPPED
+        missing = [f"{flag(n)} {p}" for n, p in self.paths().items() if n in names and not p.is_file()]
         if missing:
             raise BenchmarkError(
                 "low-light checkpoint(s) not found: " + ", ".join(missing) + ". The harness evaluates the "
@@ -302,9 +319,8 @@ def shown_path(path: Path) -> str:
 
 
 def add_lowlight_arguments(parser: Any) -> None:
-    for name, (file, what) in LOWLIGHT_FILES.items():
-        parser.add_argument(flag(name), dest=f"{name}_ckpt", type=Path, default=LOWLIGHT_CHECKPOINTS / file,
-                            metavar="PATH", help=what)
+    for name, (path, what) in LOWLIGHT_FILES.items():
+        parser.add_argument(flag(name), dest=f"{name}_ckpt", type=Path, default=path, metavar="PATH", help=what)
     parser.add_argument("--factory", metavar="PKG.MOD:FN", help="the checkpoints' model factory, if not inside deployq")
 
 
@@ -316,7 +332,7 @@ def lowlight_argv(ckpts: LowlightCheckpoints) -> list[str]:
     """The command-line form of `ckpts` (paths that differ from the defaults), for reproduce lines."""
     argv = []
     for name, path in ckpts.paths().items():
-        if path.resolve() != LOWLIGHT_CHECKPOINTS / LOWLIGHT_FILES[name][0]:
+        if path.resolve() != LOWLIGHT_FILES[name][0]:
             argv += [flag(name), str(path)]
     return argv + (["--factory", ckpts.factory] if ckpts.factory else [])
 

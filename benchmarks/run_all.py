@@ -30,8 +30,11 @@ OUTPUT = common.ROOT / "BENCHMARKS.md"
 
 # name: (module, full settings, quick settings, uses the low-light checkpoints)
 BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
-    "lowlight": (bench_lowlight, [], ["--test-items", "2", "--calib-items", "2"], True),
-    "digits": (bench_digits, [], ["--float-epochs", "1", "--qat-epochs", "1", "--calib-items", "32"], False),
+    "lowlight": (bench_lowlight, ["--qat-seeds", "runs/lowlight/qat_seed1/best.pt,runs/lowlight/qat_seed2/best.pt",
+                                  "--qat-nodistill-seeds",
+                                  "runs/lowlight/qat_nodistill_seed1/best.pt,runs/lowlight/qat_nodistill_seed2/best.pt"],
+                 ["--test-items", "2", "--calib-items", "2"], True),
+    "digits": (bench_digits, [], ["--float-epochs", "1", "--qat-epochs", "1", "--calib-items", "32", "--seeds", "0"], False),
     "parity": (bench_parity, [], ["--models", "plain_cnn", "--batches", "1"], True),
     "speed": (bench_speed, [], ["--repeats", "2", "--step-repeats", "1", "--step-batch", "4", "--no-compile",
                                 "--export-repeats", "1", "--diff-repeats", "1",
@@ -40,7 +43,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
                                     "--profile", "8,32"], True),
     "scale": (bench_scale, [], ["--depths", "1,2", "--repeats", "1"], False),
     "hessian": (bench_hessian, ["--threads", "1", "--model", "deployq.examples.lowlight.model:build",
-                                "--kwargs", '{"width": 8}', "--weights", "examples/lowlight/checkpoints/float.pt",
+                                "--kwargs", '{"width": 16}', "--weights", "examples/lowlight/checkpoints/float.pt",
                                 "--input-shape", "1,4,64,64", "--batches", "8", "--reference-iter", "0"],
                 ["--threads", "1", "--batches", "2", "--reference-iter", "10"], False),
     "devices": (bench_devices, [], ["--models", "unet", "--size", "32", "--repeats", "2", "--calib", "2"], True),

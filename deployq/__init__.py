@@ -27,7 +27,7 @@ _API = {  # name: (module, attribute)
     "check": ("deployq.api", "check"),
     "ExportResult": ("deployq.deploy.export", "ExportResult"),
     "DiffReport": ("deployq.verify.stats", "DiffReport"),
-    "ParityReport": ("deployq.verify.parity", "ParityReport"),
+    "ParityReport": ("deployq.verify.check", "ParityReport"),
     "InputSpec": ("deployq.qat.checkpoint", "InputSpec"),
     "load_checkpoint": ("deployq.qat.checkpoint", "load"),
     "save_checkpoint": ("deployq.qat.checkpoint", "save"),
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from deployq.api import check, diff, export
     from deployq.verify.stats import DiffReport
     from deployq.deploy.export import ExportResult
-    from deployq.verify.parity import ParityReport
+    from deployq.verify.check import ParityReport
     from deployq.qat.checkpoint import InputSpec
     from deployq.qat.checkpoint import load as load_checkpoint
     from deployq.qat.checkpoint import save as save_checkpoint

@@ -9,7 +9,7 @@
 
 The CLI commands of the same names call these functions; everything they print comes from the
 returned objects (:class:`deployq.deploy.export.ExportResult`, :class:`deployq.verify.stats.DiffReport`,
-:class:`deployq.verify.parity.ParityReport`). docs/api.md describes them.
+:class:`deployq.verify.check.ParityReport`). docs/api.md describes them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from deployq.verify.stats import DiffReport
 from deployq.verify.match import match_inputs
 from deployq.deploy.export import ExportResult, export as _export
 from deployq.qat.loading import ModelSource, forward_arguments, resolve_model
-from deployq.verify.parity import FormatAgreement, ParityReport, check_parity, compare_ort_format
+from deployq.verify.check import FormatAgreement, ParityReport, check_parity, compare_ort_format
 from deployq.qat.prepare import ACT_QUANT, prepare
 from deployq.qat.calibrate import calibrate, is_calibrated
 from deployq.calib.data import file_feeds

@@ -23,8 +23,10 @@ deployq diff "$out/model.float.onnx" "$out/model.int8.onnx" --input "$out/raw/sh
 echo "== deployq check (torch fake-quant vs ONNX, in integer codes) =="
 deployq check --ckpt "$ckpt" --onnx "$out/model.int8.onnx" --random 2 | tail -n 1
 
-echo "== deployq run (raw -> ONNX -> sRGB PNG, whole frames in one call) =="
+echo "== deployq run (raw -> ONNX -> sRGB PNG, whole frames in one call): int8, and the float model (float.pt) =="
 deployq run "$out/model.int8.onnx" "$out/frames/short" --out "$out/png-int8" --bench 20
-deployq run "$out/model.float.onnx" "$out/frames/short" --out "$out/png-float"
+deployq export --ckpt examples/lowlight/checkpoints/float.pt --model deployq.examples.lowlight.model:build \
+    --model-kwargs '{"width": 16}' --input-shape 1,4,64,64 --target fp32 --dynamic-hw --out "$out/float" -q
+deployq run "$out/float/model.float.onnx" "$out/frames/short" --out "$out/png-float"
 python -m deployq.examples.lowlight.compare "$out/frames" --float "$out/png-float" --int8 "$out/png-int8" \
     --out "$out/compare.png"

@@ -34,7 +34,7 @@ TEN_BIT = {"input": 10, "layers": {"conv1": {"weight": "10 per_channel_affine", 
 
 EXPECTED_TABLES = {  # section key: header cells its tables must have
     "lowlight": ["| weights | quantization | runtime | bits | PSNR (dB) |"],
-    "digits": ["| quantization | runtime | test accuracy |"],
+    "digits": ["| quantization | runtime | test accuracy (mean ± sd) |"],
     "parity": ["| model | bits | quant points | codes compared | reference, local: equal |"],
     "speed": ["| model | int8 model | fp32 median (ms) |", "| training step | median (s) | × float |",
               "| export | median (s) | × torch.onnx.export |", "| tool | median wall time (s) | × deployq diff |",

@@ -29,7 +29,7 @@ from deployq.verify.diff import diff
 from deployq.examples import torchvision_models as tvm
 from deployq.deploy.export import export
 from deployq.qat.loading import forward_arguments, resolve_model
-from deployq.verify.parity import check_parity
+from deployq.verify.check import check_parity
 from deployq.core.runtime import inputs_of, load_onnx
 
 SIZE = 64

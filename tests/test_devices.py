@@ -221,7 +221,7 @@ def test_the_example_for_nnapi_checks_and_runs_from_its_ort_file(tmp_path):
                                        str(out / "model.int8.ort"), "--random", "1"])
     assert result.exit_code == 0 and "model.int8.ort vs model.int8.onnx" in result.output, result.output
     assert "max 0 LSB apart" in result.output.splitlines()[-1]
-    write_sid_folder(tmp_path / "raw", 1, 128, seed=5, split="val")
+    write_sid_folder(tmp_path / "raw", 1, 128, seed=5, split="test")
     pngs = {}
     for suffix in ("onnx", "ort"):
         result = CliRunner().invoke(main, ["run", str(out / f"model.int8.{suffix}"), str(tmp_path / "raw" / "short"),
@@ -230,9 +230,12 @@ def test_the_example_for_nnapi_checks_and_runs_from_its_ort_file(tmp_path):
         pngs[suffix] = [imageio.v3.imread(p).astype(int) for p in sorted((tmp_path / suffix).glob("*.png"))]
     assert len(pngs["ort"]) == len(pngs["onnx"]) == 1
     # `run` optimizes the .onnx fully (integer kernels); the NNAPI-style .ort keeps the QDQ graph for
-    # the provider, which the CPU computes in float: rare 1-LSB flips, measured 0.24 % of values
-    differ = np.abs(pngs["onnx"][0] - pngs["ort"][0])
-    assert (differ > 0).mean() < 0.01 and differ.max() <= 16
+    # the provider, which the CPU computes in float: 1-LSB flips inside spread through 65 convolutions
+    # into small differences of the picture (measured here: 43 dB PSNR between the two, at most 12 of
+    # 255 levels; the pictures themselves are ~23 dB from the ground truth)
+    differ = pngs["onnx"][0] - pngs["ort"][0]
+    assert 10 * np.log10(255.0**2 / max(np.mean(differ.astype(float) ** 2), 1e-12)) >= 38
+    assert np.abs(differ).max() <= 32
 
 
 @pytest.fixture(scope="module")

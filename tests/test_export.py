@@ -19,7 +19,7 @@ from deployq.cli import main
 from deployq.examples import zoo
 from deployq.deploy.export import export as run_export
 from deployq.qat.loading import resolve_model
-from deployq.verify.parity import check_parity
+from deployq.verify.check import check_parity
 
 LOWLIGHT_CONFIG = str(Path(lowlight.__file__).with_name("quant.yaml"))
 

@@ -281,3 +281,16 @@ def test_cli_train_and_resume(workdir):
     assert "epoch 2/2" in result.output
     result = CliRunner().invoke(train_command, ["--recipe", str(path)])
     assert result.exit_code == 1 and "already holds a run" in result.output
+
+
+def test_cli_seed_and_out_run_one_recipe_twice_side_by_side(workdir):
+    """--seed changes the data order (so the weights), --out keeps each run in its own folder and
+    leaves the recipe's output_dir alone."""
+    path = write(workdir, recipe(epochs=1))
+    for seed in (1, 2):
+        result = CliRunner().invoke(train_command, ["--recipe", str(path), "--seed", str(seed),
+                                                    "--out", str(workdir / f"seed{seed}")])
+        assert result.exit_code == 0, result.output
+    one, two = (loading.build(ck.load(workdir / f"seed{s}" / "last.pt")) for s in (1, 2))
+    assert any(not torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values()))
+    assert not (workdir / "run").exists()

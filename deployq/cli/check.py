@@ -6,7 +6,6 @@ import sys
 from typing import Optional
 
 import click
-from rich.table import Table
 
 from deployq.cli.common import EXIT_GATE, console, handle_errors, json_option, say, write_json
 
@@ -35,18 +34,13 @@ def check(ckpt: str, onnx_path: str, factory: Optional[str], input_path: Optiona
     be at most 1 LSB apart.
     """
     from deployq.api import check as run_check
+    from deployq.verify.report import parity_table
 
     report = run_check(ckpt, onnx_path, input_path, random=random_count, local=not accumulated, factory=factory,
                        progress=True)
     write_json(json_path, report.to_json())
     if json_path != "-":
-        t = Table(title=f"deployq check: torch fake-quant vs {report.onnx} (codes)")
-        for col in ("name", "kind", "bits", "elements", "equal", "1 LSB", ">1 LSB"):
-            t.add_column(col, justify="left" if col in ("name", "kind") else "right", no_wrap=col == "name")
-        for p in report.points:
-            t.add_row(p.name, p.kind, str(p.bits), str(p.elements), f"{100 * p.exact_fraction:.3f}%", str(p.one),
-                      f"[bold red]{p.more}[/]" if p.more else "0")
-        console.print(t)
+        console.print(parity_table(report))
         say(report.verdict()) if report.passed() else click.echo(report.verdict())
     if not report.passed():
         sys.exit(EXIT_GATE)

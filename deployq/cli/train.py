@@ -23,14 +23,19 @@ from deployq.cli.hessian import hessian
               help="Training recipe (YAML): model, float weights, quant config, data, loss, distillation.")
 @click.option("--resume", is_flag=True, help="Continue the run in the recipe's output_dir (model, optimizer, epoch, best).")
 @click.option("--epochs", type=click.IntRange(1), help="Train to this many epochs (overrides the recipe).")
+@click.option("--seed", type=int, help="Seed of the data order and initialization (overrides the recipe's `seed`).")
+@click.option("--out", "output_dir", type=click.Path(file_okay=False),
+              help="Write to this folder instead of the recipe's output_dir (one recipe, several seeds).")
 @json_option("the best epoch, the checkpoints and every epoch's metrics")
 @handle_errors
-def train(recipe: str, resume: bool, epochs: Optional[int], json_path: Optional[str]) -> None:
+def train(recipe: str, resume: bool, epochs: Optional[int], seed: Optional[int], output_dir: Optional[str],
+          json_path: Optional[str]) -> None:
     """Quantization-aware training with feature distillation, from a recipe.
 
     \b
     deployq train --recipe qat.yaml
     deployq train --recipe qat.yaml --resume --epochs 30
+    deployq train --recipe qat.yaml --seed 1 --out runs/qat_seed1
     torchrun --nproc_per_node=4 -m deployq.cli.train train --recipe qat.yaml
 
     Writes best.pt and last.pt (deployq checkpoints), metrics.csv / metrics.json and state.pt
@@ -40,7 +45,7 @@ def train(recipe: str, resume: bool, epochs: Optional[int], json_path: Optional[
 
     if json_path == "-":
         console.quiet = True  # stdout carries only the JSON
-    result = run_training(recipe, resume=resume, epochs=epochs, log=console.print)
+    result = run_training(recipe, resume=resume, epochs=epochs, log=console.print, seed=seed, output_dir=output_dir)
     if not result.is_main:
         return
     best = "none" if result.best_epoch is None else f"{result.best_value:.4g} at epoch {result.best_epoch}"

@@ -49,6 +49,7 @@ only rank 0 writes files.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -272,14 +273,20 @@ def _quantize_teacher(teacher: dst.Teacher, records: dict[str, qp.QuantPoint]) -
 
 
 def train(recipe: str | Path | Mapping[str, Any] | Recipe, *, resume: bool = False, epochs: Optional[int] = None,
-          progress: bool = True, log: Optional[Callable[[str], None]] = None) -> TrainResult:
+          progress: bool = True, log: Optional[Callable[[str], None]] = None, seed: Optional[int] = None,
+          output_dir: Optional[str | Path] = None) -> TrainResult:
     """Run a recipe (see the module docstring): QAT from the float weights with distillation.
 
     Works alone or under ``torchrun`` (one process per device; DDP). `resume` continues the run
-    in the recipe's output_dir (model, optimizer, epoch, best metric); `epochs` overrides the
-    recipe's. `log` receives one line per event on rank 0.
+    in the recipe's output_dir (model, optimizer, epoch, best metric); `epochs`, `seed` and
+    `output_dir` override the recipe's (one recipe, several seeds). `log` receives one line per
+    event on rank 0.
     """
     recipe = load_recipe(recipe, epochs=epochs)
+    if seed is not None:
+        recipe = dataclasses.replace(recipe, seed=int(seed))
+    if output_dir is not None:
+        recipe = dataclasses.replace(recipe, output_dir=Path(output_dir))
     ctx = dd.init()
     say = log if (log is not None and ctx.is_main) else (lambda line: None)
     try:

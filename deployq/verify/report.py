@@ -1,4 +1,4 @@
-"""Rendering of diff reports: a terminal table (rich) and a self-contained HTML page.
+"""Rendering of reports: diff's terminal table and self-contained HTML page, check's table.
 
 The HTML page loads nothing from the network: inline CSS, SVG (SQNR by layer with the layer names,
 LSB-error and value histograms, per-channel weight ranges), PNG data URIs (an image model's float
@@ -19,6 +19,7 @@ from rich.table import Table
 from deployq.core.runtime import isa_text
 
 if TYPE_CHECKING:  # stats.DiffReport.to_html imports this module: no import back at run time
+    from deployq.verify.check import ParityReport
     from deployq.verify.stats import DiffReport, Row
 
 
@@ -120,6 +121,17 @@ def _heat(error: np.ndarray) -> np.ndarray:
     i = np.clip(np.floor(x).astype(int), 0, len(_HEAT) - 2)
     f = (x - i)[..., None]
     return np.rint(_HEAT[i] * (1 - f) + _HEAT[i + 1] * f).astype(np.uint8)
+
+
+def parity_table(report: ParityReport) -> Table:
+    """``deployq check``'s table: per quant point, the share of equal codes and the 1 / >1 LSB counts."""
+    t = Table(title=f"deployq check: torch fake-quant vs {report.onnx} (codes)")
+    for col in ("name", "kind", "bits", "elements", "equal", "1 LSB", ">1 LSB"):
+        t.add_column(col, justify="left" if col in ("name", "kind") else "right", no_wrap=col == "name")
+    for p in report.points:
+        t.add_row(p.name, p.kind, str(p.bits), str(p.elements), f"{100 * p.exact_fraction:.3f}%", str(p.one),
+                  f"[bold red]{p.more}[/]" if p.more else "0")
+    return t
 
 
 def _pictures(report: DiffReport) -> list[str]:
