@@ -2,7 +2,7 @@
 
     python benchmarks/bench_latency.py [--widths 8,32] [--sizes 256,512] [--threads 1,2] [--repeats 5]
 
-Width 8 uses the shipped QAT checkpoints (qat.pt: 10-bit head/tail, qat_all8.pt: all 8-bit); other
+The shipped width (16) uses the shipped QAT checkpoints (qat.pt: 10-bit head/tail, qat_all8.pt: all 8-bit); other
 widths the factory's random weights calibrated post-training under the same two configs
 (quant.yaml, quant_all8.yaml) on synthetic packed raw: latency does not depend on the weights'
 values. Models are exported with ``--dynamic-hw`` (one model for every size), except the nnapi
@@ -57,7 +57,7 @@ CONTENDERS = ("fp32", "int8, 10-bit head/tail", "int8, all 8-bit", "int8, all 8-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_lowlight_arguments(parser)
-    parser.add_argument("--widths", default="8,32", help="network widths (8: the shipped checkpoints)")
+    parser.add_argument("--widths", default="16,32", help="network widths (16: the shipped checkpoints)")
     parser.add_argument("--sizes", default="256,512", help="packed input sides (raw pixels / 2)")
     parser.add_argument("--threads", default="1,2", help="onnxruntime intra-op threads")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each contender per configuration")
@@ -69,9 +69,15 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def shipped_width(ckpts: common.LowlightCheckpoints) -> int:
+    """The width the given QAT checkpoints were trained at (their factory arguments)."""
+    return int(ckpts.float_kwargs.get("width", -1))
+
+
 def checkpoints(width: int, ckpts: common.LowlightCheckpoints, work: Path) -> dict[str, Path]:
-    """{'10-bit': ckpt, 'all8': ckpt} for `width`: the given (shipped) ones at 8, else PTQ-calibrated."""
-    if width == 8:
+    """{'10-bit': ckpt, 'all8': ckpt} for `width`: the given (shipped) ones at their own width, else
+    PTQ-calibrated."""
+    if width == shipped_width(ckpts):
         return {"10-bit": ckpts.qat, "all8": ckpts.qat_all8}
     model = lowlight.build(width=width)
     name = forward_arguments(model)[0]
@@ -96,7 +102,7 @@ def _export(ckpt: Path, out: Path, size: int | None, factory: str | None, device
 def models(width: int, sizes: list[int], ckpts: common.LowlightCheckpoints, work: Path) -> dict:
     """{contender: path} per size (the nnapi profile has one model per size, the others one for all)."""
     made = checkpoints(width, ckpts, work)
-    factory = ckpts.factory if width == 8 else None
+    factory = ckpts.factory if width == shipped_width(ckpts) else None
     ten = _export(made["10-bit"], work / f"w{width}_10", None, factory)
     all8 = _export(made["all8"], work / f"w{width}_8", None, factory)
     x = np.random.default_rng(0).uniform(0, 0.1, (1, 4, min(sizes), min(sizes))).astype(np.float32)
