@@ -7,6 +7,7 @@ other jobs falls on both alike.
 
 from __future__ import annotations
 
+import functools
 import json
 import contextlib
 import datetime
@@ -283,7 +284,7 @@ class LowlightCheckpoints:
     def float_factory(self) -> str:
         return self.factory or LOWLIGHT_FACTORY
 
-    @property
+    @functools.cached_property
     def float_kwargs(self) -> dict:
         """The factory's keyword arguments for the plain float state_dicts: what the QAT checkpoint,
         which was trained from them, records (e.g. the width)."""
