@@ -151,7 +151,7 @@ class _Inserter:
         if values is None or in_rec is None or not bias_is_quantized(in_rec.bits, rec.bits):
             return
         holder, index = where
-        s = bias_scale(in_rec.scale_array, rec.scale_array).astype(np.float32)
+        s = np.asarray(bias_scale(in_rec.scale_array, rec.scale_array), dtype=np.float32)  # 0-d when per tensor
         codes = quantize_bias_np(values.astype(np.float32), s)
         g = self.graph
         base = f"{node.name}.bias"

@@ -166,6 +166,16 @@ def test_four_bit_layers_are_exact_too(tmp_path):
     assert len(clips) == sum(r.bits == 4 for r in result.records.values() if r.kind != "weight")
 
 
+def test_per_tensor_weights_get_an_int32_bias_too(tmp_path):
+    """One weight scale per layer: the int32 bias scale s_in·s_w is a scalar, and stays exact."""
+    qmodel = deployq.prepare(zoo.plain_cnn(), torch.rand(1, 3, 16, 16), {"weight": {"scheme": "per_tensor_symmetric"}})
+    deployq.calibrate(qmodel, [torch.rand(2, 3, 16, 16) for _ in range(2)], progress=False)
+    result = deployq.export(qmodel, torch.rand(1, 3, 16, 16), tmp_path, ort_format=False)
+    biases = [i for i in result.quant_model.graph.initializer if i.name.endswith(".bias_quantized")]
+    assert biases and all(i.data_type == onnx.TensorProto.INT32 for i in biases)
+    assert deployq.check(qmodel, result.files["int8"], inputs=[torch.rand(2, 3, 16, 16)]).ok(max_lsb=1)
+
+
 def test_int16_and_vnni_variants_keep_parity(tmp_path):
     path, shape = trained_checkpoint(tmp_path, "resnet", steps=1)
     batches = [torch.randn(2, *shape[1:]) for _ in range(2)]
