@@ -149,8 +149,11 @@ def section(args: argparse.Namespace, argv: list[str]) -> common.Section:
     if reference is not None:
         lines.append(f"Reference: {reference.max_iter} samples per layer with tol 0 (another seed) in "
                      f"{reference.seconds:.2f} s; Δ is the early-stopped estimate's relative difference from it.")
+    facts = {"shared_seconds": report.seconds, "layers": len(report.layers), "per_layer_seconds": per_layer.seconds,
+             "agree": sum(agreement(report[n], per_layer[n]) <= 2 for n in report.names),
+             "spearman": spearman(report, per_layer)}
     return common.Section("hessian", "Hessian trace (Hutchinson): time per layer and iterations to converge",
-                          common.command_line(SCRIPT, argv), lines)
+                          common.command_line(SCRIPT, argv), lines, facts)
 
 
 def main(argv: list[str]) -> int:

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -180,8 +182,9 @@ def conv_forms(cin: int, cout: int, size: int) -> dict[str, tuple[onnx.ModelProt
     return forms
 
 
-def wide_layer_lines(repeats: int) -> list[str]:
-    """Single-convolution timings, and a check that the split form is exact (numpy int64 reference)."""
+def wide_layer_lines(repeats: int, facts: Optional[dict[str, float]] = None) -> list[str]:
+    """Single-convolution timings, and a check that the split form is exact (numpy int64 reference);
+    `facts` gets the exact form's time over the float Conv's, at its best over the shapes timed."""
     rows = []
     for cin, cout, size in ((4, 32, 256), (32, 32, 256)):
         forms = conv_forms(cin, cout, size)
@@ -195,6 +198,9 @@ def wide_layer_lines(repeats: int) -> list[str]:
                                           torch.from_numpy(w.astype(np.float64)), padding=1).numpy()
         exact = np.array_equal(got, np.rint(want).astype(np.int64))
         base = common.median(times["float Conv (how 9-16-bit layers run)"])
+        if facts is not None:
+            split = common.median(times["exact 10-bit x 8-bit: 2 ConvInteger + int32 combine"]) / base
+            facts["exact_wide_conv"] = min(facts.get("exact_wide_conv", math.inf), split)
         for name, t in times.items():
             rows.append([f"{cin}→{cout}, 3×3, {size}×{size}", name, f"{1000 * common.median(t):.2f}",
                          f"{common.median(t) / base:.2f}×", ("yes" if exact else "NO") if name.startswith("exact") else ""])
@@ -210,6 +216,7 @@ def run(argv: list[str]) -> common.Section:
     widths, sizes, threads = _ints(args.widths), _ints(args.sizes), _ints(args.threads)
     rows, profiles = [], []
     prof_width, prof_size = _ints(args.profile)
+    facts: dict[str, float] = {"width": prof_width, "size": prof_size}
     with tempfile.TemporaryDirectory(prefix="deployq-bench-latency-") as tmp:
         work = Path(tmp)
         for width in widths:
@@ -223,13 +230,17 @@ def run(argv: list[str]) -> common.Section:
                     med = {c: common.median(t) for c, t in times.items()}
                     rows.append([str(width), f"{size}×{size}", str(n), f"{1000 * med['fp32']:.0f}",
                                  *(f"{med['fp32'] / med[c]:.2f}×" for c in CONTENDERS[1:])])
+                    if (width, size, n) == (prof_width, prof_size, 1):
+                        facts.update(speedup_wide=med["fp32"] / med["int8, 10-bit head/tail"],
+                                     speedup_all8=med["fp32"] / med["int8, all 8-bit"],
+                                     speedup_nnapi=med["fp32"] / med["int8, all 8-bit, --device nnapi"])
                 if width == prof_width and size == prof_size:
                     for c in ("fp32", "int8, 10-bit head/tail", "int8, all 8-bit, --device nnapi"):
                         profiles.append((c, profile_by_op(Path(by_size[size][c]), x, work)))
     header = ["width", "packed input", "threads", "fp32 (ms)", *(f"{c}: fp32 / int8" for c in CONTENDERS[1:])]
     lines = ["Speed-up of each int8 model over fp32 (fp32 median / int8 median: above 1 is faster), onnxruntime "
              f"{ort.__version__} CPU provider, fully optimized, batch 1, median of {args.repeats} round-robin runs "
-             "per configuration. Width 8: the shipped checkpoints; other widths: the same network and configs "
+             f"per configuration. Width {shipped_width(ckpts)}: the shipped checkpoints; other widths: the same network and configs "
              "with random weights calibrated post-training.", "", *common.table(header, rows), ""]
     if profiles:
         ops = sorted({op for _, t in profiles for op in t}, key=lambda op: -max(t[op] / sum(t.values()) for _, t in profiles))
@@ -239,9 +250,12 @@ def run(argv: list[str]) -> common.Section:
                   *common.table(["op type", *(c for c, _ in profiles)],
                                 [[op, *(common.percent(t[op] / sum(t.values()), 1) if t[op] else "" for _, t in profiles)]
                                  for op in shown]), ""]
-    lines += wide_layer_lines(max(3, args.repeats))
+        wide = dict(profiles).get("int8, 10-bit head/tail")
+        if wide:
+            facts["wide_float_conv_share"] = wide.get("FusedConv", 0.0) / sum(wide.values())
+    lines += wide_layer_lines(max(3, args.repeats), facts)
     return common.Section("latency", "Latency at deployment sizes: int8 forms against fp32",
-                          common.command_line(SCRIPT, argv), lines)
+                          common.command_line(SCRIPT, argv), lines, facts)
 
 
 def main(argv: list[str]) -> int:

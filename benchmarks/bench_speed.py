@@ -250,7 +250,9 @@ def step_contenders(checkpoint: ck.Checkpoint, factory: Optional[str], inputs: t
     return contenders, failures, layers
 
 
-def training_section(args: argparse.Namespace, ckpts: common.LowlightCheckpoints) -> list[str]:
+def training_section(args: argparse.Namespace, ckpts: common.LowlightCheckpoints,
+                     facts: Optional[dict[str, float]] = None) -> list[str]:
+    """The training-step table and its profile; the key ratios go into `facts`."""
     checkpoint = ck.load(ckpts.qat)
     side = args.step_size // 2
     gen = torch.Generator().manual_seed(0)
@@ -268,9 +270,50 @@ def training_section(args: argparse.Namespace, ckpts: common.LowlightCheckpoints
               f"does not depend on them), batch {args.step_batch}×{tuple(inputs.shape[1:])}, Adam, "
               f"{args.step_repeats} steps of each kind round-robin after one warm-up, {torch.get_num_threads()} "
               "torch thread(s). deployq QAT uses the checkpoint's config; distillation layers: "
-              f"{', '.join(f'`{n}`' for n in layers)}. Its quantizers' backward runs through torch.compile "
-              "(what `deployq train` does; compiled once, in the warm-up step) or eagerly (last row)."]
-    return lines
+              f"{', '.join(f'`{n}`' for n in layers)}. Its quantizers' forward and backward run through "
+              "torch.compile (what `deployq train` does; compiled once, in the warm-up step) or eagerly "
+              "(the eager row)."]
+    breakdown, shares = step_breakdown(contenders, ("float", "deployq QAT"))
+    if facts is not None:
+        medians = {name: common.median(t) for name, t in times.items()}
+        facts.update(qat_step=medians["deployq QAT"] / base, eager_step=medians["deployq QAT, eager kernels"] / base,
+                     fake_quant_share=shares["deployq QAT"].get("fake-quant kernels (compiled)", 0.0)
+                     / sum(shares["float"].values()))
+        if "torch.ao FX QAT (x86)" in medians:
+            facts["torch_ao_step"] = medians["torch.ao FX QAT (x86)"] / base
+    return lines + breakdown
+
+# where a step's CPU time goes: profiler event name (prefix) -> category; the rest is "other"
+STEP_CATEGORIES = (("aten::convolution_backward", "convolutions"), ("aten::mkldnn_convolution", "convolutions"),
+                   ("aten::_convolution", "convolutions"), ("## Call CompiledFxGraph", "fake-quant kernels (compiled)"),
+                   ("TorchDynamo Cache Lookup", "torch.compile guards"), ("Torch-Compiled Region", "torch.compile guards"),
+                   ("FakeQuantize", "fake-quant autograd nodes"), ("Optimizer.step", "optimizer"),
+                   ("aten::lerp_", "optimizer"), ("aten::addcdiv_", "optimizer"), ("aten::addcmul_", "optimizer"),
+                   ("aten::sqrt", "optimizer"))
+
+
+def step_breakdown(contenders: dict[str, Callable[[], None]], names: tuple[str, ...],
+                   steps: int = 3) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Self CPU time per category (torch.profiler, `steps` steps of each), in ms per step: the
+    table, and {contender: {category: ms}}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shares: dict[str, dict[str, float]] = {}
+    for name in names:
+        with common.quiet(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                contenders[name]()
+        totals: dict[str, float] = {}
+        for event in prof.key_averages():
+            category = next((c for prefix, c in STEP_CATEGORIES if event.key.startswith(prefix)), "other")
+            totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total / 1e3 / steps
+        shares[name] = totals
+    categories = list(dict.fromkeys([c for _, c in STEP_CATEGORIES] + ["other"]))
+    rows = [(c, *(f"{shares[n].get(c, 0.0):.0f}" for n in names)) for c in categories]
+    rows.append(("total", *(f"{sum(shares[n].values()):.0f}" for n in names)))
+    return ["", "Where a step's time goes (torch.profiler, self CPU time in ms per step, mean of "
+            f"{steps} steps; the profiler's own overhead included):", "",
+            *common.table(["category", *names], rows, "l" + "r" * len(names))], shares
 
 
 # ------------------------------------------------------------------------------------ export
@@ -434,11 +477,12 @@ def run(argv: list[str]) -> common.Section:
         work = Path(tmp)
         exports = lowlight_exports(args, ckpts)
         lines = latency_section(latency_rows(exports, args, ckpts, work), args)
-        lines += [""] + training_section(args, ckpts)
+        facts: dict[str, float] = {}
+        lines += [""] + training_section(args, ckpts, facts)
         lines += [""] + export_section(args, ckpts, work)
         lines += [""] + diff_section(exports["qat"], exports["diff_inputs"], args, work)
     return common.Section("speed", "Speed: inference, training step, export, diff",
-                          common.command_line(SCRIPT, argv), lines)
+                          common.command_line(SCRIPT, argv), lines, facts)
 
 
 def main(argv: list[str]) -> int:

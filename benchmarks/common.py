@@ -24,7 +24,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -110,6 +110,7 @@ class Section:
     title: str
     command: str
     lines: list[str]
+    facts: dict[str, float] = field(default_factory=dict)  # key numbers other summaries quote (run_all's goals)
 
     def markdown(self) -> str:
         return "\n".join([f"## {self.title}", "", f"Reproduce: `{self.command}`", "", *self.lines]) + "\n"

@@ -317,6 +317,20 @@ def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
+def _merged_and_spread(counts: np.ndarray, levels: int) -> np.ndarray:
+    """`counts` merged into `levels` consecutive chunks (sizes as np.array_split gives them), each
+    chunk's total spread evenly over its non-empty bins (empty bins stay 0)."""
+    n = len(counts)
+    sizes = np.full(levels, n // levels)
+    sizes[: n % levels] += 1
+    chunk = np.repeat(np.arange(levels), sizes)
+    nonzero = counts > 0
+    totals = np.bincount(chunk, weights=counts, minlength=levels)
+    filled = np.bincount(chunk, weights=nonzero, minlength=levels)
+    share = np.divide(totals, filled, out=np.zeros(levels), where=filled > 0)
+    return np.where(nonzero, share[chunk], 0.0)
+
+
 @OBSERVERS.register("kl")
 class KLObserver(_HistogramObserver):
     """TensorRT-style entropy calibration on the histogram of |x|.
@@ -357,12 +371,7 @@ class KLObserver(_HistogramObserver):
         for i in range(levels, bins + 1, max(1, (bins - levels) // 256)):
             p = counts[:i].copy()
             p[-1] += counts[i:].sum()
-            chunks = np.array_split(np.arange(i), levels)
-            q = np.zeros(i)
-            for idx in chunks:
-                nonzero = counts[idx] > 0
-                if nonzero.any():
-                    q[idx[nonzero]] = counts[idx].sum() / nonzero.sum()
+            q = _merged_and_spread(counts[:i], levels)
             if q[p > 0].min(initial=1.0) <= 0:
                 continue
             kl = _kl_divergence(p / p.sum(), q / q.sum())

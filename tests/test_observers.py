@@ -107,3 +107,20 @@ def test_per_channel_ranges_are_each_channels_own(name, rng):
     assert np.shape(hi) == (3,)
     np.testing.assert_allclose(np.asarray(hi) / hi[0], [1, 2, 4], rtol=0.05)
     np.testing.assert_allclose(np.asarray(lo) / lo[0], [1, 2, 4], rtol=0.05)
+
+
+def test_kl_merging_matches_a_chunk_by_chunk_reference():
+    """The vectorized merge-and-spread of the KL observer against np.array_split, chunk by chunk."""
+    from deployq.calib.observers import _merged_and_spread
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(16, 600))
+        levels = int(rng.integers(2, n + 1))
+        counts = rng.integers(0, 5, n).astype(float) * (rng.random(n) > 0.3)
+        expected = np.zeros(n)
+        for idx in np.array_split(np.arange(n), levels):
+            nonzero = counts[idx] > 0
+            if nonzero.any():
+                expected[idx[nonzero]] = counts[idx].sum() / nonzero.sum()
+        np.testing.assert_allclose(_merged_and_spread(counts, levels), expected, rtol=1e-12, atol=0)

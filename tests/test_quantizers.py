@@ -225,15 +225,26 @@ def test_fused_gradients_equal_autograds_own(name, per_channel):
 
 @pytest.mark.slow
 def test_compiled_kernels_give_the_eager_gradients():
-    """torch.compile'd backward math (what `deployq train` uses) against the eager functions."""
-    x, grad = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
-    s, zp, alpha = torch.full((1, 3, 1, 1), 0.07), torch.tensor([2.0, 5.0, 9.0]).reshape(1, 3, 1, 1), torch.tensor(0.2)
+    """torch.compile'd math (what `deployq train` uses) against the eager functions: the gradients
+    to float tolerance, the forward bit for bit, half-step ties included (inductor must keep the
+    true division and leave (q − zp)·s uncontracted)."""
+    gen = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(2, 3, 64, generator=gen), torch.randn(2, 3, 64, generator=gen)
+    s, zp, alpha = torch.full((1, 3, 1), 0.07), torch.tensor([2.0, 5.0, 9.0]).reshape(1, 3, 1), torch.tensor(0.2)
     bounds = (torch.tensor(0.0), torch.tensor(15.0))
+    ties = (torch.randint(-40, 40, (4, 3, 4096), generator=gen) + 0.5) * s * torch.rand(1, 3, 1, generator=gen).add(0.5)
+    scales = torch.rand(1, 3, 1, generator=gen) * 0.05 + 1e-3
+    ties[:, :, ::2] = (torch.randint(-300, 300, (4, 3, 2048), generator=gen) + 0.5) * scales
+    wide = (torch.tensor(-128.0), torch.tensor(127.0))
     eager = fake_quant._gradients_dsq(grad, x, s, zp, alpha, *bounds)
+    eager_forward = [fake_quant._fake_quantize_forward(ties, scale, zp, *wide) for scale in (scales, scales[:, :1])]
     fake_quant.use_compiled_kernels(True)
     try:
         compiled = fake_quant._KERNELS["dsq"](grad, x, s, zp, alpha, *bounds)
+        forward = [fake_quant._KERNELS["forward"](ties, scale, zp, *wide) for scale in (scales, scales[:, :1])]
     finally:
         fake_quant.use_compiled_kernels(False)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(forward, eager_forward):
+        assert torch.equal(a, b)
