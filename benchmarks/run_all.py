@@ -13,6 +13,7 @@ before anything runs. Peers (Polygraphy, scikit-learn) come from the ``[bench]``
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import (bench_conformance, bench_devices, bench_digits, bench_hessian, bench_latency, bench_lowlight,
-                        bench_parity, bench_scale, bench_speed, common)
+                        bench_parity, bench_ptq, bench_scale, bench_speed, common)
 from deployq.core.files import AtomicOutputs
 
 OUTPUT = common.ROOT / "BENCHMARKS.md"
@@ -47,6 +48,8 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
                                 "--input-shape", "1,4,64,64", "--batches", "8", "--reference-iter", "0"],
                 ["--threads", "1", "--batches", "2", "--reference-iter", "10"], False),
     "devices": (bench_devices, [], ["--models", "unet", "--size", "32", "--repeats", "2", "--calib", "2"], True),
+    "ptq": (bench_ptq, [], ["--models", "lowlight", "--lowlight-size", "16", "--calib", "2", "--eval", "2",
+                            "--adaround-iterations", "2", "--rows", "deployq PTQ (min/max),+ adaround,+ bias"], True),
     "conformance": (bench_conformance, [], ["--models", "squeezenet1_1", "--size", "64", "--calib", "2", "--eval", "2",
                                             "--repeats", "2"], False),
 }
@@ -90,7 +93,40 @@ def document(sections: list[common.Section], command: str, seconds: dict[str, fl
     lines.append(f"- low-light checkpoints: {ckpts.describe()}")
     lines += ["", "| section | reproduce alone | wall time (s) |", "|---|---|---:|"]
     lines += [f"| [{s.title}](#{anchor(s.title)}) | `{s.command}` | {seconds[s.key]:.0f} |" for s in sections]
+    lines += goals({s.key: s.facts for s in sections})
     return "\n".join(lines) + "\n\n" + "\n".join(s.markdown() for s in sections)
+
+
+def goals(facts: dict[str, dict[str, float]]) -> list[str]:
+    """The speed goals against this run's numbers: met, or the measured reason they are not."""
+    rows = []
+    speed, latency, hessian = facts.get("speed", {}), facts.get("latency", {}), facts.get("hessian", {})
+    if "qat_step" in speed:
+        step = speed["qat_step"]
+        rows.append(["QAT training step / float step (low-light, CPU)", f"{step:.2f}× (eager kernels "
+                     f"{speed['eager_step']:.2f}×; torch.ao FX QAT {speed.get('torch_ao_step', math.nan):.2f}×)",
+                     "≤ 1.5×", "yes" if step <= 1.5 else
+                     f"no: the compiled fake-quant kernels alone (forward and backward of every quant point) take "
+                     f"{speed['fake_quant_share']:.2f}× a whole float step (profile in the speed section)"])
+    if "shared_seconds" in hessian:
+        t = hessian["shared_seconds"]
+        rows.append([f"Hessian trace of all {hessian['layers']:.0f} activations", f"{t:.1f} s (per-layer products "
+                     f"{hessian['per_layer_seconds']:.1f} s; rankings' Spearman ρ {hessian['spearman']:.3f}; "
+                     f"{hessian['agree']:.0f} of {hessian['layers']:.0f} layers agree within 2 s.e.)",
+                     "≤ 60 s, the per-layer estimator's ranking", "yes" if t <= 60 and hessian["spearman"] >= 0.9 else "no"])
+    if "speedup_wide" in latency:
+        wide = latency["speedup_wide"]
+        rows.append([f"int8 / fp32 speed-up, width {latency['width']:.0f}, {latency['size']:.0f}² packed, 1 thread, "
+                     "10-bit head/tail", f"{wide:.2f}× (all 8-bit {latency['speedup_all8']:.2f}×, "
+                     f"--device nnapi {latency['speedup_nnapi']:.2f}×)", "≥ 2.5×", "yes" if wide >= 2.5 else
+                     f"no: the 10-bit layers' float convolutions take {latency.get('wide_float_conv_share', math.nan):.0%} "
+                     "of the int8 model's time, their exact integer form (2 ConvInteger + int32 combine) is "
+                     f"{latency.get('exact_wide_conv', math.nan):.1f}× the float Conv at best, and even all 8-bit "
+                     f"reaches {latency['speedup_all8']:.2f}×"])
+    if not rows:
+        return []
+    return ["", "### Speed goals in this run", "",
+            *common.table(["what", "measured", "goal", "met"], rows, "llll")]
 
 
 def anchor(title: str) -> str:

@@ -31,7 +31,8 @@ from deployq.deploy.export import ExportResult, export as _export
 from deployq.qat.loading import ModelSource, forward_arguments, resolve_model
 from deployq.verify.check import FormatAgreement, ParityReport, check_parity, compare_ort_format
 from deployq.qat.prepare import ACT_QUANT, prepare
-from deployq.qat.calibrate import calibrate, is_calibrated
+from deployq.qat.calibrate import is_calibrated
+from deployq.ptq.pipeline import PTQOptions
 from deployq.calib.data import file_feeds
 from deployq.core.runtime import InputInfo, ModelFileError, check_same_inputs, inputs_of, is_ort_format, load_onnx, random_feeds, with_shapes
 from deployq.exporters.graph import quantize_count
@@ -74,16 +75,21 @@ def _source(model: ModelLike, example_inputs: object, config: object) -> ModelSo
 
 
 def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, Path] = "deployq-out", *,
-           config: object = None, calib: Inputs = None, calib_limit: int = 100, target: str = "int8",
-           device: str = "cpu", opset: int = 21, dynamic_hw: bool = False, ort_format: bool = True,
-           progress: bool = False) -> ExportResult:
+           config: object = None, calib: Inputs = None, calib_limit: int = 100,
+           ptq: Union[Sequence[str], PTQOptions] = (),
+           target: str = "int8", device: str = "cpu", opset: int = 21, dynamic_hw: bool = False,
+           ort_format: bool = True, progress: bool = False) -> ExportResult:
     """Export to ``out_dir``: model.float.onnx, model.<target>.onnx, qparams.json (and the ORT file).
 
     `model`: a model from :func:`deployq.qat.prepare` (calibrated or trained), a float ``nn.Module``
     (post-training quantization: give `calib`, and `config` if not the default), or the path of a
     deployq checkpoint. `calib`: a folder or file of inputs (what ``--calib`` takes), or an iterable
-    of batches (tensors, or tuples of tensors for several inputs). `target`, `device`, `opset` and
-    `dynamic_hw` are the CLI options of the same names. Nothing is written unless everything succeeds.
+    of batches (tensors, or tuples of tensors for several inputs), or ``"zeroq"`` (inputs synthesized
+    from the model's BatchNorm statistics). `ptq`: post-training methods to apply with the
+    calibration, a subset of ("cle", "search", "adaround", "bias"), or a
+    :class:`deployq.ptq.pipeline.PTQOptions` with their budgets.
+    `target`, `device`, `opset` and `dynamic_hw` are the CLI options of the same names. Nothing is
+    written unless everything succeeds.
     """
     source = _source(model, example_inputs, config)
     prepared = source.qmodel is model
@@ -93,14 +99,12 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
     if prepared and target == "int16":
         raise ValueError("target='int16' prepares the float model again at 16 bits: pass the float model "
                          "(with calib) or a checkpoint path instead of a prepared one")
-    calib_path = None
-    if calib is not None and isinstance(calib, (str, Path)):
-        calib_path = str(calib)
-    elif calib is not None:
-        calibrate(source.qmodel, _batches(calib), max_batches=calib_limit, progress=progress)
-        source.calibrated = True
-    return _export(source, out_dir, target=target, opset=opset, calib=calib_path, calib_limit=calib_limit,
-                   dynamic_hw=dynamic_hw, device=device, ort_format=ort_format, progress=progress)
+    if calib is not None and not isinstance(calib, (str, Path)):
+        calib = _batches(calib)
+    return _export(source, out_dir, target=target, opset=opset, calib=calib, calib_limit=calib_limit,
+                   ptq=ptq if isinstance(ptq, PTQOptions) else PTQOptions(tuple(ptq)), dynamic_hw=dynamic_hw,
+                   device=device, ort_format=ort_format,
+                   progress=progress)
 
 
 def _batches(data: object) -> list:

@@ -43,6 +43,7 @@ EXPECTED_TABLES = {  # section key: header cells its tables must have
     "hessian": ["| # | layer | n | iterations |"],
     "conformance": ["| model | quant points | export | check max LSB | int16 local: lowest row (dB) |"],
     "devices": ["| model | NNAPI, --device cpu | NNAPI, --device nnapi |"],
+    "ptq": ["| quantization | lowlight (trained) |"],
     "latency": ["| width | packed input | threads | fp32 (ms) |", "| op type | fp32 | int8, 10-bit head/tail |",
                 "| convolution | form | ms | × float Conv | exact |"],
 }
@@ -52,7 +53,10 @@ EXPECTED_ROWS = {  # section key: regular expressions of rows it must have
     "digits": [r"\| float \(1 ep\.\) \| torch fp32 \| \d", r"\| deployq QAT \+ distillation \(1 ep\.\) \| ORT int8 \| \d",
                r"\| ORT quantize_static Percentile \| ORT int8 \|", r"\| torch\.ao FX QAT"],
     "parity": [r"\| plain_cnn \| 8 \| 10 \| \d+ \| [\d.]+% \| [01] \|", r"\| low-light \(qat\.pt\) \| 8/10 \|"],
-    "speed": [r"\| deployq QAT \| [\d.]+ \| [\d.]+× \|", r"\| Polygraphy \(2 runs\) \| [\d.]+ \|"],
+    "speed": [r"\| deployq QAT \| [\d.]+ \| [\d.]+× \|", r"\| Polygraphy \(2 runs\) \| [\d.]+ \|",
+              r"\| fake-quant kernels \(compiled\) \| \d+ \| \d+ \|"],
+    "ptq": [r"\| quantize_static Entropy \| -?[\d.]+, \d+ s \|", r"\| \+ adaround \| -?[\d.]+, \d+ s \|",
+            r"\| only the input quantized \(ceiling, torch\) \| -?[\d.]+ \|"],
     "scale": [r"\| 1 \| 3 \| [\d.]+ \|", r"\| diff kernel \|"],
     "hessian": [r"\| 1 \| `"],
     "latency": [r"\| 8 \| 32×32 \| 1 \| \d+ \| [\d.]+× \| [\d.]+× \| [\d.]+× \| [\d.]+× \|",
@@ -82,7 +86,7 @@ def lowlight_args(ckpts: common.LowlightCheckpoints) -> list[str]:
 
 # two groups of about equal time, so that `pytest -n 2` runs them side by side; the first shares
 # the low-light exports between its benchmarks, as the full run does
-GROUPS = ["lowlight,speed,latency", "digits,scale,hessian,parity,devices"]
+GROUPS = ["lowlight,speed,latency", "digits,scale,hessian,parity,devices,ptq"]
 
 
 @pytest.mark.parametrize("only", GROUPS)

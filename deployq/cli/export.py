@@ -8,17 +8,40 @@ from typing import Optional
 import click
 from rich.table import Table
 
+from deployq.ptq.pipeline import ZEROQ, PTQOptions, parse_methods
 from deployq.cli.common import UserError, console, handle_errors, json_option, model_options, write_json
+
+def _calibration(value: Optional[str]) -> Optional[str]:
+    """--calib: an existing path, or the word zeroq."""
+    if value is None or value == ZEROQ:
+        return value
+    if not Path(value).exists():
+        raise click.BadParameter(f"{value!r} does not exist (a folder or file of inputs, or '{ZEROQ}')")
+    return value
+
+
+def _methods(value: str) -> tuple:
+    try:
+        return parse_methods(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err).removeprefix("--ptq: ")) from None
+
 
 DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of deployq.deploy.devices.DEVICES (a test keeps them equal)
 
 
 @click.command("export")
 @model_options
-@click.option("--input", "--calib", "calib", type=click.Path(exists=True),
-              help="Calibration data (folder of raw files, images, .npy/.npz): post-training quantization.")
+@click.option("--input", "--calib", "calib", metavar="PATH|zeroq", callback=lambda c, p, v: _calibration(v),
+              help="Calibration data (folder of raw files, images, .npy/.npz): post-training quantization. "
+                   "'zeroq': no data, inputs synthesized to match the model's BatchNorm statistics (a path "
+                   "called zeroq: ./zeroq).")
 @click.option("--calib-batches", type=click.IntRange(1), default=100, show_default=True,
               help="How many calibration inputs to observe (the thesis: ~100 is enough).")
+@click.option("--ptq", metavar="METHOD[,METHOD...]", default="", callback=lambda c, p, v: _methods(v),
+              help="Post-training methods applied with --calib: cle (cross-layer equalization), search (each "
+                   "activation's calibration method picked by the output it gives), adaround (learned weight "
+                   "rounding), bias (bias correction). BENCHMARKS.md measures each.")
 @click.option("--target", type=click.Choice(["int8", "int16", "fp32"]), default="int8", show_default=True,
               help="int8: 8-bit body, special layers at their bits; int16: everything 16-bit; fp32: float only.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="deployq-out", show_default=True,
@@ -45,7 +68,7 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
 @json_option("what was exported and measured (files, quant points, provider coverage)")
 @handle_errors
 def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[list],
-           calib: Optional[str], calib_batches: int, target: str, out_dir: str, opset: int,
+           calib: Optional[str], calib_batches: int, ptq: tuple, target: str, out_dir: str, opset: int,
            weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool, device: str, ort_format: bool,
            output_names: Optional[list], json_path: Optional[str]) -> None:
     """Export a checkpoint to ONNX: the float model and the integer (QDQ) model.
@@ -76,7 +99,8 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
                            factory_kwargs=model_kwargs)
     result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
-                        act_signed=act_signed, calib=calib, calib_limit=calib_batches, dynamic_hw=dynamic_hw,
+                        act_signed=act_signed, calib=calib, calib_limit=calib_batches, ptq=PTQOptions(ptq),
+                        dynamic_hw=dynamic_hw,
                         device=device, ort_format=ort_format, output_names=output_names, progress=json_path != "-")
     write_json(json_path, export_json(result))
     if json_path == "-":

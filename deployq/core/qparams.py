@@ -5,10 +5,12 @@ ONNX rewriter. One record per quant point, keyed by its name (docs/design.md, co
      "quant_points": [{"name": "DBF.DBF_conv1.Conv1.weight", "kind": "weight", "bits": 10,
                        "signed": true, "symmetric": false, "axis": 0,
                        "scale": [...], "zero_point": [...], "qmin": -512, "qmax": 511,
-                       "op": "Conv2d", "layer": "DBF.DBF_conv1.Conv1", "input": "x"}, ...]}
+                       "op": "Conv2d", "layer": "DBF.DBF_conv1.Conv1", "input": "x", "observer": null}, ...]}
 
 ``axis`` is null for per-tensor records (one scale); ``input`` names the quant point that feeds a
-weight layer (its scale times the weight scale is the int32 bias scale).
+weight layer (its scale times the weight scale is the int32 bias scale); ``observer`` is the
+calibration method that set an activation's range (``minmax``, ``percentile``, ``mse``, ``kl``: the
+config's, or the one ``--ptq search`` chose), null for weights.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class QuantPoint(CodeRange):
     op: str = ""
     layer: Optional[str] = None
     input: Optional[str] = None
+    observer: Optional[str] = field(default=None, compare=False)
     spec: Optional[QuantSpec] = field(default=None, compare=False, repr=False)
     quantizer: str = field(default="", compare=False)
     members: tuple[str, ...] = field(default=(), compare=False)
@@ -122,7 +125,8 @@ class QuantPoint(CodeRange):
 
 
 # the fields qparams.json stores (besides qmin / qmax, written for readers and checked on load)
-SCHEMA_FIELDS = ("name", "kind", "bits", "signed", "symmetric", "axis", "scale", "zero_point", "op", "layer", "input")
+SCHEMA_FIELDS = ("name", "kind", "bits", "signed", "symmetric", "axis", "scale", "zero_point", "op", "layer", "input",
+                 "observer")
 
 
 def make(name: str, kind: str, bits: int, signed: bool, symmetric: bool, axis: Optional[int],

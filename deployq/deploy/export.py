@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -34,9 +34,10 @@ from deployq.qat.checkpoint import save as save_checkpoint
 from deployq.deploy.devices import DEVICE_KEY, DEVICES, Coverage, check_config, coverage, device as get_device, fix_shapes, learned_float, to_ort_format
 from deployq.core.files import AtomicOutputs, json_text
 from deployq.qat.loading import ModelSource
-from deployq.qat.prepare import quant_points
+from deployq.qat.prepare import prepare, quant_points
+from deployq.ptq.pipeline import ZEROQ, PTQOptions, equalized, quantize_post_training, zeroq_feeds
 from deployq.core.progress import stage
-from deployq.qat.calibrate import calibrate, qparams_of, set_mode
+from deployq.qat.calibrate import qparams_of, set_mode
 from deployq.core.qformula import qparams_from_range, qrange
 from deployq.core.runtime import max_opset, session
 
@@ -107,30 +108,69 @@ def _convert_all(model: fx.GraphModule, old: dict[str, qp.QuantPoint]) -> None:
             q.set_qparams(*convert_qparams(rec, spec.bits, spec.signed, spec.symmetric))
 
 
+Calibration = Union[str, Sequence[Any], None]  # a path (what --calib takes), "zeroq", or batches
+
+
+@dataclass
+class Prepared:
+    """What an export quantizes (`model`) and what its float ONNX model is exported from
+    (`reference`: the model before AdaRound / bias correction changed its float parameters)."""
+
+    model: fx.GraphModule
+    reference: fx.GraphModule
+    notes: list[str] = field(default_factory=list)
+
+
 def prepare_for_target(source: ModelSource, target: str, *, weight_bits: Optional[int] = None,
-                       act_signed: bool = False, calib: Optional[str] = None, calib_limit: int = 100,
-                       progress: bool = True) -> fx.GraphModule:
+                       act_signed: bool = False, calib: Calibration = None, calib_limit: int = 100,
+                       ptq: PTQOptions = PTQOptions(), progress: bool = True) -> Prepared:
     """The quantized torch model whose quant points the exported QDQ graph reproduces."""
     config = target_config(source.config, target, weight_bits, act_signed)
-    model = source.with_config(config)
-    if calib is not None:
+    if calib is None:
+        if ptq.methods:
+            raise ValueError(f"--ptq {','.join(ptq.methods)} is post-training quantization: it needs --calib DATA "
+                             f"(or --calib {ZEROQ})")
+        if not source.calibrated:
+            raise ValueError("the model has no calibrated qparams: pass --calib DATA (a folder of raw "
+                             "files, images, or .npy/.npz) to calibrate it (post-training quantization)")
+        model = source.with_config(config)
+        if model is not source.qmodel:
+            _convert_all(model, qparams_of(source.qmodel))
+            set_mode(model, "quantize")
+        return Prepared(model.eval(), model)
+    float_model, notes = equalized(source.float_model, source.example_inputs(), ptq)
+    model = (source.with_config(config) if float_model is source.float_model
+             else prepare(float_model, source.example_inputs(), config))
+    result = quantize_post_training(model, calibration_batches(source, float_model, calib, calib_limit, progress),
+                                    ptq, limit=calib_limit, progress=progress)
+    return Prepared(result.model.eval(), (result.reference or result.model).eval(), notes + result.notes)
+
+
+def calibration_batches(source: ModelSource, float_model: torch.nn.Module, calib: Calibration, limit: int,
+                        progress: bool) -> list:
+    """The calibration inputs: read from a path, synthesized (``zeroq``), or given."""
+    shapes = [(i.name, i.shape) for i in source.inputs]
+    if isinstance(calib, str) and calib == ZEROQ:
+        return zeroq_feeds(float_model, shapes, limit, progress=progress)
+    if isinstance(calib, (str, Path)):
         from deployq.calib.data import load_feeds
 
-        feeds = load_feeds(calib, [(i.name, i.shape) for i in source.inputs], limit=calib_limit)
-        batches = ({name: torch.from_numpy(a) for name, a in f.items()} for f in feeds)
-        calibrate(model, batches, max_batches=calib_limit, progress=progress)
-    elif not source.calibrated:
-        raise ValueError("the model has no calibrated qparams: pass --calib DATA (a folder of raw "
-                         "files, images, or .npy/.npz) to calibrate it (post-training quantization)")
-    elif model is not source.qmodel:
-        _convert_all(model, qparams_of(source.qmodel))
-        set_mode(model, "quantize")
-    return model.eval()
+        feeds = load_feeds(calib, shapes, limit=limit)
+        return [{name: torch.from_numpy(a) for name, a in f.items()} for f in feeds]
+    batches = [calib] if isinstance(calib, (torch.Tensor, np.ndarray)) else list(calib)
+    return [torch.from_numpy(b) if isinstance(b, np.ndarray) else b for b in batches][:limit]
+
+
+def calibration_text(calib: Calibration) -> Optional[str]:
+    """How the model was calibrated, for the checkpoint's notes."""
+    if calib is None or isinstance(calib, (str, Path)):
+        return None if calib is None else str(calib)
+    return "batches given in Python"
 
 
 def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", opset: int = MIN_OPSET,
-           weight_bits: Optional[int] = None, act_signed: bool = False, calib: Optional[str] = None,
-           calib_limit: int = 100, dynamic_hw: bool = False, device: str = "cpu", ort_format: bool = True,
+           weight_bits: Optional[int] = None, act_signed: bool = False, calib: Calibration = None,
+           calib_limit: int = 100, ptq: PTQOptions = PTQOptions(), dynamic_hw: bool = False, device: str = "cpu", ort_format: bool = True,
            output_names: Optional[list[str]] = None, progress: bool = True) -> ExportResult:
     """Export `source` for `target` into `out_dir`; nothing is written unless everything succeeds.
     `dynamic_hw`: height and width of 4-D inputs stay symbolic (fully convolutional models).
@@ -149,11 +189,14 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
                          f"got {opset}")
     if weight_bits is not None and not 2 <= weight_bits <= 16:
         raise ValueError(f"--weight-bits must be from 2 to 16, got {weight_bits}")
+    ptq_notes: list[str] = []
     if target == "fp32":
         qmodel, records = source.qmodel.eval(), None
+        reference = qmodel
     else:
-        qmodel = prepare_for_target(source, target, weight_bits=weight_bits, act_signed=act_signed,
-                                    calib=calib, calib_limit=calib_limit, progress=progress)
+        prepared = prepare_for_target(source, target, weight_bits=weight_bits, act_signed=act_signed,
+                                      calib=calib, calib_limit=calib_limit, ptq=ptq, progress=progress)
+        qmodel, reference, ptq_notes = prepared.model, prepared.reference, prepared.notes
         records = qparams_of(qmodel)
         check_config(dev, records.values())
     examples = tuple(i.example() for i in source.inputs)
@@ -162,6 +205,11 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
     config: QConfig = qmodel.get_submodule("act_quant").config
     stage("export: rewriting (fold BN, fuse activations, insert Q/DQ)", progress)
     result = rewrite(float_onnx, records, config.fuse_activations, opset, block_convtranspose=dev.block_convtranspose)
+    if reference is not qmodel:  # AdaRound / bias correction changed the float parameters: the float
+        # model users compare against is the one from before them
+        original = export_float(reference, examples, opset, dynamic_hw)
+        float_result = rewrite(original, records, config.fuse_activations, opset, block_convtranspose=dev.block_convtranspose)
+        result = replace(result, float_model=float_result.float_model)
     if dev.fixed_shapes:
         shapes = {i.name: tuple(i.shape) for i in source.inputs}
         for model in (result.float_model, result.quant_model):
@@ -201,12 +249,14 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
             out.write_bytes(files[target], result.quant_model.SerializeToString())
             files["qparams"] = out_dir / "qparams.json"
             out.write_text(files["qparams"], json_text(qp.dump(records.values())))
-            if calib is not None or qmodel is not source.qmodel:  # calibrated here, or re-quantized
+            if (calib is not None or qmodel is not source.qmodel) and source.factory:  # calibrated here, or
+                # re-quantized (a model given in Python without a factory cannot be rebuilt from a checkpoint)
                 files["checkpoint"] = out_dir / f"model.{target}.pt"
                 out.write(files["checkpoint"], lambda tmp: save_checkpoint(
                     tmp, qmodel, factory=source.factory, factory_kwargs=source.factory_kwargs, inputs=source.inputs,
-                    meta={"exported_for": target, "calibration": str(calib) if calib else None}))
-    notes = list(result.log.notes) + ([f"provider coverage not measured: {why}"] if why else [])
+                    meta={"exported_for": target, "calibration": calibration_text(calib),
+                          "ptq": list(ptq.methods)}))
+    notes = ptq_notes + list(result.log.notes) + ([f"provider coverage not measured: {why}"] if why else [])
     others = ([out_dir / f"model.{t}.{ext}" for t in TARGETS if t != "fp32" for ext in ("onnx", "pt")]
               + [out_dir / f"model.{n}.onnx" for n in DEVICES]
               + [out_dir / f"model.{n}.{ext}" for n in (*TARGETS, "float", *DEVICES)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -142,6 +143,7 @@ def qparams_of(model: nn.Module) -> dict[str, qp.QuantPoint]:
             if not bool(q.initialized):
                 raise ValueError(f"{name}: not calibrated yet; run deployq.calibrate() first")
             scale, zero_point = q.qparams()
+            point = replace(point, observer=q.spec.observer)
         records[name] = point.with_qparams(scale.cpu().numpy(), zero_point.cpu().numpy())
     return records
 

@@ -10,6 +10,7 @@ examples or the caller names it explicitly (``--model``).
      "factory": "deployq.examples.lowlight.model:build", "factory_kwargs": {"width": 8},
      "inputs": [{"name": "x", "shape": [1, 4, 64, 64], "dtype": "float32"}],
      "config": {...QConfig.to_dict()...}, "state_dict": {...}, "qparams": {...qparams.json...},
+     "fixed_weight_qparams": [weight quantizers whose qparams are stored, not recomputed (AdaRound)],
      "meta": {...training notes: epoch, metrics...}}
 """
 
@@ -28,6 +29,7 @@ from deployq._version import __version__
 from deployq.qat.config import QConfig, from_dict
 from deployq.core.files import atomic_path
 from deployq.qat.calibrate import qparams_of
+from deployq.qat.quantizers import FakeQuantizer
 
 FORMAT, VERSION = "deployq-checkpoint", 1
 
@@ -58,6 +60,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     qparams: dict[str, qp.QuantPoint] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    fixed_weight_qparams: list[str] = field(default_factory=list)
     path: Optional[Path] = None
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -84,6 +87,8 @@ def save(path: str | Path, model: fx.GraphModule, *, factory: str, factory_kwarg
         "config": config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "qparams": qp.dump(qparams_of(model).values()),
+        "fixed_weight_qparams": [name for name, m in model.named_modules() if isinstance(m, FakeQuantizer)
+                                 and m.is_weight and not m.weights_follow_observer and type(m).weights_follow_observer],
         "meta": dict(meta or {}),
     }
     path = Path(path)
@@ -156,6 +161,7 @@ def parse(payload: Any, path: Path) -> Checkpoint:
             qparams=_qparams(payload.get("qparams"), path),
             meta=dict(payload.get("meta") or {}),
             path=path,
+            fixed_weight_qparams=[str(n) for n in payload.get("fixed_weight_qparams") or []],
         )
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: missing or malformed field {err}") from None

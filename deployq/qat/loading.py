@@ -25,6 +25,7 @@ from deployq.qat.checkpoint import CheckpointError, InputSpec
 from deployq.qat.config import QConfig, load_config
 from deployq.qat.prepare import prepare
 from deployq.qat.calibrate import is_calibrated, set_mode
+from deployq.qat.quantizers import FakeQuantizer
 
 
 # The model factories a checkpoint may name on its own: the examples shipped inside deployq. Any
@@ -132,6 +133,12 @@ def build(ckpt: ck.Checkpoint, factory: Optional[str] = None, model: Optional[nn
                     ckpt.config)
     ck.load_weights(model, ckpt.state_dict, str(ckpt.path or "the checkpoint"),
                     f"the model {factory or ckpt.factory} builds")
+    for name in ckpt.fixed_weight_qparams:
+        quantizer = model.get_submodule(name) if name in dict(model.named_modules()) else None
+        if not isinstance(quantizer, FakeQuantizer):
+            raise ck.CheckpointError(f"{ckpt.path or 'the checkpoint'}: fixed_weight_qparams names {name!r}, which is "
+                                     "not a quantizer of the model")
+        quantizer.keep_qparams()
     set_mode(model, "quantize" if is_calibrated(model) else "float")
     return model.eval()
 

@@ -71,6 +71,12 @@ class FakeQuantizer(nn.Module):
             self.zero_point.copy_(torch.as_tensor(zero_point, dtype=torch.float32).reshape(self.zero_point.shape))
             self.initialized.fill_(True)
 
+    def keep_qparams(self) -> None:
+        """Stop recomputing this weight quantizer's qparams from the weight: the weight was set so that
+        its codes are chosen ones (AdaRound), which a fresh observer could see another range in.
+        Checkpoints record it (``fixed_weight_qparams``)."""
+        self.weights_follow_observer = False
+
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The effective (scale, zero_point) of the forward: float32 and integer-valued float."""
         return self._effective_scale().detach(), self._effective_zero_point().detach()

@@ -1,0 +1,147 @@
+"""Calibration method per quant point, picked by measuring the model's output.
+
+An observer sets an activation's range from what it saw: its extremes (``minmax``), percentiles,
+or the clipping that minimizes the tensor's own quantization error (``mse``, ``kl``). Which one is
+best for the *model* depends on what follows the tensor: clipping a few outliers halves the step
+of every other value, but an outlier that carries the signal (an attention peak, a residual's
+large channel) must not be clipped. So the choice is measured, not guessed:
+
+1. calibrate once per method (each a full observation pass), keeping each method's qparams;
+2. start from the config's own method everywhere;
+3. greedily, quant point by quant point in graph order, try each method's qparams and keep the
+   one whose fake-quantized model output is closest to the float output (SQNR over a few
+   calibration batches), given the choices made so far.
+
+The chosen method is written into the quantizer's spec, so ``qparams.json`` records it
+(the ``observer`` field of each activation point). Cost: one observation pass per method, plus
+``(methods − 1) × points × eval_batches`` forward passes (fewer: a method whose qparams equal the
+current ones is not tried).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from deployq.calib.observers import OBSERVERS, create_observer
+from deployq.core.progress import progress_bar
+from deployq.qat.calibrate import input_names, model_inputs, set_mode
+from deployq.qat.prepare import quant_points
+from deployq.qat.quantizers import FakeQuantizer
+
+__all__ = ["METHODS", "SearchReport", "search_calibration"]
+
+METHODS = ("minmax", "percentile", "mse", "kl")
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    """What the search chose: {quant point: method}, and the output SQNR (dB, on the evaluation
+    batches) with the config's method everywhere and after the search."""
+
+    chosen: dict[str, str]
+    sqnr_start_db: float
+    sqnr_end_db: float
+
+    def counts(self) -> dict[str, int]:
+        return {m: sum(1 for c in self.chosen.values() if c == m) for m in dict.fromkeys(self.chosen.values())}
+
+
+def _outputs(model: nn.Module, inputs: Sequence[tuple]) -> list[torch.Tensor]:
+    """Every output tensor of the model for every input, flattened to one list."""
+    found = []
+    with torch.no_grad():
+        for args in inputs:
+            found += _tensors(model(*args))
+    return found
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value.detach().double()]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def output_sqnr_db(reference: list[torch.Tensor], values: list[torch.Tensor]) -> float:
+    """10·log10(Σ reference² / Σ (reference − value)²) over all tensors."""
+    signal = sum(float(r.square().sum()) for r in reference)
+    noise = sum(float((r - v).square().sum()) for r, v in zip(reference, values))
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _observe_with(model: nn.Module, quantizers: dict[str, FakeQuantizer], method: str,
+                  inputs: Sequence[tuple]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One observation pass with every activation quantizer's observer set to `method`: its qparams."""
+    for q in quantizers.values():
+        args = q.spec.observer_args if method == q.spec.observer else ()
+        q.observer = create_observer(replace(q.spec, observer=method, observer_args=args), q.axis, q.name)
+    set_mode(model, "observe")
+    with torch.no_grad():
+        for args in inputs:
+            model(*args)
+    set_mode(model, "quantize")  # each quantizer turns what its observer saw into qparams
+    return {name: tuple(t.clone() for t in q.qparams()) for name, q in quantizers.items()}
+
+
+def search_calibration(model: nn.Module, batches: Iterable[Any], *, methods: Sequence[str] = METHODS,
+                       max_batches: int = 32, eval_batches: int = 4,
+                       progress: bool = False) -> SearchReport:
+    """Calibrate the prepared `model` (any mode) choosing each activation quant point's method.
+
+    `batches`: calibration inputs (as :func:`deployq.calibrate` takes them); the first
+    `max_batches` are observed, the first `eval_batches` of those score the choices. The model is
+    left calibrated, in quantize mode, eval.
+    """
+    unknown = [m for m in methods if m not in OBSERVERS]
+    if unknown or not methods:
+        raise ValueError(f"calibration search: unknown methods {unknown}; known: {', '.join(OBSERVERS)}")
+    if max_batches < 1 or eval_batches < 1:
+        raise ValueError("calibration search: max_batches and eval_batches must be at least 1")
+    names = input_names(model)
+    inputs = [model_inputs(b, names) for b in itertools.islice(batches, max_batches)]
+    if not inputs:
+        raise ValueError("the calibration set is empty: no batch reached the model")
+    model.eval()
+    quantizers = {name: model.get_submodule(p.quantizer) for name, p in quant_points(model).items()
+                  if p.kind != "weight"}
+    default = {name: q.spec.observer for name, q in quantizers.items()}
+    candidates = {m: _observe_with(model, quantizers, m, inputs) for m in
+                  progress_bar(list(dict.fromkeys([*methods])), "calibration search: observing", enabled=progress)}
+    scored = inputs[:eval_batches]
+    set_mode(model, "float")
+    reference = _outputs(model, scored)
+    set_mode(model, "quantize")
+    chosen = {}
+    for name, q in quantizers.items():
+        method = default[name] if default[name] in candidates else methods[0]
+        q.set_qparams(*candidates[method][name])
+        chosen[name] = method
+    start = best = output_sqnr_db(reference, _outputs(model, scored))
+    for name in progress_bar(list(quantizers), "calibration search: choosing", enabled=progress):
+        q = quantizers[name]
+        tried = [candidates[chosen[name]][name]]
+        for method in methods:
+            qparams = candidates[method][name]
+            if any(all(torch.equal(a, b) for a, b in zip(qparams, t)) for t in tried):
+                continue
+            tried.append(qparams)
+            q.set_qparams(*qparams)
+            score = output_sqnr_db(reference, _outputs(model, scored))
+            if score > best + 1e-6:
+                best, chosen[name] = score, method
+        q.set_qparams(*candidates[chosen[name]][name])
+    for name, q in quantizers.items():
+        if chosen[name] != q.spec.observer:
+            q.spec = replace(q.spec, observer=chosen[name], observer_args=())
+        q.observer = create_observer(q.spec, q.axis, q.name)
+    return SearchReport(chosen, start, best)
+

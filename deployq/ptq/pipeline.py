@@ -1,0 +1,127 @@
+"""Post-training quantization as ``deployq export --calib DATA --ptq METHODS`` runs it.
+
+    float model ─ cle ─► prepare ─► calibrate (or: search) ─► adaround ─► bias ─► export
+
+| method     | what it does                                                           | module             |
+|------------|------------------------------------------------------------------------|--------------------|
+| ``cle``    | cross-layer equalization of the float model (ReLU / LeakyReLU pairs)   | :mod:`.equalize`   |
+| ``search`` | each activation's calibration method picked by the output it gives     | :mod:`.calibration_search` |
+| ``adaround`` | learned up/down rounding of every weight, layer by layer             | :mod:`.adaround`   |
+| ``bias``   | the expected output error of every layer subtracted from its bias      | :mod:`.bias_correction` |
+
+``--calib zeroq`` calibrates on inputs synthesized from the model's BatchNorm statistics
+(:mod:`.zeroq`) instead of data. ``reference`` is the prepared model as it was before AdaRound
+and bias correction changed its float parameters: it is what the float ONNX model is exported
+from, so ``deployq diff`` still compares the integer model with the user's float model (after
+CLE, which keeps the float function, every tensor of the equalized model is what the float graph
+computes; its per-channel scales differ, so CLE's model is the reference for every later step).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import fx, nn
+
+from deployq.core.progress import stage
+from deployq.ptq.adaround import adaround
+from deployq.ptq.bias_correction import correct_bias
+from deployq.ptq.calibration_search import search_calibration
+from deployq.ptq.equalize import equalize
+from deployq.ptq.zeroq import distilled_data
+from deployq.qat.calibrate import calibrate
+
+__all__ = ["METHODS", "PTQOptions", "PTQResult", "ZEROQ", "parse_methods", "quantize_post_training", "zeroq_feeds"]
+
+METHODS = ("cle", "search", "adaround", "bias")
+ZEROQ = "zeroq"  # the --calib value that asks for data-free calibration
+
+
+def parse_methods(text: Optional[str]) -> tuple[str, ...]:
+    """``"cle,adaround"`` -> ("cle", "adaround"), in pipeline order; unknown names are an error."""
+    names = [n.strip().lower() for n in (text or "").split(",") if n.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--ptq: unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    return tuple(m for m in METHODS if m in names)
+
+
+@dataclass(frozen=True)
+class PTQOptions:
+    """The methods (a subset of :data:`METHODS`) and their budgets."""
+
+    methods: tuple[str, ...] = ()
+    adaround_iterations: int = 200
+    refine_batches: int = 8  # calibration batches AdaRound and bias correction learn from
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", parse_methods(",".join(self.methods)))
+        if self.adaround_iterations < 1 or self.refine_batches < 1:
+            raise ValueError("adaround_iterations and refine_batches must be at least 1")
+
+
+@dataclass
+class PTQResult:
+    model: fx.GraphModule  # calibrated, in quantize mode
+    reference: Optional[fx.GraphModule]  # the model before AdaRound / bias correction (None: `model`)
+    notes: list[str] = field(default_factory=list)
+
+
+def equalized(float_model: nn.Module, example_inputs: tuple, options: PTQOptions) -> tuple[nn.Module, list[str]]:
+    """The float model after CLE (when asked), and a note saying what it did."""
+    if "cle" not in options.methods:
+        return float_model, []
+    model, report = equalize(float_model, example_inputs)
+    return model, [f"cle: {len(report.pairs)} layer pairs equalized, {len(report.skipped)} left as they are "
+                   "(ReLU6, residual branches and other non-homogeneous pairs)"]
+
+
+def quantize_post_training(model: fx.GraphModule, batches: Sequence[Any], options: PTQOptions, *,
+                           limit: int = 100, progress: bool = True) -> PTQResult:
+    """Calibrate the prepared `model` on `batches` (at most `limit`), then refine as `options` say."""
+    notes = []
+    if "search" in options.methods:
+        stage("ptq: choosing each activation's calibration method (minmax, percentile, mse, kl)", progress)
+        report = search_calibration(model, batches, max_batches=limit, progress=progress)
+        notes.append(f"search: output SQNR on calibration data {report.sqnr_start_db:.2f} -> "
+                     f"{report.sqnr_end_db:.2f} dB; methods chosen: "
+                     + ", ".join(f"{m} x {n}" for m, n in report.counts().items()))
+    else:
+        calibrate(model, batches, max_batches=limit, progress=progress)
+    model.eval()
+    refine = [m for m in ("adaround", "bias") if m in options.methods]
+    if not refine:
+        return PTQResult(model, None, notes)
+    reference = copy.deepcopy(model)
+    learn = list(batches)[: options.refine_batches]
+    if "adaround" in refine:
+        stage("ptq: AdaRound, layer by layer", progress)
+        report = adaround(model, learn, iterations=options.adaround_iterations, max_batches=len(learn),
+                          reference=reference, progress=progress)
+        flipped = sum(layer.flipped for layer in report.layers) / max(1, len(report.layers))
+        notes.append(f"adaround: {len(report.layers)} layers, {flipped:.1%} of weights rounded away from nearest "
+                     "on average")
+    if "bias" in refine:
+        stage("ptq: bias correction, layer by layer", progress)
+        report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress)
+        notes.append(f"bias: {len(report.layers)} layers corrected"
+                     + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else ""))
+    return PTQResult(model, reference, notes)
+
+
+def zeroq_feeds(float_model: nn.Module, names_and_shapes: Sequence[tuple[str, tuple[int, ...]]], count: int, *,
+                steps: int = 200, batch: int = 16, progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """`count` calibration inputs (one sample each) synthesized from the model's BatchNorm statistics."""
+    if len(names_and_shapes) != 1:
+        raise ValueError(f"--calib {ZEROQ}: data-free calibration takes models with one input; this one has "
+                         f"{len(names_and_shapes)}")
+    name, shape = names_and_shapes[0]
+    per_batch = max(1, min(batch, count))
+    batches = -(-count // per_batch)
+    stage(f"calibration: synthesizing {count} inputs from BatchNorm statistics (ZeroQ, {steps} steps)", progress)
+    data = distilled_data(float_model, (per_batch, *tuple(shape)[1:]), batches=batches, steps=steps, progress=progress)
+    items = [t[i:i + 1] for t in data.batches for i in range(t.shape[0])][:count]
+    return [{name: x} for x in items]

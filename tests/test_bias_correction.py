@@ -1,0 +1,67 @@
+"""Empirical bias correction (deployq.ptq.bias_correction): the quantized layers' mean output error
+per channel is removed on the calibration data; export and torch/onnxruntime parity still hold."""
+
+import copy
+
+import pytest
+import torch
+
+import deployq
+from deployq.ptq.bias_correction import BiasCorrectionReport, channel_mean, correct_bias, layer_errors
+from ptq_models import BITS4, modes
+from ptq_models import calibrated as calibrated_on
+
+
+def data(seed: int, n: int) -> list[torch.Tensor]:
+    """Image-like inputs in [0, 1): with zero-mean inputs the first layer's expected error,
+    ΔW·E[x], would be 0 and nothing would be left to correct there."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(4, 3, 16, 16, generator=g) for _ in range(n)]
+
+
+CALIB, HELD_OUT = data(1, 8), data(2, 4)
+
+
+def calibrated(config=None) -> torch.fx.GraphModule:
+    return calibrated_on(CALIB, config)
+
+
+
+def test_channel_mean_keeps_the_channel_dimension():
+    t = torch.arange(24.0).reshape(2, 3, 4)
+    assert torch.equal(channel_mean(t, 1), t.mean((0, 2)))
+    assert torch.equal(channel_mean(t, -1), t.mean((0, 1)))
+
+
+def test_mean_error_per_channel_is_removed_and_export_stays_exact(tmp_path):
+    qmodel = calibrated(BITS4)
+    reference = copy.deepcopy(qmodel)  # the float targets, before any correction
+    before = layer_errors(qmodel, CALIB, reference)
+    report = correct_bias(qmodel, CALIB)
+    after = layer_errors(qmodel, CALIB, reference)
+    assert isinstance(report, BiasCorrectionReport)
+    assert [p for p, _ in report.layers] == ["0", "3", "6"] and report.skipped == ("9",)
+    assert all(r > 0 for _, r in report.layers)
+    assert qmodel.get_submodule("9").layer.bias is None  # nowhere to put a correction: left alone
+    for path, error in list(after.items())[:3]:  # what is left is the int32 bias's rounding, half a step at most
+        layer = qmodel.get_submodule(path)
+        step = layer.input_quant.qparams()[0] * layer.weight_quant.qparams()[0]
+        assert torch.all(error.abs() <= 0.5 * step * 1.01), path
+        assert error.abs().mean() < 0.05 * before[path].abs().mean(), path
+    assert modes(qmodel) == {"quantize"}
+    result = deployq.export(qmodel, CALIB[0], tmp_path, ort_format=False)
+    parity = deployq.check(qmodel, result.files["int8"], inputs=HELD_OUT)
+    assert parity.ok(max_lsb=1), [p.to_json() for p in parity.failures()]
+
+
+def test_layer_selection_changes_only_those_biases():
+    qmodel = calibrated(BITS4)
+    betas = {p: qmodel.get_submodule(p).bn.bias.detach().clone() for p in ("0", "3", "6")}
+    report = correct_bias(qmodel, CALIB, layers=["3"], max_batches=2)
+    assert [p for p, _ in report.layers] == ["3"]
+    assert torch.equal(qmodel.get_submodule("0").bn.bias, betas["0"])
+    assert torch.equal(qmodel.get_submodule("6").bn.bias, betas["6"])
+    assert not torch.equal(qmodel.get_submodule("3").bn.bias, betas["3"])
+    assert qmodel.get_submodule("9").layer.bias is None
+    with pytest.raises(ValueError, match="no quantized weight layer"):
+        correct_bias(qmodel, CALIB, layers=["3.bn"])

@@ -1,0 +1,117 @@
+"""Post-training quantization through export: ``--ptq`` methods, ``--calib zeroq``, and what they leave
+behind (an exact int8 model, the user's float model as diff's reference, a reloadable checkpoint)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+import deployq
+from deployq.cli import main
+from deployq.examples import zoo
+from deployq.deploy.export import export
+from deployq.ptq.calibration_search import search_calibration
+from deployq.ptq.pipeline import PTQOptions, parse_methods
+from deployq.qat.calibrate import qparams_of
+from deployq.qat.loading import resolve_model
+
+SHAPE = (1, 3, 16, 16)
+
+
+def _photos(n: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(SHAPE, generator=gen) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def float_model() -> torch.nn.Module:
+    model = zoo.resnet()
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics of the data (zoo models start at the defaults)
+        for x in _photos(8, 1):
+            model(x * 2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def every_method(float_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ptq")
+    torch.save(float_model.state_dict(), out / "float.pt")
+    source = resolve_model(ckpt=str(out / "float.pt"), factory="deployq.examples.zoo:resnet", input_shape=SHAPE)
+    options = PTQOptions(("cle", "search", "adaround", "bias"), adaround_iterations=20, refine_batches=4)
+    result = export(source, out / "int8", calib=_photos(12, 2), ptq=options, progress=False, ort_format=False)
+    return float_model, result
+
+
+def test_methods_parse_in_pipeline_order_and_unknown_ones_are_named():
+    assert parse_methods("bias, CLE,search") == ("cle", "search", "bias")
+    assert parse_methods("") == ()
+    with pytest.raises(ValueError, match="--ptq: unknown method.*adaroud"):
+        parse_methods("cle,adaroud")
+
+
+def test_every_method_together_stays_exact_and_diff_compares_with_the_users_float_model(every_method):
+    float_model, result = every_method
+    held_out = _photos(2, 3)
+    assert deployq.check(result.qmodel, result.files["int8"], inputs=held_out).ok(max_lsb=1)
+    assert any(n.startswith("adaround:") for n in result.notes) and any(n.startswith("bias:") for n in result.notes)
+    sess = ort.InferenceSession(str(result.files["float"]), providers=["CPUExecutionProvider"])
+    for x in held_out:  # the float ONNX model is the user's (CLE keeps its function), not AdaRound's
+        (onnx_out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        np.testing.assert_allclose(onnx_out, float_model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_exported_checkpoint_keeps_adarounds_weight_qparams(every_method, tmp_path):
+    _, result = every_method
+    from deployq.qat import checkpoint as ck
+
+    saved = ck.load(result.files["checkpoint"])
+    assert saved.fixed_weight_qparams and saved.meta["ptq"] == ["cle", "search", "adaround", "bias"]
+    report = deployq.check(result.files["checkpoint"], result.files["int8"], inputs=_photos(2, 4))
+    assert report.ok(max_lsb=1)
+
+
+def test_qparams_json_records_each_activations_calibration_method(every_method):
+    _, result = every_method
+    records = json.loads(result.files["qparams"].read_text())["quant_points"]
+    observers = {r["kind"]: set() for r in records}
+    for r in records:
+        observers[r["kind"]].add(r["observer"])
+    assert observers["weight"] == {None}
+    assert observers["activation"] <= {"minmax", "percentile", "mse", "kl"} and observers["activation"]
+
+
+def test_search_never_scores_below_the_configs_own_method(float_model):
+    qmodel = deployq.prepare(float_model, torch.rand(SHAPE))
+    report = search_calibration(qmodel, _photos(8, 5), methods=("minmax", "mse"), eval_batches=2)
+    assert report.sqnr_end_db >= report.sqnr_start_db
+    chosen = {name: r.observer for name, r in qparams_of(qmodel).items() if r.kind != "weight"}
+    assert chosen == report.chosen
+    with pytest.raises(ValueError, match="unknown methods.*median"):
+        search_calibration(qmodel, _photos(1, 5), methods=("median",))
+
+
+def test_cli_zeroq_calibrates_without_data_and_ptq_needs_calibration(float_model, tmp_path):
+    weights = tmp_path / "float.pt"
+    torch.save(float_model.state_dict(), weights)
+    base = ["export", "--ckpt", str(weights), "--model", "deployq.examples.zoo:resnet", "--input-shape", "1,3,16,16"]
+    result = CliRunner().invoke(main, [*base, "--calib", "zeroq", "--calib-batches", "8", "--ptq", "bias",
+                                       "--out", str(tmp_path / "zq"), "--no-ort", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "zq" / "model.int8.onnx").is_file()
+    refused = CliRunner().invoke(main, [*base, "--calib", "zeroq", "--ptq", "cle,rounding", "--out", str(tmp_path / "x")])
+    assert refused.exit_code != 0 and "rounding" in refused.output and not (tmp_path / "x").exists()
+    missing = CliRunner().invoke(main, [*base, "--calib", str(tmp_path / "nothing"), "--out", str(tmp_path / "y")])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
+
+
+def test_zeroq_needs_batchnorm(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    with pytest.raises(ValueError, match="BatchNorm"):
+        deployq.export(model, torch.rand(SHAPE), tmp_path / "out", calib="zeroq")
+    assert not (tmp_path / "out").exists()
