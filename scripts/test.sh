@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-venv.sh test,bench
-python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadscope "$@"
+python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadscope --durations=15 "$@"
