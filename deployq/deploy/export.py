@@ -170,7 +170,8 @@ def calibration_text(calib: Calibration) -> Optional[str]:
 
 def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", opset: int = MIN_OPSET,
            weight_bits: Optional[int] = None, act_signed: bool = False, calib: Calibration = None,
-           calib_limit: int = 100, ptq: PTQOptions = PTQOptions(), dynamic_hw: bool = False, device: str = "cpu", ort_format: bool = True,
+           calib_limit: int = 100, ptq: PTQOptions = PTQOptions(), dynamic_hw: bool = False, device: str = "cpu",
+           ort_format: bool = True,
            output_names: Optional[list[str]] = None, progress: bool = True) -> ExportResult:
     """Export `source` for `target` into `out_dir`; nothing is written unless everything succeeds.
     `dynamic_hw`: height and width of 4-D inputs stay symbolic (fully convolutional models).
@@ -208,8 +209,9 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
     if reference is not qmodel:  # AdaRound / bias correction changed the float parameters: the float
         # model users compare against is the one from before them
         original = export_float(reference, examples, opset, dynamic_hw)
-        float_result = rewrite(original, records, config.fuse_activations, opset, block_convtranspose=dev.block_convtranspose)
-        result = replace(result, float_model=float_result.float_model)
+        float_model = rewrite(original, records, config.fuse_activations, opset,
+                              block_convtranspose=dev.block_convtranspose).float_model
+        result = replace(result, float_model=float_model)
     if dev.fixed_shapes:
         shapes = {i.name: tuple(i.shape) for i in source.inputs}
         for model in (result.float_model, result.quant_model):

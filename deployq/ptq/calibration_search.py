@@ -115,7 +115,7 @@ def search_calibration(model: nn.Module, batches: Iterable[Any], *, methods: Seq
                   if p.kind != "weight"}
     default = {name: q.spec.observer for name, q in quantizers.items()}
     candidates = {m: _observe_with(model, quantizers, m, inputs) for m in
-                  progress_bar(list(dict.fromkeys([*methods])), "calibration search: observing", enabled=progress)}
+                  progress_bar(list(dict.fromkeys(methods)), "calibration search: observing", enabled=progress)}
     scored = inputs[:eval_batches]
     set_mode(model, "float")
     reference = _outputs(model, scored)

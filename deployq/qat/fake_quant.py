@@ -7,6 +7,7 @@ functions for their torch.compile'd versions.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Callable
@@ -186,8 +187,10 @@ class FakeQuantize(torch.autograd.Function):
                 grad_zp.reshape(zp.shape) if need_zp else None, None, None, grad_alpha)
 
 
+@functools.lru_cache(maxsize=None)
 def _bounds(qmin: float, qmax: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The code range as 0-d tensors: a compiled kernel then serves every bit width without recompiling."""
+    """The code range as 0-d tensors (made once per range, read only): a compiled kernel then serves
+    every bit width without recompiling."""
     return torch.tensor(float(qmin), dtype=dtype), torch.tensor(float(qmax), dtype=dtype)
 
 
