@@ -121,7 +121,7 @@ def run(argv: list[str]) -> common.Section:
               "CPU latency nnapi / cpu"]
     lines = [f"Nodes taken / all nodes (share), partitions, by onnxruntime {common.versions()['onnxruntime']}'s "
              "mobile usability checker. `--device cpu` keeps a symbolic batch dimension, and the checker refuses "
-             "every node downstream of a dynamic shape; `--device nnapi` fixes the shapes and rewrites "
+             "every node downstream of a dynamic shape; `--device nnapi` fixes the shapes; both rewrite "
              "ConvTranspose (kernel = stride) as Conv + DepthToSpace; `--device coreml` is the float graph with the "
              "learned weights (CoreML takes no QuantizeLinear/DequantizeLinear). The checker looks at operator "
              "types and shapes only; QNN and XNNPACK have no such checker in onnxruntime.", "",

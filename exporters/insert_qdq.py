@@ -11,7 +11,10 @@
   the input and the weight are 8-bit (:func:`deployq.core.qformula.bias_is_quantized`); else float.
 * Data movement (Reshape, Transpose, DepthToSpace, MaxPool, ...) carries quantization: a Q/DQ pair
   with the *same* qparams follows it, a numerical no-op that lets onnxruntime keep the tensor in
-  integers (docs/design.md, contract 3).
+  integers (docs/design.md, contract 3). Only codes up to ``carry_bits`` wide are carried (8 by
+  default): onnxruntime's CPU provider moves 8-bit codes, but has no 16-bit kernel for these ops, so
+  a pair around a 10-bit tensor's Transpose would only add a Q and a DQ. A device that runs 16-bit
+  codes (QNN) carries them too.
 
 Names follow onnxruntime's quantization tools: ``T_QuantizeLinear`` (node), ``T_QuantizeLinear_Output``
 (codes), ``T_DequantizeLinear_Output`` (dequantized value); weights ``W_quantized``, ``W_scale``,
@@ -165,13 +168,16 @@ class _Inserter:
         holder.inputs[index] = value
         self.log.count("int32 biases")
 
-    def carry(self, activations: dict[str, QuantPoint]) -> None:
-        """Q/DQ with the input's qparams after every data-movement op fed by a DQ."""
+    def carry(self, activations: dict[str, QuantPoint], carry_bits: int = 8) -> None:
+        """Q/DQ with the input's qparams after every data-movement op fed by a DQ of at most `carry_bits`."""
         self.graph.toposort()
         for node in list(self.graph.nodes):
             if not carries_quantization(node) or not node.inputs or id(node.inputs[0]) not in self.dq_record:
                 continue
             rec = self.dq_record[id(node.inputs[0])]
+            if rec.bits > carry_bits:
+                self.log.count(f"{rec.bits}-bit data movement left in float")
+                continue
             for out in list(node.outputs):
                 if out.name in activations or out.dtype not in (None, np.float32):
                     continue
@@ -180,9 +186,9 @@ class _Inserter:
 
 
 def insert_qdq(graph: gs.Graph, records: dict[str, QuantPoint], groups: list[FusedGroup] = (),
-               log: Optional[PassLog] = None) -> gs.Graph:
+               log: Optional[PassLog] = None, carry_bits: int = 8) -> gs.Graph:
     """Quantize `graph` as `records` say: activation records name tensors, weight records name
-    their layer node (``record.layer``)."""
+    their layer node (``record.layer``). Data movement carries codes up to `carry_bits` wide."""
     log = log or PassLog()
     inside = {g.inner: g for g in groups}
     tensors = graph.tensors()
@@ -200,7 +206,7 @@ def insert_qdq(graph: gs.Graph, records: dict[str, QuantPoint], groups: list[Fus
             raise RewriteError(f"quant point {name!r} has no tensor of that name in the ONNX graph")
         inserter.quantize_tensor(tensor, rec, name, clip=True)
         log.count(f"{rec.bits}-bit activations")
-    inserter.carry(activations)
+    inserter.carry(activations, carry_bits)
     for rec in weights:
         node = nodes.get(rec.layer or "")
         if node is None or node.op not in WEIGHT_LAYER_OPS:

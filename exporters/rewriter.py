@@ -1,6 +1,6 @@
 """The rewrite pipeline: float ONNX -> (folded float ONNX, QDQ ONNX).
 
-    fold_bn  ->  fuse_activation (groups)  ->  [float model out]  ->  insert_qdq  ->  cleanup
+    fold_bn  ->  global_pool  ->  fuse_activation (groups)  ->  [float model out]  ->  insert_qdq  ->  cleanup
 
 A device profile (:mod:`deployq.deploy.devices`) may add ``depth_to_space`` (ConvTranspose with kernel =
 stride as Conv + DepthToSpace) to both models, so that they still share every tensor name.
@@ -21,6 +21,7 @@ from deployq.exporters.cleanup import cleanup, finalize
 from deployq.exporters.depth_to_space import convtranspose_to_depth_to_space
 from deployq.exporters.fold_bn import fold_batchnorm_pass
 from deployq.exporters.fuse_activation import find_fused_groups
+from deployq.exporters.global_pool import spatial_mean_to_global_pool
 from deployq.exporters.graph import PassLog, to_model
 from deployq.exporters.insert_qdq import insert_qdq
 from deployq.core.qparams import QuantPoint
@@ -34,13 +35,15 @@ class Rewritten:
 
 
 def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QuantPoint]], fuse_activations: Iterable[str],
-            opset: int = 21, block_convtranspose: bool = False) -> Rewritten:
+            opset: int = 21, block_convtranspose: bool = False, carry_bits: int = 8) -> Rewritten:
     """Fold BN and group activations (the float model); then insert Q/DQ if `records` are given.
-    `block_convtranspose`: rewrite ConvTranspose (kernel = stride) as Conv + DepthToSpace in both."""
+    `block_convtranspose`: rewrite ConvTranspose (kernel = stride) as Conv + DepthToSpace in both;
+    `carry_bits`: the widest codes carried through data movement (:func:`insert_qdq`)."""
     log = PassLog()
     graph = gs.import_onnx(model)
     keep = {r.name for r in (records or {}).values() if r.kind != "weight"}
     fold_batchnorm_pass(graph, keep, log)
+    spatial_mean_to_global_pool(graph, log)
     groups = find_fused_groups(graph, fuse_activations, log)
     float_graph = cleanup(graph, log).copy()
     if block_convtranspose:  # logged once: for the QDQ graph when there is one
@@ -48,7 +51,7 @@ def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QuantPoint]], fu
     float_model = finalize(to_model(float_graph, opset))
     if records is None:
         return Rewritten(float_model, None, log)
-    insert_qdq(graph, records, groups, log)
+    insert_qdq(graph, records, groups, log, carry_bits)
     if block_convtranspose:
         convtranspose_to_depth_to_space(cleanup(graph, log), log, keep)
     return Rewritten(float_model, finalize(to_model(cleanup(graph, log), opset)), log)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import deployq
+from deployq.exporters import BLOCKS_SUFFIX
 from deployq.qat import checkpoint as ck
 from deployq.examples.lowlight import model as lowlight
 from deployq.cli import main
@@ -138,8 +139,9 @@ def test_int8_model_uses_integer_kernels_and_is_small(tmp_path):
     assert sizes["int8"] <= 0.30 * sizes["float"], sizes
     session, ops = optimized_ops(result.files["int8"].read_bytes(), tmp_path / "opt.onnx")
     convs = sum(n.op_type == "Conv" for n in result.quant_model.graph.node)
-    assert convs == 5 and ops.count("QLinearConv") == convs  # (ConvTranspose has no CPU integer kernel)
-    assert "Conv" not in ops and "FusedConv" not in ops
+    # the UNet's 5 Conv and its ConvTranspose, exported as Conv + DepthToSpace: all integer kernels
+    assert convs == 6 and ops.count("QLinearConv") == convs
+    assert not {"Conv", "FusedConv", "ConvTranspose"} & set(ops)
     y = session.run(None, {"x": np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)})[0]
     assert y.shape == (2, 3, 32, 32) and np.isfinite(y).all()
 
@@ -163,7 +165,10 @@ def test_four_bit_layers_are_exact_too(tmp_path):
     report = check_parity(result.qmodel, result.quant_model, [torch.rand(2, 3, 16, 16) * 2 for _ in range(2)])
     assert report.ok() and {p.bits for p in report.points} == {4, 8}
     clips = [n for n in result.quant_model.graph.node if n.op_type == "Clip"]
-    assert len(clips) == sum(r.bits == 4 for r in result.records.values() if r.kind != "weight")
+    # one per 4-bit point, and the copy on the ConvTranspose's block-layout output (exporters/depth_to_space.py)
+    copies = [n for n in clips if BLOCKS_SUFFIX in n.name]
+    assert len(copies) == 1
+    assert len(clips) - len(copies) == sum(r.bits == 4 for r in result.records.values() if r.kind != "weight")
 
 
 def test_per_tensor_weights_get_an_int32_bias_too(tmp_path):

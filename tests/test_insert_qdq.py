@@ -38,10 +38,10 @@ def records(rng, x_bits=8, relu_bits=8):
     }
 
 
-def rewritten(model, recs, kinds=("relu",)):
+def rewritten(model, recs, kinds=("relu",), carry_bits=8):
     graph = gs.import_onnx(model)
     groups = find_fused_groups(graph, kinds)
-    return finalize(to_model(cleanup(insert_qdq(graph, recs, groups)), 21))
+    return finalize(to_model(cleanup(insert_qdq(graph, recs, groups, carry_bits=carry_bits)), 21))
 
 
 def test_reference_view_matches_numpy_qdq_semantics(rng):
@@ -76,6 +76,19 @@ def test_names_follow_the_convention_and_outputs_keep_their_names(rng):
     assert [o.name for o in model.graph.output] == ["out"]
     carried = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ("pool", "out_prequant")]
     assert len(carried) == 2  # max-pool and reshape carry the relu's qparams
+
+
+@pytest.mark.parametrize("carry_bits, carried", [(8, 0), (16, 2)])
+def test_wide_codes_are_carried_through_data_movement_only_where_asked(rng, carry_bits, carried):
+    """A 10-bit tensor's max-pool and reshape get no Q/DQ pair on the CPU (no 16-bit kernel would use
+    it); a device that moves 16-bit codes (QNN) carries them. The values are the same either way."""
+    recs = records(rng, relu_bits=10)
+    model = rewritten(conv_relu_graph(rng), recs, carry_bits=carry_bits)
+    pairs = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ("pool", "out_prequant")]
+    assert len(pairs) == carried
+    x = np.random.default_rng(3).normal(size=(1, 2, 6, 6)).astype(np.float32)
+    other = rewritten(conv_relu_graph(rng), recs, carry_bits=24 - carry_bits)
+    np.testing.assert_array_equal(run(model, {"x": x})[0], run(other, {"x": x})[0])
 
 
 def test_ten_bit_activation_is_clipped_then_16_bit(rng):

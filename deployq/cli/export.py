@@ -55,7 +55,7 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
               help="Keep input height and width symbolic (fully convolutional models): `deployq run` then "
                    "processes whole frames in one call instead of tiles.")
 @click.option("--device", type=click.Choice(list(DEVICE_NAMES)), default="cpu", show_default=True,
-              help="Device profile: cpu (any config); nnapi (8-bit, fixed shapes, ConvTranspose as Conv + "
+              help="Device profile: cpu (any config, ConvTranspose as Conv + DepthToSpace); nnapi (8-bit, fixed shapes, ConvTranspose as Conv + "
                    "DepthToSpace); qnn (u8/u16 activations, 8-bit symmetric weights, fixed shapes); xnnpack "
                    "(8-bit, symmetric weights, ConvTranspose as Conv + DepthToSpace); coreml "
                    "(no Q/DQ: also writes model.coreml.onnx, float with the learned weights). Configs a "

@@ -3,7 +3,9 @@
 A profile is a set of constraints on the quant config (refused with a message saying what to
 change) and exact rewrites of the exported graph:
 
-    cpu     onnxruntime's CPU provider (the default): any config, shapes as exported
+    cpu     onnxruntime's CPU provider (the default): any config, shapes as exported; ConvTranspose
+            (kernel = stride) as Conv + DepthToSpace, which the provider runs as QLinearConv where a QDQ
+            ConvTranspose stays float
     nnapi   Android NNAPI: 8-bit activations (u8) and 8-bit symmetric weights; fixed input shapes;
             ConvTranspose (kernel = stride) as Conv + DepthToSpace(DCR)
     qnn     Qualcomm QNN (HTP): u8/u16 activations (the 10-bit layers run natively as 16-bit),
@@ -55,16 +57,18 @@ class Device:
     takes_qdq: bool = True
     ort_platform: Optional[str] = None  # target_platform of onnxruntime's ORT-format converter
     ort_style: str = "Fixed"  # its optimization style: "Runtime" for providers that compile a partition
+    carry_bits: int = 8  # widest codes the provider moves as integers (Q/DQ carried through data movement)
 
 
 DEVICES = {d.name: d for d in (
-    Device("cpu", "CPU", "onnxruntime's CPU provider: any config, shapes as exported"),
+    Device("cpu", "CPU", "onnxruntime's CPU provider: any config, shapes as exported, ConvTranspose as Conv",
+           block_convtranspose=True),
     Device("nnapi", "NNAPI", "Android NNAPI: 8-bit, fixed shapes, no ConvTranspose", fixed_shapes=True,
            block_convtranspose=True, max_activation_bits=8, max_weight_bits=8, signed_activations=False,
            symmetric_weights=True, ort_platform="arm", ort_style="Runtime"),
     Device("qnn", "QNN", "Qualcomm QNN: u8/u16 activations, 8-bit symmetric weights, fixed shapes",
            fixed_shapes=True, max_weight_bits=8, signed_activations=False, symmetric_weights=True,
-           ort_platform="arm", ort_style="Runtime"),
+           ort_platform="arm", ort_style="Runtime", carry_bits=16),
     Device("xnnpack", "XNNPACK", "XNNPACK (ORT Mobile on Arm CPUs): 8-bit, symmetric weights, ConvTranspose as Conv",
            block_convtranspose=True, max_activation_bits=8, max_weight_bits=8, symmetric_weights=True,
            ort_platform="arm", ort_style="Runtime"),
@@ -74,7 +78,10 @@ DEVICES = {d.name: d for d in (
 DEVICE_KEY = "deployq.device"  # model metadata: the profile a model was exported for
 
 
-def device(name: str) -> Device:
+def device(name: "str | Device") -> Device:
+    """The profile called `name` (a :class:`Device` is returned as it is)."""
+    if isinstance(name, Device):
+        return name
     if name not in DEVICES:
         raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
     return DEVICES[name]

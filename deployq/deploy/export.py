@@ -31,7 +31,7 @@ from deployq.exporters.graph import PassLog
 from deployq.exporters.rewriter import rewrite
 from deployq.deploy.float_graph import export_float
 from deployq.qat.checkpoint import save as save_checkpoint
-from deployq.deploy.devices import DEVICE_KEY, DEVICES, Coverage, check_config, coverage, device as get_device, fix_shapes, learned_float, to_ort_format
+from deployq.deploy.devices import DEVICE_KEY, DEVICES, Coverage, Device, check_config, coverage, device as get_device, fix_shapes, learned_float, to_ort_format
 from deployq.core.files import AtomicOutputs, json_text
 from deployq.qat.loading import ModelSource
 from deployq.qat.prepare import prepare, quant_points
@@ -170,7 +170,7 @@ def calibration_text(calib: Calibration) -> Optional[str]:
 
 def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", opset: int = MIN_OPSET,
            weight_bits: Optional[int] = None, act_signed: bool = False, calib: Calibration = None,
-           calib_limit: int = 100, ptq: PTQOptions = PTQOptions(), dynamic_hw: bool = False, device: str = "cpu",
+           calib_limit: int = 100, ptq: PTQOptions = PTQOptions(), dynamic_hw: bool = False, device: str | Device = "cpu",
            ort_format: bool = True,
            output_names: Optional[list[str]] = None, progress: bool = True) -> ExportResult:
     """Export `source` for `target` into `out_dir`; nothing is written unless everything succeeds.
@@ -205,7 +205,8 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
     float_onnx = export_float(qmodel, examples, opset, dynamic_hw)
     config: QConfig = qmodel.get_submodule("act_quant").config
     stage("export: rewriting (fold BN, fuse activations, insert Q/DQ)", progress)
-    result = rewrite(float_onnx, records, config.fuse_activations, opset, block_convtranspose=dev.block_convtranspose)
+    result = rewrite(float_onnx, records, config.fuse_activations, opset, block_convtranspose=dev.block_convtranspose,
+                     carry_bits=dev.carry_bits)
     if reference is not qmodel:  # AdaRound / bias correction changed the float parameters: the float
         # model users compare against is the one from before them
         original = export_float(reference, examples, opset, dynamic_hw)
