@@ -1,6 +1,6 @@
 """Post-training quantization: deployq's methods against onnxruntime's quantize_static.
 
-    python benchmarks/bench_ptq.py [--models lowlight,resnet18,mobilenet_v2,mnasnet0_5]
+    python benchmarks/bench_ptq.py [--models digits,lowlight,resnet18,mobilenet_v2,mnasnet0_5]
 
 For every model, with the same calibration inputs for every contender and held-out inputs for
 every number: int8 output SQNR of the fully optimized onnxruntime graph against the user's float
@@ -13,9 +13,11 @@ model (and top-1 agreement for the classifiers), for
 * the ceiling of any 8-bit PTQ that quantizes the input: the torch model with only its input
   quantized (every other tensor float).
 
-Models: ``lowlight`` is the example's trained float model (float.pt; calibration from the training
-split, numbers on the test split); the torchvision models have random weights and BatchNorm
-statistics of photographs (see bench_conformance.py).
+Models: ``digits`` is a classifier trained here (``benchmarks.models:digits_cnn`` on scikit-learn's
+digits, as bench_digits.py trains it, seed 0; calibration from the training split, numbers on the
+whole test split); ``lowlight`` is the example's trained float model (float.pt; calibration from the
+training split, numbers on the test split); the torchvision models have random weights and
+BatchNorm statistics of photographs (see bench_conformance.py).
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ from deployq.qat.loading import ModelSource, resolve_model
 from deployq.qat.prepare import prepare, quant_points
 
 SCRIPT = "bench_ptq.py"
-MODELS = ["lowlight", "resnet18", "mobilenet_v2", "mnasnet0_5"]
+MODELS = ["digits", "lowlight", "resnet18", "mobilenet_v2", "mnasnet0_5"]
+TRAINED = ("digits", "lowlight")  # the models this benchmark does not take from torchvision
 STATIC = ("MinMax", "Entropy", "Percentile")
 # (row label, --ptq methods, calibration: "data" or zeroq)
 DEPLOYQ = (("deployq PTQ (min/max)", (), "data"), ("+ cle", ("cle",), "data"), ("+ search", ("search",), "data"),
            ("+ adaround", ("adaround",), "data"), ("+ bias", ("bias",), "data"),
+           ("+ adaround, bias", ("adaround", "bias"), "data"),
            ("+ search, adaround, bias", ("search", "adaround", "bias"), "data"),
            ("--calib zeroq (no data)", (), ZEROQ))
 
@@ -70,6 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lowlight-size", type=int, default=64, help="low-light packed input side")
     parser.add_argument("--calib", type=int, default=32, help="calibration inputs (every contender)")
     parser.add_argument("--eval", type=int, default=16, help="held-out inputs every number is measured on")
+    parser.add_argument("--digits-epochs", type=int, default=30, help="float training epochs of the digits CNN")
+    parser.add_argument("--digits-eval", type=int, default=450, help="held-out digits images (the test split has 450)")
     parser.add_argument("--adaround-iterations", type=int, default=200, help="AdaRound steps per layer")
     parser.add_argument("--rows", default="", help="only these deployq rows (labels, comma-separated; quick runs)")
     common.add_lowlight_arguments(parser)
@@ -98,6 +104,19 @@ def lowlight_case(args: argparse.Namespace) -> Case:
         ckpt=str(ckpts.float), factory=ckpts.float_factory, factory_kwargs=ckpts.float_kwargs,
         input_shape=(1, 4, side, side)),
         calibration_arrays(2 * side, args.calib), [test[i]["input"].numpy()[None] for i in range(args.eval)])
+
+
+def digits_case(args: argparse.Namespace, work: Path) -> Case:
+    from benchmarks.bench_digits import fit, load_digits_split
+    from benchmarks.models import digits_cnn
+
+    data = load_digits_split()
+    torch.manual_seed(0)
+    model = fit(digits_cnn(seed=0), data, args.digits_epochs, lr=3e-3, seed=0)
+    torch.save(model.state_dict(), work / "digits.pt")
+    return Case("digits CNN (trained)", lambda: resolve_model(
+        ckpt=str(work / "digits.pt"), factory="benchmarks.models:digits_cnn", input_shape=(1, 1, 8, 8)),
+        [x[None].numpy() for x in data.x_train[:args.calib]], [x[None].numpy() for x in data.x_test[:args.digits_eval]])
 
 
 def input_only_ceiling(source: ModelSource, case: Case) -> float:
@@ -159,15 +178,16 @@ def measure(case: Case, args: argparse.Namespace, work: Path) -> list[tuple]:
 def run(argv: list[str]) -> common.Section:
     args = parse_args(argv)
     names = [n for n in args.models.split(",") if n]
-    unknown = sorted(set(names) - set(tvm.MODELS) - {"lowlight"})
+    unknown = sorted(set(names) - set(tvm.MODELS) - set(TRAINED))
     if unknown:
-        raise common.BenchmarkError(f"unknown models {unknown}; known: lowlight, {', '.join(tvm.MODELS)}")
+        raise common.BenchmarkError(f"unknown models {unknown}; known: {', '.join(TRAINED)}, {', '.join(tvm.MODELS)}")
     results: dict[str, dict[str, tuple]] = {}
     with common.torch_threads(1):
         for name in names:
             with tempfile.TemporaryDirectory(prefix=f"bench_ptq.{name}.") as tmp:
                 with common.quiet():
-                    case = lowlight_case(args) if name == "lowlight" else torchvision_case(name, args, Path(tmp))
+                    case = (lowlight_case(args) if name == "lowlight" else digits_case(args, Path(tmp)) if name == "digits"
+                            else torchvision_case(name, args, Path(tmp)))
                     rows = measure(case, args, Path(tmp))
                 results[case.name] = {label: rest for label, *rest in rows}
                 print(f"{case.name}: " + ", ".join(f"{label} {v[0]:.2f}" for label, *v in rows), file=sys.stderr,
@@ -220,11 +240,13 @@ def summary(results: dict[str, dict[str, tuple]]) -> list[str]:
 
 def notes(args: argparse.Namespace) -> str:
     return (f"Output SQNR (dB) of the fully optimized int8 onnxruntime graph against the float model, on "
-            f"{args.eval} held-out inputs (classifiers: top-1 agreement with float in brackets); seconds: the "
+            f"{args.eval} held-out inputs ({args.digits_eval} for digits; classifiers: top-1 agreement with float "
+            "in brackets); seconds: the "
             "whole export with its calibration. Every contender calibrates on the same "
             f"{args.calib} inputs (torchvision: crops of the photographs other than "
             f"{', '.join(tvm.HELD_OUT_PHOTOS)}, {args.size}×{args.size}, numbers on those two; low-light: "
-            f"the training split, {args.lowlight_size}×{args.lowlight_size} packed, numbers on the test split). "
+            f"the training split, {args.lowlight_size}×{args.lowlight_size} packed, numbers on the test split; "
+            "digits: the first images of the training split, numbers on the test split). "
             "quantize_static runs on deployq's float graph. deployq rows are `deployq export --calib ... "
             f"--ptq METHODS`; AdaRound {args.adaround_iterations} steps per layer on 8 calibration inputs; "
             "bias correction on 8; search scores on 4. *only the input quantized*: every contender quantizes "

@@ -83,15 +83,17 @@ def test_qparams_json_records_each_activations_calibration_method(every_method):
     for r in records:
         observers[r["kind"]].add(r["observer"])
     assert observers["weight"] == {None}
-    assert observers["activation"] <= {"minmax", "percentile", "mse", "kl"} and observers["activation"]
+    assert observers["activation"] and all(o in ("minmax", "percentile", "mse", "kl")
+                                           or o.startswith("percentile(lower=") for o in observers["activation"])
 
 
 def test_search_never_scores_below_the_configs_own_method(float_model):
     qmodel = deployq.prepare(float_model, torch.rand(SHAPE))
-    report = search_calibration(qmodel, _photos(8, 5), methods=("minmax", "mse"), eval_batches=2)
+    report = search_calibration(qmodel, _photos(8, 5), methods=("minmax", "mse", "percentile_99.999"), eval_batches=2)
     assert report.sqnr_end_db >= report.sqnr_start_db
     chosen = {name: r.observer for name, r in qparams_of(qmodel).items() if r.kind != "weight"}
     assert chosen == report.chosen
+    assert set(chosen.values()) <= {"minmax", "mse", "percentile(lower=0.001, upper=99.999)"}
     with pytest.raises(ValueError, match="unknown methods.*median"):
         search_calibration(qmodel, _photos(1, 5), methods=("median",))
 

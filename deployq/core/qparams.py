@@ -9,8 +9,9 @@ ONNX rewriter. One record per quant point, keyed by its name (docs/design.md, co
 
 ``axis`` is null for per-tensor records (one scale); ``input`` names the quant point that feeds a
 weight layer (its scale times the weight scale is the int32 bias scale); ``observer`` is the
-calibration method that set an activation's range (``minmax``, ``percentile``, ``mse``, ``kl``: the
-config's, or the one ``--ptq search`` chose), null for weights.
+calibration method that set an activation's range, with its arguments if it has any (``minmax``,
+``percentile(lower=0.001, upper=99.999)``, ``mse``, ``kl``: the config's, or the one ``--ptq search``
+chose), null for weights.
 """
 
 from __future__ import annotations

@@ -61,6 +61,14 @@ class QuantSpec(CodeRange):
         object.__setattr__(self, "observer_args", _freeze_args(self.observer_args, "observer_args"))
 
     @property
+    def observer_label(self) -> str:
+        """The observer with its arguments, as ``qparams.json`` records it: ``minmax``,
+        ``percentile(lower=0.001, upper=99.999)``."""
+        if not self.observer_args:
+            return self.observer
+        return f"{self.observer}({', '.join(f'{k}={v}' for k, v in self.observer_args)})"
+
+    @property
     def scheme(self) -> str:
         return f"per_{'channel' if self.per_channel else 'tensor'}_{'symmetric' if self.symmetric else 'affine'}"
 

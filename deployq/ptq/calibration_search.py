@@ -1,7 +1,9 @@
 """Calibration method per quant point, picked by measuring the model's output.
 
-An observer sets an activation's range from what it saw: its extremes (``minmax``), percentiles,
-or the clipping that minimizes the tensor's own quantization error (``mse``, ``kl``). Which one is
+An observer sets an activation's range from what it saw: its extremes (``minmax``), percentiles
+(``percentile``: the config's own, 0.01 / 99.99 % by default; ``percentile_99.999``: 0.001 / 99.999 %,
+onnxruntime's Percentile calibration), or the clipping that minimizes the tensor's own quantization
+error (``mse``, ``kl``). Which one is
 best for the *model* depends on what follows the tensor: clipping a few outliers halves the step
 of every other value, but an outlier that carries the signal (an attention peak, a residual's
 large channel) must not be clipped. So the choice is measured, not guessed:
@@ -36,13 +38,23 @@ from deployq.qat.quantizers import FakeQuantizer
 
 __all__ = ["METHODS", "SearchReport", "search_calibration"]
 
-METHODS = ("minmax", "percentile", "mse", "kl")
+# a candidate is an observer with arguments: the observer's own name uses the config's arguments for it
+VARIANTS = {"percentile_99.999": ("percentile", (("lower", 0.001), ("upper", 99.999)))}
+METHODS = ("minmax", "percentile", "percentile_99.999", "mse", "kl")
+
+
+def _observer(method: str, spec) -> tuple[str, tuple]:
+    """(observer name, observer arguments) of a candidate for a quantizer of `spec`."""
+    if method in VARIANTS:
+        return VARIANTS[method]
+    return method, spec.observer_args if method == spec.observer else ()
 
 
 @dataclass(frozen=True)
 class SearchReport:
-    """What the search chose: {quant point: method}, and the output SQNR (dB, on the evaluation
-    batches) with the config's method everywhere and after the search."""
+    """What the search chose: {quant point: observer with its arguments, as ``qparams.json`` records
+    it}, and the output SQNR (dB, on the evaluation batches) with the config's method everywhere and
+    after the search."""
 
     chosen: dict[str, str]
     sqnr_start_db: float
@@ -82,8 +94,8 @@ def _observe_with(model: nn.Module, quantizers: dict[str, FakeQuantizer], method
                   inputs: Sequence[tuple]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One observation pass with every activation quantizer's observer set to `method`: its qparams."""
     for q in quantizers.values():
-        args = q.spec.observer_args if method == q.spec.observer else ()
-        q.observer = create_observer(replace(q.spec, observer=method, observer_args=args), q.axis, q.name)
+        observer, args = _observer(method, q.spec)
+        q.observer = create_observer(replace(q.spec, observer=observer, observer_args=args), q.axis, q.name)
     set_mode(model, "observe")
     with torch.no_grad():
         for args in inputs:
@@ -101,9 +113,9 @@ def search_calibration(model: nn.Module, batches: Iterable[Any], *, methods: Seq
     `max_batches` are observed, the first `eval_batches` of those score the choices. The model is
     left calibrated, in quantize mode, eval.
     """
-    unknown = [m for m in methods if m not in OBSERVERS]
+    unknown = [m for m in methods if m not in OBSERVERS and m not in VARIANTS]
     if unknown or not methods:
-        raise ValueError(f"calibration search: unknown methods {unknown}; known: {', '.join(OBSERVERS)}")
+        raise ValueError(f"calibration search: unknown methods {unknown}; known: {', '.join([*OBSERVERS, *VARIANTS])}")
     if max_batches < 1 or eval_batches < 1:
         raise ValueError("calibration search: max_batches and eval_batches must be at least 1")
     names = input_names(model)
@@ -141,7 +153,9 @@ def search_calibration(model: nn.Module, batches: Iterable[Any], *, methods: Seq
         q.set_qparams(*candidates[chosen[name]][name])
     for name, q in quantizers.items():
         if chosen[name] != q.spec.observer:
-            q.spec = replace(q.spec, observer=chosen[name], observer_args=())
+            observer, args = _observer(chosen[name], q.spec)
+            q.spec = replace(q.spec, observer=observer, observer_args=args)
         q.observer = create_observer(q.spec, q.axis, q.name)
+        chosen[name] = q.spec.observer_label  # as qparams.json records it
     return SearchReport(chosen, start, best)
 

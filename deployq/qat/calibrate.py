@@ -143,7 +143,7 @@ def qparams_of(model: nn.Module) -> dict[str, qp.QuantPoint]:
             if not bool(q.initialized):
                 raise ValueError(f"{name}: not calibrated yet; run deployq.calibrate() first")
             scale, zero_point = q.qparams()
-            point = replace(point, observer=q.spec.observer)
+            point = replace(point, observer=q.spec.observer_label)
         records[name] = point.with_qparams(scale.cpu().numpy(), zero_point.cpu().numpy())
     return records
 
