@@ -244,7 +244,8 @@ def run(argv: list[str]) -> common.Section:
                     for c in ("fp32", "int8, 10-bit head/tail", "int8, all 8-bit"):
                         profiles.append((c, profile_by_op(Path(by_size[size][c]), x, work)))
     header = ["width", "packed input", "threads", "fp32 (ms)", *(f"{c}: fp32 / int8" for c in CONTENDERS[1:])]
-    lines = ["Speed-up of each int8 model over fp32 (fp32 median / int8 median: above 1 is faster), onnxruntime "
+    lines = ["Speed-up of each int8 model over fp32 (fp32 median / int8 median: above 1 is faster; fp32: the faster "
+             "of the exported float model's two forms, ConvTranspose kept or as Conv + DepthToSpace), onnxruntime "
              f"{ort.__version__} CPU provider, fully optimized, batch 1, median of {args.repeats} round-robin runs "
              f"per configuration. Width {shipped_width(ckpts)}: the shipped checkpoints; other widths: the same network and configs "
              "with random weights calibrated post-training.", "", *common.table(header, rows), ""]
