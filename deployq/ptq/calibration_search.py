@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from deployq.calib.observers import OBSERVERS, create_observer
+from deployq.core.qspec import QuantSpec
 from deployq.core.progress import progress_bar
 from deployq.qat.calibrate import input_names, model_inputs, set_mode
 from deployq.qat.prepare import quant_points
@@ -43,7 +44,7 @@ VARIANTS = {"percentile_99.999": ("percentile", (("lower", 0.001), ("upper", 99.
 METHODS = ("minmax", "percentile", "percentile_99.999", "mse", "kl")
 
 
-def _observer(method: str, spec) -> tuple[str, tuple]:
+def _observer(method: str, spec: QuantSpec) -> tuple[str, tuple]:
     """(observer name, observer arguments) of a candidate for a quantizer of `spec`."""
     if method in VARIANTS:
         return VARIANTS[method]
