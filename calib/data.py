@@ -124,7 +124,7 @@ def has_sid_ratio(short: Path) -> bool:
 
 def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarray:
     """A raw file as one ``(C, H, W)`` sample: packed (C = 4) or the mosaic (C = 1), amplified by
-    the exposure ratio and the file's as-shot white balance (:func:`~.raw.amplify`)."""
+    the exposure ratio, the file's as-shot white balance and its colour matrix (:func:`~.raw.amplify`)."""
     channels, height, width = chw
     if channels not in (1, 4):
         raise InputDataError(
@@ -137,7 +137,7 @@ def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarr
         image = read_raw(path)
     except RawReadError as error:
         raise InputDataError(str(error)) from error
-    packed = amplify(pack_bayer(image.bayer), ratio, image.white_balance)
+    packed = amplify(pack_bayer(image.bayer), ratio, image.white_balance, image.colour_matrix)
     data = packed if channels == 4 else unpack_bayer(packed)[None]
     if data.shape[-2] < height or data.shape[-1] < width:
         raise InputDataError(

@@ -50,15 +50,17 @@ def write_dng(
     white_level: int = _WHITE_LEVEL,
     exposure_time: float | None = None,
     white_balance: Sequence[float] | None = None,
+    colour_matrix: Sequence[Sequence[float]] | None = None,
 ) -> Path:
     """Write a Bayer mosaic as an uncompressed 16-bit DNG with pidng, atomically.
 
     ``pattern`` is the CFA of the top-left 2x2 (RGGB, BGGR, GRBG or GBRG); ``black_level`` is
     one level or four, one per 2x2 site in row-major order; ``exposure_time`` (seconds) goes to
     the EXIF ExposureTime tag; ``white_balance`` (as-shot multipliers R, G, B) goes to
-    AsShotNeutral as their inverse. rawpy reads the values back bit-exactly
-    (``raw_image_visible``). The colour matrix is the Sony a7S one. LibRaw refuses images under 22 x 22 pixels, so
-    those are rejected here.
+    AsShotNeutral as their inverse; ``colour_matrix`` (XYZ D65 -> camera, 3 x 3, as DNG's
+    ColorMatrix1) defaults to the Sony a7S one (:data:`SONY_A7S_COLOR_MATRIX` / 10000). rawpy reads
+    the values back bit-exactly (``raw_image_visible``). LibRaw refuses images under 22 x 22
+    pixels, so those are rejected here.
     """
     path = Path(path)
     raw = np.asarray(raw_uint16)
@@ -89,7 +91,13 @@ def write_dng(
     tags.set(Tag.BlackLevelRepeatDim, [2, 2])
     tags.set(Tag.BlackLevel, blacks)
     tags.set(Tag.WhiteLevel, int(white_level))
-    tags.set(Tag.ColorMatrix1, [[int(v), 10000] for v in np.ravel(SONY_A7S_COLOR_MATRIX)])
+    if colour_matrix is None:
+        matrix = np.asarray(SONY_A7S_COLOR_MATRIX, dtype=np.float64) / 10000.0
+    else:
+        matrix = np.asarray(colour_matrix, dtype=np.float64)
+        if matrix.shape != (3, 3) or not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-9:
+            raise ValueError(f"{path}: colour_matrix must be an invertible, finite 3 x 3 matrix")
+    tags.set(Tag.ColorMatrix1, [[int(round(v * 10000)), 10000] for v in matrix.ravel()])
     tags.set(Tag.CalibrationIlluminant1, CalibrationIlluminant.D65)
     tags.set(Tag.Make, "deployq")
     tags.set(Tag.Model, "synthetic")

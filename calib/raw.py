@@ -9,6 +9,11 @@ where ``c`` is the colour of the pixel's CFA site, cropped by at most one row an
 that the top-left 2x2 block is R G / G B and cropped again to an even height and width. Networks
 that take packed raw input (SID, Chen et al., CVPR 2018 "Learning to See in the Dark") then see
 the same channel order for every camera: :func:`pack_bayer` = ``pixel_unshuffle(x, 2)``.
+
+The file's metadata makes the data camera-agnostic too: :func:`amplify` applies the as-shot white
+balance and the camera -> linear sRGB colour matrix LibRaw derives from the file (a DNG's
+ColorMatrix, or LibRaw's table for a camera's own format), the two steps a camera's ISP takes, so
+a network trained on some sensors sees another sensor's frames in the same colour space.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "exposure_from_name",
     "amplify",
     "load_packed",
+    "packed_colour_matrix",
     "pack_bayer",
     "read_raw",
     "sid_ratio",
@@ -56,7 +62,8 @@ class RawImage:
     LibRaw colour index, the order of ``color_desc``); ``exposure_time`` is the EXIF exposure in
     seconds, or None when the file has none; ``white_balance`` is the camera's as-shot
     multipliers (R, G, B) with green 1 (a DNG's AsShotNeutral inverted), or None when the file
-    has none.
+    has none; ``colour_matrix`` is LibRaw's camera RGB -> linear sRGB matrix (3 x 3, rows summing
+    to 1: white-balanced neutral stays neutral), or None when the file gives none.
     """
 
     bayer: np.ndarray = field(repr=False)
@@ -66,6 +73,7 @@ class RawImage:
     exposure_time: float | None
     path: Path
     white_balance: tuple[float, float, float] | None = None
+    colour_matrix: np.ndarray | None = field(default=None, repr=False)
 
 
 def bayer_pattern(raw_pattern: np.ndarray | None, color_desc: bytes | str) -> str:
@@ -152,6 +160,7 @@ def read_raw(path: str | os.PathLike) -> RawImage:
             values = raw.raw_image_visible.astype(np.float32)
             exposure_time = _exposure_seconds(raw)
             white_balance = _as_shot_white_balance(raw)
+            colour_matrix = _camera_to_srgb(raw)
     except (rawpy.LibRawError, OSError) as error:
         raise RawReadError(f"{path}: LibRaw cannot read it ({_describe(error)})") from error
     except ValueError as error:
@@ -167,7 +176,8 @@ def read_raw(path: str | os.PathLike) -> RawImage:
     if height == 0 or width == 0:
         raise RawReadError(f"{path}: visible area {bayer.shape} is too small for a 2x2 Bayer block")
     bayer = np.ascontiguousarray(bayer[row : row + height, col : col + width], dtype=np.float32)
-    return RawImage(bayer, pattern, black_level, white_level, exposure_time, path, white_balance)
+    return RawImage(bayer, pattern, black_level, white_level, exposure_time, path, white_balance,
+                    colour_matrix)
 
 
 def _as_shot_white_balance(raw: rawpy.RawPy) -> tuple[float, float, float] | None:
@@ -176,6 +186,22 @@ def _as_shot_white_balance(raw: rawpy.RawPy) -> tuple[float, float, float] | Non
     if not all(np.isfinite(g) and g > 0 for g in gains):
         return None
     return (gains[0] / gains[1], 1.0, gains[2] / gains[1])
+
+
+def _camera_to_srgb(raw: rawpy.RawPy) -> np.ndarray | None:
+    """LibRaw's ``rgb_cam`` (rawpy's ``color_matrix``, camera RGB -> linear sRGB) as 3 x 3
+    float32, or None when it is missing, not finite, or not invertible.
+
+    LibRaw computes it from the file's XYZ -> camera matrix ``M`` as
+    ``inv(rownorm(M @ srgb_to_xyz))``: white-balanced white stays white.
+    """
+    matrix = np.asarray(raw.color_matrix, dtype=np.float64)
+    if matrix.shape != (3, 4) or not np.all(np.isfinite(matrix)):
+        return None
+    matrix = matrix[:, :3]
+    if abs(np.linalg.det(matrix)) < 1e-6:
+        return None
+    return matrix.astype(np.float32)
 
 
 def _describe(error: BaseException) -> str:
@@ -247,34 +273,71 @@ def sid_ratio(
     return min(times[1] / times[0], cap)
 
 
+def packed_colour_matrix(colour_matrix: np.ndarray) -> np.ndarray:
+    """The 4 x 4 map a 3 x 3 camera -> sRGB matrix ``C`` makes on packed RGGB ``(R, G1, G2, B)``.
+
+    Each 2x2 block is one colour sample: red and blue mix in ``C``'s green column with the mean of
+    the two greens, and each green site keeps its own green, so that the two green sites still
+    differ where the scene does::
+
+        R'  = c00 R + c01 (G1 + G2) / 2 + c02 B
+        G1' = c10 R + c11 G1            + c12 B
+        G2' = c10 R + c11 G2            + c12 B
+        B'  = c20 R + c21 (G1 + G2) / 2 + c22 B
+    """
+    c = np.asarray(colour_matrix, dtype=np.float64)
+    if c.shape != (3, 3) or not np.all(np.isfinite(c)):
+        raise ValueError(f"a colour matrix is 3 x 3 and finite, got {c.shape}")
+    return np.array(
+        [
+            [c[0, 0], c[0, 1] / 2, c[0, 1] / 2, c[0, 2]],
+            [c[1, 0], c[1, 1], 0.0, c[1, 2]],
+            [c[1, 0], 0.0, c[1, 1], c[1, 2]],
+            [c[2, 0], c[2, 1] / 2, c[2, 1] / 2, c[2, 2]],
+        ],
+        dtype=np.float32,
+    )
+
+
 def amplify(
-    packed: np.ndarray, ratio: float | None, white_balance: Sequence[float] | None = None
+    packed: np.ndarray,
+    ratio: float | None,
+    white_balance: Sequence[float] | None = None,
+    colour_matrix: np.ndarray | None = None,
 ) -> np.ndarray:
     """Packed RGGB ``(..., 4, h, w)`` in [0, 1] -> what a low-light network sees:
 
     ``clip(packed * ratio * gains, 0, 1)`` with ``gains = (R, G, G, B)`` of ``white_balance``
-    (multipliers, green 1) per channel; ``ratio=None`` and ``white_balance=None`` leave that
-    factor out (and the values unclipped when both are out).
+    (multipliers, green 1) per channel, then, with a ``colour_matrix`` (camera RGB -> linear
+    sRGB), ``clip(P @ that, 0, 1)`` with ``P`` its :func:`packed_colour_matrix`. ``None`` leaves
+    a step out (and the values unclipped when all three are out).
     """
     packed = np.asarray(packed, dtype=np.float32)
-    if ratio is None and white_balance is None:
+    if ratio is None and white_balance is None and colour_matrix is None:
         return packed
     scale = np.ones(4, dtype=np.float32) * np.float32(1.0 if ratio is None else ratio)
     if white_balance is not None:
         red, green, blue = (float(g) for g in white_balance)
         scale *= np.array([red, green, green, blue], dtype=np.float32)
-    return np.clip(packed * scale[:, None, None], 0.0, 1.0)
+    out = np.clip(packed * scale[:, None, None], 0.0, 1.0)
+    if colour_matrix is not None:
+        mixed = np.tensordot(packed_colour_matrix(colour_matrix), out, axes=([1], [-3]))
+        out = np.clip(np.moveaxis(mixed, 0, -3), 0.0, 1.0).astype(np.float32)
+    return out
 
 
 def load_packed(
-    path: str | os.PathLike, ratio: float | None = None, white_balance: bool = True
+    path: str | os.PathLike, ratio: float | None = None, white_balance: bool = True,
+    colour: bool = True,
 ) -> np.ndarray:
     """Read a raw file as packed RGGB ``(4, H/2, W/2)`` float32, amplified by ``ratio``.
 
     :func:`amplify` of ``pack_bayer(read_raw(path).bayer)`` with the file's as-shot white
-    balance when ``white_balance`` is true and the file has one; with ``ratio=None`` and no
-    white balance the data is only packed (its values are already in [0, 1]).
+    balance when ``white_balance`` is true and the file has one, and its camera -> sRGB colour
+    matrix when ``colour`` is true and the file has one; with ``ratio=None`` and neither, the
+    data is only packed (its values are already in [0, 1]).
     """
     image = read_raw(path)
     gains = image.white_balance if white_balance else None
-    return amplify(pack_bayer(image.bayer), ratio, gains)
+    matrix = image.colour_matrix if colour else None
+    return amplify(pack_bayer(image.bayer), ratio, gains, matrix)

@@ -8,7 +8,7 @@ import skimage.io
 import torch
 
 from deployq.calib.data import InputDataError, iterate_batches, load_inputs
-from deployq.calib.raw import load_packed, read_raw
+from deployq.calib.raw import load_packed, unpack_bayer
 from deployq.calib.dng import write_dng
 from deployq.examples.lowlight.data import write_sid_folder
 
@@ -48,7 +48,7 @@ def test_raw_ratio_amplifies_and_clips(tmp_path):
 def test_raw_mosaic_for_one_channel_models_keeps_the_cfa_phase(tmp_path):
     path = _raw_file(tmp_path / "frame.dng", height=34, width=42)
     (array,) = load_inputs(path, (1, 1, 10, 10))
-    bayer = read_raw(path).bayer  # 34 x 42: centre offsets 12 and 16 are even
+    bayer = unpack_bayer(load_packed(path))  # 34 x 42: centre offsets 12 and 16 are even
     np.testing.assert_array_equal(array[0, 0], bayer[12:22, 16:26])
     (odd,) = load_inputs(path, (1, 1, 12, 14))  # offsets 11 and 14 -> 10 and 14
     np.testing.assert_array_equal(odd[0, 0], bayer[10:22, 14:28])

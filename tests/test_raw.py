@@ -277,9 +277,9 @@ def test_load_packed_amplifies_and_clips(tmp_path):
     raw = _random_raw(np.random.default_rng(9), low=512, high=1200)
     path = write_dng(tmp_path / "00001_00_0.1s.dng", raw)
     bayer = read_raw(path).bayer
-    plain = load_packed(path)
+    plain = load_packed(path, colour=False)
     np.testing.assert_array_equal(plain, pack_bayer(bayer))
-    amplified = load_packed(path, ratio=100)
+    amplified = load_packed(path, ratio=100, colour=False)
     assert amplified.dtype == np.float32 and amplified.shape == (4, SIDE // 2, SIDE // 2)
     np.testing.assert_allclose(amplified, np.clip(pack_bayer(bayer) * 100, 0, 1), rtol=1e-6)
     assert amplified.max() == 1.0
@@ -294,10 +294,47 @@ def test_as_shot_white_balance_is_read_and_applied_per_cfa_site(tmp_path):
     assert image.white_balance == pytest.approx((2.0, 1.0, 1.6), rel=1e-4)
     packed = pack_bayer(image.bayer)  # canonical RGGB after the reader's crop
     expected = np.clip(packed * 100 * np.array([2.0, 1.0, 1.0, 1.6], np.float32)[:, None, None], 0, 1)
-    np.testing.assert_allclose(load_packed(path, ratio=100), expected, rtol=1e-5)
-    np.testing.assert_allclose(load_packed(path, ratio=100, white_balance=False), np.clip(packed * 100, 0, 1), rtol=1e-6)
+    np.testing.assert_allclose(load_packed(path, ratio=100, colour=False), expected, rtol=1e-5)
+    np.testing.assert_allclose(load_packed(path, ratio=100, white_balance=False, colour=False),
+                               np.clip(packed * 100, 0, 1), rtol=1e-6)
     bare = write_dng(tmp_path / "00002_00_0.1s.dng", raw)  # no AsShotNeutral: nothing to apply
     assert read_raw(bare).white_balance is None
-    np.testing.assert_array_equal(load_packed(bare, ratio=1), np.clip(pack_bayer(read_raw(bare).bayer), 0, 1))
+    np.testing.assert_array_equal(load_packed(bare, ratio=1, colour=False), np.clip(pack_bayer(read_raw(bare).bayer), 0, 1))
     with pytest.raises(ValueError, match="white_balance"):
         write_dng(tmp_path / "bad.dng", raw, white_balance=(2.0, 0.0, 1.0))
+
+
+# linear sRGB (D65) -> XYZ as LibRaw tabulates it (its xyz_rgb, transposed): an independent copy
+_LIBRAW_SRGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423],
+                                [0.212671, 0.715160, 0.072169],
+                                [0.019334, 0.119193, 0.950227]])
+
+
+def test_colour_matrix_is_read_from_the_file_and_applied_per_2x2_block(tmp_path):
+    """A DNG's ColorMatrix1 (XYZ -> camera) comes back as camera -> sRGB, ``inv(rownorm(M @
+    srgb_to_xyz))``; the loader applies it to each 2x2 block after the white balance (R and B
+    take the two greens' mean, each green site keeps its own) and clips to [0, 1]."""
+    xyz_to_cam = np.array([[1.1434, -0.4948, -0.1210], [-0.3746, 1.2042, 0.1903], [-0.0666, 0.1479, 0.5235]])
+    raw = _random_raw(np.random.default_rng(5), low=512, high=700)
+    path = write_dng(tmp_path / "00001_00_0.1s.dng", raw, pattern="BGGR", white_balance=(2.0, 1.0, 1.5),
+                     colour_matrix=xyz_to_cam)
+    image = read_raw(path)
+    cam_rgb = xyz_to_cam @ _LIBRAW_SRGB_TO_XYZ
+    expected_matrix = np.linalg.inv(cam_rgb / cam_rgb.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(image.colour_matrix, expected_matrix, atol=2e-4)
+    np.testing.assert_allclose(image.colour_matrix.sum(axis=1), 1.0, atol=1e-4)  # grey stays grey
+
+    balanced = np.clip(pack_bayer(image.bayer) * 100 * np.array([2.0, 1.0, 1.0, 1.5], np.float32)[:, None, None], 0, 1)
+    r, g1, g2, b = balanced
+    c = image.colour_matrix
+    green = (g1 + g2) / 2
+    expected = np.stack([c[0, 0] * r + c[0, 1] * green + c[0, 2] * b,
+                         c[1, 0] * r + c[1, 1] * g1 + c[1, 2] * b,
+                         c[1, 0] * r + c[1, 1] * g2 + c[1, 2] * b,
+                         c[2, 0] * r + c[2, 1] * green + c[2, 2] * b])
+    loaded = load_packed(path, ratio=100)
+    np.testing.assert_allclose(loaded, np.clip(expected, 0, 1), atol=1e-6)
+    assert not np.allclose(loaded, balanced, atol=1e-3)  # the matrix did something
+    np.testing.assert_allclose(load_packed(path, ratio=100, colour=False), balanced, rtol=1e-6)
+    with pytest.raises(ValueError, match="colour_matrix"):
+        write_dng(tmp_path / "bad.dng", raw, colour_matrix=np.zeros((3, 3)))

@@ -141,20 +141,22 @@ def test_ratio_must_be_positive_and_a_missing_one_is_said(tmp_path):
 
 def test_the_ratio_brightens_what_the_model_sees(tmp_path):
     """Pixel values through a known (pointwise) model: the PNG is the model applied to the packed
-    raw times --ratio, clipped to [0, 1], in 8 bits."""
-    from deployq.calib.raw import pack_bayer, read_raw
+    raw times --ratio, clipped to [0, 1], then through the file's colour matrix (clipped), in 8 bits."""
+    from deployq.calib.raw import pack_bayer, packed_colour_matrix, read_raw
 
     path, w = shuffle_model(tmp_path / "m.onnx", positive=True)  # keeps light positive: brightening shows
     raw = np.random.default_rng(3).integers(512, 900, size=(48, 64)).astype(np.uint16)  # dark: 0..2.4% of white
     dng = write_dng(tmp_path / "dark.dng", raw)
-    packed = pack_bayer(read_raw(dng).bayer)
+    image = read_raw(dng)
+    packed, colour = pack_bayer(image.bayer), packed_colour_matrix(image.colour_matrix)
     means = {}
     for ratio in (1, 20):
         out = tmp_path / f"r{ratio}"
         result = CliRunner().invoke(main, ["run", str(path), str(dng), "--ratio", str(ratio), "--out", str(out)])
         assert result.exit_code == 0, result.output
         png = imageio.v3.imread(out / "dark.png").astype(np.int64)
-        expected = np.clip(direct(w, np.clip(packed * ratio, 0, 1)), 0, 1).transpose(1, 2, 0) * 255
+        seen = np.clip(np.einsum("ij,jhw->ihw", colour, np.clip(packed * ratio, 0, 1)), 0, 1)
+        expected = np.clip(direct(w, seen), 0, 1).transpose(1, 2, 0) * 255
         assert np.abs(png - np.floor(expected + 0.5)).max() <= 1, ratio
         means[ratio] = png.mean()
     assert means[20] > 5 * means[1]

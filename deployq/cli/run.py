@@ -37,7 +37,10 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, ratio: O
 
     A model exported with `deployq export --dynamic-hw` takes each frame whole (no seams); a
     fixed-size model, or a frame over 2048x2048 packed pixels, is processed in overlapping tiles
-    whose seams are blended. Reads what LibRaw reads (ARW, DNG, NEF, CR2, ...).
+    whose seams are blended. Reads what LibRaw reads (ARW, DNG, NEF, CR2, ...): each frame is
+    black-subtracted, packed RGGB, multiplied by the exposure ratio and the file's as-shot white
+    balance, and taken to linear sRGB by the file's colour matrix, so frames from any camera reach
+    the model in one colour space (the same loading as `diff`, `hessian` and `export --calib`).
     """
     from deployq.core.files import check_output
     from deployq.run import bench, enhance, load_engine

@@ -189,12 +189,24 @@ class Camera:
     def meta(self) -> dict:
         """What :func:`~.isp.process` needs: ``ccm`` (camera -> sRGB) and the gains."""
         return {
-            "ccm": np.linalg.inv(self.rgb_to_cam).astype(np.float32),
+            "ccm": self.colour_matrix,
             "rgb_to_cam": self.rgb_to_cam,
             "rgb_gain": 1.0,
             "red_gain": self.red_gain,
             "blue_gain": self.blue_gain,
         }
+
+    @property
+    def colour_matrix(self) -> np.ndarray:
+        """Camera RGB -> linear sRGB (the inverse of ``rgb_to_cam``): what a raw reader takes from
+        the file (LibRaw's ``rgb_cam``) to undo this sensor's colours."""
+        return np.linalg.inv(self.rgb_to_cam).astype(np.float32)
+
+    @property
+    def xyz_to_cam(self) -> np.ndarray:
+        """An XYZ (D65) -> camera matrix of this sensor, as a DNG's ColorMatrix1 holds one: from it
+        LibRaw computes :attr:`colour_matrix` again (rows of ``xyz_to_cam @ srgb_to_xyz`` sum to 1)."""
+        return self.rgb_to_cam.astype(np.float64) @ np.linalg.inv(_SRGB_TO_XYZ)
 
     @property
     def white_balance(self) -> tuple[float, float, float]:

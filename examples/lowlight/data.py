@@ -5,7 +5,9 @@ Each item is a random crop of a photograph (with a random flip / rotation), take
 sensor RGB by a random :class:`~.camera.Camera` of its split (Brooks et al. 2019 unprocessing),
 exposed as a short raw frame (Chen et al. 2018) and read the way :func:`deployq.calib.raw.load_packed`
 reads a camera file: black level off, canonical RGGB, packed, times the exposure ratio and the
-as-shot white balance. Three splits, disjoint in photographs:
+as-shot white balance, then the camera's colour matrix (camera RGB -> linear sRGB). The network
+so sees every sensor's frames in one colour space, as a camera's ISP would hand them on.
+Three splits, disjoint in photographs:
 
 - ``train``: every photograph not named below, random training cameras;
 - ``val`` (:data:`VAL_IMAGES`): other photographs, the same camera distribution (to pick checkpoints);
@@ -193,8 +195,10 @@ def synthetic_item(rgb: np.ndarray, linear: np.ndarray, split: str, rng: np.rand
     The scene goes through a random camera of ``split`` (:func:`~.camera.draw_camera`) and its
     CFA; the short exposure is then cropped to canonical RGGB (``size`` square, as
     :func:`~deployq.calib.raw.read_raw` crops a BGGR file) and amplified by
-    :func:`~deployq.calib.raw.amplify` with the ratio and the as-shot white balance. Returns numpy
-    ``input`` (4, h/2, w/2), ``mono`` (h, w) (mean of the white-balanced noise-free sensor RGB),
+    :func:`~deployq.calib.raw.amplify` with the ratio, the as-shot white balance and the
+    camera's colour matrix. Returns numpy
+    ``input`` (4, h/2, w/2), ``mono`` (h, w) (the channel mean of the noise-free linear sRGB scene:
+    what the colour-corrected input shows without noise),
     ``target`` (h, w, 3) sRGB, ``camera`` and the raw ``short`` / ``long`` mosaics (h + 2, w + 2).
     """
     camera = draw_camera(rng, split, ratio)
@@ -204,10 +208,9 @@ def synthetic_item(rgb: np.ndarray, linear: np.ndarray, split: str, rng: np.rand
     height, width = rgb.shape[0] - 2, rgb.shape[1] - 2
     window = (slice(row, row + height), slice(col, col + width))
     short = normalize_raw(raw["short"], camera.black_level, camera.white_level)[window]
-    balanced = np.clip(sensor[window] * np.asarray(camera.white_balance, np.float32), 0.0, 1.0)
     return {
-        "input": amplify(pack_bayer(short), camera.ratio, camera.white_balance),
-        "mono": balanced.mean(axis=-1, dtype=np.float32),
+        "input": amplify(pack_bayer(short), camera.ratio, camera.white_balance, camera.colour_matrix),
+        "mono": np.clip(linear[window], 0.0, 1.0).mean(axis=-1, dtype=np.float32),
         "target": np.ascontiguousarray(rgb[window]),
         "camera": camera,
         "short": raw["short"],
@@ -327,7 +330,8 @@ def write_sid_folder(
         long = folders["long"] / f"{scene_id}_00_{SID_LONG_EXPOSURE:g}s.dng"
         gt = folders["gt"] / f"{scene_id}.png"
         file_args = {"pattern": camera.pattern, "black_level": camera.black_level,
-                     "white_level": camera.white_level, "white_balance": camera.white_balance}
+                     "white_level": camera.white_level, "white_balance": camera.white_balance,
+                     "colour_matrix": camera.xyz_to_cam}
         # the mosaic as a file of this CFA holds it: read back (cropped to canonical RGGB) it is size x size
         row, col = canonical_offset(camera.pattern)
         frame = (slice(0, rgb.shape[0] - 2 + row), slice(0, rgb.shape[1] - 2 + col))
