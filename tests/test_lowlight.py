@@ -76,3 +76,19 @@ def test_a_synthetic_dng_gives_the_same_psnr_through_float_and_int8(exported, tm
     # the int8 model (QAT: more training than float.pt) loses nothing; on this machine it is 0.28 dB
     # ahead (README); the margin leaves 0.15 dB for another CPU's integer kernels
     assert psnrs["int8"] >= psnrs["float"] - 0.15, psnrs
+
+
+def test_train_float_with_ema_saves_the_averaged_weights(tmp_path):
+    """Same seed, same steps: only the moving average differs, so the saved weights must too."""
+    from deployq.examples.lowlight.train_float import main as train_main, train
+
+    args = dict(steps=3, size=32, batch=2, width=4, lr=1e-3, seed=0, threads=1, val_every=3)
+    plain = train(out=tmp_path / "plain", **args)
+    averaged = train(out=tmp_path / "ema", ema=0.5, **args)
+    assert "--ema 0.5" in averaged["command"] and "--ema" not in plain["command"]
+    a = torch.load(tmp_path / "plain" / "float.pt", weights_only=True)
+    b = torch.load(tmp_path / "ema" / "float.pt", weights_only=True)
+    assert a.keys() == b.keys()  # the plain model's names, loadable by the example's model
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    with pytest.raises(SystemExit):
+        train_main(["--ema", "1.5", "--out", str(tmp_path / "bad")])

@@ -1,10 +1,11 @@
 """Train the float low-light network on synthetic SID-style pairs (the step before QAT).
 
 Loss as in the paper (:mod:`.loss`): L1 on the sRGB output + L1 on the DBF's mono output. Adam
-with a cosine learning-rate schedule and gradient-norm clipping at 1; the validation split picks
-the checkpoint, the test split is measured on it once and written beside the weights. The shipped checkpoint was made with:
-
-    python -m deployq.examples.lowlight.train_float --steps 8000 --threads 1 --out examples/lowlight/checkpoints
+with a cosine learning-rate schedule and gradient-norm clipping at 1; with ``--ema D`` the weights
+validated and saved are an exponential moving average of the trained ones (decay D per step,
+``torch.optim.swa_utils``), which evens out the step-to-step swings of a small batch. The
+validation split picks the checkpoint, the test split is measured on it once and written beside
+the weights. examples/lowlight/README.md has the commands that made the shipped checkpoint.
 
 Writes ``float.pt`` (a plain state_dict, loaded with weights_only=True) and ``float.json``.
 ``--init float.pt --name NAME`` continues training from those weights instead (the control run
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from deployq.examples.lowlight.data import SyntheticLowLight
 from deployq.examples.lowlight.evaluate import evaluate, test_set, torch_predictor, validation_set
@@ -31,7 +33,7 @@ from deployq.core.progress import progress_bar
 
 
 def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, out: Path, threads: int,
-          init: Path | None = None, name: str = "float", val_every: int = 1000) -> dict:
+          init: Path | None = None, name: str = "float", val_every: int = 1000, ema: float | None = None) -> dict:
     """Train, validate every `val_every` steps, keep the weights with the best validation PSNR;
     the test split is measured once, on those weights, at the end."""
     torch.manual_seed(seed)
@@ -44,6 +46,8 @@ def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, o
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    averaged = None if ema is None else AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema))
+    kept = model if averaged is None else averaged.module  # the weights validated and saved
     val = validation_set()
     log, best = [], {"psnr": -math.inf, "step": None, "state": None}
     start = time.perf_counter()
@@ -55,20 +59,24 @@ def train(steps: int, size: int, batch: int, width: int, lr: float, seed: int, o
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         if step % 100 == 0 or step == steps - 1:
             log.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start})
         if (step + 1) % val_every == 0 or step == steps - 1:
-            psnr = evaluate(torch_predictor(model), val)["psnr"]
+            psnr = evaluate(torch_predictor(kept), val)["psnr"]
             model.train()
             log[-1]["val_psnr"] = psnr
             print(f"step {step + 1:6d}  loss {loss.item():.4f}  val {psnr:.2f} dB  {time.perf_counter() - start:.0f} s", flush=True)
             if psnr > best["psnr"]:
-                best = {"psnr": psnr, "step": step + 1, "state": copy.deepcopy(model.state_dict())}
+                best = {"psnr": psnr, "step": step + 1, "state": copy.deepcopy(kept.state_dict())}
                 with AtomicOutputs() as files:  # the best so far, readable while training goes on
                     files.write(out / f"{name}.best-so-far.pt", lambda tmp: torch.save(best["state"], tmp))
     model.load_state_dict(best["state"])
     command = (f"python -m deployq.examples.lowlight.train_float --steps {steps} --size {size} --batch {batch} "
                f"--width {width} --lr {lr} --seed {seed} --threads {threads} --val-every {val_every}")
+    if ema is not None:
+        command += f" --ema {ema}"
     if init is not None:
         command += f" --init {init} --name {name}"
     report = {"command": command, "width": width, "steps": steps, "best_step": best["step"],
@@ -95,9 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", type=Path, help="continue from these float weights (a state_dict)")
     parser.add_argument("--name", default="float", help="output files: NAME.pt and NAME.json")
     parser.add_argument("--val-every", type=int, default=1000, help="steps between validations (checkpoint choice)")
+    parser.add_argument("--ema", type=float, help="validate and save an exponential moving average of the weights "
+                                                  "with this decay per step (e.g. 0.999)")
     args = parser.parse_args(argv)
+    if args.ema is not None and not 0.0 < args.ema < 1.0:
+        parser.error(f"--ema must be a decay between 0 and 1, got {args.ema}")
     report = train(args.steps, args.size, args.batch, args.width, args.lr, args.seed, args.out, args.threads,
-                   args.init, args.name, args.val_every)
+                   args.init, args.name, args.val_every, args.ema)
     print(json.dumps({"val": report["val"], "test": report["test"]}))
 
 
