@@ -184,8 +184,31 @@ def run(argv: list[str]) -> common.Section:
         f"checkpoint first): {', '.join(map(common.shown_path, _paths(args.qat_seeds))) or 'no other seed of qat.yaml'}; "
         f"{', '.join(map(common.shown_path, _paths(args.qat_nodistill_seeds))) or 'no other seed of qat_nodistill.yaml'}.",
     ]
+    goal_lines, facts = goals(rows)
     return common.Section("lowlight", "Accuracy: low-light example (PSNR / SSIM, test split)",
-                          common.command_line(SCRIPT, argv), body + notes)
+                          common.command_line(SCRIPT, argv), body + goal_lines + notes, facts)
+
+
+FLOAT_GOAL_DB, INT8_GAP_DB = 24.0, 0.1
+
+
+def goals(rows: list[Row]) -> tuple[list[str], dict[str, float]]:
+    """The example's accuracy goals against these rows: float PSNR, the int8 export (QAT +
+    distillation, over its seeds) against float, and against the best quantize_static by more
+    than the seeds' spread."""
+    float_psnr = rows[0].psnr
+    int8 = next((r for r in rows if r.model == "QAT + distillation" and r.runtime == "ORT int8"), None)
+    static = [r.psnr for r in rows if r.method.startswith("ORT quantize_static")]
+    if int8 is None or not static:
+        return [], {}
+    spread = float(np.std(int8.seeds, ddof=1)) if len(int8.seeds) > 1 else float("nan")
+    lead = int8.psnr - max(static)
+    lines = ["", f"- float ≥ {FLOAT_GOAL_DB:.0f} dB: {float_psnr:.2f} dB, {'met' if float_psnr >= FLOAT_GOAL_DB else 'not met'}",
+             f"- int8 export (QAT + distillation, 10-bit head/tail) within {INT8_GAP_DB} dB of float: "
+             f"{int8.psnr - float_psnr:+.2f} dB, {'met' if int8.psnr >= float_psnr - INT8_GAP_DB else 'not met'}",
+             f"- ahead of the best quantize_static by more than the seeds' sd: {lead:+.2f} dB against sd "
+             f"{spread:.2f} dB, {'met' if lead > spread else 'not met'}"]
+    return lines, {"float_psnr": float_psnr, "int8_psnr": int8.psnr, "int8_sd": spread, "lead_over_static": lead}
 
 
 def main(argv: list[str]) -> int:

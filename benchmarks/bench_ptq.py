@@ -1,6 +1,7 @@
 """Post-training quantization: deployq's methods against onnxruntime's quantize_static.
 
     python benchmarks/bench_ptq.py [--models digits,lowlight,resnet18,mobilenet_v2,mnasnet0_5]
+    python benchmarks/bench_ptq.py --models lowlight --merge   # the other columns as results/ptq.json has them
 
 For every model, with the same calibration inputs for every contender and held-out inputs for
 every number: int8 output SQNR of the fully optimized onnxruntime graph against the user's float
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -78,6 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--digits-eval", type=int, default=450, help="held-out digits images (the test split has 450)")
     parser.add_argument("--adaround-iterations", type=int, default=200, help="AdaRound steps per layer")
     parser.add_argument("--rows", default="", help="only these deployq rows (labels, comma-separated; quick runs)")
+    parser.add_argument("--merge", type=Path, nargs="?", const=common.RESULTS / "ptq.json", metavar="RECORD",
+                        help="keep the columns of the models not run from an earlier run's record "
+                             "(default benchmarks/results/ptq.json); the notes name that run")
     common.add_lowlight_arguments(parser)
     return parser.parse_args(argv)
 
@@ -192,11 +197,54 @@ def run(argv: list[str]) -> common.Section:
                 results[case.name] = {label: rest for label, *rest in rows}
                 print(f"{case.name}: " + ", ".join(f"{label} {v[0]:.2f}" for label, *v in rows), file=sys.stderr,
                       flush=True)
+    kept_note = ""
+    if args.merge is not None:
+        earlier, run_of = kept_columns(args.merge)
+        kept = [model for model in earlier if model not in results]
+        results = {model: results.get(model) or earlier[model] for model in [*earlier, *results]}
+        if kept:
+            kept_note = (f" Columns {', '.join(kept)}: from the run of {run_of['date']} (`{run_of['command']}`), "
+                         "kept by `--merge`.")
     return common.Section("ptq", "Post-training quantization: deployq's methods vs quantize_static",
-                          common.command_line(SCRIPT, argv), body(results, args))
+                          common.command_line(SCRIPT, argv), body(results, args, kept_note))
 
 
-def body(results: dict[str, dict[str, tuple]], args: argparse.Namespace) -> list[str]:
+_CELL = re.compile(r"^(-?\d+\.\d+|nan)(?: \((\d+)%\))?(?:, (\d+) s)?$")
+
+
+def parse_cell(text: str) -> Optional[tuple]:
+    """A table cell back to its result: ``(sqnr, agreement or None, seconds[, why it could not run])``;
+    None for an empty cell. The inverse of :func:`body`'s cells, to the digits they show."""
+    text = text.strip()
+    if not text:
+        return None
+    if text.startswith("cannot: "):
+        return (math.nan, None, math.nan, text.removeprefix("cannot: "))
+    match = _CELL.match(text)
+    if match is None:
+        raise common.BenchmarkError(f"cannot read the PTQ table cell {text!r}")
+    sqnr, agree, seconds = match.groups()
+    return (float(sqnr), None if agree is None else int(agree) / 100, math.nan if seconds is None else float(seconds))
+
+
+def kept_columns(record: Path) -> tuple[dict[str, dict[str, tuple]], dict]:
+    """Every model column of the PTQ table in an earlier run's record, and that run."""
+    section, data = common.load_section_record(record.parent, record.stem)
+    rows = [line for line in section.lines if line.startswith("| ")]
+    if not rows or not rows[0].startswith("| quantization |"):
+        raise common.BenchmarkError(f"{record}: no PTQ table in it")
+    models = [cell.strip() for cell in rows[0].strip("|").split("|")[1:]]
+    columns: dict[str, dict[str, tuple]] = {model: {} for model in models}
+    for line in rows[1:]:
+        label, *cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        for model, cell in zip(models, cells):
+            value = parse_cell(cell)
+            if value is not None:
+                columns[model][label] = value
+    return columns, data["run"]
+
+
+def body(results: dict[str, dict[str, tuple]], args: argparse.Namespace, kept_note: str = "") -> list[str]:
     models = list(results)
     labels = list(dict.fromkeys(label for rows in results.values() for label in rows))
 
@@ -212,7 +260,7 @@ def body(results: dict[str, dict[str, tuple]], args: argparse.Namespace) -> list
 
     lines = common.table(["quantization", *models], [[label, *(cell(m, label) for m in models)] for label in labels],
                          "l" + "r" * len(models))
-    return lines + [""] + summary(results) + ["", notes(args)]
+    return lines + [""] + summary(results) + ["", notes(args) + kept_note]
 
 
 def summary(results: dict[str, dict[str, tuple]]) -> list[str]:

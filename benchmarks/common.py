@@ -82,13 +82,24 @@ def versions() -> dict[str, str]:
     return found
 
 
+def machine_text() -> str:
+    """The CPU, its ISA, the usable cores, the OS and the current load, in one line."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu_model()} ({isa_text(cpu_isa())}), {usable_cores()} usable cores, "
+            f"{platform.system()} {platform.release()}, 1-minute load average at the start {load:.2f}")
+
+
+def run_info(command: str) -> dict[str, str]:
+    """When, by which command and on which machine a run happened (kept with each section)."""
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
+            "machine": machine_text()}
+
+
 def environment_lines(command: str) -> list[str]:
     """The header every result file starts with: machine, versions, command, date."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return [
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {cpu_model()} ({isa_text(cpu_isa())}), {usable_cores()} usable cores, "
-        f"{platform.system()} {platform.release()}, 1-minute load average at the start {load:.2f}",
+        f"- machine: {machine_text()}",
         "- versions: " + ", ".join(f"{name} {version}" for name, version in versions().items()),
         f"- command: `{command}`",
     ]
@@ -116,10 +127,34 @@ class Section:
         return "\n".join([f"## {self.title}", "", f"Reproduce: `{self.command}`", "", *self.lines]) + "\n"
 
 
-def write_sections(sections: Iterable[Section], results: Path) -> list[Path]:
-    """Each section to ``results/<key>.md``, all renamed into place together."""
+def section_record(section: Section, seconds: float, run: dict[str, str]) -> dict:
+    """What ``results/<key>.json`` keeps of a section, so that a later merge can place it again."""
+    return {"key": section.key, "title": section.title, "command": section.command, "lines": section.lines,
+            "facts": section.facts, "seconds": seconds, "run": run}
+
+
+def load_section_record(results: Path, key: str) -> tuple[Section, dict]:
+    """The section and record an earlier run left in ``results/<key>.json``."""
+    path = results / f"{key}.json"
+    try:
+        data = json.loads(path.read_text())
+        section = Section(data["key"], data["title"], data["command"], list(data["lines"]), dict(data["facts"]))
+        _ = (data["seconds"], data["run"]["date"], data["run"]["command"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BenchmarkError(f"{path}: no record of an earlier run of section {key!r} ({type(err).__name__}: "
+                             f"{err}); run that section first") from None
+    return section, data
+
+
+def write_sections(sections: Iterable[Section], results: Path, records: Mapping[str, dict]) -> list[Path]:
+    """Each section to ``results/<key>.md`` and its record to ``results/<key>.json``, all renamed
+    into place together."""
     with AtomicOutputs() as out:
-        return [out.write_text(results / f"{s.key}.md", s.markdown()) for s in sections]
+        written = []
+        for section in sections:
+            written.append(out.write_text(results / f"{section.key}.md", section.markdown()))
+            out.write_text(results / f"{section.key}.json", json.dumps(records[section.key], indent=1) + "\n")
+        return written
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: Optional[str] = None) -> list[str]:
@@ -143,13 +178,15 @@ def percent(fraction: float, digits: int = 3) -> str:
 
 
 def main_for(run: Callable[[list[str]], Section], argv: list[str], results: Path = RESULTS) -> int:
-    """The `main` of one benchmark module: run it, write its section, print it."""
+    """The `main` of one benchmark module: run it, write its section and record, print it."""
+    start = time.perf_counter()
     try:
         section = run(argv)
     except BenchmarkError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_sections([section], results)
+    seconds = time.perf_counter() - start
+    write_sections([section], results, {section.key: section_record(section, seconds, run_info(section.command))})
     print(section.markdown())
     return 0
 

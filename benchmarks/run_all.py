@@ -3,6 +3,7 @@
     python benchmarks/run_all.py                      # full settings (~15-20 min on 2 cores)
     python benchmarks/run_all.py --quick              # small settings: checks the harness, not the numbers
     python benchmarks/run_all.py --qat runs/qat/last.pt --only lowlight,parity   # updates results/ only
+    python benchmarks/run_all.py --only lowlight,parity --merge   # and BENCHMARKS.md, the rest as results/ has it
 
 Each benchmark also writes its own section to benchmarks/results/<name>.md, and every section
 names the command that reproduces it. The low-light benchmarks evaluate the checkpoints in
@@ -69,6 +70,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--out", type=Path, default=OUTPUT, help="the markdown file to rewrite")
     parser.add_argument("--results", type=Path, default=common.RESULTS, help="folder for the per-benchmark sections")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: rewrite BENCHMARKS.md too, every other section as its last run left it "
+                             "in results/ (the table of contents names each section's run)")
     common.add_lowlight_arguments(parser)
     return parser.parse_args(argv)
 
@@ -86,13 +90,23 @@ def benchmark_argv(name: str, quick: bool, ckpts: common.LowlightCheckpoints) ->
     return (small if quick else full) + (common.lowlight_argv(ckpts) if lowlight else [])
 
 
-def document(sections: list[common.Section], command: str, seconds: dict[str, float],
-             ckpts: common.LowlightCheckpoints) -> str:
-    """BENCHMARKS.md: the intro, the environment, a table of contents, then every section."""
-    lines = INTRO + ["", "## Environment", ""] + common.environment_lines(command)
+def document(sections: list[common.Section], records: dict[str, dict], environment: list[str],
+             ckpts: common.LowlightCheckpoints, run: dict[str, str]) -> str:
+    """BENCHMARKS.md: the intro, the environment, a table of contents, then every section.
+
+    ``records`` holds each section's run (:func:`common.section_record`); sections from earlier runs than this one
+    (``--merge``) are named in the header with the run that made them."""
+    lines = INTRO + ["", "## Environment", ""] + environment
     lines.append(f"- low-light checkpoints: {ckpts.describe()}")
-    lines += ["", "| section | reproduce alone | wall time (s) |", "|---|---|---:|"]
-    lines += [f"| [{s.title}](#{anchor(s.title)}) | `{s.command}` | {seconds[s.key]:.0f} |" for s in sections]
+    earlier = {(r["run"]["date"], r["run"]["command"], r["run"].get("machine", "")) for r in records.values()
+               if r["run"] != run}
+    for date, command, machine in sorted(earlier):
+        keys = [s.key for s in sections if records[s.key]["run"]["date"] == date]
+        lines.append(f"- sections {', '.join(keys)}: from the run of {date} (`{command}`; {machine}), "
+                     "kept by `--merge`")
+    lines += ["", "| section | reproduce alone | run | wall time (s) |", "|---|---|---|---:|"]
+    lines += [f"| [{s.title}](#{anchor(s.title)}) | `{s.command}` | {records[s.key]['run']['date'][:16]} | "
+              f"{records[s.key]['seconds']:.0f} |" for s in sections]
     lines += goals({s.key: s.facts for s in sections})
     return "\n".join(lines) + "\n\n" + "\n".join(s.markdown() for s in sections)
 
@@ -160,8 +174,15 @@ def run_benchmarks(names: list[str], quick: bool, ckpts: common.LowlightCheckpoi
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     command = common.command_line("run_all.py", list(argv))
+    environment = common.environment_lines(command)
+    run = common.run_info(command)
     try:
         names = selected(args.only)
+        if args.merge and args.only is None:
+            raise common.BenchmarkError("--merge keeps the sections --only does not name; without --only every "
+                                        "section runs anyway")
+        kept = ({key: common.load_section_record(args.results, key) for key in BENCHMARKS if key not in names}
+                if args.merge else {})
         ckpts = common.lowlight_checkpoints(args)
         if any(BENCHMARKS[n][3] for n in names):
             ckpts.check()
@@ -169,18 +190,21 @@ def main(argv: Sequence[str]) -> int:
     except common.BenchmarkError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # BENCHMARKS.md always holds one whole run: a subset only updates its results/ sections,
-    # unless --out names another file for it
-    partial = args.only is not None and args.out == OUTPUT
-    with AtomicOutputs() as out:
-        for section in sections:
-            out.write_text(args.results / f"{section.key}.md", section.markdown())
-        if not partial:
-            out.write_text(args.out, document(sections, command, seconds, ckpts))
+    records = {s.key: common.section_record(s, seconds[s.key], run) for s in sections}
+    records.update({key: data for key, (_, data) in kept.items()})
+    fresh = {s.key: s for s in sections}
+    ordered = [fresh[key] if key in fresh else kept[key][0] for key in BENCHMARKS if key in fresh or key in kept]
+    # BENCHMARKS.md holds whole runs: a subset only updates its results/ sections, unless --merge
+    # places it among the others' last runs, or --out names another file for it
+    partial = args.only is not None and args.out == OUTPUT and not args.merge
+    common.write_sections(sections, args.results, records)
+    if not partial:
+        with AtomicOutputs() as out:
+            out.write_text(args.out, document(ordered, records, environment, ckpts, run))
     written = f"{args.results}/*.md" if partial else str(args.out)
     print(f"wrote {written} ({len(sections)} sections, {sum(seconds.values()):.0f} s)")
     if partial:
-        print(f"{OUTPUT.name} unchanged: it holds one whole run (run without --only to rewrite it)")
+        print(f"{OUTPUT.name} unchanged: it holds whole runs (run without --only, or with --merge, to rewrite it)")
     return 0
 
 

@@ -2,6 +2,8 @@
 two-layer stand-in for the low-light network and writes BENCHMARKS.md with every table; missing
 checkpoints stop it before anything runs, with a message naming them."""
 
+import json
+import math
 import importlib.util
 import re
 import sys
@@ -115,3 +117,55 @@ def test_missing_checkpoints_fail_before_anything_runs(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "--qat " + str(tmp_path / "nope.pt") in error and "never trains them" in error
     assert not (tmp_path / "B.md").exists()
+
+
+def test_merge_places_a_rerun_section_among_the_kept_ones(tmp_path, capsys):
+    """--merge rewrites BENCHMARKS.md from the sections it ran and every other section's last
+    record in results/, naming the run each one comes from; a missing record is an error before
+    anything runs."""
+    results, out = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    results.mkdir()
+    old_run = {"date": "2026-01-02T03:04:05", "command": "python benchmarks/run_all.py", "machine": "an old CPU"}
+    for key in run_all.BENCHMARKS:
+        if key != "digits":
+            section = common.Section(key, f"Kept {key}", f"python benchmarks/bench_{key}.py", [f"kept body of {key}"])
+            (results / f"{key}.json").write_text(json.dumps(common.section_record(section, 12.0, old_run)))
+    missing = results / "scale.json"
+    saved = missing.read_text()
+    missing.unlink()
+    assert run_all.main(["--quick", "--only", "digits", "--merge", "--out", str(out), "--results", str(results)]) == 2
+    assert "scale.json" in capsys.readouterr().err and not out.exists()
+    missing.write_text(saved)
+
+    assert run_all.main(["--quick", "--only", "digits", "--merge", "--out", str(out), "--results", str(results)]) == 0
+    text = out.read_text()
+    assert (results / "digits.md").read_text() in text
+    assert "kept body of ptq" in text and "kept body of conformance" in text
+    assert "from the run of 2026-01-02T03:04:05 (`python benchmarks/run_all.py`; an old CPU), kept by `--merge`" in text
+    assert re.search(r"\| \[Kept ptq\]\(#kept-ptq\) \| `python benchmarks/bench_ptq.py` \| 2026-01-02T03:04 \| 12 \|", text)
+    fresh = json.loads((results / "digits.json").read_text())
+    assert fresh["run"]["date"] != old_run["date"] and fresh["lines"]
+    assert text.index("## Kept lowlight") < text.index("## Accuracy: CNN on scikit-learn digits")  # run_all's order
+
+
+def test_ptq_merge_reads_back_the_columns_it_keeps(tmp_path):
+    """bench_ptq --merge keeps other models' columns from an earlier record: the table read back
+    from a record renders to the same lines, failures and empty cells included."""
+    from benchmarks import bench_ptq
+
+    results = {"digits CNN (trained)": {"quantize_static MinMax": (34.681, 1.0, 0.2), "+ bias": (36.34, 0.994, 3.4),
+                                        "only the input quantized (ceiling, torch)": (53.61, None, math.nan)},
+               "lowlight (trained)": {"quantize_static MinMax": (29.09, None, 1.2),
+                                      "--calib zeroq (no data)": (math.nan, None, math.nan, "ZeroQError: no BatchNorm")}}
+    args = bench_ptq.parse_args([])
+    lines = bench_ptq.body(results, args)
+    run = {"date": "2026-01-02T03:04:05", "command": "python benchmarks/bench_ptq.py", "machine": "a CPU"}
+    section = common.Section("ptq", "PTQ", "python benchmarks/bench_ptq.py", lines)
+    (tmp_path / "ptq.json").write_text(json.dumps(common.section_record(section, 1.0, run)))
+    columns, run_of = bench_ptq.kept_columns(tmp_path / "ptq.json")
+    assert run_of == run and list(columns) == list(results)
+    table = [line for line in lines if line.startswith("| ")]
+    assert [line for line in bench_ptq.body(columns, args) if line.startswith("| ")] == table
+    assert columns["lowlight (trained)"]["--calib zeroq (no data)"][3] == "ZeroQError: no BatchNorm"
+    with pytest.raises(common.BenchmarkError, match="PTQ table cell"):
+        bench_ptq.parse_cell("about 30 dB")
