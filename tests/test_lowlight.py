@@ -72,9 +72,9 @@ def test_a_synthetic_dng_gives_the_same_psnr_through_float_and_int8(exported, tm
             gt = imageio.v3.imread(scene["gt"]).astype(np.float32) / 255
             values.append(psnr(png.astype(np.float32).transpose(2, 0, 1) / 255, gt.transpose(2, 0, 1)))
         psnrs[kind] = float(np.mean(values))
-    assert psnrs["float"] > 21, psnrs  # a trained model, not noise
-    # the int8 model (QAT: more training than float.pt) loses nothing; on this machine it is 0.28 dB
-    # ahead (README); the margin leaves 0.15 dB for another CPU's integer kernels
+    assert psnrs["float"] > 22, psnrs  # a trained model, not noise
+    # the int8 model loses at most what the benchmark measures (-0.08 dB on 96 test crops, README),
+    # with room for another CPU's integer kernels (this check passes on an AVX2-only EPYC)
     assert psnrs["int8"] >= psnrs["float"] - 0.15, psnrs
 
 
