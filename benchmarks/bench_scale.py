@@ -6,7 +6,7 @@ A plain stack of `depth` × (3×3 Conv + ReLU), 8 channels (``benchmarks.models:
 PTQ-calibrated and saved as a deployq checkpoint, then timed at every depth (median of repeats):
 
 * ``deployq export`` end to end, and its two stages alone: the torch.onnx export of the float
-  graph with named quant points, and the rewrite passes (fold BN, fuse, insert Q/DQ);
+  graph with named quant points, and the rewrite passes (fold BN, insert Q/DQ);
 * ``deployq diff`` in the accumulated mode (both whole models, every quant point read) and in the
   kernel mode (one fully optimized sub-model per quant point: quadratic in depth by design).
 
@@ -84,11 +84,10 @@ def measure(depth: int, args: argparse.Namespace, work: Path) -> Point:
 
     result, export_first = common.timed(export_stage)
     float_onnx, torch_first = common.timed(torch_stage)
-    fuse = result.qmodel.get_submodule("act_quant").config.fuse_activations
     feeds = list(random_feeds(inputs_of(result.quant_model), args.diff_batches, ranges=match_inputs(result.quant_model)))
     again = common.round_robin({"export": export_stage, "torch.onnx stage": torch_stage}, args.repeats - 1, warmup=0)
     contenders = {
-        "rewrite stage": lambda: rewrite(float_onnx, result.records, fuse, MIN_OPSET),
+        "rewrite stage": lambda: rewrite(float_onnx, result.records, MIN_OPSET),
         "diff accumulated": lambda: diff(result.float_model, result.quant_model, feeds, progress=False),
     }
     if not args.no_kernel:

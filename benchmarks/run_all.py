@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import (bench_conformance, bench_devices, bench_digits, bench_hessian, bench_latency, bench_lowlight,
-                        bench_parity, bench_ptq, bench_scale, bench_speed, common)
+                        bench_parity, bench_ptq, bench_scale, bench_speed, bench_timm, common)
 from deployq.core.files import AtomicOutputs
 
 OUTPUT = common.ROOT / "BENCHMARKS.md"
@@ -53,6 +53,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
                             "--adaround-iterations", "2", "--rows", "deployq PTQ (min/max),+ adaround,+ bias"], True),
     "conformance": (bench_conformance, [], ["--models", "squeezenet1_1", "--size", "64", "--calib", "2", "--eval", "2",
                                             "--repeats", "2"], False),
+    "timm": (bench_timm, [], ["--families", "resnet", "--calib", "2", "--eval", "2"], False),
 }
 INTRO = [
     "# Benchmarks",

@@ -11,6 +11,7 @@ exactly one place, :func:`deployq.core.qformula.qparams_from_range`.
 | ``percentile``| the ``lower`` / ``upper`` percentiles (default 0.01 / 99.99; the thesis drops 3%) |
 | ``mse``       | the clipping range, shrunk from min/max, that minimizes quantization MSE       |
 | ``kl``        | the clipping threshold minimizing KL(P || Q) of the histogram (TensorRT entropy) |
+| ``probability``| [0, 1 − 2^-bits] whatever the data (a softmax's output, as onnxruntime has it) |
 
 Histogram-based observers keep ``bins`` counts per channel over a range that grows with the data;
 when a batch falls outside, the old counts are re-binned by interpolating their cumulative sum.
@@ -174,6 +175,16 @@ class EMAMinMaxObserver(MinMaxObserver):
         total = float(reducer.sum(np.array([weight]))[0])
         if total > 0:
             self.min, self.max = torch.from_numpy(lo / total).float(), torch.from_numpy(hi / total).float()
+
+
+@OBSERVERS.register("probability")
+class ProbabilityObserver(MinMaxObserver):
+    """[0, 1 − 2⁻ᵇ] whatever the data: the grid of onnxruntime's fused QLinearSoftmax (README)."""
+
+    def _range(self) -> tuple[np.ndarray, np.ndarray]:
+        symmetric = self.spec.signed and self.spec.symmetric
+        lo, hi = (-1.0, 1.0) if symmetric else (0.0, 1.0 - 2.0 ** -self.spec.bits)
+        return np.full(self.min.numel(), lo), np.full(self.min.numel(), hi)
 
 
 class _Histogram:

@@ -11,6 +11,10 @@ deterministic weights (``seed``), so checkpoints can name them (``deployq.exampl
 | channel_attention| ``x * sigmoid(conv(relu(conv(avgpool(x)))))`` (squeeze-excitation)              |
 | reused           | one LeakyReLU module called at four places, one Conv called twice               |
 | space_to_depth   | pixel_unshuffle, view+permute space-to-depth, pixel_shuffle output              |
+| upsampler        | ConvTranspose2d before a LeakyReLU, fused with a ReLU, and at the output         |
+| freely_written   | written as timm writes models: a BatchNorm subclass with its own activation, an  |
+|                  | Identity between BatchNorm and ReLU, a shape-dependent branch (symbolic fx       |
+|                  | cannot trace it: torch.export captures it), a Flatten after the classifier       |
 """
 
 from __future__ import annotations
@@ -184,6 +188,51 @@ class Upsampler(nn.Module):
         return self.head(F.max_pool2d(y, 2))
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm2d subclass that applies its own activation (timm's BatchNormAct2d)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class ResizeTo(nn.Module):
+    """Resizes only when the input is not already `size` (Python control flow on a shape)."""
+
+    def __init__(self, width: int, size: int = 16) -> None:
+        super().__init__()
+        self.size = size
+        self.conv = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.drop_block = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.act(self.drop_block(self.bn(self.conv(x))))
+
+
+class FreelyWritten(nn.Module):
+    def __init__(self, in_ch: int = 3, width: int = 8, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, width, 3, padding=1, bias=False)
+        self.bn1 = BatchNormAct(width)
+        self.block = ResizeTo(width)
+        self.fc = nn.Linear(width, classes)
+        self.flatten = nn.Flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(self.bn1(self.stem(x)))
+        return self.flatten(self.fc(y.mean((2, 3))))
+
+
 def plain_cnn(seed: int = 0, **kw) -> nn.Module:
     return _init(PlainCNN(**kw), seed)
 
@@ -212,6 +261,10 @@ def upsampler(seed: int = 0, **kw) -> nn.Module:
     return _init(Upsampler(**kw), seed)
 
 
+def freely_written(seed: int = 0, **kw) -> nn.Module:
+    return _init(FreelyWritten(**kw), seed)
+
+
 FACTORIES = {
     "plain_cnn": (plain_cnn, (1, 3, 16, 16)),
     "unet": (unet, (1, 3, 16, 16)),
@@ -220,4 +273,5 @@ FACTORIES = {
     "reused": (reused, (1, 3, 16, 16)),
     "space_to_depth": (space_to_depth, (1, 1, 16, 16)),
     "upsampler": (upsampler, (1, 3, 16, 16)),
+    "freely_written": (freely_written, (1, 3, 18, 18)),
 }

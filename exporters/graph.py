@@ -22,9 +22,8 @@ IR_VERSION = 10  # onnxruntime 1.20+ loads IR 10; opset 21 (int16 Q/DQ) needs IR
 # The op vocabulary, defined once for every pass, diff and check:
 WEIGHT_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops whose input 1 is a layer's weight
 BN_FOLDABLE_OPS = ("Conv", "ConvTranspose", "Gemm")  # layers a following BatchNormalization folds into
-# a layer's activation (QConfig.fuse_activations name -> ONNX ops): one quant point with the layer
-ONNX_ACTIVATIONS = {"relu": ("Relu",), "relu6": ("Clip",), "hardtanh": ("Clip",), "leaky_relu": ("LeakyRelu",)}
-ACTIVATION_OPS = tuple(sorted({op for ops in ONNX_ACTIVATIONS.values() for op in ops}))
+# the ONNX ops of the activations a layer may absorb (QConfig.fuse_activations): what diff looks through
+ACTIVATION_OPS = ("Clip", "LeakyRelu", "Relu")
 # ops that only move, select or zero-pad values: their output carries their input's quant grid
 # (deployq.qat.fx_ops lists the torch ops that export to these; a test keeps the two in step)
 DATA_MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "DepthToSpace", "SpaceToDepth", "MaxPool", "Flatten",

@@ -29,7 +29,6 @@ from typing import Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from deployq.exporters.fuse_activation import FusedGroup
 from deployq.exporters.graph import (DATA_MOVEMENT_OPS, WEIGHT_LAYER_OPS, PassLog, RewriteError, constant_value, consumers,
                                      layer_axis, layer_bias, Names, producer)
 from deployq.core.qformula import bias_is_quantized, bias_scale, onnx_integer_dtype, quantize_bias_np, quantize_np
@@ -185,22 +184,20 @@ class _Inserter:
                 self.log.count("Q/DQ carried through data movement")
 
 
-def insert_qdq(graph: gs.Graph, records: dict[str, QuantPoint], groups: list[FusedGroup] = (),
-               log: Optional[PassLog] = None, carry_bits: int = 8) -> gs.Graph:
+def insert_qdq(graph: gs.Graph, records: dict[str, QuantPoint], log: Optional[PassLog] = None,
+               carry_bits: int = 8) -> gs.Graph:
     """Quantize `graph` as `records` say: activation records name tensors, weight records name
-    their layer node (``record.layer``). Data movement carries codes up to `carry_bits` wide."""
+    their layer node (``record.layer``). Data movement carries codes up to `carry_bits` wide.
+
+    A layer and the activation it absorbs are one quant point after the activation because the
+    records have no quant point between them (prepare decided it); this pass adds none of its own."""
     log = log or PassLog()
-    inside = {g.inner: g for g in groups}
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     activations = {name: r for name, r in records.items() if r.kind in ("input", "activation")}
     weights = [r for r in records.values() if r.kind == "weight"]
     inserter = _Inserter(graph, log)
     for name, rec in activations.items():
-        if name in inside:
-            g = inside[name]
-            raise RewriteError(f"quant point {name!r} sits between {g.layer!r} and its fused activation "
-                               f"{g.activation!r}; torch and ONNX disagree on which activations are fused")
         tensor = tensors.get(name)
         if tensor is None or isinstance(tensor, gs.Constant):
             raise RewriteError(f"quant point {name!r} has no tensor of that name in the ONNX graph")

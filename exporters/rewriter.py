@@ -1,6 +1,10 @@
 """The rewrite pipeline: float ONNX -> (folded float ONNX, QDQ ONNX).
 
-    fold_bn  ->  global_pool  ->  fuse_activation (groups)  ->  [float model out]  ->  insert_qdq  ->  cleanup
+    fold_bn  ->  global_pool  ->  [float model out]  ->  insert_qdq  ->  cleanup
+
+Where the quant points are (which activation a layer absorbs, what carries quantization) was decided
+once, when the torch model was prepared; the records say it, and the passes follow them. Nothing
+here re-derives placement from the ONNX graph, so the two cannot disagree.
 
 A device profile (:mod:`deployq.deploy.devices`) may add ``depth_to_space`` (ConvTranspose with kernel =
 stride as Conv + DepthToSpace) to both models, so that they still share every tensor name.
@@ -12,7 +16,7 @@ their logs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -20,7 +24,6 @@ import onnx_graphsurgeon as gs
 from deployq.exporters.cleanup import cleanup, finalize
 from deployq.exporters.depth_to_space import convtranspose_to_depth_to_space
 from deployq.exporters.fold_bn import fold_batchnorm_pass
-from deployq.exporters.fuse_activation import find_fused_groups
 from deployq.exporters.global_pool import spatial_mean_to_global_pool
 from deployq.exporters.graph import PassLog, to_model
 from deployq.exporters.insert_qdq import insert_qdq
@@ -34,9 +37,9 @@ class Rewritten:
     log: PassLog = field(default_factory=PassLog)
 
 
-def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QuantPoint]], fuse_activations: Iterable[str],
-            opset: int = 21, block_convtranspose: bool = False, carry_bits: int = 8) -> Rewritten:
-    """Fold BN and group activations (the float model); then insert Q/DQ if `records` are given.
+def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QuantPoint]], opset: int = 21,
+            block_convtranspose: bool = False, carry_bits: int = 8) -> Rewritten:
+    """Fold BN (the float model); then insert Q/DQ if `records` are given.
     `block_convtranspose`: rewrite ConvTranspose (kernel = stride) as Conv + DepthToSpace in both;
     `carry_bits`: the widest codes carried through data movement (:func:`insert_qdq`)."""
     log = PassLog()
@@ -44,14 +47,13 @@ def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QuantPoint]], fu
     keep = {r.name for r in (records or {}).values() if r.kind != "weight"}
     fold_batchnorm_pass(graph, keep, log)
     spatial_mean_to_global_pool(graph, log)
-    groups = find_fused_groups(graph, fuse_activations, log)
     float_graph = cleanup(graph, log).copy()
     if block_convtranspose:  # logged once: for the QDQ graph when there is one
         convtranspose_to_depth_to_space(float_graph, log if records is None else PassLog(), keep if records else None)
     float_model = finalize(to_model(float_graph, opset))
     if records is None:
         return Rewritten(float_model, None, log)
-    insert_qdq(graph, records, groups, log, carry_bits)
+    insert_qdq(graph, records, log, carry_bits)
     if block_convtranspose:
         convtranspose_to_depth_to_space(cleanup(graph, log), log, keep)
     return Rewritten(float_model, finalize(to_model(cleanup(graph, log), opset)), log)

@@ -23,15 +23,16 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
 from torch import fx
 
-from deployq.exporters.graph import (WEIGHT_LAYER_OPS, RewriteError, constant_value, layer_bias, layer_output,
-                                     producer, to_model)
+from deployq.exporters.graph import (WEIGHT_LAYER_OPS, RewriteError, constant_value, consumers, layer_bias,
+                                     layer_output, producer, to_model)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,43 @@ def _name_layers(graph: gs.Graph, layers: dict[str, str]) -> None:
                 const.name = f"{path}.{suffix}"
 
 
+def _fold_weight_transposes(graph: gs.Graph) -> None:
+    """``Transpose(W)`` of an initializer becomes the transposed initializer. torch exports a Linear
+    on a tensor of rank > 2 as MatMul(x, Transpose(W)); onnxscript's folding leaves the Transpose
+    when W is shared (a module called at several places, de-duplicated into layers that share
+    their parameters), and each layer needs its own weight initializer."""
+    for node in list(graph.nodes):
+        if node.op != "Transpose" or len(node.inputs) != 1 or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        values = np.asarray(node.inputs[0].values)
+        perm = node.attrs.get("perm", list(reversed(range(values.ndim))))
+        folded = gs.Constant(f"{node.outputs[0].name}_folded", np.ascontiguousarray(values.transpose(perm)))
+        for user in consumers(node.outputs[0]):
+            user.inputs = [folded if t is node.outputs[0] else t for t in user.inputs]
+        node.outputs.clear()
+    graph.cleanup()
+
+
+def _name_aliases(graph: gs.Graph, pinned: set[str]) -> None:
+    """Where the exporter wrote a named tensor as ``NAME = Identity(t)`` (an output that is also
+    another value: a layer whose output a no-op passed on), the value itself is called NAME: `t`
+    takes the name and the Identity goes, so NAME is produced by the node that computes it."""
+    for node in list(graph.nodes):
+        if node.op != "Identity" or len(node.inputs) != 1 or node.outputs[0].name not in pinned:
+            continue
+        source, named = node.inputs[0], node.outputs[0]
+        if (not isinstance(source, gs.Variable) or source in graph.inputs or source.name in pinned
+                or producer(source) is None):
+            continue
+        for user in consumers(named):
+            user.inputs = [source if t is named else t for t in user.inputs]
+        graph.outputs = [source if t is named else t for t in graph.outputs]
+        node.outputs.clear()
+        node.inputs.clear()
+        source.name = named.name
+    graph.cleanup()
+
+
 def _dynamic_dims(example: torch.Tensor, batch: torch.export.Dim, dynamic_hw: bool) -> dict:
     if dynamic_hw and example.ndim == 4:
         return {0: batch, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
@@ -129,6 +167,34 @@ def _export_key(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opse
     return digest.hexdigest()
 
 
+def _optimize_keeping_values(model: Any) -> None:
+    """onnxscript's optimizer as torch.onnx runs it (inlining, constant folding, its rewrite rules,
+    unused nodes out, constants as initializers), without the two passes that merge values:
+    common-subexpression elimination and initializer de-duplication. Two layers that compute the
+    same thing (a distillation head beside its classifier) are two quant points, each with its own
+    tensor and qparams; merged, one of them would vanish into an ``Identity``."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager([_constant_folding.FoldConstantsPass(
+                                   shape_inference=True,
+                                   input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                   output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
+                               rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                               common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
+                               common.RemoveUnusedOpsetsPass()], steps=2, early_stop=True),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)
+
+
 def _export(gm: fx.GraphModule, input_names: list[str], output_names: list[str], n_outputs: int,
             layers: dict[str, str], example_inputs: Sequence[torch.Tensor], opset: int,
             dynamic_hw: bool) -> onnx.ModelProto:
@@ -143,11 +209,14 @@ def _export(gm: fx.GraphModule, input_names: list[str], output_names: list[str],
         examples = tuple(torch.cat([t[:1], t[:1]]) for t in example_inputs)
         program = torch.onnx.export(gm, examples, None, input_names=input_names,
                                     output_names=output_names, opset_version=opset, dynamo=True,
-                                    external_data=False, verbose=False,
+                                    external_data=False, verbose=False, optimize=False,
                                     dynamic_shapes=tuple(_dynamic_dims(t, batch, dynamic_hw) for t in example_inputs))
+        _optimize_keeping_values(program.model)
     quiet.setLevel(level)
     model = program.model_proto
     graph = gs.import_onnx(model)
+    _fold_weight_transposes(graph)
+    _name_aliases(graph, set(output_names))
     graph.outputs = graph.outputs[:n_outputs]
     _name_layers(graph, layers)
     graph.cleanup().toposort()

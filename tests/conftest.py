@@ -1,8 +1,29 @@
-"""Shared fixtures: deterministic seeds and small models from deployq.examples.zoo."""
+"""Shared fixtures: deterministic seeds and small models from deployq.examples.zoo; the repository's
+benchmarks/ package made importable (tests run parts of it)."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_benchmarks() -> None:
+    """Import the repository's benchmarks/ package by its path: putting the repository root on
+    sys.path would also make calib/ and exporters/ importable as top-level modules."""
+    if "benchmarks" not in sys.modules:
+        folder = ROOT / "benchmarks"
+        spec = importlib.util.spec_from_file_location("benchmarks", folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        sys.modules["benchmarks"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
+import_benchmarks()
 
 # One thread per test process: the suite runs on 2 workers (pytest -n 2), and on tiny tensors a
 # second OpenMP thread competing for a busy core made single convolutions ~70x slower.

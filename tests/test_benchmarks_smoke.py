@@ -4,9 +4,7 @@ checkpoints stop it before anything runs, with a message naming them."""
 
 import json
 import math
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,21 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def import_benchmarks() -> None:
-    """Import the repository's benchmarks/ package by its path: putting the repository root on
-    sys.path would also make calib/ and exporters/ importable as top-level modules."""
-    if "benchmarks" not in sys.modules:
-        folder = ROOT / "benchmarks"
-        spec = importlib.util.spec_from_file_location("benchmarks", folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        sys.modules["benchmarks"] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-
-
-import_benchmarks()
-from benchmarks import common, run_all  # noqa: E402
-from benchmarks.models import tiny_raw_to_rgb  # noqa: E402
+from benchmarks import common, run_all  # the package conftest.py imports by its path
+from benchmarks.models import tiny_raw_to_rgb
 
 TINY = "benchmarks.models:tiny_raw_to_rgb"
 SHAPE = (1, 4, 64, 64)  # the held-out set's packed raw at its default size (128)
@@ -44,6 +29,7 @@ EXPECTED_TABLES = {  # section key: header cells its tables must have
     "scale": ["| depth | quant points | export (s) |", "| stage | ms / layer at 1 | ms / layer at 2 |"],
     "hessian": ["| # | layer | n | iterations |"],
     "conformance": ["| model | quant points | export | check max LSB | int16 local: lowest row (dB) |"],
+    "timm": ["| family | model | params (M) | input | capture | quant points | inspect | export | check |"],
     "devices": ["| model | NNAPI, --device cpu | NNAPI, --device nnapi |"],
     "ptq": ["| quantization | lowlight (trained) |"],
     "latency": ["| width | packed input | threads | fp32 (ms) |", "| op type | fp32 | int8, 10-bit head/tail |",
@@ -65,6 +51,7 @@ EXPECTED_ROWS = {  # section key: regular expressions of rows it must have
                 r"\| exact 10-bit x 8-bit: 2 ConvInteger \+ int32 combine \| [\d.]+ \| [\d.]+× \| yes \|"],
     "devices": [r"\| zoo UNet \(ConvTranspose\) \| \d+/\d+ \([\d.]+%\), 1 \| (\d+)/\1 \(100\.0%\), 1 \|"],
     "conformance": [r"\| squeezenet1_1 \| \d+ \| yes \| [01] \| [\d.]+ \|"],
+    "timm": [r"\| resnet \| test_resnet \| [\d.]+ \| 64 \| fx \| \d+ \| ✓ \| ✓ \| ✓ \| ✓ \|"],
 }
 
 
@@ -88,7 +75,7 @@ def lowlight_args(ckpts: common.LowlightCheckpoints) -> list[str]:
 
 # two groups of about equal time, so that `pytest -n 2` runs them side by side; the first shares
 # the low-light exports between its benchmarks, as the full run does
-GROUPS = ["lowlight,speed,latency", "digits,scale,hessian,parity,devices,ptq"]
+GROUPS = ["lowlight,speed,latency,timm", "digits,scale,hessian,parity,devices,ptq"]
 
 
 @pytest.mark.parametrize("only", GROUPS)

@@ -7,7 +7,6 @@ import torch
 from onnx import helper, numpy_helper
 
 from deployq.core import qparams as qp
-from deployq.exporters.fuse_activation import find_fused_groups
 from deployq.exporters.cleanup import cleanup, finalize
 from deployq.exporters.graph import RewriteError, to_model
 from deployq.exporters.insert_qdq import insert_qdq
@@ -38,10 +37,9 @@ def records(rng, x_bits=8, relu_bits=8):
     }
 
 
-def rewritten(model, recs, kinds=("relu",), carry_bits=8):
+def rewritten(model, recs, carry_bits=8):
     graph = gs.import_onnx(model)
-    groups = find_fused_groups(graph, kinds)
-    return finalize(to_model(cleanup(insert_qdq(graph, recs, groups, carry_bits=carry_bits)), 21))
+    return finalize(to_model(cleanup(insert_qdq(graph, recs, carry_bits=carry_bits)), 21))
 
 
 def test_reference_view_matches_numpy_qdq_semantics(rng):
@@ -107,20 +105,17 @@ def test_ten_bit_activation_is_clipped_then_16_bit(rng):
     np.testing.assert_array_equal(got, fq(x, s, 512, 0, 1023))  # never saturates at 65535, never at 255
 
 
-def test_layers_inside_a_fused_group_refuse_a_quant_point(rng):
+def test_quant_points_are_exactly_the_records(rng):
+    """The pass adds no placement of its own: a record between a layer and its activation is
+    quantized there (prepare never writes one), and no record means no Q/DQ."""
     recs = records(rng)
     recs["conv"] = qp.make("conv", "activation", 8, False, False, None, 0.05, 10)
-    with pytest.raises(RewriteError, match="'conv' sits between 'conv' and its fused activation 'relu'"):
-        rewritten(conv_relu_graph(rng), recs)
-    model = rewritten(conv_relu_graph(rng), recs, kinds=())  # not fused: allowed
-    assert any(n.name == "conv_QuantizeLinear" for n in model.graph.node)
-
-
-def test_fused_groups_are_found(rng):
-    graph = gs.import_onnx(conv_relu_graph(rng))
-    groups = find_fused_groups(graph, ["relu"])
-    assert [(g.layer, g.activation, g.output) for g in groups] == [("conv", "relu", "relu")]
-    assert find_fused_groups(graph, ["leaky_relu"]) == []
+    model = rewritten(conv_relu_graph(rng), recs)
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"conv", "relu", "x"} <= quantized
+    del recs["relu"]
+    model = rewritten(conv_relu_graph(rng), recs)
+    assert "relu" not in {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
 
 
 def test_missing_tensors_and_layers_are_named(rng):

@@ -80,7 +80,10 @@ def test_errors_name_the_quant_point(name):
 
 
 
-@pytest.mark.parametrize("name", list(OBSERVERS))
+DATA_DRIVEN = [name for name in OBSERVERS if name != "probability"]  # probability: a fixed range, tested apart
+
+
+@pytest.mark.parametrize("name", DATA_DRIVEN)
 def test_all_zero_data_warns_and_keeps_zero_exact(name):
     """A quant point that only ever saw 0 (torchvision initialises some classifiers to zeros)
     gets the range [-1, 1] and a warning naming it, not an error that stops the export."""
@@ -97,7 +100,7 @@ def test_scale_is_always_positive(name, rng):
     assert scale > 0 and 0 <= zp <= 255
 
 
-@pytest.mark.parametrize("name", list(OBSERVERS))
+@pytest.mark.parametrize("name", DATA_DRIVEN)
 def test_per_channel_ranges_are_each_channels_own(name, rng):
     """Channel c of the data is channel 0's scaled by 2^c: each observer's range scales the same way
     (every observer here is scale-equivariant), channel by channel."""

@@ -203,7 +203,7 @@ def parse_kwargs(value: Optional[str]) -> Optional[dict]:
 
 
 def model_options(command: Callable) -> Callable:
-    """--ckpt / --model / --config / --input-shape, shared by the commands that build a model."""
+    """--ckpt / --model / --config / --input-shape / --leaf, shared by the commands that build a model."""
     options = [
         click.option("--ckpt", type=click.Path(dir_okay=False), help="deployq checkpoint (or a plain state_dict with --model)."),
         click.option("--model", "factory", metavar="PKG.MOD:FACTORY",
@@ -216,6 +216,11 @@ def model_options(command: Callable) -> Callable:
                      metavar="[NAME:]N,C,H,W",
                      help="Model input shape, e.g. 1,4,128,128 (default: the checkpoint's); repeat as "
                           "NAME:N,C,H,W for a model with several inputs."),
+        click.option("--leaf", "leaf", multiple=True, metavar="MODULE",
+                     help="Keep this module (a path such as backbone.attn, or a class name) whole: it is not "
+                          "traced into, its inputs and output are quant points and the layers inside stay float. "
+                          "For a module neither torch.fx nor torch.export can capture (the error names it); "
+                          "repeat for several. Same as leaf_modules: [...] in the --config YAML."),
     ]
     for option in reversed(options):
         command = option(command)

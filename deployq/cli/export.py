@@ -68,6 +68,7 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
 @json_option("what was exported and measured (files, quant points, provider coverage)")
 @handle_errors
 def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[list],
+           leaf: tuple,
            calib: Optional[str], calib_batches: int, ptq: tuple, target: str, out_dir: str, opset: int,
            weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool, device: str, ort_format: bool,
            output_names: Optional[list], json_path: Optional[str]) -> None:
@@ -97,7 +98,7 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
     if ckpt is None:
         raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model)")
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
-                           factory_kwargs=model_kwargs)
+                           factory_kwargs=model_kwargs, leaf_modules=leaf)
     result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
                         act_signed=act_signed, calib=calib, calib_limit=calib_batches, ptq=PTQOptions(ptq),
                         dynamic_hw=dynamic_hw,

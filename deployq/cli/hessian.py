@@ -85,7 +85,7 @@ def _fmt(value: float) -> str:
 @json_option("every layer's trace, standard error and suggested bits")
 @handle_errors
 def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str],
-            input_shape: Optional[list],
+            input_shape: Optional[list], leaf: tuple,
             data: str, patterns: tuple[str, ...], top: int, out: str, tol: float, max_iter: int, coeff: float,
             limit: int, batch_size: int, loss: str, mode: str, seed: int, estimator: str,
             json_path: Optional[str]) -> None:
@@ -107,7 +107,7 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
     check_output(out, "--yaml")
 
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
-                           factory_kwargs=model_kwargs)
+                           factory_kwargs=model_kwargs, leaf_modules=leaf)
     path = Path(data)
     if path.is_file() and path.suffix.lower() in YAML_SUFFIXES:
         batches = _dataset_batches(path, batch_size, limit)

@@ -34,7 +34,8 @@ from deployq.qat.checkpoint import save as save_checkpoint
 from deployq.deploy.devices import DEVICE_KEY, DEVICES, Coverage, Device, check_config, coverage, device as get_device, fix_shapes, learned_float, to_ort_format
 from deployq.core.files import AtomicOutputs, json_text
 from deployq.qat.loading import ModelSource
-from deployq.qat.prepare import prepare, quant_points
+from deployq.qat.capture import EXPORT
+from deployq.qat.prepare import capture_notes, prepare, quant_points
 from deployq.ptq.pipeline import ZEROQ, PTQOptions, equalized, quantize_post_training, zeroq_feeds
 from deployq.core.progress import stage
 from deployq.qat.calibrate import qparams_of, set_mode
@@ -201,16 +202,20 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
         records = qparams_of(qmodel)
         check_config(dev, records.values())
     examples = tuple(i.example() for i in source.inputs)
+    if dynamic_hw and qmodel.get_submodule("act_quant").capture == EXPORT:
+        raise ValueError("--dynamic-hw needs a model symbolic torch.fx can trace: this one was captured with "
+                         "torch.export, which fixes height and width at the example input's (see the note of "
+                         "`deployq inspect`); export at a fixed --input-shape, or keep the module fx stops at "
+                         "whole with --leaf")
     stage("export: tracing the model (torch.export -> ONNX)", progress)
     float_onnx = export_float(qmodel, examples, opset, dynamic_hw)
-    config: QConfig = qmodel.get_submodule("act_quant").config
-    stage("export: rewriting (fold BN, fuse activations, insert Q/DQ)", progress)
-    result = rewrite(float_onnx, records, config.fuse_activations, opset, block_convtranspose=dev.block_convtranspose,
+    stage("export: rewriting (fold BN, insert Q/DQ)", progress)
+    result = rewrite(float_onnx, records, opset, block_convtranspose=dev.block_convtranspose,
                      carry_bits=dev.carry_bits)
     if reference is not qmodel:  # AdaRound / bias correction changed the float parameters: the float
         # model users compare against is the one from before them
         original = export_float(reference, examples, opset, dynamic_hw)
-        float_model = rewrite(original, records, config.fuse_activations, opset,
+        float_model = rewrite(original, records, opset,
                               block_convtranspose=dev.block_convtranspose).float_model
         result = replace(result, float_model=float_model)
     if dev.fixed_shapes:
@@ -259,7 +264,8 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
                     tmp, qmodel, factory=source.factory, factory_kwargs=source.factory_kwargs, inputs=source.inputs,
                     meta={"exported_for": target, "calibration": calibration_text(calib),
                           "ptq": list(ptq.methods)}))
-    notes = ptq_notes + list(result.log.notes) + ([f"provider coverage not measured: {why}"] if why else [])
+    notes = (capture_notes(qmodel) + ptq_notes + list(result.log.notes)
+             + ([f"provider coverage not measured: {why}"] if why else []))
     others = ([out_dir / f"model.{t}.{ext}" for t in TARGETS if t != "fp32" for ext in ("onnx", "pt")]
               + [out_dir / f"model.{n}.onnx" for n in DEVICES]
               + [out_dir / f"model.{n}.{ext}" for n in (*TARGETS, "float", *DEVICES)

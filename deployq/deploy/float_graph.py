@@ -16,6 +16,7 @@ from torch import fx
 
 from deployq.exporters.graph import RewriteError
 from deployq.exporters.torch_export import ExportModule, to_onnx
+from deployq.qat.fx_ops import aten_name
 from deployq.qat.calibrate import set_mode
 from deployq.qat.fused import QuantLayer
 from deployq.qat.prepare import ACT_QUANT
@@ -54,6 +55,7 @@ def export_module(qmodel: fx.GraphModule) -> ExportModule:
         graph.erase_node(node)
         layers[raw] = path
 
+    _contiguous_before_reshape(graph)
     output = next(n for n in graph.nodes if n.op == "output")
     results = output.args[0]
     if isinstance(results, dict):  # e.g. torchvision's segmentation models: {"out": ..., "aux": ...}
@@ -79,6 +81,36 @@ def export_module(qmodel: fx.GraphModule) -> ExportModule:
     gm.recompile()
     inputs = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
     return ExportModule(gm, inputs, output_names, len(flat), {p: p for p in layers.values()})
+
+
+_RESHAPES = {"reshape", "view", "flatten"}
+_PERMUTES = {"transpose", "permute", "movedim", "swapaxes", "t"}
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        return aten_name(node.target) or getattr(node.target, "__name__", "")
+    return ""
+
+
+def _contiguous_before_reshape(graph: fx.Graph) -> None:
+    """``x.transpose(1, 2).reshape(...)`` with a contiguous copy between the two (a numerical no-op;
+    ONNX has no strides, so nothing of it is exported).
+
+    torch.onnx's decompositions can give an op's output other strides than its fake tensor had
+    (scaled_dot_product_attention's do), and then trace such a reshape as a view that fails
+    ("Cannot view a tensor with shape ... and strides ..."; ``contiguous()`` is decomposed away
+    on the same wrong strides). ``clone(memory_format=contiguous_format)`` always copies, so the
+    reshape reads a dense tensor whatever its producer gave."""
+    for node in list(graph.nodes):
+        source = node.args[0] if node.args else None
+        if _op_name(node) not in _RESHAPES or not isinstance(source, fx.Node) or _op_name(source) not in _PERMUTES:
+            continue
+        with graph.inserting_before(node):
+            dense = graph.call_method("clone", (source,), {"memory_format": torch.contiguous_format})
+        node.args = (dense, *node.args[1:])
 
 
 def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opset: int = 21,

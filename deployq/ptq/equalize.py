@@ -41,7 +41,8 @@ from torch.nn.utils import parametrize
 
 from deployq.core.folding import fold_batchnorm
 from deployq.qat.fx_ops import activation_kind
-from deployq.qat.trace import TraceError, propagate_shapes, remove_inplace, trace
+from deployq.qat.normalize import normalized_graph
+from deployq.qat.trace import TraceError
 
 __all__ = ["EqualizeError", "EqualizeReport", "EqualizedPair", "equalize"]
 
@@ -208,15 +209,14 @@ def _shared_parameters(model: nn.Module) -> set[int]:
 
 
 def _graph(model: nn.Module, example_inputs: tuple[Any, ...], leaf_modules: Iterable[Any]) -> fx.GraphModule:
-    """A traced copy (in-place ops made out of place, shapes recorded); `model` is left untouched."""
+    """A captured, normalized copy (:func:`deployq.qat.normalize.normalized_graph`: the graph
+    prepare places quant points in, so a BatchNorm subclass or an Identity before an activation
+    hides no pair); `model` is left untouched, and its modules keep their paths in the copy."""
     try:
-        gm = trace(copy.deepcopy(model), leaf_modules, None)
+        return normalized_graph(copy.deepcopy(model), example_inputs, leaf_modules).gm
     except TraceError as err:
-        raise EqualizeError(f"equalize could not trace {type(model).__name__} with torch.fx "
-                            f"(pass leaf_modules for the parts that fail): {err}") from err
-    remove_inplace(gm)
-    propagate_shapes(gm, example_inputs)
-    return gm
+        raise EqualizeError(f"equalize could not capture {type(model).__name__} (pass leaf_modules for the parts "
+                            f"that fail): {err}") from err
 
 
 def _find_pairs(gm: fx.GraphModule, relu6: str) -> tuple[list[_Pair], list[tuple[str, str]]]:

@@ -7,6 +7,7 @@ Native form (YAML or a dict)::
                  observer_args: {lower: 0.01, upper: 99.99}}
     input: 10                         # the model input(s): bits, a short string or a mapping
     fuse_activations: [relu, relu6]   # activations folded into the preceding Conv/Linear
+    leaf_modules: [backbone.attn]     # modules kept whole (not traced into): quantized at their boundary
     layers:                           # applied in order; a later match overrides an earlier one
       "DBLE.*_conv1.*": {weight: 10 per_channel_affine, activation: 10 per_tensor_affine}
       "DBLE.DBLE_out":  {activation: {bits: 10}}
@@ -64,8 +65,11 @@ class QConfig:
     input: Mapping[str, Any] = field(default_factory=dict)
     layers: tuple[LayerOverride, ...] = ()
     fuse_activations: tuple[str, ...] = DEFAULT_FUSED
+    leaf_modules: tuple[str, ...] = ()  # module paths (or class names) captured whole
 
     def __post_init__(self) -> None:
+        if isinstance(self.leaf_modules, str) or not all(isinstance(m, str) and m for m in self.leaf_modules):
+            raise ConfigError("leaf_modules must be a list of module paths or class names, e.g. [backbone.attn]")
         unknown = set(self.fuse_activations) - set(FUSABLE_ACTIVATIONS)
         if unknown:
             raise ConfigError(
@@ -93,6 +97,11 @@ class QConfig:
             spec = _apply(spec, changes, f"layers[{rule.pattern!r}].{'weight' if kind == 'weight' else 'activation'}")
         return spec
 
+    def overrides(self, key: str, names: Iterable[str]) -> bool:
+        """True if a layer rule matching `names` sets the activation setting `key` (e.g. observer)."""
+        names = list(names)
+        return any(rule.matches(names) and key in rule.activation for rule in self.layers)
+
     def check_names(self, known: Iterable[str]) -> None:
         """Every override must match at least one quant point; else list the nearest names."""
         known = sorted(set(known))
@@ -112,6 +121,7 @@ class QConfig:
             "activation": _spec_dict(self.activation),
             "input": dict(self.input),
             "fuse_activations": list(self.fuse_activations),
+            **({"leaf_modules": list(self.leaf_modules)} if self.leaf_modules else {}),
             "layers": {
                 r.pattern: ({"quantize": False} if not r.quantize else
                             {k: dict(v) for k, v in (("weight", r.weight), ("activation", r.activation)) if v})
@@ -151,7 +161,7 @@ def _spec(value: Any, default: QuantSpec, where: str) -> QuantSpec:
     return _apply(default, _changes(value, where), where)
 
 
-NATIVE_KEYS = {"weight", "activation", "input", "layers", "fuse_activations"}
+NATIVE_KEYS = {"weight", "activation", "input", "layers", "fuse_activations", "leaf_modules"}
 
 
 def from_dict(data: Mapping[str, Any] | None, source: str = "config") -> QConfig:
@@ -174,12 +184,16 @@ def from_dict(data: Mapping[str, Any] | None, source: str = "config") -> QConfig
     fused = data.get("fuse_activations", DEFAULT_FUSED)
     if isinstance(fused, str) or not isinstance(fused, Iterable):
         raise ConfigError(f"{source}: fuse_activations must be a list, e.g. [relu, relu6]")
+    leaves = data.get("leaf_modules") or ()
+    if isinstance(leaves, str) or not isinstance(leaves, Iterable):
+        raise ConfigError(f"{source}: leaf_modules must be a list of module paths, e.g. [backbone.attn]")
     return QConfig(
         weight=_spec(data.get("weight"), DEFAULT_WEIGHT, f"{source}: weight"),
         activation=_spec(data.get("activation"), DEFAULT_ACTIVATION, f"{source}: activation"),
         input=_changes(data.get("input"), f"{source}: input"),
         layers=tuple(layers),
         fuse_activations=tuple(fused),
+        leaf_modules=tuple(str(m) for m in leaves),
     )
 
 

@@ -5,6 +5,10 @@ quantization grid, so they carry their input's quantization through and get no q
 their own (docs/design.md, contract 3). Every other op that produces a float tensor is a compute op and
 its output is a quant point. ``torch.cat`` is a compute op here: its inputs have their own scales,
 so the result is requantized at the concat's quant point.
+
+A graph captured by symbolic fx calls modules, torch functions and tensor methods; one captured by
+torch.export calls ATen operators (``aten.relu.default``). Every question below is answered for
+both forms, so that placement does not depend on how the model was captured.
 """
 
 from __future__ import annotations
@@ -34,17 +38,47 @@ DATA_MOVEMENT_METHODS = {
     "reshape_as", "t", "unflatten", "movedim", "__getitem__",
 }
 
-# activation name (as used in QConfig.fuse_activations) by module type / function / method
+# ATen operators (by their overload packet's name) that move data, for graphs from torch.export
+DATA_MOVEMENT_ATEN = {
+    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "flatten", "unflatten", "squeeze",
+    "unsqueeze", "slice", "select", "split", "split_with_sizes", "chunk", "narrow", "flip", "roll", "expand",
+    "clone", "alias", "contiguous", "detach", "unbind", "movedim", "repeat", "dropout", "feature_dropout",
+    "max_pool1d", "max_pool2d", "max_pool3d", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "reflection_pad1d", "reflection_pad2d",
+    "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d",
+}
+
+# activation name (as used in QConfig.fuse_activations) by module type / function / method / ATen op
 _ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.LeakyReLU, "leaky_relu"), (nn.Hardtanh, "hardtanh"))
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.leaky_relu: "leaky_relu",
                   F.hardtanh: "hardtanh"}
 _ACT_METHODS = {"relu": "relu"}
+_ACT_ATEN = {"relu": "relu", "leaky_relu": "leaky_relu", "hardtanh": "hardtanh", "relu6": "relu6"}
+_CLAMPS = {torch.clamp, torch.clip}
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def aten_name(target: Any) -> Optional[str]:
+    """'relu' for ``aten.relu.default`` (any ATen overload), else None."""
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+        return target.overloadpacket.__name__
+    return None
+
+
+def is_add(node: fx.Node) -> bool:
+    """``a + b`` in any form (operator, torch.add, Tensor.add, aten.add) without a scaling alpha."""
+    if node.op == "call_method":
+        return node.target == "add" and "alpha" not in node.kwargs
+    if node.op != "call_function":
+        return False
+    if node.target in (operator.add, torch.add):
+        return "alpha" not in node.kwargs
+    return aten_name(node.target) == "add" and node.kwargs.get("alpha", 1) == 1
 
 
 ALIAS = "deployq_alias"  # node.meta key: shape propagation saw the output share its input's memory
@@ -76,7 +110,14 @@ def is_data_movement(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             return _arg(node, 2, "mode", "constant") != "constant" or not _arg(node, 3, "value", None)
         if node.target is F.interpolate:
             return _arg(node, 3, "mode", "nearest") == "nearest"
-        return node.target in DATA_MOVEMENT_FUNCTIONS
+        aten = aten_name(node.target)
+        if aten == "constant_pad_nd":
+            return not _arg(node, 2, "value", 0)
+        if aten == "pad":
+            return _arg(node, 2, "mode", "constant") != "constant" or not _arg(node, 3, "value", None)
+        if aten == "cat":
+            return len(node.args[0]) == 1
+        return node.target in DATA_MOVEMENT_FUNCTIONS or aten in DATA_MOVEMENT_ATEN
     if node.op == "call_method":
         return node.target in DATA_MOVEMENT_METHODS
     return False
@@ -91,10 +132,25 @@ def activation_kind(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[st
                 return kind
         return None
     if node.op == "call_function":
-        return _ACT_FUNCTIONS.get(node.target)
+        if node.target in _ACT_FUNCTIONS:
+            return _ACT_FUNCTIONS[node.target]
+        aten = aten_name(node.target)
+        if aten == "hardtanh":
+            return "relu6" if (_arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)) == (0, 6) else "hardtanh"
+        if node.target in _CLAMPS or aten in ("clamp", "clip"):
+            return _clamp_kind(node)
+        return _ACT_ATEN.get(aten)
     if node.op == "call_method":
+        if node.target in ("clamp", "clip"):
+            return _clamp_kind(node)
         return _ACT_METHODS.get(node.target)
     return None
+
+
+def _clamp_kind(node: fx.Node) -> Optional[str]:
+    """``clamp(x, 0)`` is a ReLU and ``clamp(x, 0, 6)`` a ReLU6 (how some models write them)."""
+    bounds = (_arg(node, 1, "min", None), _arg(node, 2, "max", None))
+    return {(0, None): "relu", (0, 6): "relu6"}.get(bounds)  # 0 == 0.0: one key serves both
 
 
 def activation_module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module:
@@ -113,6 +169,18 @@ def activation_module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module
     raise ValueError(f"{node.name} is not an activation")
 
 
+_SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
+
+
+def is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A softmax in any form (module, function, method, ATen op): its output is a probability."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.Softmax)
+    if node.op == "call_function":
+        return node.target in _SOFTMAX_FUNCTIONS or aten_name(node.target) in ("softmax", "_softmax")
+    return node.op == "call_method" and node.target == "softmax"
+
+
 def float_tensor_output(node: fx.Node) -> bool:
     """True when shape propagation saw `node` produce one floating-point tensor."""
     meta = node.meta.get("tensor_meta")
@@ -124,7 +192,7 @@ def op_label(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         m = modules[node.target]
         return getattr(m, "kind", type(m).__name__)
     if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
+        return aten_name(node.target) or getattr(node.target, "__name__", str(node.target))
     if node.op == "call_method":
         return str(node.target)
     return node.op

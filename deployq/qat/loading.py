@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -34,7 +34,8 @@ from deployq.qat.quantizers import FakeQuantizer
 REGISTERED_FACTORIES = frozenset({
     "deployq.examples.lowlight.model:build",
     *(f"deployq.examples.zoo:{name}" for name in
-      ("plain_cnn", "unet", "resnet", "channel_attention", "reused", "space_to_depth", "upsampler")),
+      ("plain_cnn", "unet", "resnet", "channel_attention", "reused", "space_to_depth", "upsampler",
+       "freely_written")),
     "deployq.examples.torchvision_models:build",
     "deployq.examples.torchvision_models:two_inputs",
 })
@@ -207,15 +208,18 @@ def input_specs(shapes: InputShapes, known: Optional[list[InputSpec]], model: nn
 
 def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
                   config: Optional[str] = None, input_shape: InputShapes = None,
-                  factory_kwargs: Optional[dict] = None) -> ModelSource:
+                  factory_kwargs: Optional[dict] = None, leaf_modules: Sequence[str] = ()) -> ModelSource:
+    """The model a command works on: a deployq checkpoint, or a factory (+ float state_dict)
+    prepared under `config` with `leaf_modules` (``--leaf``) added to the config's."""
     if ckpt is None and factory is None:
         raise ValueError("give --ckpt (a deployq checkpoint) or --model PKG.MOD:FACTORY")
     payload = ck.read_payload(ckpt) if ckpt is not None else None
     if payload is not None and ck.is_checkpoint(payload):
         c = ck.parse(payload, Path(ckpt))
-        if config is not None or factory_kwargs is not None:
-            raise ValueError(f"{ckpt} carries its own quantization config, learned qparams and factory "
-                             "arguments; --config and --model-kwargs apply only to a plain state_dict with --model")
+        if config is not None or factory_kwargs is not None or leaf_modules:
+            raise ValueError(f"{ckpt} carries its own quantization config (leaf modules included), learned qparams "
+                             "and factory arguments; --config, --leaf and --model-kwargs apply only to a plain "
+                             "state_dict with --model")
         model = checkpoint_float_model(c, factory)
         inputs = input_specs(input_shape, c.inputs, model)
         c.inputs = inputs
@@ -231,5 +235,7 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
     model = float_model(factory, kwargs, "--model", weights=ckpt, payload=payload)
     inputs = input_specs(input_shape, None, model)
     qconfig = load_config(config)
+    if leaf_modules:
+        qconfig = replace(qconfig, leaf_modules=tuple(dict.fromkeys((*qconfig.leaf_modules, *leaf_modules))))
     qmodel = prepare(model, tuple(i.example() for i in inputs), qconfig)
     return ModelSource(qmodel, model, inputs, factory, kwargs, qconfig, False)

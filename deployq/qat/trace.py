@@ -30,7 +30,16 @@ __all__ = ["TraceError", "dedupe_modules", "propagate_shapes", "remove_inplace",
 
 
 class TraceError(RuntimeError):
-    """torch.fx could not trace the model; the message names the module and the fix."""
+    """torch.fx could not trace the model; the message names the module and the fix.
+
+    `module`: the path of the module tracing stopped in ('' for the model itself); `what` names it
+    with its type, `reason` is the tracer's own message (first line)."""
+
+    def __init__(self, message: str, *, module: Optional[str] = None, what: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.module = module
+        self.what = what
+        self.reason = reason
 
 
 class _Tracer(fx.Tracer):
@@ -63,12 +72,15 @@ def trace(model: nn.Module, leaf_modules: Iterable[Any] = (), concrete_args: Opt
     except Exception as err:
         where = tracer.failed_at
         what = f"module {where!r} ({type(model.get_submodule(where)).__name__})" if where else type(model).__name__
-        fix = (f"mark it as a leaf (leaf_modules=[{where!r}]) so it is called as a black box, "
+        fix = (f"keep it whole as a leaf, called as a black box and quantized at its boundary (--leaf {where} "
+               f"on the command line, leaf_modules: [{where}] in the YAML config, leaf_modules=[{where!r}] in "
+               "Python), "
                if where else "")
+        reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
         raise TraceError(
             f"torch.fx could not trace {what}: {type(err).__name__}: {err}\n"
             f"Fix: {fix}pass concrete_args for arguments that drive Python control flow, or move "
-            "data-dependent control flow out of forward()."
+            "data-dependent control flow out of forward().", module=where, what=what, reason=reason
         ) from err
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 

@@ -1,0 +1,426 @@
+"""Capture and normalization: models written the way people write them (timm's habits, each a
+small model here) place their quant points by what they compute, export, and pass `check`.
+
+Each model below is one failure seen on timm's registry before capture and normalization existed:
+a no-op between BatchNorm and its activation, a BatchNorm subclass with its own activation, a no-op
+after the classifier, shape-dependent control flow, two layers computing the same thing, and a
+forward that reads a layer's weight attributes.
+"""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deployq
+from deployq.qat.capture import EXPORT, FX, CaptureError
+from deployq.qat.fused import QuantLayer
+from deployq.qat.prepare import quant_points
+
+
+class ConvBnIdentityAct(nn.Module):
+    """conv -> bn -> nn.Identity (a disabled DropBlock) -> ReLU, as timm's ResNet-D writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop_block = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.act(self.drop_block(self.bn(self.conv(x)))))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass that applies its own activation (timm's BatchNormAct2d)."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class ConvBnActSubclass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = BatchNormAct(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.bn1(self.conv(x)))
+
+
+class FlattenAfterClassifier(nn.Module):
+    """``self.flatten(self.fc(x))`` with a Flatten of a tensor already flat (RegNet, RexNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+        self.flatten = nn.Flatten(1)
+        self.head_drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x)).mean((2, 3))
+        return self.flatten(self.fc(self.head_drop(x)))
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape (MobileViT's `if new_h != H`): symbolic fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = Resizing()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+class Resizing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        if x.shape[-1] % 4 != 0:
+            x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        return F.relu(self.proj(x))
+
+
+class TwoIdenticalHeads(nn.Module):
+    """A classifier and a distillation head with the same parameters (LeViT in eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Linear(8, 4)
+        self.head_dist = nn.Linear(8, 4)
+        self.head_dist.load_state_dict(self.head.state_dict())
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).mean((2, 3))
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+class ReadsWeightAttributes(nn.Module):
+    """``self.proj.weight.dtype`` read in forward (EdgeNeXt's positional encoding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.proj(x.to(self.proj.weight.dtype)))
+        return y * torch.ones(1, device=self.proj.weight.device, dtype=self.bn.weight.dtype)
+
+
+class PaddedConv(nn.Conv2d):
+    """A Conv2d subclass that pads itself, then calls the functional conv (timm's Conv2dSame)."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class FunctionalConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = PaddedConv(3, 8, 2)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class DataDependent(nn.Module):
+    """Control flow on values: neither symbolic fx nor torch.export can capture `gate`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = Gate()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.gate(torch.relu(self.conv(x))))
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        if x.mean() > 0.5:
+            return self.inner(x)
+        return x * 0.5
+
+
+def _warm(model, size=16):
+    """BatchNorm statistics that are not the identity, eval mode."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, size, size))
+    return model.eval()
+
+
+def _pipeline(model, tmp_path, size=16, **prepare_kwargs):
+    """prepare, calibrate, export, check: the quantized model, the export and the parity report."""
+    x = torch.randn(1, 3, size, size)
+    qmodel = deployq.prepare(model, x, **prepare_kwargs)
+    deployq.calibrate(qmodel, [torch.randn(4, 3, size, size) for _ in range(3)], progress=False)
+    result = deployq.export(qmodel, x, tmp_path, progress=False)
+    parity = deployq.check(qmodel, result.files["int8"], inputs=[torch.randn(2, 3, size, size)])
+    assert parity.passed(), parity.verdict()
+    return qmodel, result, parity
+
+
+def _quantized_tensors(model: onnx.ModelProto) -> set[str]:
+    return {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_identity_between_batchnorm_and_activation_does_not_split_the_layer(tmp_path):
+    qmodel, result, _ = _pipeline(_warm(ConvBnIdentityAct()), tmp_path)
+    points = quant_points(qmodel)
+    assert "act" in points and "bn" not in points and "drop_block" not in points
+    assert points["act"].members == ("conv", "bn", "act")
+    assert not any(n.op_type == "BatchNormalization" for n in result.quant_model.graph.node)
+
+
+def test_batchnorm_subclass_is_folded_and_follows_train_mode(tmp_path):
+    model = _warm(ConvBnActSubclass())
+    qmodel, result, _ = _pipeline(model, tmp_path)
+    points = quant_points(qmodel)
+    layer = qmodel.get_submodule("conv")
+    assert isinstance(layer, QuantLayer) and type(layer.bn) is nn.BatchNorm2d
+    assert points["bn1.act"].members == ("conv", "bn1", "bn1.act")  # one quant point after the ReLU6
+    assert layer.bn.weight is model.bn1.weight or torch.equal(layer.bn.weight, model.bn1.weight)
+    assert not any(n.op_type == "BatchNormalization" for n in result.quant_model.graph.node)
+    # the BatchNorm is a module again: in train mode it normalizes with batch statistics, as the
+    # original does (tracing had fixed `training` to the mode at capture)
+    deployq.set_mode(qmodel, "float")
+    x = torch.randn(4, 3, 16, 16)
+    expected = _warm(ConvBnActSubclass()).train()
+    expected.load_state_dict(model.state_dict())
+    assert torch.allclose(qmodel.train()(x), expected(x), atol=1e-6)
+
+
+def test_noop_after_the_classifier_gives_no_identity_output(tmp_path):
+    qmodel, result, _ = _pipeline(FlattenAfterClassifier().eval(), tmp_path)
+    assert "fc" in quant_points(qmodel)
+    assert [o.name for o in result.quant_model.graph.output] == ["fc"]
+    assert not any(n.op_type == "Identity" for n in result.float_model.graph.node)
+
+
+def test_shape_dependent_branch_is_captured_by_torch_export(tmp_path):
+    model = _warm(ShapeBranch(), size=18)
+    qmodel, result, _ = _pipeline(model, tmp_path, size=18)
+    points = quant_points(qmodel)
+    assert qmodel.get_submodule("act_quant").capture == EXPORT
+    assert any("torch.export" in n for n in qmodel.get_submodule("act_quant").notes)
+    # names are still module paths, and layers are modules (weights quantized, BN folded)
+    assert {"stem.2", "stem.0.weight", "block.proj.weight", "head.weight"} <= set(points)
+    assert isinstance(qmodel.get_submodule("stem.0"), QuantLayer)
+    # the batch stays dynamic: calibrated above with batches of 4, checked with 2
+    diff = deployq.diff(result.files["float"], result.files["int8"], inputs=[torch.randn(3, 3, 18, 18)])
+    assert min(r.stats.sqnr_db for r in diff.rows) > 20
+
+
+def test_traceable_models_keep_symbolic_fx():
+    qmodel = deployq.prepare(ConvBnIdentityAct().eval(), torch.randn(1, 3, 16, 16))
+    assert qmodel.get_submodule("act_quant").capture == FX
+
+
+def test_identical_layers_keep_one_quant_point_each(tmp_path):
+    qmodel, result, _ = _pipeline(TwoIdenticalHeads().eval(), tmp_path)
+    points = quant_points(qmodel)
+    assert {"head", "head_dist", "head.weight", "head_dist.weight"} <= set(points)
+    assert {"head", "head_dist"} <= _quantized_tensors(result.quant_model)
+
+
+def test_reading_a_fused_layers_weight_attributes(tmp_path):
+    qmodel, _, _ = _pipeline(_warm(ReadsWeightAttributes()), tmp_path)
+    assert isinstance(qmodel.get_submodule("proj"), QuantLayer)
+
+
+def test_functional_convolution_of_a_conv_subclass_is_a_layer(tmp_path):
+    model = _warm(FunctionalConv())
+    qmodel, _, _ = _pipeline(model, tmp_path)
+    points = quant_points(qmodel)
+    assert "conv.weight" in points and points["relu"].members == ("conv", "bn", "relu")
+    assert qmodel.get_submodule("conv").layer.weight is not None
+
+
+def test_class_token_expanded_to_the_batch_is_kept():
+    """expand() keeps the shape at the example's batch of 1, not at others: not a no-op."""
+    class ClassToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            tokens = self.proj(x)
+            cls = self.cls_token.expand(x.shape[0], -1, -1)
+            return torch.cat([cls, tokens], 1)
+
+    qmodel = deployq.prepare(ClassToken(), torch.randn(1, 5, 8))
+    assert qmodel(torch.randn(3, 5, 8)).shape == (3, 6, 8)
+
+
+def test_uncapturable_module_is_named_with_the_option_that_keeps_it_whole():
+    with pytest.raises(CaptureError) as err:
+        deployq.prepare(DataDependent().eval(), torch.randn(1, 3, 8, 8))
+    assert err.value.module == "gate"
+    assert "--leaf gate" in str(err.value) and "leaf_modules: [gate]" in str(err.value)
+
+
+def test_a_leaf_module_is_quantized_at_its_boundary_and_said_to_stay_float(tmp_path):
+    model = _warm(ShapeBranch(), size=18)
+    qmodel, result, _ = _pipeline(model, tmp_path, size=18, config={"leaf_modules": ["block"]})
+    points = quant_points(qmodel)
+    assert qmodel.get_submodule("act_quant").capture == FX  # a leaf keeps symbolic tracing
+    notes = qmodel.get_submodule("act_quant").notes
+    assert any("'block'" in n and "1 Conv/Linear layer inside stays float" in n for n in notes)
+    # its output is a quant point, the layer after it reads those codes, the layer inside is float
+    assert "block" in points and points["head.weight"].input == "block" and "block.proj.weight" not in points
+    assert "block" in _quantized_tensors(result.quant_model)
+
+
+def test_leaf_modules_in_the_config_round_trip():
+    from deployq.qat.config import ConfigError, load_config
+
+    config = load_config({"leaf_modules": ["backbone.attn"]})
+    assert config.leaf_modules == ("backbone.attn",)
+    assert load_config(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="leaf_modules"):
+        load_config({"leaf_modules": "backbone.attn"})
+
+
+@pytest.mark.parametrize("model", [ConvBnIdentityAct, ConvBnActSubclass, FunctionalConv])
+def test_float_mode_is_the_original_model(model):
+    model = _warm(model())
+    x = torch.randn(2, 3, 16, 16)
+    qmodel = deployq.prepare(model, x[:1])
+    np.testing.assert_array_equal(qmodel(x).detach().numpy(), model(x).detach().numpy())
+
+
+def test_cli_says_how_a_model_was_captured_and_takes_leaf_modules(tmp_path):
+    from click.testing import CliRunner
+
+    from deployq.cli import main
+
+    runner = CliRunner()
+    args = ["inspect", "--model", "deployq.examples.zoo:freely_written", "--input-shape", "1,3,18,18"]
+    done = runner.invoke(main, args)
+    assert done.exit_code == 0, done.output
+    assert "captured with torch.export" in done.output and "bn1.act" in done.output
+    done = runner.invoke(main, [*args, "--leaf", "block"])
+    assert done.exit_code == 0, done.output
+    assert "captured with fx" in done.output and "leaf module 'block'" in done.output
+    torch.save(zoo_model().state_dict(), tmp_path / "float.pt")
+    done = runner.invoke(main, ["export", "--ckpt", str(tmp_path / "float.pt"), *args[1:], "--leaf", "nope",
+                                "--calib", "zeroq", "--out", str(tmp_path / "out")])
+    assert done.exit_code == 1 and "leaf module 'nope' is neither" in done.output
+    assert not (tmp_path / "out").exists()
+
+
+def zoo_model():
+    from deployq.examples import zoo
+
+    return zoo.freely_written()
+
+
+class AssertsRank(nn.BatchNorm2d):
+    """A BatchNorm subclass that checks its input's rank first (timm's BatchNormAct2d does)."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected a 4-D input")
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+
+
+def test_a_rank_assertion_does_not_keep_a_layer_from_its_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), AssertsRank(8), nn.SiLU())
+    qmodel = deployq.prepare(_warm(model), torch.randn(1, 3, 16, 16))
+    points = quant_points(qmodel)
+    assert points["1"].members == ("0", "1") and "0" not in points  # one quant point after the BN
+    layer = qmodel.get_submodule("0")
+    assert isinstance(layer, QuantLayer) and not list(layer.bn.children())
+
+
+def test_position_indices_built_from_the_input_shape_are_constants():
+    """Values computed from parameters and the input's *shape* only (position indices expanded to
+    the batch) are folded by the exporter: no quant point, in either capture."""
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(2, 8)
+            self.embed = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            n = x.shape[1]
+            idx = torch.arange(n, dtype=torch.float32).unsqueeze(1).repeat(1, 2)
+            pos = self.proj(idx).unsqueeze(0).expand(x.shape[0], -1, -1)
+            return self.head(self.embed(x) + pos)
+
+    points = quant_points(deployq.prepare(Positions(), torch.randn(1, 5, 8)))
+    assert {"embed", "add", "head"} <= set(points) and "proj" not in points
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(dim=-1)
+        return self.proj(attn @ v)
+
+
+def test_softmax_output_is_on_the_probability_grid(tmp_path):
+    """onnxruntime's fused QLinearSoftmax computes on the grid its quantizer fixes (scale 1/256,
+    zero point 0): with a calibrated range instead, its output is far from the QDQ graph's."""
+    from deployq.verify.diff import diff
+
+    model = Attention().eval()
+    x = torch.randn(1, 64, 8) * 0.3  # 64 tokens, small logits: a flat attention that peaks near 1/64
+    qmodel = deployq.prepare(model, x)
+    deployq.calibrate(qmodel, [torch.randn(4, 64, 8) * 0.3 for _ in range(3)], progress=False)
+    point = quant_points(qmodel)["softmax"]
+    assert point.spec.observer == "probability"
+    scale, zero_point = qmodel.get_submodule(point.quantizer).qparams()
+    assert float(scale) == 1 / 256 and int(zero_point) == 0
+    result = deployq.export(qmodel, x, tmp_path, progress=False)
+    name = result.quant_model.graph.input[0].name
+    kernel = diff(result.float_model, result.quant_model, [{name: torch.randn(2, 64, 8).numpy() * 0.3}], mode="kernel",
+                  progress=False)
+    assert min(r.stats.sqnr_db for r in kernel.rows if r.point.name == "softmax") > 30
+    override = deployq.prepare(model, x, {"layers": {"softmax": {"activation": {"observer": "kl"}}}})
+    assert quant_points(override)["softmax"].spec.observer == "kl"  # the config still decides
+
+
+def test_probability_observer_ignores_the_data_range():
+    from deployq.calib.observers import OBSERVERS
+    from deployq.core.qspec import QuantSpec
+
+    for bits, signed, expected_zp in ((8, False, 0), (8, True, -128), (10, False, 0)):
+        observer = OBSERVERS.get("probability")(QuantSpec(bits=bits, signed=signed), None, "p")
+        observer.update(torch.rand(100) * 0.05)
+        scale, zero_point = observer.qparams()
+        assert float(scale) == 2.0 ** -bits and int(zero_point) == expected_zp

@@ -1,0 +1,29 @@
+"""timm models through every stage: the representative subset of ``benchmarks/bench_timm.py``.
+
+One family per way of writing a model that once broke deployq (random weights, 64 x 64 inputs,
+calibration on photographs): EfficientNet (a BatchNorm subclass with its own activation), RegNet
+(a Flatten after the classifier), LeViT (a distillation head identical to the classifier, BatchNorm
+on linear layers), MobileViT (shape-dependent control flow: captured with torch.export) and
+EdgeNeXt (its forward reads a fused layer's weight dtype). Each passes what the sweep measures:
+capture, PTQ export, ``check`` at most 1 LSB, every int16 ``diff`` row at least 50 dB, and int8
+output SQNR no worse than onnxruntime's ``quantize_static`` minus 0.1 dB.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import bench_timm
+
+FAMILIES = {"efficientnet": "fx", "regnet": "fx", "levit": "fx", "mobilevit": "torch.export", "edgenext": "fx"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_timm_family_passes_every_stage(family, tmp_path):
+    args = bench_timm.parse_args([])  # the sweep's own settings: 16 calibration crops, 32 held out
+    row = bench_timm.measure(family, args, tmp_path)
+    assert not row.failed_stage, f"{family} ({row.model}) stops at {row.failed_stage}: {row.reason}"
+    assert row.capture == FAMILIES[family]
+    assert row.check_lsb <= 1 and row.pairing_db >= bench_timm.PAIRING_DB
+    assert row.deployq_db >= row.static_db - bench_timm.MARGIN_DB
