@@ -6,6 +6,8 @@ Every pass is a function ``Graph -> Graph`` that reports what it changed through
 
 from __future__ import annotations
 
+import math
+
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -185,6 +187,8 @@ def narrowing_clip_bits(clip: onnx.NodeProto, quantize: onnx.NodeProto, initiali
         return None
     storage_bits = 8 * (zp.dtype.itemsize if zp is not None else 1)
     steps = (float(hi) - float(lo)) / float(scale)
+    if not math.isfinite(steps):  # a model's own clamp with one open side (clamp(x, min=eps))
+        return None
     levels = round(steps) + 1
     if abs(steps - round(steps)) > 1e-3 or levels < 4 or levels & (levels - 1):
         return None

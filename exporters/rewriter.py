@@ -16,7 +16,7 @@ their logs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -59,9 +59,10 @@ def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QuantPoint]], op
     return Rewritten(float_model, finalize(to_model(cleanup(graph, log), opset)), log)
 
 
-def fold_batchnorm_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with every BatchNormalization after a layer folded into it, the opset
-    kept: what diff compares a QDQ model against (the rewriter folded BN before quantizing)."""
-    graph = fold_batchnorm_pass(gs.import_onnx(model))
+def fold_batchnorm_copy(model: onnx.ModelProto, keep: Iterable[str] = ()) -> onnx.ModelProto:
+    """A copy of `model` with its BatchNormalizations folded as the rewriter folds them, the opset
+    kept: what diff compares a QDQ model against. `keep`: the QDQ model's quant points, as in
+    :func:`rewrite` (a BN whose output is one stays, and is not folded into the next Conv)."""
+    graph = fold_batchnorm_pass(gs.import_onnx(model), keep)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
     return to_model(graph, opset)

@@ -169,10 +169,10 @@ def _export_key(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opse
 
 def _optimize_keeping_values(model: Any) -> None:
     """onnxscript's optimizer as torch.onnx runs it (inlining, constant folding, its rewrite rules,
-    unused nodes out, constants as initializers), without the two passes that merge values:
-    common-subexpression elimination and initializer de-duplication. Two layers that compute the
-    same thing (a distillation head beside its classifier) are two quant points, each with its own
-    tensor and qparams; merged, one of them would vanish into an ``Identity``."""
+    unused nodes out, constants as initializers, equal initializers shared), without common-
+    subexpression elimination: two layers that compute the same thing (a distillation head beside
+    its classifier) are two quant points, each with its own tensor and qparams; merged, one of them
+    would vanish into an ``Identity``."""
     import onnx_ir as ir
     import onnx_ir.passes.common as common
     from onnxscript import rewriter
@@ -190,9 +190,30 @@ def _optimize_keeping_values(model: Any) -> None:
         common.RemoveUnusedNodesPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common.LiftSubgraphInitializersToMainGraphPass(),
-        common.OutputFixPass(),
-        common.NameFixPass(),
+        common.DeduplicateInitializersPass(),  # equal weights shared: _name_layers gives each layer its own
     )(model)
+    _register_constants(model)
+    ir.passes.Sequential(common.OutputFixPass(), common.NameFixPass())(model)
+
+
+def _register_constants(model: Any) -> None:
+    """Constant inputs the rewrite rules created without registering them as initializers (the
+    Min/Max -> Clip rule names every bound after the clipped tensor: with three Clips of one
+    tensor, two bounds share a name and are lost when serialized; CSE, which merged those Clips,
+    hid it) become initializers, each under a name of its own."""
+    graph = model.graph
+    taken = set(graph.initializers)
+    for node in graph:
+        for value in node.inputs:
+            if (value is None or value.const_value is None or value.producer() is not None or value.is_graph_input()
+                    or graph.initializers.get(value.name) is value):
+                continue
+            name, i = value.name or "constant", 1
+            while name in taken:
+                name, i = f"{value.name}_{i}", i + 1
+            value.name = name
+            taken.add(name)
+            graph.register_initializer(value)
 
 
 def _export(gm: fx.GraphModule, input_names: list[str], output_names: list[str], n_outputs: int,

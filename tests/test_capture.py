@@ -168,6 +168,39 @@ class Gate(nn.Module):
         return x * 0.5
 
 
+class ClampsOneTensorThrice(nn.Module):
+    """One tensor clamped three times between buffers (the bounds of a normalization before q, k
+    and v), and a clamp whose upper bound is infinite (what decomposed RMS norms compute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Conv2d(3, 8, 1) for _ in range(3))
+        self.register_buffer("lo", torch.tensor(-1.5))
+        self.register_buffer("hi", torch.tensor(1.5))
+
+    def forward(self, x):
+        def bounded(t):
+            return t.clamp(self.lo, self.hi)
+        return self.q(bounded(x)) + self.k(bounded(x)) + self.v(bounded(x)) + x.clamp(1e-3, float("inf")).mean(1, keepdim=True)
+
+
+class WindowAttention(nn.Module):
+    """scaled_dot_product_attention on 5-D (batch, heads, windows, tokens, dim) tensors (Hiera)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2).reshape(b, 4, h * w // 4, c)  # 4 windows
+        q, k, v = self.qkv(tokens).reshape(b, 4, -1, 3, c).unbind(3)
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1))
+        return out.mean((1, 2, 3))
+
+
 def _warm(model, size=16):
     """BatchNorm statistics that are not the identity, eval mode."""
     model.train()
@@ -424,3 +457,21 @@ def test_probability_observer_ignores_the_data_range():
         observer.update(torch.rand(100) * 0.05)
         scale, zero_point = observer.qparams()
         assert float(scale) == 2.0 ** -bits and int(zero_point) == expected_zp
+
+
+def test_clamps_of_one_tensor_keep_their_bounds_and_points(tmp_path):
+    """Three equal Clips of one tensor each keep their bound initializers (the exporter's rewrite
+    gave them one name; serialized, two Clips lost their bounds), and an open-sided clamp is not
+    taken for a quantizer's narrowing Clip."""
+    qmodel, result, parity = _pipeline(ClampsOneTensorThrice().eval(), tmp_path)
+    points = quant_points(qmodel)
+    assert {"clamp", "clamp_1", "clamp_2", "clamp_3"} <= set(points)
+    onnx.checker.check_model(result.quant_model, full_check=True)
+    clips = [n for n in result.float_model.graph.node if n.op_type == "Clip"]
+    assert len(clips) == 4 and len({n.output[0] for n in clips}) == 4
+
+
+def test_attention_on_five_dimensional_windows_exports(tmp_path):
+    model = WindowAttention().eval()
+    qmodel, result, _ = _pipeline(model, tmp_path)
+    assert any(n.op_type == "Softmax" for n in result.float_model.graph.node)

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from deployq.exporters.graph import RewriteError
@@ -56,6 +57,7 @@ def export_module(qmodel: fx.GraphModule) -> ExportModule:
         layers[raw] = path
 
     _contiguous_before_reshape(graph)
+    _four_dimensional_attention(graph, named)
     output = next(n for n in graph.nodes if n.op == "output")
     results = output.args[0]
     if isinstance(results, dict):  # e.g. torchvision's segmentation models: {"out": ..., "aux": ...}
@@ -111,6 +113,36 @@ def _contiguous_before_reshape(graph: fx.Graph) -> None:
         with graph.inserting_before(node):
             dense = graph.call_method("clone", (source,), {"memory_format": torch.contiguous_format})
         node.args = (dense, *node.args[1:])
+
+
+_ATTENTION = {F.scaled_dot_product_attention}
+
+
+def _four_dimensional_attention(graph: fx.Graph, named: dict[fx.Node, str]) -> None:
+    """``scaled_dot_product_attention`` on q, k, v of another rank than 4 (windowed attention:
+    (B, heads, windows, N, D)) computed on 4-D views: leading dimensions flattened into one batch
+    dimension, a head dimension of 1, the result reshaped back (exact: the op treats every leading
+    dimension as a batch). torch.onnx translates only the 4-D form. Only calls without a mask and
+    with v as wide as q are rewritten; the result keeps the quant-point name of the call."""
+    for node in list(graph.nodes):
+        is_attention = node.target in _ATTENTION or aten_name(node.target) == "scaled_dot_product_attention"
+        if node.op != "call_function" or not is_attention or len(node.args) < 3 or (
+                len(node.args) > 3 and node.args[3] is not None):
+            continue
+        metas = [a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None for a in node.args[:3]]
+        ranks = {len(m.shape) if hasattr(m, "shape") else None for m in metas}
+        if None in ranks or ranks == {4} or len(ranks) != 1 or metas[0].shape[-1] != metas[2].shape[-1]:
+            continue
+        if any(k not in ("dropout_p", "is_causal", "scale") for k in node.kwargs):
+            continue
+        with graph.inserting_before(node):
+            flat = [graph.call_method("unsqueeze", (graph.call_method("flatten", (a, 0, -3)), 1)) for a in node.args[:3]]
+            attention = graph.call_function(node.target, (*flat, *node.args[3:]), dict(node.kwargs))
+            result = graph.call_method("reshape_as", (attention, node.args[0]))
+        node.replace_all_uses_with(result)
+        if node in named:
+            named[result] = named.pop(node)
+        graph.erase_node(node)
 
 
 def export_float(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opset: int = 21,

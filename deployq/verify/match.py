@@ -93,11 +93,12 @@ def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matching:
     """Pair every QuantizeLinear of `quant_model` (and every quantized weight) with `float_model`."""
-    folded = fold_batchnorm_copy(float_model)
-    float_tensors = _tensor_names(float_model) | _tensor_names(folded)
     qg = quant_model.graph
     inits = {i.name: i for i in qg.initializer}
     producers = {o: n for n in qg.node for o in n.output}
+    quantized = {base_name(quantized_tensor(n, producers, inits)[0]) for n in qg.node if n.op_type == "QuantizeLinear"}
+    folded = fold_batchnorm_copy(float_model, quantized)
+    float_tensors = _tensor_names(float_model) | _tensor_names(folded)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in qg.node:
         for i in n.input:
