@@ -181,6 +181,38 @@ def test_per_tensor_weights_get_an_int32_bias_too(tmp_path):
     assert deployq.check(qmodel, result.files["int8"], inputs=[torch.rand(2, 3, 16, 16)]).ok(max_lsb=1)
 
 
+class PassThroughGate(torch.nn.Module):
+    """gMLP's spatial gate at initialization: weights ~1e-6, bias 1 (the gate passes everything),
+    so bias / (s_in·s_w) is past the int32 range a bias code may take."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = torch.nn.Conv2d(8, 8, 1)
+        torch.nn.init.normal_(self.gate.weight, std=1e-6), torch.nn.init.ones_(self.gate.bias)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return y * self.gate(y)
+
+
+def test_a_bias_large_next_to_its_weights_keeps_its_value(tmp_path):
+    """The weight scale is bounded so the bias codes fit in int32: the gate stays ~1 in the
+    integer model (saturated, it fell to ~0.7 and the output to ~10 dB)."""
+    x = torch.randn(1, 3, 16, 16)
+    model = PassThroughGate().eval()
+    qmodel = deployq.prepare(model, x)
+    deployq.calibrate(qmodel, [torch.randn(2, 3, 16, 16) for _ in range(3)], progress=False)
+    result = deployq.export(qmodel, x, tmp_path, ort_format=False, progress=False)
+    inputs = [torch.randn(2, 3, 16, 16)]
+    assert deployq.check(qmodel, result.files["int8"], inputs=inputs).ok(max_lsb=1)
+    codes = numpy_helper.to_array(next(i for i in result.quant_model.graph.initializer
+                                       if i.name.startswith("gate") and i.name.endswith(".bias_quantized")))
+    assert np.abs(codes).max() <= 2**30
+    report = deployq.diff(result.files["float"], result.files["int8"], inputs=inputs, mode="local")
+    assert {r.point.name: r.stats.sqnr_db for r in report.rows}["gate"] > 40
+
+
 def test_int16_and_vnni_variants_keep_parity(tmp_path):
     path, shape = trained_checkpoint(tmp_path, "resnet", steps=1)
     batches = [torch.randn(2, *shape[1:]) for _ in range(2)]

@@ -185,4 +185,4 @@ def quantized_output(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
     forward computes it (BN folded, int32 bias), without the activation."""
     with torch.no_grad(), modes(layer, "quantize"):
         weight, bias = layer.folded_weight_and_bias()
-        return layer._run_layer(x, layer.weight_quant(weight), layer.quantize_bias(bias))
+        return layer._run_layer(x, layer.quantized_weight(weight, bias), layer.quantize_bias(bias))

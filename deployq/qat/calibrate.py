@@ -125,9 +125,11 @@ def weight_qparams(layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero point) of a layer's weight, from its current folded weights where they follow
     the observer, so the exported integers always match the weights they came from."""
     q = layer.weight_quant
+    weight, bias = layer.folded_weight_and_bias()
     if q.weights_follow_observer or not bool(q.initialized):
         with torch.no_grad():
-            q.calibrate_from(layer.folded_weight_and_bias()[0].detach())
+            q.calibrate_from(weight.detach())
+    layer.bound_weight_scale(bias)
     return q.qparams()
 
 

@@ -98,6 +98,28 @@ class QuantLayer(nn.Module):
         beta = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
         return fold_batchnorm(w, b, gamma, beta, bn.running_mean, bn.running_var, bn.eps, self.channel_axis)
 
+    def bound_weight_scale(self, bias: Optional[torch.Tensor]) -> None:
+        """Keep the int32 bias codes rint(c' / (s_in·s_w)) within range: a channel whose bias is
+        large next to its weights (weights near zero, bias near one: a gate initialized to pass
+        everything through) needs s_w ≥ |c'| / (s_in·2^30). Without the bound its bias saturates;
+        with it that channel's weights round more coarsely, which costs them little since they are
+        small. Sets the weight quantizer's ``scale_floor``; everything that reads the weight's
+        qparams (forward, export, check) then sees the bounded scale."""
+        inq, wq = self.input_quant, self.weight_quant
+        if wq is None:
+            return
+        if (bias is None or inq is None or not bool(inq.initialized)
+                or not bias_is_quantized(inq.spec.bits, wq.spec.bits)):
+            wq.scale_floor = None
+            return
+        floor = bias.detach().abs().float() / (inq.qparams()[0].float() * INT32_QMAX)
+        wq.scale_floor = floor if wq.axis is not None else floor.max()
+
+    def quantized_weight(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Q_w(W') with the scale bounded for `bias` (the folded bias it is deployed with)."""
+        self.bound_weight_scale(bias)
+        return self.weight_quant(weight)
+
     def quantize_bias(self, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Fake-quantized int32 bias (scale s_in·s_w), or the float bias where it stays float."""
         inq, wq = self.input_quant, self.weight_quant
@@ -118,7 +140,7 @@ class QuantLayer(nn.Module):
         else:
             weight, bias = self.folded_weight_and_bias()
             if self.weight_quant is not None:
-                weight = self.weight_quant(weight)
+                weight = self.quantized_weight(weight, bias)
             y = self._run_layer(x, weight, self.quantize_bias(bias))
         return self.act(y) if self.act is not None else y
 
@@ -129,8 +151,8 @@ class QuantLayer(nn.Module):
         w_shape = [1] * self.layer.weight.ndim
         w_shape[self.channel_axis] = -1
         weight = self.layer.weight * a.reshape(w_shape)
-        if self.weight_quant is not None:
-            weight = self.weight_quant(weight)
+        if self.weight_quant is not None:  # bounded for the bias it will be deployed with
+            weight = self.quantized_weight(weight, self.folded_weight_and_bias()[1])
         y = self._run_layer(x, weight, None)
         y_shape = [1] * y.ndim
         y_shape[1] = -1

@@ -58,6 +58,9 @@ class FakeQuantizer(nn.Module):
         shape = (self.channels,) if spec.per_channel else ()
         self.register_buffer("initialized", torch.tensor(False))
         self._create_qparams(shape, **dict(spec.quantizer_args))
+        # Smallest scale a weight may use, set by its layer (QuantLayer.bound_weight_scale) so the
+        # int32 bias codes b / (s_in·s_w) stay in range; None: no bound. Derived, never stored.
+        self.scale_floor: torch.Tensor | None = None
 
     # --- storage ---------------------------------------------------------------------------
     def _create_qparams(self, shape: tuple[int, ...]) -> None:
@@ -79,7 +82,10 @@ class FakeQuantizer(nn.Module):
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The effective (scale, zero_point) of the forward: float32 and integer-valued float."""
-        return self._effective_scale().detach(), self._effective_zero_point().detach()
+        return self._floored(self._effective_scale()).detach(), self._effective_zero_point().detach()
+
+    def _floored(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale if self.scale_floor is None else torch.maximum(scale, self.scale_floor.to(scale.device))
 
     def _effective_scale(self) -> torch.Tensor:
         return self.scale
@@ -128,6 +134,7 @@ class FakeQuantizer(nn.Module):
     def _quantize_with(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         """((clamp(round(x / s) + zp, qmin, qmax) − zp) · s, with this quantizer's rounding gradient
         (one fused autograd node, :class:`_FakeQuantize`)."""
+        scale = self._floored(scale)
         shape = broadcast_shape(x.ndim, self.axis) if scale.ndim else []
         s = scale.reshape(shape) if shape else scale
         zp = zero_point.reshape(shape) if shape else zero_point
