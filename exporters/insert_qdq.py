@@ -37,7 +37,8 @@ from deployq.core.qparams import QuantPoint
 
 
 def carries_quantization(node: gs.Node) -> bool:
-    """True for ops that only move (or select, or zero-pad) values: the grid is unchanged."""
+    """True for ops that only move (or select, or zero-pad) values: the grid is unchanged. A pad of
+    −inf read only by max pools carries it too: the pools never select the border."""
     if node.op not in DATA_MOVEMENT_OPS:
         return False
     if node.op == "MaxPool":
@@ -48,6 +49,8 @@ def carries_quantization(node: gs.Node) -> bool:
         if node.attrs.get("mode", "constant") != "constant":
             return True
         value = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        if value is not None and np.all(value == -np.inf):  # "SAME" max pooling (deployq.qat.fx_ops)
+            return bool(node.outputs) and all(c.op == "MaxPool" for c in consumers(node.outputs[0]))
         return value is None or not np.any(value)
     return True
 

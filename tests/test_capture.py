@@ -201,6 +201,33 @@ class WindowAttention(nn.Module):
         return out.mean((1, 2, 3))
 
 
+class SamePaddedMaxPool(nn.Module):
+    """TensorFlow's "SAME" max pooling: pad with −inf (asymmetric), then pool (timm's MaxPool2dSame)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        pooled = F.max_pool2d(F.pad(y, (0, 1, 0, 1), value=-float("inf")), 3, 2)
+        return self.proj(pooled)
+
+
+class PooledShortcut(nn.Module):
+    """A strided average pool on a shortcut (MaxViT's and CSP nets' downsampling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.proj = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.proj(self.pool(torch.relu(self.conv(x))))
+
+
 def _warm(model, size=16):
     """BatchNorm statistics that are not the identity, eval mode."""
     model.train()
@@ -475,3 +502,27 @@ def test_attention_on_five_dimensional_windows_exports(tmp_path):
     model = WindowAttention().eval()
     qmodel, result, _ = _pipeline(model, tmp_path)
     assert any(n.op_type == "Softmax" for n in result.float_model.graph.node)
+
+
+def test_minus_infinity_padding_before_a_max_pool_carries_its_input_quantization(tmp_path):
+    """The −inf border never reaches a pool's output: no quant point of its own (an observer there
+    saw −inf and refused to calibrate), the pool's output keeps the ReLU's codes."""
+    qmodel, result, _ = _pipeline(SamePaddedMaxPool().eval(), tmp_path)
+    points = quant_points(qmodel)
+    assert "pad" not in points and "max_pool2d" not in points and "relu" in points
+    assert "Pad" in [n.op_type for n in result.quant_model.graph.node]
+
+
+def test_an_average_pool_is_quantized_on_its_inputs_grid(tmp_path):
+    """One quantizer for the pool's input and output: the same scale and zero point in the QDQ
+    model (what TFLite and NNAPI require of an int8 average pool), one set of qparams in the
+    state, and the observer's range covers both tensors (a range of its own, seen on calibration
+    data only, clipped held-out values)."""
+    qmodel, result, _ = _pipeline(PooledShortcut().eval(), tmp_path)
+    points = quant_points(qmodel)
+    shared, source = qmodel.get_submodule(points["pool"].quantizer), qmodel.get_submodule(points["relu"].quantizer)
+    assert shared.source is source
+    assert all(torch.equal(a, b) for a, b in zip(shared.qparams(), source.qparams()))
+    assert not any(k.startswith("act_quant.pool.") for k in qmodel.state_dict())
+    records = result.records
+    assert (records["pool"].scale, records["pool"].zero_point) == (records["relu"].scale, records["relu"].zero_point)

@@ -106,6 +106,8 @@ def is_data_movement(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             return not m.return_indices
         return isinstance(m, DATA_MOVEMENT_MODULES)
     if node.op == "call_function":
+        if _pads_for_max_pool(node, modules):
+            return True
         if node.target is F.pad:
             return _arg(node, 2, "mode", "constant") != "constant" or not _arg(node, 3, "value", None)
         if node.target is F.interpolate:
@@ -120,6 +122,31 @@ def is_data_movement(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return node.target in DATA_MOVEMENT_FUNCTIONS or aten in DATA_MOVEMENT_ATEN
     if node.op == "call_method":
         return node.target in DATA_MOVEMENT_METHODS
+    return False
+
+
+def _pads_for_max_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A constant pad of −inf read only by max pools (TensorFlow's "SAME" max pooling, timm's
+    MaxPool2dSame): no window is all padding, so the pool never selects it and the values that
+    come out are the input's own. It carries its input's quantization like the pool does."""
+    aten = aten_name(node.target) if node.op == "call_function" else None
+    if node.op == "call_function" and (node.target is F.pad or aten == "pad"):
+        value = _arg(node, 3, "value", None) if _arg(node, 2, "mode", "constant") == "constant" else None
+    elif aten == "constant_pad_nd":
+        value = _arg(node, 2, "value", 0)
+    else:
+        return False
+    if not isinstance(value, (int, float)) or value != float("-inf") or not node.users:
+        return False
+    return all(_is_max_pool(user, modules) for user in node.users)
+
+
+def _is_max_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d))
+    if node.op == "call_function":
+        return node.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d) or aten_name(node.target) in (
+            "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices")
     return False
 
 
@@ -179,6 +206,17 @@ def is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_function":
         return node.target in _SOFTMAX_FUNCTIONS or aten_name(node.target) in ("softmax", "_softmax")
     return node.op == "call_method" and node.target == "softmax"
+
+
+def is_window_average(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An average over sliding windows (AvgPool, avg_pool2d; not an adaptive or global mean): every
+    output is a mean of a few input values, so it stays within the input's range."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
+    if node.op == "call_function":
+        return node.target in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d) or aten_name(node.target) in (
+            "avg_pool1d", "avg_pool2d", "avg_pool3d")
+    return False
 
 
 def float_tensor_output(node: fx.Node) -> bool:

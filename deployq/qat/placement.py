@@ -9,7 +9,8 @@ On a normalized graph (:mod:`deployq.qat.normalize`):
 * :func:`plan_activations` - every model input and the output of every compute op (after its
   fused activation) is a quant point; data movement carries quantization through; ``act(a + b)``
   and ``act(bn(x))`` are one quant point after the activation; a model output that no layer makes
-  is left float; values computed from parameters only are constants.
+  is left float; values computed from parameters only are constants; a windowed average pool
+  shares the quantizer of the quant point it reads (same scale and zero point in and out).
 * :class:`Namer` - quant-point names: module paths, ``<scope>.<op>`` for functions (contract 1).
 """
 
@@ -26,7 +27,7 @@ from deployq.core.qspec import QuantSpec
 from deployq.qat.config import QConfig
 from deployq.qat.fused import BATCHNORMS, WEIGHT_LAYERS, QuantLayer
 from deployq.qat.fx_ops import (activation_kind, activation_module, aten_name, float_tensor_output, is_add,
-                               is_data_movement, is_softmax, op_label)
+                               is_data_movement, is_softmax, is_window_average, op_label)
 
 __all__ = ["Group", "Namer", "Planned", "find_groups", "fuse", "plan_activations"]
 
@@ -180,6 +181,7 @@ class Planned:
     members: tuple[str, ...]
     op: str
     spec: QuantSpec
+    shares: Optional[str] = None  # name of the quant point whose quantizer this one uses
 
 
 def plan_activations(gm: fx.GraphModule, fused: dict[fx.Node, Group], namer: Namer,
@@ -189,6 +191,7 @@ def plan_activations(gm: fx.GraphModule, fused: dict[fx.Node, Group], namer: Nam
     from_inputs = _input_dependent(gm)
     into_activation: dict[fx.Node, str] = {}  # activation -> the add before it (one quant point after both)
     plan: list[Planned] = []
+    planned: dict[fx.Node, Planned] = {}
     known: set[str] = set()
     for node in gm.graph.nodes:
         if node.op not in ("placeholder", "call_module", "call_function", "call_method"):
@@ -214,9 +217,28 @@ def plan_activations(gm: fx.GraphModule, fused: dict[fx.Node, Group], namer: Nam
         spec = config.spec_for(kind, (name, *members))
         if spec is not None and is_softmax(node, modules) and not config.overrides("observer", (name, *members)):
             spec = spec.updated({"observer": "probability", "observer_args": {}})  # calib.observers says why
-        if spec is not None:
-            plan.append(Planned(node, name, kind, members, op, spec))
+        if spec is None:
+            continue
+        source = _shared_source(node, modules, planned) if is_window_average(node, modules) else None
+        shares = source.shares or source.name if source is not None and source.spec == spec else None
+        planned[node] = Planned(node, name, kind, members, op, spec, shares)
+        plan.append(planned[node])
     return plan, known
+
+
+def _shared_source(node: fx.Node, modules: dict[str, nn.Module], planned: dict[fx.Node, Planned]) -> Optional[Planned]:
+    """The quant point an average pool reads (back through data movement), if it has one. The pool
+    then uses that point's quantizer: its outputs lie within the input's range, the observer sees
+    both tensors, and pooling runs on one grid in and out (TFLite and NNAPI require it of an
+    int8 AVERAGE_POOL_2D; onnxruntime's own quantizer does the same)."""
+    current = node.args[0] if node.args else None
+    while isinstance(current, fx.Node):
+        if current in planned:
+            return planned[current]
+        if not is_data_movement(current, modules) or not current.args:
+            return None
+        current = current.args[0]
+    return None
 
 
 def _fusable_activation_after(node: fx.Node, modules: dict[str, nn.Module], config: QConfig) -> Optional[fx.Node]:

@@ -38,7 +38,7 @@ from deployq.qat.fused import WEIGHT_LAYERS, QuantLayer, output_channel_axis
 from deployq.qat.fx_ops import is_data_movement
 from deployq.core.qparams import QuantPoint
 from deployq.core.qspec import QuantSpec
-from deployq.qat.quantizers import FakeQuantizer, create_quantizer
+from deployq.qat.quantizers import FakeQuantizer, SharedQuantizer, create_quantizer
 from deployq.qat.normalize import normalized_graph
 from deployq.qat.placement import Group, Namer, Planned, find_groups, fuse, plan_activations
 from deployq.qat.trace import dedupe_modules
@@ -111,21 +111,26 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
 
 def _insert_activation_quantizers(gm: fx.GraphModule, plan: list[Planned], points: QuantPoints) -> dict[fx.Node, str]:
     """A fake quantizer after every planned node (inputs: after the last placeholder); its readers
-    read the quantizer. Returns {quantizer node: quant point name}."""
+    read the quantizer. A point that shares another's quantizer gets a :class:`SharedQuantizer`
+    that runs it. Returns {quantizer node: quant point name}."""
     quant_nodes: dict[fx.Node, str] = {}
     input_anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     for p in plan:
-        gm.add_submodule(f"{ACT_QUANT}.{p.name}", _make_activation_quantizer(p.spec, p.name, p.node))
+        path = f"{ACT_QUANT}.{p.name}"
+        if p.shares is None:
+            gm.add_submodule(path, _make_activation_quantizer(p.spec, p.name, p.node))
+        else:
+            gm.add_submodule(path, SharedQuantizer(gm.get_submodule(f"{ACT_QUANT}.{p.shares}")))
         anchor = input_anchor if p.kind == "input" else p.node
         with gm.graph.inserting_after(anchor):
-            qnode = gm.graph.call_module(f"{ACT_QUANT}.{p.name}", (p.node,))
+            qnode = gm.graph.call_module(path, (p.node,))
         qnode.meta["tensor_meta"] = p.node.meta.get("tensor_meta")
         p.node.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
         quant_nodes[qnode] = p.name
         spec = p.spec
         points.table[p.name] = QuantPoint(p.name, p.kind, spec.bits, spec.signed, spec.symmetric,
                                           1 if spec.per_channel else None, op=p.op, spec=spec,
-                                          quantizer=f"{ACT_QUANT}.{p.name}", members=p.members)
+                                          quantizer=path, members=p.members)
         if p.kind == "input":
             input_anchor = qnode
     return quant_nodes

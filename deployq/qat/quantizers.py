@@ -284,6 +284,31 @@ class PACTQuantizer(FakeQuantizer):
         return straight_through(yq, y)
 
 
+class SharedQuantizer(nn.Module):
+    """A quant point on another point's grid (an average pool's output: the pool's input grid).
+    It runs that quantizer (whose observer thus sees both tensors) and reads its attributes; it
+    holds no state of its own, so a checkpoint stores the shared quantizer once."""
+
+    def __init__(self, source: FakeQuantizer) -> None:
+        super().__init__()
+        self.__dict__["source"] = source  # a reference, not a submodule: it is registered where it sits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.source(x)
+
+    def __getattr__(self, attr: str):
+        try:
+            return super().__getattr__(attr)
+        except AttributeError:
+            source = self.__dict__.get("source")
+            if source is None:  # while being copied or unpickled
+                raise
+            return getattr(source, attr)
+
+    def extra_repr(self) -> str:
+        return f"shares {self.source.name!r}"
+
+
 def create_quantizer(spec: QuantSpec, name: str, axis: int | None = None, channels: int = 1,
                      is_weight: bool = False) -> FakeQuantizer:
     cls = QUANTIZERS.get(spec.quantizer)
