@@ -25,7 +25,8 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import (bench_conformance, bench_devices, bench_digits, bench_hessian, bench_latency, bench_lowlight,
-                        bench_parity, bench_ptq, bench_scale, bench_speed, bench_timm, common)
+                        bench_mutants, bench_parity, bench_ptq, bench_scale, bench_speed, bench_suite, bench_timm,
+                        common)
 from deployq.core.files import AtomicOutputs
 
 OUTPUT = common.ROOT / "BENCHMARKS.md"
@@ -53,7 +54,12 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
                             "--adaround-iterations", "2", "--rows", "deployq PTQ (min/max),+ adaround,+ bias"], True),
     "conformance": (bench_conformance, [], ["--models", "squeezenet1_1", "--size", "64", "--calib", "2", "--eval", "2",
                                             "--repeats", "2"], False),
-    "timm": (bench_timm, [], ["--families", "resnet", "--calib", "2", "--eval", "2"], False),
+    # the rows of the full sweep are kept (and committed) in results/timm_rows/: a run goes on where
+    # the last one stopped, and a family is measured again by deleting its row
+    "timm": (bench_timm, ["--jobs", "2", "--timeout", "2400", "--rows", "benchmarks/results/timm_rows"],
+             ["--families", "resnet", "--calib", "2", "--eval", "2"], False),
+    "mutants": (bench_mutants, [], ["--only", "formula: multiply by 1/s"], False),
+    "suite": (bench_suite, [], ["--tests", "tests/test_qformula.py"], False),
 }
 INTRO = [
     "# Benchmarks",

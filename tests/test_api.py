@@ -59,11 +59,14 @@ def test_diff_report_has_its_worst_rows_json_and_html(exported):
         deployq.diff(result.files["int8"], result.files["float"])
 
 
-def test_check_in_memory_and_from_the_written_checkpoint(exported):
+def test_check_in_memory_and_from_a_saved_checkpoint(exported, tmp_path):
     _, batches, result = exported
-    report = deployq.check(result.files["checkpoint"] if "checkpoint" in result.files else result.qmodel,
-                           result.files["int8"], inputs=batches[:2])
-    assert report.passed() and report.verdict().startswith("PASS: ")
+    assert "checkpoint" not in result.files  # a model given in Python, without a factory: none written
+    saved = deployq.save_checkpoint(tmp_path / "unet.pt", result.qmodel, factory="deployq.examples.zoo:unet",
+                                    inputs=[deployq.InputSpec("x", (1, 3, 32, 32))])
+    for model in (result.qmodel, saved):  # the checkpoint is rebuilt from its factory and qparams
+        report = deployq.check(model, result.files["int8"], inputs=batches[:2])
+        assert report.passed() and report.verdict().startswith("PASS: "), model
     report = deployq.check(result.qmodel, result.files["ort"], inputs=batches[:1])
     assert report.ort_format is not None and report.ort_format.ok and report.passed()
     with pytest.raises(ValueError, match="no QuantizeLinear"):

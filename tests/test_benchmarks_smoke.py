@@ -30,6 +30,8 @@ EXPECTED_TABLES = {  # section key: header cells its tables must have
     "hessian": ["| # | layer | n | iterations |"],
     "conformance": ["| model | quant points | export | check max LSB | int16 local: lowest row (dB) |"],
     "timm": ["| family | model | params (M) | input | capture | quant points | inspect | export | check |"],
+    "mutants": ["| mutant | file | tests run | result | first failure | s |"],
+    "suite": ["| what | measured | budget | within |", "| seconds | phase | test |"],
     "devices": ["| model | NNAPI, --device cpu | NNAPI, --device nnapi |"],
     "ptq": ["| quantization | lowlight (trained) |"],
     "latency": ["| width | packed input | threads | fp32 (ms) |", "| op type | fp32 | int8, 10-bit head/tail |",
@@ -52,6 +54,8 @@ EXPECTED_ROWS = {  # section key: regular expressions of rows it must have
     "devices": [r"\| zoo UNet \(ConvTranspose\) \| \d+/\d+ \([\d.]+%\), 1 \| (\d+)/\1 \(100\.0%\), 1 \|"],
     "conformance": [r"\| squeezenet1_1 \| \d+ \| yes \| [01] \| [\d.]+ \|"],
     "timm": [r"\| resnet \| test_resnet \| [\d.]+ \| 64 \| fx \| \d+ \| ✓ \| ✓ \| ✓ \| ✓ \|"],
+    "mutants": [r"\| formula: multiply by 1/s \| `deployq/core/qformula.py` \| `test_qformula.py` \| caught \|"],
+    "suite": [r"\| wall time \| [\d.]+ min \| 15 min \|", r"\| peak memory of a worker \| [\d.]+ GiB"],
 }
 
 
@@ -75,7 +79,7 @@ def lowlight_args(ckpts: common.LowlightCheckpoints) -> list[str]:
 
 # two groups of about equal time, so that `pytest -n 2` runs them side by side; the first shares
 # the low-light exports between its benchmarks, as the full run does
-GROUPS = ["lowlight,speed,latency,timm", "digits,scale,hessian,parity,devices,ptq"]
+GROUPS = ["lowlight,speed,latency,timm,mutants", "digits,scale,hessian,parity,devices,ptq,suite"]
 
 
 @pytest.mark.parametrize("only", GROUPS)

@@ -75,6 +75,34 @@ def test_factories_outside_deployq_need_the_users_word(saved):
         loading.import_factory("no_such_pkg_xyz.mod:f", allowed=True)
 
 
+@pytest.mark.parametrize("reference", ["deployq.examples.lowlight.data:write_sid_folder",  # writes files
+                                       "deployq.examples.zoo:conv_bn_relu",  # builds a module: not a listed factory
+                                       "deployq.examples.timm_models:build",  # imports third-party code
+                                       "deployq.examples.zoo:_init"])
+def test_only_the_listed_example_factories_are_imported_on_a_files_word(saved, reference, monkeypatch):
+    """deployq's own examples hold callables that are not model factories: a checkpoint naming
+    one is refused like any other (the allow-list names factories, not a package), and nothing
+    of it runs."""
+    import importlib
+
+    imported = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real(name, *a))
+    _, path = saved
+    c = ck.load(path)
+    c.factory = reference
+    with pytest.raises(ck.CheckpointError, match=f"not one of deployq's examples.*--model {reference}"):
+        loading.build(c)
+    assert not imported
+    assert reference not in loading.REGISTERED_FACTORIES
+
+
+def test_every_listed_factory_exists():
+    for reference in loading.REGISTERED_FACTORIES:
+        factory = loading.import_factory(reference, allowed=False)
+        assert callable(factory), reference
+
+
 def test_cli_inspect_reads_checkpoints_and_factories(saved):
     _, path = saved
     runner = CliRunner()

@@ -1,4 +1,5 @@
-"""Conformance: every command on the architectures users bring (torchvision), not only on ours.
+"""Conformance: every command on the architectures users bring (torchvision), not only on ours
+(a representative subset; ``benchmarks/bench_conformance.py`` runs all 16 architectures).
 
 Each model has random weights with BatchNorm statistics taken from photographs
 (:mod:`deployq.examples.torchvision_models`), 64x64 inputs, and goes through what a user does:
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 from pathlib import Path
 
@@ -35,9 +35,11 @@ from deployq.core.runtime import inputs_of, load_onnx
 SIZE = 64
 FACTORY = "deployq.examples.torchvision_models:build"
 TWO_INPUTS = "two_inputs"
-MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-          "shufflenet_v2_x0_5", "squeezenet1_1", "regnet_y_400mf", "mnasnet0_5", "googlenet", "densenet121",
-          "convnext_tiny", "vit_b_16", "swin_t", "lraspp_mobilenet_v3_large", TWO_INPUTS]
+# a representative subset (residual adds, ReLU6, SiLU with squeeze-excitation, channel shuffle and
+# split, a segmentation model with a dict output, two inputs); all 16 torchvision architectures run
+# in benchmarks/bench_conformance.py, and transformers in tests/test_timm.py
+MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "lraspp_mobilenet_v3_large",
+          TWO_INPUTS]
 
 
 class Model:
@@ -182,7 +184,11 @@ class Conformance:
         inputs = {i.name for i in load_onnx(model.onnx("int8")).graph.input}
         # kernel: every point computed by a kernel (the inputs are quantized, not computed)
         assert rows == (set(activations) - inputs if mode == "kernel" else set(chosen))
-        assert all(math.isfinite(r["sqnr_db"]) or r["sqnr_db"] is None for r in report["rows"])
+        # every row a real measurement above a floor (null: exact, an infinite SQNR); an accumulated
+        # row carries the error of every layer above it, the other views one point's own
+        floor = 0.0 if mode == "accumulated" else 10.0
+        low = [(r["name"], r["sqnr_db"]) for r in report["rows"] if r["sqnr_db"] is not None and r["sqnr_db"] < floor]
+        assert not low, low
 
 
     def test_hessian_on_two_layers_writes_a_distillation_config(self, model):

@@ -188,6 +188,53 @@ def test_fail_below_gates_ci(exported):
     assert out.exit_code == 3 and "FAIL" in out.output  # the gate: distinct from errors (1)
 
 
+def test_fail_below_gates_on_the_worst_of_several_outputs(tmp_path):
+    """Two heads, one with 2-bit weights: the gate is the worse output's SQNR, so a threshold
+    between the two outputs' fails (a gate on the best output, or on their pooled error, passes)."""
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fine = torch.nn.Conv2d(8, 4, 1)
+            self.coarse = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.body(x))
+            return self.fine(y), self.coarse(y) * 0.01  # the coarse output is also the smaller one
+
+    x = torch.rand(1, 3, 8, 8)
+    qmodel = deployq.prepare(TwoHeads().eval(), x, {"layers": {"fine": {"weight": 16, "activation": 16},
+                                                               "coarse": {"weight": 2}}})
+    deployq.calibrate(qmodel, [torch.rand(2, 3, 8, 8) for _ in range(3)], progress=False)
+    result = deployq.export(qmodel, x, tmp_path, ort_format=False, progress=False)
+    report = deployq.diff(result.files["float"], result.files["int8"], inputs=[torch.rand(2, 3, 8, 8)])
+    fine, coarse = sorted(s.sqnr_db for s in report.outputs.values())[::-1]
+    assert fine > coarse + 10
+    assert report.gate_sqnr == coarse
+    between = (fine + coarse) / 2
+    assert not report.passed(between) and report.passed(coarse - 1)
+    args = ["diff", str(result.files["float"]), str(result.files["int8"]), "--random", "2",
+            "--fail-below", f"{between:.1f}"]
+    assert CliRunner().invoke(main, args).exit_code == 3
+
+
+def test_weights_after_a_batchnorm_quant_point_pair_with_their_own_float_weights(tmp_path):
+    """A BatchNorm that follows an activation is its own quant point and stays a node; the next
+    1x1 Conv's float weights are the reference of its weight row (folding the BN forward into
+    them, as the copy diff matches against once did, paired a weight with another)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.BatchNorm2d(8),
+                                torch.nn.Conv2d(8, 4, 1))
+    model[2].running_mean.uniform_(0.5, 1.0), model[2].running_var.uniform_(2.0, 4.0), model.eval()
+    x = torch.rand(1, 3, 8, 8)
+    qmodel = deployq.prepare(model, x, {"weight": 16, "activation": 16})
+    deployq.calibrate(qmodel, [torch.rand(2, 3, 8, 8) for _ in range(3)], progress=False)
+    result = deployq.export(qmodel, x, tmp_path, ort_format=False, progress=False)
+    assert "BatchNormalization" in [n.op_type for n in result.quant_model.graph.node]
+    report = deployq.diff(result.float_model, result.quant_model, inputs=[torch.rand(2, 3, 8, 8)], mode="local")
+    rows = {r.point.name: r.stats.sqnr_db for r in report.rows}
+    assert rows["3.weight"] > 50 and rows["2"] > 50, rows
+
+
 def test_mismatched_models_are_clear_errors(exported, tmp_path):
     result, _ = exported
     runner = CliRunner()

@@ -50,11 +50,28 @@ def test_spatial_mean_becomes_global_average_pool_with_the_same_values(axes, ops
 
 @pytest.mark.parametrize("axes, keepdims, shape", [([-1, -2], 0, (2, 3, 5, 7)),  # a different output shape
                                                     ([1], 1, (2, 3, 5, 7)),  # over channels
+                                                    ([-1], 1, (2, 3, 5, 7)),  # over the width only
+                                                    ([2], 1, (2, 3, 5, 7)),  # over the height only
                                                     ([-1], 1, (2, 3, 5)),  # rank 3
                                                     ([1, 2, 3], 1, (2, 3, 5, 7))])
 def test_other_means_are_left_alone(axes, keepdims, shape):
     out = rewrite(mean_graph(axes, keepdims, shape))
     assert [n.op_type for n in out.graph.node] == ["ReduceMean"]
+
+
+@pytest.mark.parametrize("axes, rewritten", [([-1, -2], True), ([-1], False), ([1, 2, 3], False)])
+def test_symbolic_height_and_width(axes, rewritten):
+    """An export with --dynamic-hw: the shape is ('batch', 3, 'h', 'w'); only the spatial mean
+    becomes a pool, and the rewritten model agrees with the original at any size."""
+    model = mean_graph(axes)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    for i, name in ((2, "h"), (3, "w")):
+        model.graph.input[0].type.tensor_type.shape.dim[i].dim_param = name
+    del model.graph.output[0].type.tensor_type.shape.dim[:]
+    out = rewrite(model)
+    assert ([n.op_type for n in out.graph.node] == ["GlobalAveragePool"]) == rewritten
+    x = np.random.default_rng(1).normal(size=(1, 3, 9, 4)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-6, atol=1e-7)
 
 
 def test_channel_attention_export_pools_in_integers_and_checks_exactly(tmp_path):
