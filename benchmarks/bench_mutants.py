@@ -146,6 +146,10 @@ def _copy_tree(root: Path, into: Path) -> Path:
         (site / entry.name).symlink_to(entry)
     for name, folder in INSTALLED_AS.items():
         (site / name).symlink_to(into / folder)
+    # pytest runs in the copy, whose own deployq/ comes first on sys.path: it needs the links too,
+    # or deployq.exporters would be found by the editable install's finder, in the original tree
+    for name, folder in INSTALLED_AS.items():
+        (into / "deployq" / name).symlink_to(into / folder)
     return into / "site"
 
 

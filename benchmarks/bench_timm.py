@@ -1,6 +1,7 @@
 """timm sweep: one small variant of every architecture family in timm's registry, through every stage.
 
     python benchmarks/bench_timm.py [--families resnet,levit] [--calib 16] [--eval 8] [--timeout 900]
+                                    [--jobs 2] [--rows DIR]
 
 For every family of ``deployq.examples.timm_models.FAMILIES`` (random weights, BatchNorm statistics
 of photographs, the family's small input size), each in its own process (a crash or a hang is a
@@ -16,12 +17,16 @@ row, not the end of the run):
    u8 activations, MinMax) on deployq's float graph with the same calibration crops; deployq passes
    at or above quantize_static's minus 0.1 dB.
 
-A stage that fails names its reason; later stages are not run.
+A stage that fails names its reason; later stages are not run. ``--rows DIR`` keeps every family's
+row in DIR as it is measured (with the commit it was measured at) and measures only the families
+without one there: a sweep of hours can stop and go on, and a family rerun after a fix is one file
+deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -29,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +42,7 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common
+from deployq.core.files import atomic_path
 
 SCRIPT = "bench_timm.py"
 FACTORY = "deployq.examples.timm_models:build"
@@ -60,6 +67,7 @@ class Row:
     failed_stage: str = ""
     reason: str = ""
     notes: list[str] = field(default_factory=list)
+    commit: str = ""  # the deployq commit it was measured at
 
     @property
     def passed(self) -> int:
@@ -75,6 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--calib", type=int, default=16, help="calibration crops (both tools)")
     parser.add_argument("--eval", type=int, default=32, help="held-out crops the SQNR is measured on")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds one family may take")
+    parser.add_argument("--jobs", type=int, default=1, help="families measured at once (one process each)")
+    parser.add_argument("--rows", type=Path, help="folder that keeps each family's row; families with one are not rerun")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one family in this process (the worker)
     parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)  # where the worker writes its row
     return parser.parse_args(argv)
@@ -178,7 +188,21 @@ def run_one(family: str, args: argparse.Namespace) -> Row:
 
 
 def run_isolated(family: str, args: argparse.Namespace) -> Row:
-    """`family` measured in a fresh process (a crash, an out-of-memory kill or a hang is a row)."""
+    """`family` measured in a fresh process (a crash, an out-of-memory kill or a hang is a row);
+    with ``--rows``, read from there if it was measured before, else measured and kept there."""
+    kept = args.rows / f"{family}.json" if args.rows else None
+    if kept is not None and kept.exists():
+        return Row(**json.loads(kept.read_text()))
+    row = _measure_isolated(family, args)
+    row.commit = row.commit or common.git_commit()
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(kept) as tmp:  # a sweep stopped mid-write leaves no half row
+            Path(tmp).write_text(json.dumps(asdict(row)))
+    return row
+
+
+def _measure_isolated(family: str, args: argparse.Namespace) -> Row:
     with tempfile.TemporaryDirectory(prefix="bench_timm.row.") as tmp:
         out = Path(tmp) / "row.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--one", family, "--row", str(out),
@@ -238,7 +262,9 @@ def run(argv: list[str]) -> common.Section:
         timm = import_timm()
     except ImportError as err:
         raise common.BenchmarkError(f"{err} (it is in the [bench] extra)") from None
-    rows = [run_isolated(f, args) for f in families]
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each family is its own process
+        rows = list(pool.map(lambda f: run_isolated(f, args), families))
+    commits = Counter(r.commit or "unknown" for r in rows)
     body = common.table(
         ["family", "model", "params (M)", "input", "capture", "quant points", *STAGES, "check max LSB",
          "int16 local: lowest row (dB)", "int8 SQNR deployq (dB)", "quantize_static (dB)", "Δ (dB)", "failure"],
@@ -255,7 +281,8 @@ def run(argv: list[str]) -> common.Section:
         "all outputs of the fully optimized graphs. ✓: the stage passed, ✗: where the family stopped (the "
         "failure column says why). *capture*: fx (symbolic torch.fx) or torch.export (symbolic tracing "
         "stopped at Python control flow). quantize_static: QDQ, per-channel s8 weights, u8 activations, "
-        "MinMax, on deployq's float graph with the same calibration crops.",
+        "MinMax, on deployq's float graph with the same calibration crops. Rows measured at "
+        + ", ".join(f"`{c}` ({k})" for c, k in commits.most_common()) + ".",
     ]
     return common.Section("timm", "timm sweep: every architecture family through inspect, export, check, diff and "
                           "against quantize_static", common.command_line(SCRIPT, argv), body + notes)
@@ -265,6 +292,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.one:  # the worker: one family, its row as JSON
         row = run_one(args.one, args)
+        row.commit = common.git_commit()
         args.row.write_text(json.dumps(asdict(row)))
         return 0
     return common.main_for(run, argv)

@@ -19,6 +19,7 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,6 +88,18 @@ def machine_text() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu_model()} ({isa_text(cpu_isa())}), {usable_cores()} usable cores, "
             f"{platform.system()} {platform.release()}, 1-minute load average at the start {load:.2f}")
+
+
+def git_commit() -> str:
+    """The repository's commit (short), with ``+changes`` where the tree differs from it; "" outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return commit + ("+changes" if changed else "")
 
 
 def run_info(command: str) -> dict[str, str]:

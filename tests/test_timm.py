@@ -27,3 +27,21 @@ def test_timm_family_passes_every_stage(family, tmp_path):
     assert row.capture == FAMILIES[family]
     assert row.check_lsb <= 1 and row.pairing_db >= bench_timm.PAIRING_DB
     assert row.deployq_db >= row.static_db - bench_timm.MARGIN_DB
+
+
+def test_kept_rows_are_read_back_and_only_missing_families_measured(tmp_path, monkeypatch):
+    """--rows: a family with a kept row is not measured again; a new row is kept with its commit."""
+    import json
+    from dataclasses import asdict
+
+    kept = bench_timm.Row("resnet", model="test_resnet", deployq_db=20.0, static_db=19.9, commit="abc1234")
+    (tmp_path / "resnet.json").write_text(json.dumps(asdict(kept)))
+    measured = []
+    monkeypatch.setattr(bench_timm, "_measure_isolated",
+                        lambda family, args: measured.append(family) or bench_timm.Row(family, model="m"))
+    args = bench_timm.parse_args(["--rows", str(tmp_path)])
+    same = lambda a, b: json.dumps(asdict(a)) == json.dumps(asdict(b))  # noqa: E731 (NaN fields)
+    assert same(bench_timm.run_isolated("resnet", args), kept)
+    row = bench_timm.run_isolated("levit", args)
+    assert measured == ["levit"] and row.commit
+    assert same(bench_timm.Row(**json.loads((tmp_path / "levit.json").read_text())), row)
