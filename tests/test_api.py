@@ -84,6 +84,18 @@ def _corrupted(path: Path, out: Path) -> Path:
     return out
 
 
+def test_check_fails_codes_two_apart():
+    """The gate is at most 1 LSB at every quant point: one point 2 apart fails the whole check."""
+    from deployq.verify.check import ParityReport, PointParity
+
+    points = [PointParity("a", "activation", 8, elements=100, exact=99, one=1, max_lsb=1),
+              PointParity("b", "activation", 8, elements=100, exact=99, one=0, max_lsb=2)]
+    assert ParityReport(points[:1], onnx="m.onnx").passed()
+    report = ParityReport(points, onnx="m.onnx")
+    assert not report.passed() and [p.name for p in report.failures()] == ["b"]
+    assert report.verdict().startswith("FAIL: ")
+
+
 def test_json_dash_prints_only_json_and_gates_exit_3(exported, tmp_path):
     _, batches, result = exported
     runner = CliRunner()
