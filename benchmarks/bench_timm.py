@@ -165,12 +165,16 @@ def measure(family: str, args: argparse.Namespace, work: Path) -> Row:
         return row
 
     def versus():
-        static = common.quantize_static_qdq(result.files["float"], work / "static.onnx", [x[None] for x in calib],
-                                            "MinMax")
         reference = outputs(result.files["float"], feeds)
         flat = [o for out in reference for o in out]
         row.deployq_db = sqnr_db(flat, [o for out in outputs(result.files["int8"], feeds) for o in out])
-        row.static_db = sqnr_db(flat, [o for out in outputs(static, feeds) for o in out])
+        try:  # the peer failing (to quantize, or to run what it wrote) is its row's note, not deployq's failure
+            static = common.quantize_static_qdq(result.files["float"], work / "static.onnx",
+                                                [x[None] for x in calib], "MinMax")
+            row.static_db = sqnr_db(flat, [o for out in outputs(static, feeds) for o in out])
+        except Exception as err:
+            row.notes.append(f"quantize_static failed: {common.error_text(err)[:200]}")
+            return
         if row.deployq_db < row.static_db - MARGIN_DB:
             raise AssertionError(f"int8 output SQNR {row.deployq_db:.2f} dB, quantize_static {row.static_db:.2f} dB")
 
@@ -232,7 +236,16 @@ def cells(r: Row) -> list[str]:
             r.capture or "-", str(r.points or "-"), *marks,
             str(r.check_lsb) if r.check_lsb >= 0 else "-", _db(r.pairing_db), _db(r.deployq_db), _db(r.static_db),
             "-" if math.isnan(r.deployq_db - r.static_db) else f"{r.deployq_db - r.static_db:+.2f}",
-            f"{r.failed_stage}: {r.reason}".replace("|", "\\|").replace("\n", " ")[:300] if r.failed_stage else ""]
+            _failure_text(r)]
+
+
+def _failure_text(r: Row) -> str:
+    """Why the row stopped; or, where it passed, why the peer has no number."""
+    if r.failed_stage:
+        text = f"{r.failed_stage}: {r.reason}"
+    else:
+        text = next((n for n in r.notes if n.startswith("quantize_static failed")), "")
+    return text.replace("|", "\\|").replace("\n", " ")[:300]
 
 
 def summary(rows: list[Row]) -> list[str]:
