@@ -61,6 +61,9 @@ def run(argv: list[str]) -> common.Section:
         peaks = {json.loads(p.read_text())["worker"]: json.loads(p.read_text())["mib"]
                  for p in Path(tmp).glob("*.json")}
     tail = done.stdout.strip().splitlines()
+    if done.returncode != 0:  # the failures, for whoever reads the log
+        print("\n".join(line for line in tail if line.startswith(("FAILED", "ERROR"))) or "\n".join(tail[-40:]),
+              file=sys.stderr)
     summary = next((line for line in reversed(tail) if " in " in line and ("passed" in line or "failed" in line)),
                    f"exit status {done.returncode}")
     slowest = [m.groups() for m in (re.match(r"^(\d+\.\d+)s (call|setup|teardown)\s+(\S+)", line) for line in tail)
