@@ -85,9 +85,10 @@ def sqnr_db(reference: list[np.ndarray], values: list[np.ndarray]) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
-def outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    """Every output of the fully optimized model for every input."""
-    sess = session(load_onnx(path), optimize=True)
+def outputs(path: Path, feeds: list[dict[str, np.ndarray]], optimize: bool = True) -> list[list[np.ndarray]]:
+    """Every output of the fully optimized model (fused integer kernels) for every input; with
+    ``optimize=False``, of the model as written (QDQ computed in float: the semantics, on any CPU)."""
+    sess = session(load_onnx(path), optimize=optimize)
     return [sess.run(None, f) for f in feeds]
 
 
