@@ -33,7 +33,7 @@ from deployq.verify.check import FormatAgreement, ParityReport, check_parity, co
 from deployq.qat.prepare import ACT_QUANT, prepare
 from deployq.qat.calibrate import is_calibrated
 from deployq.ptq.pipeline import PTQOptions
-from deployq.calib.data import file_feeds
+from deployq.calib.data import file_feeds, shape_from_files
 from deployq.core.runtime import InputInfo, ModelFileError, check_same_inputs, inputs_of, is_ort_format, load_onnx, random_feeds, with_shapes
 from deployq.exporters.graph import quantize_count
 
@@ -124,6 +124,14 @@ def _given_batches(inputs: Inputs) -> bool:
     return inputs is not None and not isinstance(inputs, (str, Path))
 
 
+def _file_shapes(inputs: Inputs, infos: list[InputInfo]) -> Optional[list[tuple[str, tuple[int, ...]]]]:
+    """A one-input model with symbolic dimensions (a --dynamic-hw export) read from files: the
+    shape of the first file at its own size (None: the model's shapes are fixed, or not files)."""
+    if not isinstance(inputs, (str, Path)) or len(infos) != 1 or not infos[0].free:
+        return None
+    return [(infos[0].name, shape_from_files(inputs, infos[0]))]
+
+
 def _feeds(inputs: Inputs, infos: list[InputInfo], random: int, ranges: Mapping[str, tuple[float, float]],
            ratio: Optional[float] = None, limit: Optional[int] = None) -> list[dict[str, np.ndarray]]:
     """Input feeds: from files, from given batches, or `random` uniform ones over the input's range."""
@@ -170,7 +178,7 @@ def diff(float_onnx: OnnxLike, quant_onnx: OnnxLike, inputs: Inputs = None, *, m
         raise ModelFileError(f"{quant_name} has no QuantizeLinear: it is not a quantized (QDQ) model")
     infos = check_same_inputs(float_model, quant_model, float_name, quant_name)
     if not _given_batches(inputs):  # batches carry their own shapes; files and random inputs need them
-        infos = with_shapes(infos, input_shapes, where="--input-shape (input_shapes)")
+        infos = with_shapes(infos, input_shapes or _file_shapes(inputs, infos), where="--input-shape (input_shapes)")
     feeds = _feeds(inputs, infos, random, match_inputs(quant_model), ratio, limit)
     report = _diff(float_model, quant_model, feeds, mode=mode, points=list(points) if points else None,
                    progress=progress)
@@ -209,7 +217,8 @@ def check(model: ModelLike, onnx_model: OnnxLike, inputs: Inputs = None, *, rand
     if [i.name for i in infos] != names:
         raise ModelFileError(f"{name} takes inputs {[i.name for i in infos]}, the torch model {names}")
     if not _given_batches(inputs):  # the checkpoint's shapes, else input_shapes, for symbolic dimensions
-        given = input_shapes or [(i.name, shapes[i.name]) for i in infos if i.free and i.name in shapes]
+        given = input_shapes or [(i.name, shapes[i.name]) for i in infos if i.free and i.name in shapes] or \
+            _file_shapes(inputs, infos)
         infos = with_shapes(infos, given, where="--input-shape (input_shapes)")
     feeds = _feeds(inputs, infos, random, match_inputs(quant))
     report = check_parity(qmodel, quant, [{k: torch.from_numpy(v) for k, v in f.items()} for f in feeds], local=local,

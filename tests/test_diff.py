@@ -304,3 +304,38 @@ def test_weight_widths_are_read_off_16_bit_codes():
     assert _weight_bits(np.array([-511, 500], np.int16)) == 10
     assert _weight_bits(np.array([0, 1023], np.uint16)) == 10
     assert _weight_bits(np.array([-32768, 0], np.int16)) == 16
+
+
+def test_a_dynamic_hw_export_takes_its_shape_from_the_input_files(exported, tmp_path):
+    """diff and check on a --dynamic-hw export read height and width off the first --input file
+    (an array, an image or a raw frame at its own size): no --input-shape needed."""
+    import imageio.v3 as iio
+
+    from deployq.calib.data import InputDataError, shape_from_files
+    from deployq.core.runtime import inputs_of
+
+    result = run_export(resolve_model(ckpt=str(exported[1])), tmp_path / "dyn", dynamic_hw=True, ort_format=False,
+                        progress=False)
+    info = inputs_of(result.quant_model)[0]
+    assert info.free == (2, 3)
+    rng = np.random.default_rng(3)
+    arrays, images = tmp_path / "arrays", tmp_path / "images"
+    arrays.mkdir(), images.mkdir()
+    for i in range(2):
+        np.save(arrays / f"{i}.npy", rng.uniform(0, 1, (1, 3, 48, 40)).astype(np.float32))
+    iio.imwrite(images / "a.png", (rng.uniform(0, 1, (24, 56, 3)) * 255).astype(np.uint8))
+    assert shape_from_files(arrays, info) == (1, 3, 48, 40)
+    assert shape_from_files(images, info) == (1, 3, 24, 56)
+    iio.imwrite(tmp_path / "gray.png", np.zeros((24, 56), np.uint8))
+    with pytest.raises(InputDataError, match=r"gray\.png.*\(1, 24, 56\).*\(\?, 3, \?, \?\)"):
+        shape_from_files(tmp_path / "gray.png", info)
+
+    report = deployq.diff(result.files["float"], result.files["int8"], arrays)
+    assert len(report.rows) == len(exported[0].records) and min(r.stats.sqnr_db for r in report.rows) > 20
+    cli = CliRunner().invoke(main, ["diff", str(result.files["float"]), str(result.files["int8"]),
+                                    "--input", str(images)])
+    assert cli.exit_code == 0, cli.output
+    qmodel = resolve_model(ckpt=str(exported[1])).qmodel
+    assert deployq.check(qmodel, result.files["int8"], inputs=arrays).ok(max_lsb=1)
+    refused = CliRunner().invoke(main, ["diff", str(result.files["float"]), str(result.files["int8"]), "--random", "2"])
+    assert refused.exit_code != 0 and "--input-shape" in refused.output

@@ -27,7 +27,8 @@ from deployq.cli.common import (EXIT_GATE, POSITIVE, UserError, console, handle_
 @click.option("--fail-below", type=float, metavar="SQNR_DB",
               help="CI gate: exit 3 if the output SQNR is below this (errors exit 1).")
 @click.option("--input-shape", multiple=True, callback=lambda c, p, v: parse_input_shapes(v), metavar="[NAME:]N,C,H,W",
-              help="Input shape for models with symbolic height/width (a --dynamic-hw export); repeat as NAME:N,C,H,W.")
+              help="Input shape for models with symbolic height/width (a --dynamic-hw export); repeat as NAME:N,C,H,W. "
+                   "Default with --input files: the first file's own size.")
 @click.option("--points", multiple=True, metavar="GLOB",
               help="Only these quant points (repeatable glob, e.g. 'layer4.*'); sensitivity and kernel modes then "
                    "measure only them.")
