@@ -259,6 +259,21 @@ def test_unsupported_pairs_are_skipped_with_a_reason(act, groups, relu6, reason,
     assert_state_equal(eq, model.state_dict())
 
 
+def test_a_pipeline_whose_cle_changes_nothing_says_so_and_why(x):
+    from deployq.ptq.pipeline import PTQOptions, equalized
+
+    model = Pair(nn.Sigmoid()).eval()
+    same, notes = equalized(model, (x,), PTQOptions(("cle",)))
+    assert same is model and len(notes) == 1
+    assert notes[0].startswith("cle changed nothing") and "Sigmoid 'act' before 'conv2' is not supported" in notes[0]
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(4), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1)).eval()
+    _, notes = equalized(pooled, (x,), PTQOptions(("cle",)))  # no reason recorded: the note gives CLE's rule
+    assert notes == ["cle changed nothing: no layer pair can be equalized (it rescales pairs of layers joined only "
+                     "by BatchNorm and ReLU or LeakyReLU; this model has none)"]
+    _, notes = equalized(spread(ConvBnReluConv()).eval(), (x,), PTQOptions(("cle",)))
+    assert notes[0].startswith("cle: 1 layer pairs equalized")
+
+
 def test_absorb_bias_shrinks_range_and_keeps_output():
     torch.manual_seed(0)
     model = ConvBnReluConv(padding=0, k2=1).eval()

@@ -75,6 +75,11 @@ def equalized(float_model: nn.Module, example_inputs: tuple, options: PTQOptions
     if "cle" not in options.methods:
         return float_model, []
     model, report = equalize(float_model, example_inputs)
+    if not report.pairs:  # a method that changes nothing says so, and why
+        reasons = "; ".join(reason for _, reason in report.skipped[:3]) or (
+            "it rescales pairs of layers joined only by BatchNorm and ReLU or LeakyReLU; this model has none")
+        return float_model, [f"cle changed nothing: no layer pair can be equalized ({reasons}"
+                             + (f"; and {len(report.skipped) - 3} more" if len(report.skipped) > 3 else "") + ")"]
     return model, [f"cle: {len(report.pairs)} layer pairs equalized, {len(report.skipped)} left as they are "
                    "(ReLU6, residual branches and other non-homogeneous pairs)"]
 
