@@ -296,8 +296,9 @@ def notes(args: argparse.Namespace) -> str:
             f"the training split, {args.lowlight_size}×{args.lowlight_size} packed, numbers on the test split; "
             "digits: the first images of the training split, numbers on the test split). "
             "quantize_static runs on deployq's float graph. deployq rows are `deployq export --calib ... "
-            f"--ptq METHODS`; AdaRound {args.adaround_iterations} steps per layer on 8 calibration inputs; "
-            "bias correction on 8; search scores on 4. *only the input quantized*: every contender quantizes "
+            f"--ptq METHODS`; AdaRound {args.adaround_iterations} steps per layer and bias correction on "
+            f"{PTQOptions().refine_samples} calibration samples; search scores on {PTQOptions().search_samples} "
+            "held-out calibration samples. *only the input quantized*: every contender quantizes "
             "the input to 8 bits, and that rounding alone, propagated through the float network, gives this "
             "SQNR: no 8-bit PTQ method can pass it. Random-weight networks amplify a perturbation of their "
             "input far more than trained ones, which is why their ceiling is low.")

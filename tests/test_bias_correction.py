@@ -107,3 +107,25 @@ def test_correction_lowers_the_mean_output_error_on_held_out_data():
     corrected = ["0", "3", "6"]
     assert all(after[p] < 0.5 * before[p] for p in corrected), (before, after)
     assert sum(after.values()) < 0.5 * sum(before.values())
+
+
+def test_a_shift_within_the_noise_is_not_corrected():
+    """A channel whose mean error is a steady offset is corrected by it; one whose per-sample errors
+    only scatter around zero (their mean within 2 standard errors) keeps its bias: correcting
+    measurement noise adds noise to the data the correction did not see."""
+    from deployq.ptq.bias_correction import significant_error
+    from deployq.ptq.layers import LayerData, quantized_output
+
+    layer = calibrated(BITS4).get_submodule("0")
+    x = torch.cat(CALIB)  # 32 samples
+    y_quant = quantized_output(layer, x)
+    g = torch.Generator().manual_seed(3)
+    error = torch.zeros_like(y_quant)
+    error[:, 0] = 0.5  # a steady shift
+    error[:, 1] = torch.randn(x.shape[0], 1, 1, generator=g)  # per-sample scatter, mean ~ 0
+    error[:, 1] -= error[:, 1].mean() - 0.1  # mean 0.1, standard error ~ 1 / sqrt(32) = 0.18
+    delta = significant_error(layer, LayerData(x, x, y_quant - error))
+    assert delta[0] == pytest.approx(0.5, rel=1e-5) and delta[1] == 0
+    assert torch.all(delta[2:] == 0)  # no error at all
+    one = significant_error(layer, LayerData(x[:1], x[:1], y_quant[:1] - error[:1]))
+    assert one[1] == pytest.approx(float(error[0, 1].mean()), rel=1e-5)  # one sample: no spread, kept

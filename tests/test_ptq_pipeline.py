@@ -17,7 +17,7 @@ from deployq.examples import zoo
 from deployq.deploy.export import export
 from deployq.ptq.calibration_search import search_calibration
 from deployq.ptq.pipeline import PTQOptions, parse_methods
-from deployq.qat.calibrate import qparams_of
+from deployq.qat.calibrate import first_samples, qparams_of
 from deployq.qat.loading import resolve_model
 
 SHAPE = (1, 3, 16, 16)
@@ -43,7 +43,7 @@ def every_method(float_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("ptq")
     torch.save(float_model.state_dict(), out / "float.pt")
     source = resolve_model(ckpt=str(out / "float.pt"), factory="deployq.examples.zoo:resnet", input_shape=SHAPE)
-    options = PTQOptions(("cle", "search", "adaround", "bias"), adaround_iterations=20, refine_batches=4)
+    options = PTQOptions(("cle", "search", "adaround", "bias"), adaround_iterations=20, refine_samples=4)
     result = export(source, out / "int8", calib=_photos(12, 2), ptq=options, progress=False, ort_format=False)
     return float_model, result
 
@@ -53,6 +53,16 @@ def test_methods_parse_in_pipeline_order_and_unknown_ones_are_named():
     assert parse_methods("") == ()
     with pytest.raises(ValueError, match="--ptq: unknown method.*adaroud"):
         parse_methods("cle,adaroud")
+
+
+def test_method_budgets_count_samples_whatever_the_batch_size():
+    ones = [torch.zeros(1, 3, 4, 4) for _ in range(40)]
+    tens = [{"x": torch.zeros(10, 3, 4, 4)} for _ in range(4)]
+    pairs = [(torch.zeros(4, 3), torch.zeros(4, 1)) for _ in range(5)]
+    assert len(first_samples(ones, 32)) == 32 and len(first_samples(tens, 32)) == 4
+    assert len(first_samples(pairs, 8)) == 2 and len(first_samples(ones[:3], 32)) == 3
+    with pytest.raises(ValueError, match="refine_samples and search_samples"):
+        PTQOptions(("bias",), refine_samples=0)
 
 
 def test_every_method_together_stays_exact_and_diff_compares_with_the_users_float_model(every_method):
@@ -89,8 +99,8 @@ def test_qparams_json_records_each_activations_calibration_method(every_method):
 
 def test_search_never_scores_below_the_configs_own_method(float_model):
     qmodel = deployq.prepare(float_model, torch.rand(SHAPE))
-    report = search_calibration(qmodel, _photos(8, 5), methods=("minmax", "mse", "percentile_99.999"), eval_batches=2)
-    assert report.sqnr_end_db >= report.sqnr_start_db
+    report = search_calibration(qmodel, _photos(8, 5), methods=("minmax", "mse", "percentile_99.999"), eval_samples=2)
+    assert report.sqnr_end_db >= report.sqnr_start_db and report.held_out and report.scored_samples == 2
     chosen = {name: r.observer for name, r in qparams_of(qmodel).items() if r.kind != "weight"}
     assert chosen == report.chosen
     assert set(chosen.values()) <= {"minmax", "mse", "percentile(lower=0.001, upper=99.999)"}
@@ -98,13 +108,36 @@ def test_search_never_scores_below_the_configs_own_method(float_model):
         search_calibration(qmodel, _photos(1, 5), methods=("median",))
 
 
+def test_search_scores_each_output_alike_and_holds_its_scored_samples_out(float_model, monkeypatch):
+    from deployq.ptq import calibration_search as cs
+
+    big, small = torch.tensor([100.0, -100.0], dtype=torch.float64), torch.tensor([0.01, -0.01], dtype=torch.float64)
+    noisy = [[big + 1.0, small + 0.001]]  # 40 dB and 20 dB: their mean, not the pooled 40 dB
+    assert cs.mean_output_sqnr_db([[big, small]], noisy) == pytest.approx((40 + 20) / 2, abs=1e-9)
+    assert cs.output_sqnr_db([big, small], noisy[0]) == pytest.approx(40, abs=0.01)
+    assert cs.mean_output_sqnr_db([[big, small]], [[big, small]]) == cs.CEILING_DB
+
+    observed = []
+    real = cs._observe_with
+    monkeypatch.setattr(cs, "_observe_with", lambda m, q, method, inputs: observed.append(len(inputs)) or real(m, q, method, inputs))
+    qmodel = deployq.prepare(float_model, torch.rand(SHAPE))
+    report = search_calibration(qmodel, _photos(6, 5), methods=("minmax", "mse"), eval_samples=2)
+    assert report.held_out and observed == [4, 4]  # the 2 scored samples are not observed while choosing
+    observed.clear()
+    report = search_calibration(qmodel, _photos(3, 5), methods=("minmax", "mse"), eval_samples=2)
+    assert not report.held_out and observed == [3, 3]  # too few to hold out: said in the report
+
+
 def test_cli_zeroq_calibrates_without_data_and_ptq_needs_calibration(float_model, tmp_path):
     weights = tmp_path / "float.pt"
     torch.save(float_model.state_dict(), weights)
     base = ["export", "--ckpt", str(weights), "--model", "deployq.examples.zoo:resnet", "--input-shape", "1,3,16,16"]
     result = CliRunner().invoke(main, [*base, "--calib", "zeroq", "--calib-batches", "8", "--ptq", "bias",
-                                       "--out", str(tmp_path / "zq"), "--no-ort", "-q"])
+                                       "--refine-samples", "3", "--out", str(tmp_path / "zq"), "--no-ort", "-q",
+                                       "--json", str(tmp_path / "zq.json")])
     assert result.exit_code == 0, result.output
+    notes = json.loads((tmp_path / "zq.json").read_text())["notes"]
+    assert any(n.startswith("bias:") and "on 3 calibration samples;" in n for n in notes), notes
     assert (tmp_path / "zq" / "model.int8.onnx").is_file()
     refused = CliRunner().invoke(main, [*base, "--calib", "zeroq", "--ptq", "cle,rounding", "--out", str(tmp_path / "x")])
     assert refused.exit_code != 0 and "rounding" in refused.output and not (tmp_path / "x").exists()

@@ -8,7 +8,7 @@ from typing import Optional
 import click
 from rich.table import Table
 
-from deployq.ptq.pipeline import ZEROQ, PTQOptions, parse_methods
+from deployq.ptq.pipeline import REFINE_SAMPLES, ZEROQ, PTQOptions, parse_methods
 from deployq.cli.common import UserError, console, handle_errors, json_option, model_options, write_json
 
 def _calibration(value: Optional[str]) -> Optional[str]:
@@ -42,6 +42,14 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
               help="Post-training methods applied with --calib: cle (cross-layer equalization), search (each "
                    "activation's calibration method picked by the output it gives), adaround (learned weight "
                    "rounding), bias (bias correction). BENCHMARKS.md measures each.")
+@click.option("--adaround-iterations", type=click.IntRange(1), default=200, show_default=True,
+              help="--ptq adaround: optimization steps per layer.")
+@click.option("--refine-samples", type=click.IntRange(1), default=REFINE_SAMPLES, show_default=True,
+              help="--ptq adaround / bias: how many calibration samples they learn from (samples, not batches: "
+                   "the same at any batch size; their time grows with it).")
+@click.option("--search-samples", type=click.IntRange(1), default=8, show_default=True,
+              help="--ptq search: calibration samples each choice is scored on (held out of the observation "
+                   "when the calibration set has at least twice as many).")
 @click.option("--target", type=click.Choice(["int8", "int16", "fp32"]), default="int8", show_default=True,
               help="int8: 8-bit body, special layers at their bits; int16: everything 16-bit; fp32: float only.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="deployq-out", show_default=True,
@@ -69,7 +77,9 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
 @handle_errors
 def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[list],
            leaf: tuple,
-           calib: Optional[str], calib_batches: int, ptq: tuple, target: str, out_dir: str, opset: int,
+           calib: Optional[str], calib_batches: int, ptq: tuple, adaround_iterations: int, refine_samples: int,
+           search_samples: int,
+           target: str, out_dir: str, opset: int,
            weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool, device: str, ort_format: bool,
            output_names: Optional[list], json_path: Optional[str]) -> None:
     """Export a checkpoint to ONNX: the float model and the integer (QDQ) model.
@@ -100,7 +110,9 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
                            factory_kwargs=model_kwargs, leaf_modules=leaf)
     result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
-                        act_signed=act_signed, calib=calib, calib_limit=calib_batches, ptq=PTQOptions(ptq),
+                        act_signed=act_signed, calib=calib, calib_limit=calib_batches,
+                        ptq=PTQOptions(ptq, adaround_iterations=adaround_iterations, refine_samples=refine_samples,
+                                       search_samples=search_samples),
                         dynamic_hw=dynamic_hw,
                         device=device, ort_format=ort_format, output_names=output_names, progress=json_path != "-")
     write_json(json_path, export_json(result))

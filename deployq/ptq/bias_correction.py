@@ -20,6 +20,12 @@ A layer with neither a bias nor a BatchNorm has nowhere to put Δ and is left as
 skipped): creating a bias would add a parameter the model's factory does not build, and the
 exported checkpoint would no longer load into it.
 
+A channel whose measured shift is within ``SIGNIFICANCE`` standard errors of zero is not
+corrected (δ_c = 0 there): the standard error comes from the spread of the per-sample mean errors,
+and on few samples (a Linear layer sees one value per sample and channel) a correction of noise
+adds noise to the data it did not see. On facenet-pytorch's RNet, correcting every channel cost
+1.6–2.5 dB of held-out output SQNR.
+
 The corrected bias is then quantized like any other: int32 codes rint(c' / (s_in·s_w)) where the
 input and weights are 8-bit or narrower (:mod:`deployq.core.qformula`), so what remains of δ after
 correction is that new rounding, at most half a step of s_in·s_w per channel.
@@ -41,14 +47,21 @@ from deployq.ptq.layers import (LayerData, capture, channel_dim, quantized_outpu
 from deployq.qat.fused import QuantLayer
 
 
+SIGNIFICANCE = 2.0  # a channel's mean error is corrected when it is this many standard errors from zero
+
+
 @dataclass(frozen=True)
 class BiasCorrectionReport:
     """Per corrected layer: (path, mean_c |δ_c| / std(y)), the mean correction relative to the
     standard deviation of the float pre-activation output over all its elements; ``skipped``: the
-    layers with neither a bias nor a BatchNorm (left as they are)."""
+    layers with neither a bias nor a BatchNorm (left as they are); ``within_noise``: how many
+    output channels, over all layers, were left uncorrected because their shift was not
+    significant, and ``channels`` how many there were."""
 
     layers: tuple[tuple[str, float], ...]
     skipped: tuple[str, ...] = ()
+    within_noise: int = 0
+    channels: int = 0
 
 
 def channel_mean(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -59,6 +72,20 @@ def channel_mean(t: torch.Tensor, dim: int) -> torch.Tensor:
 def output_error(layer: QuantLayer, data: LayerData) -> torch.Tensor:
     """δ_c = E[y_q − y]_c: the quantized layer's mean error per output channel."""
     return channel_mean(quantized_output(layer, data.x_quant) - data.y_float, channel_dim(layer))
+
+
+def significant_error(layer: QuantLayer, data: LayerData, significance: float = SIGNIFICANCE) -> torch.Tensor:
+    """δ_c where it is more than `significance` standard errors from zero, else 0. The standard
+    error is the spread of the per-sample mean errors over √N (N samples: dimension 0); with one
+    sample there is no spread to measure and every channel keeps its δ_c."""
+    error = quantized_output(layer, data.x_quant) - data.y_float
+    per_sample = error.movedim(channel_dim(layer), 1).reshape(error.shape[0], error.shape[channel_dim(layer)], -1)
+    per_sample = per_sample.double().mean(2)  # (N, C)
+    delta = per_sample.mean(0)
+    if per_sample.shape[0] < 2:
+        return delta.to(error.dtype)
+    standard_error = per_sample.std(0) / per_sample.shape[0] ** 0.5
+    return torch.where(delta.abs() > significance * standard_error, delta, torch.zeros_like(delta)).to(error.dtype)
 
 
 def bias_rounding(layer: QuantLayer) -> torch.Tensor | float:
@@ -107,13 +134,14 @@ def correct_bias(model: fx.GraphModule, batches: Iterable[Any], *, max_batches: 
     inputs = take_batches(model, batches, max_batches)
     chosen = select_layers(model, layers)
     reference = reference if reference is not None else copy.deepcopy(model)
-    results = []
+    results, within_noise, channels = [], 0, 0
     skipped = tuple(path for path, layer in chosen if not has_bias_parameter(layer))
     chosen = [(path, layer) for path, layer in chosen if has_bias_parameter(layer)]
     for path, layer in progress_bar(chosen, "bias correction", total=len(chosen), enabled=progress):
         data = capture(model, path, inputs, reference)
-        delta = output_error(layer, data)
+        delta = significant_error(layer, data)
         shift_bias(layer, bias_rounding(layer) - delta)
+        within_noise, channels = within_noise + int((delta == 0).sum()), channels + delta.numel()
         spread = float(data.y_float.std())
         results.append((path, float(delta.abs().mean()) / spread if spread > 0 else 0.0))
-    return BiasCorrectionReport(tuple(results), skipped)
+    return BiasCorrectionReport(tuple(results), skipped, within_noise, channels)

@@ -11,13 +11,19 @@ large channel) must not be clipped. So the choice is measured, not guessed:
 1. calibrate once per method (each a full observation pass), keeping each method's qparams;
 2. start from the config's own method everywhere;
 3. greedily, quant point by quant point in graph order, try each method's qparams and keep the
-   one whose fake-quantized model output is closest to the float output (SQNR over a few
-   calibration batches), given the choices made so far.
+   one whose fake-quantized model output is closest to the float output, given the choices made
+   so far; then observe every calibration batch once more with the chosen methods.
+
+The score is the mean over the model's outputs of each output's SQNR (dB), so a detector's
+0-1 scores count as much as its pixel boxes. It is measured on held-out calibration samples:
+the first ``eval_samples`` are scored and not observed during the choice (when the calibration
+set holds at least twice as many; else the choice is scored on the observed samples, and the
+report says so), so a method is not chosen for fitting the samples it was measured on.
 
 The chosen method is written into the quantizer's spec, so ``qparams.json`` records it
-(the ``observer`` field of each activation point). Cost: one observation pass per method, plus
-``(methods − 1) × points × eval_batches`` forward passes (fewer: a method whose qparams equal the
-current ones is not tried).
+(the ``observer`` field of each activation point). Cost: one observation pass per method and
+one for the final qparams, plus ``(methods − 1) × points`` forward passes of the scored samples
+(fewer: a method whose qparams equal the current ones is not tried).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch import nn
 from deployq.calib.observers import OBSERVERS, create_observer
 from deployq.core.qspec import QuantSpec
 from deployq.core.progress import progress_bar
-from deployq.qat.calibrate import input_names, model_inputs, set_mode
+from deployq.qat.calibrate import first_samples, input_names, model_inputs, samples_in, set_mode
 from deployq.qat.prepare import quant_points
 from deployq.qat.quantizers import FakeQuantizer
 
@@ -54,24 +60,24 @@ def _observer(method: str, spec: QuantSpec) -> tuple[str, tuple]:
 @dataclass(frozen=True)
 class SearchReport:
     """What the search chose: {quant point: observer with its arguments, as ``qparams.json`` records
-    it}, and the output SQNR (dB, on the evaluation batches) with the config's method everywhere and
-    after the search."""
+    it}, and the score (mean per-output SQNR in dB on the scored samples) with the config's method
+    everywhere and after the search; `held_out`: whether those samples were left out of the
+    observation the choice was made with, and how many there were."""
 
     chosen: dict[str, str]
     sqnr_start_db: float
     sqnr_end_db: float
+    held_out: bool = True
+    scored_samples: int = 0
 
     def counts(self) -> dict[str, int]:
         return {m: sum(1 for c in self.chosen.values() if c == m) for m in dict.fromkeys(self.chosen.values())}
 
 
-def _outputs(model: nn.Module, inputs: Sequence[tuple]) -> list[torch.Tensor]:
-    """Every output tensor of the model for every input, flattened to one list."""
-    found = []
+def _outputs(model: nn.Module, inputs: Sequence[tuple]) -> list[list[torch.Tensor]]:
+    """The model's output tensors for every input: one list per input."""
     with torch.no_grad():
-        for args in inputs:
-            found += _tensors(model(*args))
-    return found
+        return [_tensors(model(*args)) for args in inputs]
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -84,11 +90,21 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+CEILING_DB = 200.0  # an output quantization leaves exact counts as this (the mean stays finite)
+
+
 def output_sqnr_db(reference: list[torch.Tensor], values: list[torch.Tensor]) -> float:
     """10·log10(Σ reference² / Σ (reference − value)²) over all tensors."""
     signal = sum(float(r.square().sum()) for r in reference)
     noise = sum(float((r - v).square().sum()) for r, v in zip(reference, values))
     return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def mean_output_sqnr_db(reference: list[list[torch.Tensor]], values: list[list[torch.Tensor]]) -> float:
+    """The mean over the model's outputs of each output's SQNR over all inputs (each at most
+    :data:`CEILING_DB`): every output counts alike, whatever its scale."""
+    per_output = [output_sqnr_db([r[k] for r in reference], [v[k] for v in values]) for k in range(len(reference[0]))]
+    return sum(min(db, CEILING_DB) for db in per_output) / len(per_output)
 
 
 def _observe_with(model: nn.Module, quantizers: dict[str, FakeQuantizer], method: str,
@@ -105,20 +121,35 @@ def _observe_with(model: nn.Module, quantizers: dict[str, FakeQuantizer], method
     return {name: tuple(t.clone() for t in q.qparams()) for name, q in quantizers.items()}
 
 
+def _observe_chosen(model: nn.Module, quantizers: dict[str, FakeQuantizer], chosen: dict[str, str],
+                    inputs: Sequence[tuple]) -> None:
+    """Every activation quantizer observes `inputs` with its chosen method; then quantize mode."""
+    for name, q in quantizers.items():
+        observer, args = _observer(chosen[name], q.spec)
+        q.spec = replace(q.spec, observer=observer, observer_args=args)
+        q.observer = create_observer(q.spec, q.axis, q.name)
+    set_mode(model, "observe")
+    with torch.no_grad():
+        for args in inputs:
+            model(*args)
+    set_mode(model, "quantize")
+
+
 def search_calibration(model: nn.Module, batches: Iterable[Any], *, methods: Sequence[str] = METHODS,
-                       max_batches: int = 32, eval_batches: int = 4,
+                       max_batches: int = 32, eval_samples: int = 8,
                        progress: bool = False) -> SearchReport:
     """Calibrate the prepared `model` (any mode) choosing each activation quant point's method.
 
-    `batches`: calibration inputs (as :func:`deployq.calibrate` takes them); the first
-    `max_batches` are observed, the first `eval_batches` of those score the choices. The model is
-    left calibrated, in quantize mode, eval.
+    `batches`: calibration inputs (as :func:`deployq.calibrate` takes them), of which the first
+    `max_batches` are used; the first `eval_samples` samples score the choices (held out of the
+    observation when there are at least twice as many samples). The model is left calibrated on
+    all of them, in quantize mode, eval.
     """
     unknown = [m for m in methods if m not in OBSERVERS and m not in VARIANTS]
     if unknown or not methods:
         raise ValueError(f"calibration search: unknown methods {unknown}; known: {', '.join([*OBSERVERS, *VARIANTS])}")
-    if max_batches < 1 or eval_batches < 1:
-        raise ValueError("calibration search: max_batches and eval_batches must be at least 1")
+    if max_batches < 1 or eval_samples < 1:
+        raise ValueError("calibration search: max_batches and eval_samples must be at least 1")
     names = input_names(model)
     inputs = [model_inputs(b, names) for b in itertools.islice(batches, max_batches)]
     if not inputs:
@@ -127,18 +158,24 @@ def search_calibration(model: nn.Module, batches: Iterable[Any], *, methods: Seq
     quantizers = {name: model.get_submodule(p.quantizer) for name, p in quant_points(model).items()
                   if p.kind != "weight"}
     default = {name: q.spec.observer for name, q in quantizers.items()}
-    candidates = {m: _observe_with(model, quantizers, m, inputs) for m in
+    scored = first_samples(inputs, eval_samples)
+    held_out = sum(samples_in(x) for x in inputs) >= 2 * eval_samples and len(scored) < len(inputs)
+    observed = inputs[len(scored):] if held_out else inputs
+    candidates = {m: _observe_with(model, quantizers, m, observed) for m in
                   progress_bar(list(dict.fromkeys(methods)), "calibration search: observing", enabled=progress)}
-    scored = inputs[:eval_batches]
     set_mode(model, "float")
     reference = _outputs(model, scored)
     set_mode(model, "quantize")
+
+    def score() -> float:
+        return mean_output_sqnr_db(reference, _outputs(model, scored))
+
     chosen = {}
     for name, q in quantizers.items():
         method = default[name] if default[name] in candidates else methods[0]
         q.set_qparams(*candidates[method][name])
         chosen[name] = method
-    start = best = output_sqnr_db(reference, _outputs(model, scored))
+    start = best = score()
     for name in progress_bar(list(quantizers), "calibration search: choosing", enabled=progress):
         q = quantizers[name]
         tried = [candidates[chosen[name]][name]]
@@ -148,15 +185,10 @@ def search_calibration(model: nn.Module, batches: Iterable[Any], *, methods: Seq
                 continue
             tried.append(qparams)
             q.set_qparams(*qparams)
-            score = output_sqnr_db(reference, _outputs(model, scored))
-            if score > best + 1e-6:
-                best, chosen[name] = score, method
+            now = score()
+            if now > best + 1e-6:
+                best, chosen[name] = now, method
         q.set_qparams(*candidates[chosen[name]][name])
-    for name, q in quantizers.items():
-        if chosen[name] != q.spec.observer:
-            observer, args = _observer(chosen[name], q.spec)
-            q.spec = replace(q.spec, observer=observer, observer_args=args)
-        q.observer = create_observer(q.spec, q.axis, q.name)
-        chosen[name] = q.spec.observer_label  # as qparams.json records it
-    return SearchReport(chosen, start, best)
-
+    _observe_chosen(model, quantizers, chosen, inputs)
+    chosen = {name: q.spec.observer_label for name, q in quantizers.items()}  # as qparams.json records it
+    return SearchReport(chosen, start, best, held_out, sum(samples_in(x) for x in scored))

@@ -80,6 +80,26 @@ def model_inputs(batch: Batch, names: Sequence[str] = ("input",)) -> tuple:
     raise TypeError(f"cannot take model inputs from a batch of type {type(batch).__name__}")
 
 
+def samples_in(batch: Batch) -> int:
+    """How many samples a batch holds: the leading dimension of its first tensor (a tensor, a tuple
+    or list of them, or a dict by input name)."""
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else (batch,)
+    first = next((t for t in items if isinstance(t, torch.Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.ndim > 0 else 1
+
+
+def first_samples(batches: Iterable[Batch], count: int) -> list[Batch]:
+    """The first batches that hold at least `count` samples together (all of them if they hold fewer):
+    a budget counted in samples means the same at any batch size."""
+    taken, seen = [], 0
+    for batch in batches:
+        if seen >= count:
+            break
+        taken.append(batch)
+        seen += samples_in(batch)
+    return taken
+
+
 def calibrate(model: nn.Module, batches: Iterable[Batch], *, max_batches: Optional[int] = None,
               device: Optional[torch.device] = None, progress: bool = True,
               reduce: Optional[Callable[[nn.Module], None]] = None) -> int:
