@@ -526,3 +526,39 @@ def test_an_average_pool_is_quantized_on_its_inputs_grid(tmp_path):
     assert not any(k.startswith("act_quant.pool.") for k in qmodel.state_dict())
     records = result.records
     assert (records["pool"].scale, records["pool"].zero_point) == (records["relu"].scale, records["relu"].zero_point)
+
+
+class _PReLUPool(torch.nn.Module):
+    """MTCNN's block: conv -> PReLU -> max pool -> conv (the PReLU output read by the pool only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.act, self.conv2 = torch.nn.Conv2d(3, 8, 3), torch.nn.PReLU(8, init=0.25), torch.nn.Conv2d(8, 4, 3)
+        self.pool = torch.nn.MaxPool2d(3, 2, ceil_mode=True)
+
+    def forward(self, x):
+        return self.conv2(self.pool(self.act(self.conv1(x))))
+
+
+def test_a_point_read_only_by_a_max_pool_takes_the_pools_range_and_stays_exact(tmp_path):
+    """The PReLU output, read by a max pool alone, is calibrated on what the pool keeps (as a
+    quantizer after the pool would be): its range is the pool output's, narrower where the pool
+    drops negatives, and the int8 model still checks within 1 LSB (max commutes with rounding)."""
+    import deployq
+    from deployq.qat.prepare import quant_points
+
+    torch.manual_seed(0)
+    model = _PReLUPool().eval()
+    calib = [torch.randn(2, 3, 20, 20) for _ in range(4)]
+    qmodel = deployq.prepare(model, calib[0])
+    (point,) = [p for name, p in quant_points(qmodel).items() if name == "act"]
+    deployq.calibrate(qmodel, calib, progress=False)
+    with torch.no_grad():
+        pre = torch.cat([model.act(model.conv1(x)) for x in calib])
+        post = torch.cat([model.pool(model.act(model.conv1(x))) for x in calib])
+    scale, zero_point = (t.item() for t in qmodel.get_submodule(point.quantizer).qparams())
+    lo, hi = (0 - zero_point) * scale, (255 - zero_point) * scale  # u8 activations
+    assert post.min() > pre.min() + 0.1  # the pool discards the most negative values
+    assert lo == pytest.approx(min(float(post.min()), 0.0), abs=scale) and hi == pytest.approx(float(post.max()), abs=scale)
+    result = deployq.export(qmodel, calib[0], tmp_path, ort_format=False)
+    assert deployq.check(qmodel, result.files["int8"], inputs=[torch.randn(2, 3, 20, 20) * 1.5]).ok(max_lsb=1)

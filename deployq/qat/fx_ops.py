@@ -13,8 +13,9 @@ both forms, so that placement does not depend on how the model was captured.
 
 from __future__ import annotations
 
+import functools
 import operator
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +207,31 @@ def is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_function":
         return node.target in _SOFTMAX_FUNCTIONS or aten_name(node.target) in ("softmax", "_softmax")
     return node.op == "call_method" and node.target == "softmax"
+
+
+_MAX_POOLS = ((nn.MaxPool1d, F.max_pool1d), (nn.MaxPool2d, F.max_pool2d), (nn.MaxPool3d, F.max_pool3d))
+
+
+def max_pool_function(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """What a max pool node computes, as a function of its input alone (the same kernel, stride,
+    padding, dilation and ceil mode); None if `node` is not a max pool returning one tensor."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        for cls, fn in _MAX_POOLS:
+            if isinstance(m, cls) and not m.return_indices:
+                return functools.partial(fn, kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                                         dilation=m.dilation, ceil_mode=m.ceil_mode)
+        return None
+    functions = tuple(fn for _, fn in _MAX_POOLS)
+    if node.op != "call_function" or not (node.target in functions or aten_name(node.target) in (
+            "max_pool1d", "max_pool2d", "max_pool3d")):
+        return None
+    rest = node.args[1:]
+    if any(isinstance(a, fx.Node) for a in (*rest, *node.kwargs.values())):
+        return None
+    if node.kwargs.get("return_indices") or (node.target in functions and len(rest) > 5 and rest[5]):
+        return None
+    return functools.partial(node.target, *rest, **node.kwargs)
 
 
 def is_window_average(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

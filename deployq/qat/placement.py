@@ -10,7 +10,8 @@ On a normalized graph (:mod:`deployq.qat.normalize`):
   fused activation) is a quant point; data movement carries quantization through; ``act(a + b)``
   and ``act(bn(x))`` are one quant point after the activation; a model output that no layer makes
   is left float; values computed from parameters only are constants; a windowed average pool
-  shares the quantizer of the quant point it reads (same scale and zero point in and out).
+  shares the quantizer of the quant point it reads (same scale and zero point in and out); a quant
+  point read only by max pools is calibrated on what the pool outputs (``observe_through``).
 * :class:`Namer` - quant-point names: module paths, ``<scope>.<op>`` for functions (contract 1).
 """
 
@@ -19,15 +20,16 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch import fx, nn
 
 from deployq.core.qspec import QuantSpec
 from deployq.qat.config import QConfig
 from deployq.qat.fused import BATCHNORMS, WEIGHT_LAYERS, QuantLayer
 from deployq.qat.fx_ops import (activation_kind, activation_module, aten_name, float_tensor_output, is_add,
-                               is_data_movement, is_softmax, is_window_average, op_label)
+                               is_data_movement, is_softmax, is_window_average, max_pool_function, op_label)
 
 __all__ = ["Group", "Namer", "Planned", "find_groups", "fuse", "plan_activations"]
 
@@ -182,6 +184,8 @@ class Planned:
     op: str
     spec: QuantSpec
     shares: Optional[str] = None  # name of the quant point whose quantizer this one uses
+    # what its observer sees instead of the tensor: the max pool that alone reads it (see _pooled_by)
+    observe_through: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 def plan_activations(gm: fx.GraphModule, fused: dict[fx.Node, Group], namer: Namer,
@@ -221,9 +225,23 @@ def plan_activations(gm: fx.GraphModule, fused: dict[fx.Node, Group], namer: Nam
             continue
         source = _shared_source(node, modules, planned) if is_window_average(node, modules) else None
         shares = source.shares or source.name if source is not None and source.spec == spec else None
-        planned[node] = Planned(node, name, kind, members, op, spec, shares)
+        planned[node] = Planned(node, name, kind, members, op, spec, shares,
+                                None if shares else _pooled_by(node, modules))
         plan.append(planned[node])
     return plan, known
+
+
+def _pooled_by(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The max pool that alone reads `node` (every user the same pool), as a function. Its
+    quant point is calibrated on the pool's output, as a quantizer after the pool would be: where
+    the pool discards values (PReLU's negatives, mostly) the range narrows, and nothing changes
+    the pool's result, since rounding and clamping are monotone (max(Q(x)) = Q(max(x)))."""
+    users = list(node.users)
+    pools = [max_pool_function(u, modules) for u in users]
+    if not users or any(p is None or u.args[0] is not node for p, u in zip(pools, users)):
+        return None
+    kinds = {repr((p.func, p.args, sorted(p.keywords.items()))) for p in pools}
+    return pools[0] if len(kinds) == 1 else None
 
 
 def _shared_source(node: fx.Node, modules: dict[str, nn.Module], planned: dict[fx.Node, Planned]) -> Optional[Planned]:

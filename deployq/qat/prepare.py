@@ -119,6 +119,7 @@ def _insert_activation_quantizers(gm: fx.GraphModule, plan: list[Planned], point
         path = f"{ACT_QUANT}.{p.name}"
         if p.shares is None:
             gm.add_submodule(path, _make_activation_quantizer(p.spec, p.name, p.node))
+            gm.get_submodule(path).observe_through = p.observe_through
         else:
             gm.add_submodule(path, SharedQuantizer(gm.get_submodule(f"{ACT_QUANT}.{p.shares}")))
         anchor = input_anchor if p.kind == "input" else p.node

@@ -22,6 +22,7 @@ exported integers always match the weights they came from.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,6 +62,9 @@ class FakeQuantizer(nn.Module):
         # Smallest scale a weight may use, set by its layer (QuantLayer.bound_weight_scale) so the
         # int32 bias codes b / (s_in·s_w) stay in range; None: no bound. Derived, never stored.
         self.scale_floor: torch.Tensor | None = None
+        # An activation read only by a max pool is observed through it (deployq.qat.placement:
+        # _pooled_by): the range of what the pool keeps. None: the tensor itself. Set by prepare.
+        self.observe_through: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # --- storage ---------------------------------------------------------------------------
     def _create_qparams(self, shape: tuple[int, ...]) -> None:
@@ -113,7 +117,7 @@ class FakeQuantizer(nn.Module):
             return x
         if self.mode == "observe":
             if not self.is_weight:
-                self.observer.update(x)
+                self.observer.update(x if self.observe_through is None else self.observe_through(x.detach()))
             return x
         if self.is_weight and (self.weights_follow_observer or not bool(self.initialized)):
             self.calibrate_from(x)
