@@ -529,18 +529,21 @@ def test_an_average_pool_is_quantized_on_its_inputs_grid(tmp_path):
 
 
 class _PReLUPool(torch.nn.Module):
-    """MTCNN's block: conv -> PReLU -> max pool -> conv (the PReLU output read by the pool only)."""
+    """MTCNN's block: conv -> PReLU -> max pool -> conv (the PReLU output read by the pool only),
+    the pool a module or a function call."""
 
-    def __init__(self):
+    def __init__(self, functional=False):
         super().__init__()
         self.conv1, self.act, self.conv2 = torch.nn.Conv2d(3, 8, 3), torch.nn.PReLU(8, init=0.25), torch.nn.Conv2d(8, 4, 3)
-        self.pool = torch.nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.pool = (lambda x: torch.nn.functional.max_pool2d(x, 3, 2, 0, 1, True)) if functional else \
+            torch.nn.MaxPool2d(3, 2, ceil_mode=True)
 
     def forward(self, x):
         return self.conv2(self.pool(self.act(self.conv1(x))))
 
 
-def test_a_point_read_only_by_a_max_pool_takes_the_pools_range_and_stays_exact(tmp_path):
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_point_read_only_by_a_max_pool_takes_the_pools_range_and_stays_exact(tmp_path, functional):
     """The PReLU output, read by a max pool alone, is calibrated on what the pool keeps (as a
     quantizer after the pool would be): its range is the pool output's, narrower where the pool
     drops negatives, and the int8 model still checks within 1 LSB (max commutes with rounding)."""
@@ -548,7 +551,7 @@ def test_a_point_read_only_by_a_max_pool_takes_the_pools_range_and_stays_exact(t
     from deployq.qat.prepare import quant_points
 
     torch.manual_seed(0)
-    model = _PReLUPool().eval()
+    model = _PReLUPool(functional).eval()
     calib = [torch.randn(2, 3, 20, 20) for _ in range(4)]
     qmodel = deployq.prepare(model, calib[0])
     (point,) = [p for name, p in quant_points(qmodel).items() if name == "act"]

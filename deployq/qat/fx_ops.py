@@ -226,12 +226,12 @@ def max_pool_function(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[
     if node.op != "call_function" or not (node.target in functions or aten_name(node.target) in (
             "max_pool1d", "max_pool2d", "max_pool3d")):
         return None
-    rest = node.args[1:]
-    if any(isinstance(a, fx.Node) for a in (*rest, *node.kwargs.values())):
+    # F.max_pool2d and aten.max_pool2d name their arguments alike after the input
+    keywords = {**dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+                           node.args[1:])), **node.kwargs}
+    if any(isinstance(a, fx.Node) for a in keywords.values()) or keywords.pop("return_indices", False):
         return None
-    if node.kwargs.get("return_indices") or (node.target in functions and len(rest) > 5 and rest[5]):
-        return None
-    return functools.partial(node.target, *rest, **node.kwargs)
+    return functools.partial(node.target, **keywords)
 
 
 def is_window_average(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
