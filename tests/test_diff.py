@@ -339,3 +339,25 @@ def test_a_dynamic_hw_export_takes_its_shape_from_the_input_files(exported, tmp_
     assert deployq.check(qmodel, result.files["int8"], inputs=arrays).ok(max_lsb=1)
     refused = CliRunner().invoke(main, ["diff", str(result.files["float"]), str(result.files["int8"]), "--random", "2"])
     assert refused.exit_code != 0 and "--input-shape" in refused.output
+
+
+@pytest.mark.parametrize("mode", ["accumulated", "sensitivity"])
+def test_every_mode_reports_the_integer_model_as_onnxruntime_runs_it(exported, mode):
+    """The rows read unoptimized graphs (QDQ in float); the report also gives the outputs of the
+    integer model running freely on the fused kernels, measured here with onnxruntime and numpy."""
+    import onnxruntime as ort
+
+    result, _ = exported
+    batches = feeds(3, seed=7)
+    report = diff(result.float_model, result.quant_model, batches, mode=mode, progress=False)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    f, q = (ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            for m in (result.float_model, result.quant_model))
+    ref = np.concatenate([f.run(None, b)[0].ravel() for b in batches]).astype(np.float64)
+    got = np.concatenate([q.run(None, b)[0].ravel() for b in batches]).astype(np.float64)
+    want = 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum())
+    (name,) = report.deployed
+    assert report.deployed[name].sqnr_db == pytest.approx(want, abs=1e-6)
+    assert f"onnxruntime's kernels: output SQNR {want:.1f} dB" in report.verdict()
+    assert report.to_json()["deployed_outputs"][name]["sqnr_db"] == pytest.approx(want, abs=1e-6)

@@ -70,6 +70,20 @@ def _accumulated(matching: Matching, float_model: onnx.ModelProto, quant_model: 
     return stats, outputs
 
 
+def _integer_model_outputs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+                           batches: list[dict]) -> dict[str, Stats]:
+    """The outputs of both models as onnxruntime runs them for deployment (fully optimized: the
+    quantized one on its fused integer kernels), output by output in graph order. The other modes
+    read tensors out of unoptimized graphs (QDQ computed in float), whose outputs can differ."""
+    f_sess, q_sess = session(float_model, optimize=True), session(quant_model, optimize=True)
+    names = _output_names(quant_model)
+    outputs = {name: Stats() for name in names}
+    for feeds in batches:
+        for name, ref, value in zip(names, f_sess.run(None, feeds), q_sess.run(None, feeds)):
+            outputs[name].add(ref, value)
+    return outputs
+
+
 def local_model(quant_model: onnx.ModelProto, points: list[MatchedPoint]) -> tuple[onnx.ModelProto, dict[str, str]]:
     """A copy of the QDQ model in which every layer reads the *float* model's values.
 
@@ -341,8 +355,9 @@ def diff(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: It
             warnings.append(warning)
     if matching.unmatched:
         warnings.append(f"{len(matching.unmatched)} quantized tensors have no float counterpart: {matching.unmatched[:5]}")
+    deployed = _integer_model_outputs(float_model, quant_model, batches)
     return DiffReport(mode, rows, outputs, len(batches), time.perf_counter() - start, isa,
-                      matching.unmatched, warnings, jump_db)
+                      matching.unmatched, warnings, jump_db, deployed=deployed)
 
 
 __all__ = ["MODES", "diff", "local_model", "saturation_warning", "select_points", "sensitivity_model"]

@@ -132,6 +132,9 @@ class DiffReport:
     warnings: list[str] = field(default_factory=list)
     jump_db: float = 6.0
     title: str = "deployq diff"
+    # the outputs of the integer model running freely on onnxruntime's fused kernels, against the
+    # float model's (every mode measures them; the rows read the unoptimized graphs)
+    deployed: dict[str, Stats] = field(default_factory=dict)
 
     def worst(self, k: int = 5) -> list[Row]:
         """The `k` weakest activation quant points (lowest SQNR; most sensitive in sensitivity mode)."""
@@ -168,6 +171,9 @@ class DiffReport:
         parts = [self.mode]
         if self.outputs:
             parts.append(f"output SQNR {self.gate_sqnr:.1f} dB, cosine {min(s.cosine for s in self.outputs.values()):.5f}")
+        if self.deployed:
+            parts.append(f"the integer model on onnxruntime's kernels: output SQNR "
+                         f"{min(s.sqnr_db for s in self.deployed.values()):.1f} dB")
         if self.mode == "kernel":
             lsb = [sum(r.stats.lsb[i] for r in self.rows) for i in range(3)]
             total = max(1, sum(lsb))
@@ -188,6 +194,7 @@ class DiffReport:
         return {"mode": self.mode, "batches": self.batches, "seconds": self.seconds, "cpu": self.isa,
                 "gate_sqnr_db": _finite(self.gate_sqnr),
                 "outputs": {k: v.to_json() for k, v in self.outputs.items()},
+                "deployed_outputs": {k: v.to_json() for k, v in self.deployed.items()},
                 "first_jump": self.first_jump.point.name if self.first_jump else None,
                 "ranking": [r.point.name for r in self.ranking()],
                 "rows": [r.to_json() for r in self.rows], "unmatched": self.unmatched, "warnings": self.warnings}
