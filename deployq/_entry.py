@@ -23,6 +23,7 @@ def _interrupted() -> NoReturn:
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: unwind, so temporaries are removed
     try:
+        import deployq.core.progress  # noqa: F401  (first: its clock is the command's start, for -v)
         import click
 
         from deployq.cli import main as cli

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +228,25 @@ def test_verbosity_does_not_leak_into_the_next_command(exported):
     out = CliRunner().invoke(main, [*args, "-v"])
     assert out.exit_code == 0, out.output
     assert CliRunner().invoke(main, [*args, "-q"]).exit_code == 0
-    assert console.quiet is False and progress.QUIET is False
+    assert console.quiet is False and progress.QUIET is False and progress.VERBOSE is False
+
+
+def test_export_verbose_times_every_stage(tmp_path):
+    """-v: the time each stage of an export took, the start-up (imports, preparing) included, in
+    order; without -v, the stage lines alone."""
+    torch.save(zoo.resnet().state_dict(), tmp_path / "state.pt")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).uniform(0, 1, (2, 1, 3, 16, 16)).astype(np.float32))
+    args = ["export", "--ckpt", str(tmp_path / "state.pt"), "--model", "deployq.examples.zoo:resnet", "--input-shape",
+            "1,3,16,16", "--calib", str(tmp_path / "calib.npy"), "--no-ort"]
+    out = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "v"), "-v"])
+    assert out.exit_code == 0, out.output
+    timed = re.findall(r"^  (\d+\.\d) s  (.+)$", out.output, re.M)
+    assert [t for _, t in timed][:3] == ["start-up (imports, loading and preparing the model)",
+                                          "export: preparing the model for its target and calibrating",
+                                          "export: tracing the model (torch.export -> ONNX)"]
+    assert timed[-1][1] == "export: measuring NNAPI / CoreML coverage (onnxruntime's usability checker)"
+    plain = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "p")])
+    assert plain.exit_code == 0 and "export: tracing" in plain.output and not re.search(r"^  \d+\.\d s  ", plain.output, re.M)
 
 
 def test_json_refuses_to_overwrite_a_file_that_is_not_json(exported, tmp_path):

@@ -39,13 +39,13 @@ _default_show_warning = warnings.showwarning
 
 def set_verbosity(quiet: bool, verbose: bool) -> None:
     """-q: nothing on stdout or stderr but errors, warnings, a failed gate and asked-for JSON;
-    -v: also the rewriter's notes and deployq's log lines."""
+    -v: also the rewriter's notes, deployq's log lines and the time of each stage."""
     from deployq.core import progress
 
     if quiet and verbose:
         raise click.UsageError("give -q/--quiet or -v/--verbose, not both")
     console.quiet = quiet
-    progress.QUIET = quiet
+    progress.QUIET, progress.VERBOSE = quiet, verbose
     logger = logging.getLogger("deployq")
     if verbose and not any(getattr(h, "deployq_verbose", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -107,7 +107,7 @@ def _verbosity_options(command: Callable) -> Callable:
             set_verbosity(state["quiet"], state["verbose"])
 
     command = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=remember, is_eager=True,
-                           help="Also print the rewriter's notes and log lines.")(command)
+                           help="Also print the rewriter's notes, log lines and the time of each stage.")(command)
     return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=remember, is_eager=True,
                         help="Print nothing on success (errors, warnings and a failed gate still print).")(command)
 
@@ -117,7 +117,8 @@ def _reset_verbosity() -> None:
     from deployq.core import progress
 
     console.quiet = False
-    progress.QUIET = False
+    progress.QUIET = progress.VERBOSE = False
+    progress.restart_clock()
     logger = logging.getLogger("deployq")
     for handler in [h for h in logger.handlers if getattr(h, "deployq_verbose", False)]:
         logger.removeHandler(handler)

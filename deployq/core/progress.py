@@ -14,12 +14,36 @@ T = TypeVar("T")
 
 LINE_INTERVAL = 10.0  # seconds between progress lines when stderr is not a terminal
 QUIET = False  # set by the CLI's -q: no progress at all
+VERBOSE = False  # set by the CLI's -v: also the time each stage took
+STARTED = time.perf_counter()  # the command's start (its entry point imports this module first)
+START_UP = "start-up (imports, loading and preparing the model)"
+_open: Optional[tuple[str, float]] = (START_UP, STARTED)
 
 
 def stage(text: str, enabled: bool = True) -> None:
-    """One line on stderr as a long job enters a stage ("export: tracing with torch.export")."""
-    if enabled and not QUIET:
-        print(text, file=sys.stderr, flush=True)
+    """One line on stderr as a long job enters a stage ("export: tracing with torch.export"); under
+    -v, first the time the stage before it took (before the first: the start-up, imports included)."""
+    global _open
+    if not enabled or QUIET:
+        return
+    end_stage()
+    print(text, file=sys.stderr, flush=True)
+    _open = (text, time.perf_counter())
+
+
+def restart_clock() -> None:
+    """A new command in the same process (tests, notebooks): its start-up counts from now, and
+    no stage of the one before is still open."""
+    global _open
+    _open = (START_UP, time.perf_counter())
+
+
+def end_stage() -> None:
+    """Under -v, the time the stage running now has taken; it is then closed."""
+    global _open
+    if VERBOSE and not QUIET and _open is not None:
+        print(f"  {time.perf_counter() - _open[1]:.1f} s  {_open[0]}", file=sys.stderr, flush=True)
+    _open = None
 
 
 def progress_bar(items: Iterable[T], description: str, total: Optional[int] = None,

@@ -37,7 +37,7 @@ from deployq.qat.loading import ModelSource
 from deployq.qat.capture import EXPORT
 from deployq.qat.prepare import capture_notes, prepare, quant_points
 from deployq.ptq.pipeline import ZEROQ, PTQOptions, equalized, quantize_post_training, zeroq_feeds
-from deployq.core.progress import stage
+from deployq.core.progress import end_stage, stage
 from deployq.qat.calibrate import qparams_of, set_mode
 from deployq.core.qformula import qparams_from_range, qrange
 from deployq.core.runtime import max_opset, session
@@ -196,6 +196,8 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
         qmodel, records = source.qmodel.eval(), None
         reference = qmodel
     else:
+        stage("export: preparing the model for its target" + (" and calibrating" if calib is not None else ""),
+              progress)
         prepared = prepare_for_target(source, target, weight_bits=weight_bits, act_signed=act_signed,
                                       calib=calib, calib_limit=calib_limit, ptq=ptq, progress=progress)
         qmodel, reference, ptq_notes = prepared.model, prepared.reference, prepared.notes
@@ -270,6 +272,8 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
               + [out_dir / f"model.{n}.onnx" for n in DEVICES]
               + [out_dir / f"model.{n}.{ext}" for n in (*TARGETS, "float", *DEVICES)
                  for ext in ("ort", "required_operators.config")] + [out_dir / "qparams.json"])
+    if progress:
+        end_stage()
     stale = [p.name for p in others if p.exists() and p not in files.values()]
     if stale:
         notes.append(f"{out_dir} also holds {', '.join(stale)} from an earlier export, not from this one")
