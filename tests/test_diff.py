@@ -342,14 +342,25 @@ def test_a_dynamic_hw_export_takes_its_shape_from_the_input_files(exported, tmp_
 
 
 @pytest.mark.parametrize("mode", ["accumulated", "sensitivity"])
-def test_every_mode_reports_the_integer_model_as_onnxruntime_runs_it(exported, mode):
+def test_every_mode_reports_the_integer_model_as_onnxruntime_runs_it(exported, mode, monkeypatch):
     """The rows read unoptimized graphs (QDQ in float); the report also gives the outputs of the
-    integer model running freely on the fused kernels, measured here with onnxruntime and numpy."""
+    integer model running freely on the fused kernels, measured here with onnxruntime and numpy.
+    (On a CPU whose kernels match the reference view exactly the two views give the same numbers,
+    so the sessions the report opens are checked as well: both models fully optimized.)"""
     import onnxruntime as ort
+
+    from deployq.verify import diff as diff_module
 
     result, _ = exported
     batches = feeds(3, seed=7)
+    opened = []
+    real_session = diff_module.session
+    monkeypatch.setattr(diff_module, "session", lambda model, **kw: opened.append(
+        (any(n.op_type == "QuantizeLinear" for n in model.graph.node), bool(kw.get("optimize")),
+         bool(kw.get("extra_outputs")))) or real_session(model, **kw))
     report = diff(result.float_model, result.quant_model, batches, mode=mode, progress=False)
+    plain = [(quantized, optimized) for quantized, optimized, extra in opened if not extra]
+    assert (True, True) in plain and (False, True) in plain  # the integer model and the float one, optimized
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     f, q = (ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
