@@ -147,6 +147,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "session(float_model, optimize=True), session(quant_model, optimize=True)",
            "session(float_model, optimize=True), session(quant_model, optimize=False)",
            ("tests/test_diff.py::test_every_mode_reports_the_integer_model_as_onnxruntime_runs_it",)),
+    Mutant("placement: a layer on shape-only values quantized", "deployq/qat/placement.py",
+           "        if node not in from_inputs:\n            continue\n", "",
+           ("tests/test_capture.py::test_layers_on_shape_only_values_stay_float_and_rolled_points_keep_their_grid",)),
+    Mutant("insert_qdq: a Concat of one point's pieces reads no quantized input", "exporters/insert_qdq.py",
+           "            if node is not None and node.op == \"Concat\":\n"
+           "                return self._one_record([self.input_record(t) for t in node.inputs], node)\n", "",
+           ("tests/test_capture.py::test_layers_on_shape_only_values_stay_float_and_rolled_points_keep_their_grid",)),
     Mutant("diff: a --dynamic-hw export's shape not read from files", "deployq/api.py",
            "input_shapes or _file_shapes(inputs, infos), where=", "input_shapes, where=",
            ("tests/test_diff.py::test_a_dynamic_hw_export_takes_its_shape_from_the_input_files",)),

@@ -109,16 +109,27 @@ class _Inserter:
         return value
 
     def input_record(self, tensor: gs.Tensor) -> Optional[QuantPoint]:
-        """The qparams of the DQ feeding `tensor`, looking back through data-movement ops."""
+        """The qparams of the DQ feeding `tensor`, looking back through data-movement ops (and a
+        Concat of pieces of one quant point: ``torch.roll`` exports as Slice + Concat)."""
         seen = 0
         while tensor is not None and seen < 1000:
             if id(tensor) in self.dq_record:
                 return self.dq_record[id(tensor)]
             node = producer(tensor)
+            if node is not None and node.op == "Concat":
+                return self._one_record([self.input_record(t) for t in node.inputs], node)
             if node is None or not carries_quantization(node):
                 return None
             tensor, seen = node.inputs[0], seen + 1
         return None
+
+    @staticmethod
+    def _one_record(records: list[Optional[QuantPoint]], node: gs.Node) -> Optional[QuantPoint]:
+        """The record every input of a Concat carries, if it is one and the same (then the Concat
+        only moves values of one grid); None otherwise."""
+        if not records or len(records) != len(node.inputs) or any(r is None for r in records):
+            return None
+        return records[0] if all(r.name == records[0].name for r in records) else None
 
     def quantize_weights(self, node: gs.Node, rec: QuantPoint) -> None:
         weight = node.inputs[1] if len(node.inputs) > 1 else None
@@ -174,9 +185,14 @@ class _Inserter:
         """Q/DQ with the input's qparams after every data-movement op fed by a DQ of at most `carry_bits`."""
         self.graph.toposort()
         for node in list(self.graph.nodes):
-            if not carries_quantization(node) or not node.inputs or id(node.inputs[0]) not in self.dq_record:
+            if node.op == "Concat":
+                rec = self._one_record([self.dq_record.get(id(t)) for t in node.inputs], node)
+            elif carries_quantization(node) and node.inputs and id(node.inputs[0]) in self.dq_record:
+                rec = self.dq_record[id(node.inputs[0])]
+            else:
                 continue
-            rec = self.dq_record[id(node.inputs[0])]
+            if rec is None:
+                continue
             if rec.bits > carry_bits:
                 self.log.count(f"{rec.bits}-bit data movement left in float")
                 continue

@@ -76,13 +76,20 @@ def _bn_matches(layer: nn.Module, bn: nn.Module) -> bool:
 
 
 def find_groups(gm: fx.GraphModule, config: QConfig) -> list[Group]:
+    """Each weight layer whose input depends on a model input's values, with its BatchNorm and
+    fusable activation. A layer computing from parameters and at most the input's shape (a
+    position encoding, a relative-position MLP on a coordinate table) stays a float module: the
+    exporter folds it into a constant, as it does the activations around it."""
     modules = dict(gm.named_modules())
+    from_inputs = _input_dependent(gm)
     groups = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], WEIGHT_LAYERS):
             continue
         if len(node.args) != 1 or node.kwargs:
             continue  # e.g. ConvTranspose2d(x, output_size=...): left as a plain module
+        if node not in from_inputs:
+            continue
         group = Group(layer=node)
         nxt = _single_user(node)
         if (nxt is not None and nxt.op == "call_module" and isinstance(modules[nxt.target], BATCHNORMS)
