@@ -91,11 +91,13 @@ def machine_text() -> str:
 
 
 def git_commit() -> str:
-    """The repository's commit (short), with ``+changes`` where the tree differs from it; "" outside git."""
+    """The repository's commit (short), with ``+changes`` where the tree differs from it (results of
+    earlier benchmark runs, which a run rewrites, do not count); "" outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":!benchmarks/results", ":!BENCHMARKS.md"], cwd=ROOT,
                                  capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
