@@ -201,6 +201,26 @@ class WindowAttention(nn.Module):
         return out.mean((1, 2, 3))
 
 
+class FlatHeadAttention(nn.Module):
+    """SAM's form: scaled_dot_product_attention on 3-D (batch·heads, tokens, dim) tensors, with a
+    3-D additive mask (a relative-position bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.qkv = nn.Linear(8, 24)
+        self.bias = nn.Linear(8, 16)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (b, 16, 8)
+        q, k, v = self.qkv(tokens).reshape(b, h * w, 3, 2, c // 2).permute(2, 0, 3, 1, 4).reshape(3, b * 2, h * w, c // 2)
+        mask = self.bias(tokens).repeat_interleave(2, 0)  # (b·2, 16, 16)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.mean((1, 2))
+
+
 class SamePaddedMaxPool(nn.Module):
     """TensorFlow's "SAME" max pooling: pad with −inf (asymmetric), then pool (timm's MaxPool2dSame)."""
 
@@ -501,6 +521,12 @@ def test_clamps_of_one_tensor_keep_their_bounds_and_points(tmp_path):
 def test_attention_on_five_dimensional_windows_exports(tmp_path):
     model = WindowAttention().eval()
     qmodel, result, _ = _pipeline(model, tmp_path)
+    assert any(n.op_type == "Softmax" for n in result.float_model.graph.node)
+
+
+def test_attention_on_three_dimensional_heads_with_a_mask_exports(tmp_path):
+    """torch.onnx translates 4-D attention only: the 3-D call (and its mask) runs on 4-D views."""
+    qmodel, result, _ = _pipeline(FlatHeadAttention().eval(), tmp_path, size=4)
     assert any(n.op_type == "Softmax" for n in result.float_model.graph.node)
 
 

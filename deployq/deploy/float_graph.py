@@ -120,24 +120,33 @@ _ATTENTION = {F.scaled_dot_product_attention}
 
 def _four_dimensional_attention(graph: fx.Graph, named: dict[fx.Node, str]) -> None:
     """``scaled_dot_product_attention`` on q, k, v of another rank than 4 (windowed attention:
-    (B, heads, windows, N, D)) computed on 4-D views: leading dimensions flattened into one batch
-    dimension, a head dimension of 1, the result reshaped back (exact: the op treats every leading
-    dimension as a batch). torch.onnx translates only the 4-D form. Only calls without a mask and
-    with v as wide as q are rewritten; the result keeps the quant-point name of the call."""
+    (B, heads, windows, N, D); SAM's (B·heads, N, D)) computed on 4-D views: leading dimensions
+    flattened into one batch dimension, a head dimension of 1, the result reshaped back (exact: the
+    op treats every leading dimension as a batch). torch.onnx translates only the 4-D form. Rewritten
+    where v is as wide as q and a mask, if any, has q's leading dimensions (it is viewed the same
+    way); the result keeps the quant-point name of the call."""
     for node in list(graph.nodes):
         is_attention = node.target in _ATTENTION or aten_name(node.target) == "scaled_dot_product_attention"
-        if node.op != "call_function" or not is_attention or len(node.args) < 3 or (
-                len(node.args) > 3 and node.args[3] is not None):
+        if node.op != "call_function" or not is_attention or len(node.args) < 3:
             continue
         metas = [a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None for a in node.args[:3]]
         ranks = {len(m.shape) if hasattr(m, "shape") else None for m in metas}
         if None in ranks or ranks == {4} or len(ranks) != 1 or metas[0].shape[-1] != metas[2].shape[-1]:
             continue
-        if any(k not in ("dropout_p", "is_causal", "scale") for k in node.kwargs):
+        if any(k not in ("dropout_p", "is_causal", "scale", "attn_mask") for k in node.kwargs):
             continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        mask_meta = mask.meta.get("tensor_meta") if isinstance(mask, fx.Node) else None
+        if mask is not None and (not hasattr(mask_meta, "shape") or len(mask_meta.shape) != len(metas[0].shape)
+                                 or tuple(mask_meta.shape[:-2]) != tuple(metas[0].shape[:-2])):
+            continue
+        kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
         with graph.inserting_before(node):
-            flat = [graph.call_method("unsqueeze", (graph.call_method("flatten", (a, 0, -3)), 1)) for a in node.args[:3]]
-            attention = graph.call_function(node.target, (*flat, *node.args[3:]), dict(node.kwargs))
+            flat = [graph.call_method("unsqueeze", (graph.call_method("flatten", (a, 0, -3)), 1))
+                    for a in (*node.args[:3], *([mask] if mask is not None else []))]
+            if mask is None:
+                flat.append(None)
+            attention = graph.call_function(node.target, (*flat, *node.args[4:]), kwargs)
             result = graph.call_method("reshape_as", (attention, node.args[0]))
         node.replace_all_uses_with(result)
         if node in named:
