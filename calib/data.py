@@ -148,6 +148,14 @@ def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarr
     return _centre_crop(data, height, width, step=1 if channels == 4 else 2).astype(np.float32)
 
 
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        return skimage.io.imread(path)
+    except (OSError, ValueError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputDataError(f"{path}: cannot read the image ({message})") from error
+
+
 def _image_sample(path: Path, chw: Sequence[int]) -> np.ndarray:
     """An image file as one float32 ``(C, H, W)`` sample in [0, 1].
 
@@ -155,12 +163,7 @@ def _image_sample(path: Path, chw: Sequence[int]) -> np.ndarray:
     kept) so that it does. Grayscale images have one channel; the channel count must match.
     """
     channels, height, width = chw
-    try:
-        image = skimage.io.imread(path)
-    except (OSError, ValueError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputDataError(f"{path}: cannot read the image ({message})") from error
-    image = skimage.util.img_as_float32(image)
+    image = skimage.util.img_as_float32(_read_image(path))
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] != channels:
@@ -368,11 +371,7 @@ def _sample_shape(path: Path, input_shape: Sequence[int], key: str | None) -> tu
         except RawReadError as error:
             raise InputDataError(str(error)) from error
         return (4, height // 2, width // 2) if input_shape[1] == 4 else (1, height, width)
-    try:
-        image = skimage.io.imread(path)
-    except (OSError, ValueError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputDataError(f"{path}: cannot read the image ({message})") from error
+    image = _read_image(path)
     return (1 if image.ndim == 2 else image.shape[-1], *image.shape[:2])
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,22 @@ def is_data_movement(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method":
         return node.target in DATA_MOVEMENT_METHODS
     return False
+
+
+T = TypeVar("T")
+
+
+def upstream(node: fx.Node, modules: dict[str, nn.Module], found: Mapping[fx.Node, T]) -> Optional[T]:
+    """What `found` holds for the nearest node `node`'s first input comes from, looking back through
+    data movement (views, pads, max pools...); None where a computing op comes first."""
+    current = node.args[0] if node.args else None
+    while isinstance(current, fx.Node):
+        if current in found:
+            return found[current]
+        if not is_data_movement(current, modules) or not current.args:
+            return None
+        current = current.args[0]
+    return None
 
 
 def _pads_for_max_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -29,7 +29,8 @@ from deployq.core.qspec import QuantSpec
 from deployq.qat.config import QConfig
 from deployq.qat.fused import BATCHNORMS, WEIGHT_LAYERS, QuantLayer
 from deployq.qat.fx_ops import (activation_kind, activation_module, aten_name, float_tensor_output, is_add,
-                               is_data_movement, is_softmax, is_window_average, max_pool_function, op_label)
+                               is_data_movement, is_softmax, is_window_average, max_pool_function, op_label,
+                               upstream)
 
 __all__ = ["Group", "Namer", "Planned", "find_groups", "fuse", "plan_activations"]
 
@@ -256,14 +257,7 @@ def _shared_source(node: fx.Node, modules: dict[str, nn.Module], planned: dict[f
     then uses that point's quantizer: its outputs lie within the input's range, the observer sees
     both tensors, and pooling runs on one grid in and out (TFLite and NNAPI require it of an
     int8 AVERAGE_POOL_2D; onnxruntime's own quantizer does the same)."""
-    current = node.args[0] if node.args else None
-    while isinstance(current, fx.Node):
-        if current in planned:
-            return planned[current]
-        if not is_data_movement(current, modules) or not current.args:
-            return None
-        current = current.args[0]
-    return None
+    return upstream(node, modules, planned)
 
 
 def _fusable_activation_after(node: fx.Node, modules: dict[str, nn.Module], config: QConfig) -> Optional[fx.Node]:

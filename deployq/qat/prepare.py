@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from deployq.qat.config import QConfig, load_config
 from deployq.qat.fused import WEIGHT_LAYERS, QuantLayer, output_channel_axis
-from deployq.qat.fx_ops import is_data_movement
+from deployq.qat.fx_ops import upstream
 from deployq.core.qparams import QuantPoint
 from deployq.core.qspec import QuantSpec
 from deployq.qat.quantizers import FakeQuantizer, SharedQuantizer, create_quantizer
@@ -59,15 +59,8 @@ class QuantPoints(nn.Module):
 
 
 def _input_quantizer(node: fx.Node, modules: dict[str, nn.Module], quant_nodes: dict[fx.Node, str]) -> Optional[str]:
-    """Walk back from a layer's input through data-movement ops to the quant point feeding it."""
-    current = node.args[0] if node.args else None
-    while isinstance(current, fx.Node):
-        if current in quant_nodes:
-            return quant_nodes[current]
-        if not is_data_movement(current, modules) or not current.args:
-            return None
-        current = current.args[0]
-    return None
+    """The quant point feeding a layer's input, back through data-movement ops."""
+    return upstream(node, modules, quant_nodes)
 
 
 def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
