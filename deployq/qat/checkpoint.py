@@ -143,6 +143,14 @@ def load(path: str | Path) -> Checkpoint:
     return parse(read_payload(path), path)
 
 
+def _config_as_written(config: object) -> object:
+    """A checkpoint written before ``quantize_float_ops`` existed quantized every compute op's
+    output: read it so, or its learned qparams would not fit the quant points."""
+    if isinstance(config, dict) and "extra_quantizer_dict" not in config and "quantize_float_ops" not in config:
+        return {**config, "quantize_float_ops": True}
+    return config
+
+
 def parse(payload: Any, path: Path) -> Checkpoint:
     if not is_checkpoint(payload):
         raise CheckpointError(
@@ -156,7 +164,7 @@ def parse(payload: Any, path: Path) -> Checkpoint:
             factory=payload["factory"],
             factory_kwargs=_mapping(payload.get("factory_kwargs"), path, "factory_kwargs"),
             inputs=[InputSpec(i["name"], tuple(i["shape"]), i.get("dtype", "float32")) for i in payload["inputs"]],
-            config=from_dict(payload["config"], f"{path}:config"),
+            config=from_dict(_config_as_written(payload["config"]), f"{path}:config"),
             state_dict=payload["state_dict"],
             qparams=_qparams(payload.get("qparams"), path),
             meta=dict(payload.get("meta") or {}),

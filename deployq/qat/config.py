@@ -8,6 +8,7 @@ Native form (YAML or a dict)::
     input: 10                         # the model input(s): bits, a short string or a mapping
     fuse_activations: [relu, relu6]   # activations folded into the preceding Conv/Linear
     leaf_modules: [backbone.attn]     # modules kept whole (not traced into): quantized at their boundary
+    quantize_float_ops: false         # true: also quantize tensors only float ops read (see placement)
     layers:                           # applied in order; a later match overrides an earlier one
       "DBLE.*_conv1.*": {weight: 10 per_channel_affine, activation: 10 per_tensor_affine}
       "DBLE.DBLE_out":  {activation: {bits: 10}}
@@ -66,8 +67,13 @@ class QConfig:
     layers: tuple[LayerOverride, ...] = ()
     fuse_activations: tuple[str, ...] = DEFAULT_FUSED
     leaf_modules: tuple[str, ...] = ()  # module paths (or class names) captured whole
+    # True: also quantize the output of an op with no integer kernel that only such ops read (a
+    # QNN/HTP graph that must be integer throughout); False leaves it float (deployq.qat.placement)
+    quantize_float_ops: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.quantize_float_ops, bool):
+            raise ConfigError("quantize_float_ops must be true or false")
         if isinstance(self.leaf_modules, str) or not all(isinstance(m, str) and m for m in self.leaf_modules):
             raise ConfigError("leaf_modules must be a list of module paths or class names, e.g. [backbone.attn]")
         unknown = set(self.fuse_activations) - set(FUSABLE_ACTIVATIONS)
@@ -102,6 +108,11 @@ class QConfig:
         names = list(names)
         return any(rule.matches(names) and key in rule.activation for rule in self.layers)
 
+    def sets_activation(self, names: Iterable[str]) -> bool:
+        """True if a layer rule matching `names` gives activation settings (the user asked for this point)."""
+        names = list(names)
+        return any(rule.matches(names) and rule.quantize and rule.activation for rule in self.layers)
+
     def check_names(self, known: Iterable[str]) -> None:
         """Every override must match at least one quant point; else list the nearest names."""
         known = sorted(set(known))
@@ -122,6 +133,7 @@ class QConfig:
             "input": dict(self.input),
             "fuse_activations": list(self.fuse_activations),
             **({"leaf_modules": list(self.leaf_modules)} if self.leaf_modules else {}),
+            "quantize_float_ops": self.quantize_float_ops,
             "layers": {
                 r.pattern: ({"quantize": False} if not r.quantize else
                             {k: dict(v) for k, v in (("weight", r.weight), ("activation", r.activation)) if v})
@@ -161,7 +173,7 @@ def _spec(value: Any, default: QuantSpec, where: str) -> QuantSpec:
     return _apply(default, _changes(value, where), where)
 
 
-NATIVE_KEYS = {"weight", "activation", "input", "layers", "fuse_activations", "leaf_modules"}
+NATIVE_KEYS = {"weight", "activation", "input", "layers", "fuse_activations", "leaf_modules", "quantize_float_ops"}
 
 
 def from_dict(data: Mapping[str, Any] | None, source: str = "config") -> QConfig:
@@ -194,6 +206,7 @@ def from_dict(data: Mapping[str, Any] | None, source: str = "config") -> QConfig
         layers=tuple(layers),
         fuse_activations=tuple(fused),
         leaf_modules=tuple(str(m) for m in leaves),
+        quantize_float_ops=data.get("quantize_float_ops", False),
     )
 
 

@@ -225,6 +225,32 @@ def is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target == "softmax"
 
 
+# Ops that no deployq target runs on integer codes (onnxruntime has no QLinear kernel for them):
+# they read their inputs as float. A quant point between two of them rounds a value no integer
+# kernel reads; see :func:`computes_in_float`.
+_FLOAT_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+                  nn.LocalResponseNorm, nn.GELU)
+_FLOAT_FUNCTIONS = {F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm, F.normalize, F.gelu,
+                    operator.sub, operator.truediv, torch.sub, torch.div, torch.true_divide, torch.pow, torch.sqrt,
+                    torch.rsqrt, torch.exp, torch.log, torch.erf, torch.reciprocal, torch.var, torch.std}
+_FLOAT_METHODS = {"sub", "rsub", "div", "true_divide", "pow", "sqrt", "rsqrt", "exp", "log", "erf",
+                  "reciprocal", "var", "std"}
+_FLOAT_ATEN = {"layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "instance_norm", "gelu",
+               "sub", "rsub", "div", "pow", "sqrt", "rsqrt", "exp", "log", "erf", "reciprocal", "var", "std",
+               "var_mean", "std_mean"}
+
+
+def computes_in_float(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True for an op with no integer kernel on any target: a normalization (LayerNorm, GroupNorm,
+    InstanceNorm), GELU, subtraction, division, powers, roots, exp / log, variance. It reads its
+    inputs as float, whatever grid they are on (onnxruntime's quantize_static leaves them float too)."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _FLOAT_MODULES)
+    if node.op == "call_function":
+        return node.target in _FLOAT_FUNCTIONS or aten_name(node.target) in _FLOAT_ATEN
+    return node.op == "call_method" and node.target in _FLOAT_METHODS
+
+
 _MAX_POOLS = ((nn.MaxPool1d, F.max_pool1d), (nn.MaxPool2d, F.max_pool2d), (nn.MaxPool3d, F.max_pool3d))
 
 

@@ -9,7 +9,10 @@ On a normalized graph (:mod:`deployq.qat.normalize`):
 * :func:`plan_activations` - every model input and the output of every compute op (after its
   fused activation) is a quant point; data movement carries quantization through; ``act(a + b)``
   and ``act(bn(x))`` are one quant point after the activation; a model output that no layer makes
-  is left float; values computed from parameters only are constants; a windowed average pool
+  is left float; so is the output of an op with no integer kernel (a normalization, GELU, a
+  subtraction, a division...) that only such ops read (``pool(norm(x)) - norm(x)``: nothing
+  reads integer codes there; ``QConfig.quantize_float_ops`` turns this off); values computed
+  from parameters only are constants; a windowed average pool
   shares the quantizer of the quant point it reads (same scale and zero point in and out); a quant
   point read only by max pools is calibrated on what the pool outputs (``observe_through``).
 * :class:`Namer` - quant-point names: module paths, ``<scope>.<op>`` for functions (contract 1).
@@ -28,9 +31,9 @@ from torch import fx, nn
 from deployq.core.qspec import QuantSpec
 from deployq.qat.config import QConfig
 from deployq.qat.fused import BATCHNORMS, WEIGHT_LAYERS, QuantLayer
-from deployq.qat.fx_ops import (activation_kind, activation_module, aten_name, float_tensor_output, is_add,
-                               is_data_movement, is_softmax, is_window_average, max_pool_function, op_label,
-                               upstream)
+from deployq.qat.fx_ops import (activation_kind, activation_module, aten_name, computes_in_float,
+                               float_tensor_output, is_add, is_data_movement, is_softmax, is_window_average,
+                               max_pool_function, op_label, upstream)
 
 __all__ = ["Group", "Namer", "Planned", "find_groups", "fuse", "plan_activations"]
 
@@ -225,6 +228,9 @@ def plan_activations(gm: fx.GraphModule, fused: dict[fx.Node, Group], namer: Nam
             if _only_output(node, modules):  # a model output after pooling, an add, a resize: rounding gains nothing
                 known.update((name, *members))
                 continue
+            if _between_float_ops(node, modules, planned, config) and not config.sets_activation((name, *members)):
+                known.update((name, *members))
+                continue
         known.update((name, *members))
         spec = config.spec_for(kind, (name, *members))
         if spec is not None and is_softmax(node, modules) and not config.overrides("observer", (name, *members)):
@@ -274,20 +280,41 @@ def _fusable_activation_after(node: fx.Node, modules: dict[str, nn.Module], conf
     return user if kind is not None and kind in config.fuse_activations else None
 
 
-def _only_output(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """True if `node`'s value reaches nothing but the model's outputs (through data movement)."""
-    stack, seen = list(node.users), set()
+def _readers(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
+    """The ops that read `node`'s values, looking through data movement and window averages
+    (which keep the values on the grid they read); the graph's output node among them."""
+    stack, seen, readers = list(node.users), set(), []
     while stack:
         user = stack.pop()
         if user in seen:
             continue
         seen.add(user)
-        if user.op == "output":
-            continue
-        if not is_data_movement(user, modules):
-            return False
-        stack.extend(user.users)
-    return bool(seen)
+        if user.op != "output" and (is_data_movement(user, modules) or is_window_average(user, modules)):
+            stack.extend(user.users)
+        elif not _reads_metadata(user):
+            readers.append(user)
+    return readers
+
+
+def _only_output(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True if `node`'s value reaches nothing but the model's outputs."""
+    readers = _readers(node, modules)
+    return bool(readers) and all(r.op == "output" for r in readers)
+
+
+def _between_float_ops(node: fx.Node, modules: dict[str, nn.Module], planned: dict[fx.Node, Planned],
+                       config: QConfig) -> bool:
+    """True if `node` computes in float (:func:`computes_in_float`, or a window average of a
+    tensor left float) and every op that reads it computes in float too (or is the output): a
+    quant point there would round a value that no integer kernel reads. PoolFormer's token mixer
+    ``pool(norm(x)) - norm(x)`` is one; a LayerNorm written out by hand (``(x - u) / sqrt(var)``)
+    is another. onnxruntime's quantize_static leaves the same tensors float."""
+    if config.quantize_float_ops:
+        return False
+    floating = computes_in_float(node, modules) or (
+        is_window_average(node, modules) and upstream(node, modules, planned) is None)
+    readers = _readers(node, modules)
+    return floating and bool(readers) and all(r.op == "output" or computes_in_float(r, modules) for r in readers)
 
 
 def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
