@@ -643,3 +643,70 @@ def test_layers_on_shape_only_values_stay_float_and_rolled_points_keep_their_gri
         wide = deployq.export(model().eval(), x, tmp_path / "int16", target="int16", ort_format=False,
                               calib=[torch.rand(2, 3, 12, 16) for _ in range(3)])
         assert {r.name: r for r in wide.records.values()}["b.weight"].input == "relu"
+
+
+class PoolMixer(nn.Module):
+    """PoolFormer's token mixer: x + scale * (pool(norm(x)) - norm(x)), after a stem Conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(1, 8)
+        self.pool, self.head = nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.Conv2d(8, 4, 1)
+        self.scale = nn.Parameter(torch.full((1, 8, 1, 1), 0.5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm(x)
+        return self.head(x + self.scale * (self.pool(y) - y))
+
+
+class HandWrittenLayerNorm(nn.Module):
+    """A channel LayerNorm written out: (x - mean) / sqrt(var + eps), then an affine Conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        centered = x - x.mean(1, keepdim=True)
+        var = centered.pow(2).mean(1, keepdim=True)
+        return self.head(centered / torch.sqrt(var + 1e-5))
+
+
+def _output_sqnr(model, qmodel, inputs):
+    with torch.no_grad():
+        ref = torch.cat([model(x) for x in inputs])
+        out = torch.cat([qmodel(x) for x in inputs])
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
+
+
+def test_a_tensor_only_float_ops_read_stays_float_and_that_is_more_accurate(tmp_path):
+    """GroupNorm's output is read by an average pool and a subtraction, neither an integer kernel:
+    no quant point there (nor on the pool), the difference is quantized where the layer scale
+    reads it. Rounding norm(x) before pool(y) - y cancels most of its signal, so the float
+    placement is measurably more accurate than quantizing every op (`quantize_float_ops`)."""
+    torch.manual_seed(0)
+    model = PoolMixer().eval()
+    qmodel, result, _ = _pipeline(model, tmp_path / "float")
+    points = quant_points(qmodel)
+    assert "norm" not in points and "pool" not in points and "sub" in points
+    tensors = _quantized_tensors(result.quant_model)
+    assert "norm" not in tensors and "pool" not in tensors and "sub" in tensors
+    every, _, _ = _pipeline(model, tmp_path / "every", config={"quantize_float_ops": True})
+    assert {"norm", "pool", "sub"} <= set(quant_points(every))
+    held_out = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    assert _output_sqnr(model, qmodel, held_out) > _output_sqnr(model, every, held_out) + 1.5  # measured +2.4 dB
+
+
+def test_a_hand_written_layer_norm_is_computed_in_float_where_a_rule_does_not_ask_otherwise(tmp_path):
+    """(x - mean) / sqrt(var): the mean, the centered tensor and its square are read by float ops
+    only, so they stay float; the variance is read by `var + eps`, an add (an integer kernel), and
+    keeps its point, as do the add and the quotient the Conv reads. A config rule that gives
+    the centered tensor activation settings puts a quant point there after all."""
+    torch.manual_seed(0)
+    qmodel, result, _ = _pipeline(HandWrittenLayerNorm().eval(), tmp_path / "a")
+    points = quant_points(qmodel)
+    assert not {"mean", "sub", "pow", "sqrt"} & set(points) and {"mean_1", "add", "truediv"} <= set(points)
+    asked, _, _ = _pipeline(HandWrittenLayerNorm().eval(), tmp_path / "b", config={"layers": {"sub": {"activation": 10}}})
+    assert quant_points(asked)["sub"].spec.bits == 10

@@ -242,13 +242,32 @@ _FLOAT_ATEN = {"layer_norm", "native_layer_norm", "group_norm", "native_group_no
 
 def computes_in_float(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """True for an op with no integer kernel on any target: a normalization (LayerNorm, GroupNorm,
-    InstanceNorm), GELU, subtraction, division, powers, roots, exp / log, variance. It reads its
+    InstanceNorm), GELU, subtraction, division, powers, roots, exp / log, variance, a mean over
+    other axes than height and width. It reads its
     inputs as float, whatever grid they are on (onnxruntime's quantize_static leaves them float too)."""
     if node.op == "call_module":
         return isinstance(modules[node.target], _FLOAT_MODULES)
+    if _is_mean(node):
+        return not _over_height_and_width(node)
     if node.op == "call_function":
         return node.target in _FLOAT_FUNCTIONS or aten_name(node.target) in _FLOAT_ATEN
     return node.op == "call_method" and node.target in _FLOAT_METHODS
+
+
+def _is_mean(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and (node.target is torch.mean or aten_name(node.target) == "mean"))
+            or (node.op == "call_method" and node.target == "mean"))
+
+
+def _over_height_and_width(node: fx.Node) -> bool:
+    """A mean over the last two axes of a 4-D tensor: the global average pool the exporter writes
+    as GlobalAveragePool (an integer kernel). Any other mean is a float ReduceMean."""
+    source = node.args[0] if node.args else None
+    meta = source.meta.get("tensor_meta") if isinstance(source, fx.Node) else None
+    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    dims = _arg(node, 1, "dim", None)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims) if isinstance(dims, (list, tuple)) else None
+    return rank == 4 and dims is not None and {d % 4 for d in dims if isinstance(d, int)} == {2, 3} and len(dims) == 2
 
 
 _MAX_POOLS = ((nn.MaxPool1d, F.max_pool1d), (nn.MaxPool2d, F.max_pool2d), (nn.MaxPool3d, F.max_pool3d))
