@@ -8,7 +8,7 @@ every number: int8 output SQNR of the fully optimized onnxruntime graph against 
 model (and top-1 agreement for the classifiers), for
 
 * ``quantize_static`` (QDQ, per-channel s8 weights, u8 activations) with MinMax, Entropy, Percentile;
-* deployq PTQ as ``deployq export --calib`` does it (min/max observers), and with each ``--ptq``
+* deployq PTQ as ``deployq export --calib`` does it (min/max weights, MSE activation ranges), and with each ``--ptq``
   method alone (cle, search, adaround, bias), their best combination, and ``--calib zeroq``
   (no data: inputs synthesized from BatchNorm statistics);
 * the ceiling of any 8-bit PTQ that quantizes the input: the torch model with only its input
@@ -52,7 +52,7 @@ MODELS = ["digits", "lowlight", "resnet18", "mobilenet_v2", "mnasnet0_5"]
 TRAINED = ("digits", "lowlight")  # the models this benchmark does not take from torchvision
 STATIC = ("MinMax", "Entropy", "Percentile")
 # (row label, --ptq methods, calibration: "data" or zeroq)
-DEPLOYQ = (("deployq PTQ (min/max)", (), "data"), ("+ cle", ("cle",), "data"), ("+ search", ("search",), "data"),
+DEPLOYQ = (("deployq PTQ (plain)", (), "data"), ("+ cle", ("cle",), "data"), ("+ search", ("search",), "data"),
            ("+ adaround", ("adaround",), "data"), ("+ bias", ("bias",), "data"),
            ("+ adaround, bias", ("adaround", "bias"), "data"),
            ("+ search, adaround, bias", ("search", "adaround", "bias"), "data"),
@@ -64,7 +64,7 @@ class Case:
     """One model: how to build its source, and its calibration / held-out inputs (batch 1 each)."""
 
     name: str
-    source: Callable[[], ModelSource]
+    source: Callable[..., ModelSource]  # source(config=None): the model prepared under a quantization config
     calibration: list[np.ndarray]
     held_out: list[np.ndarray]
 
@@ -92,8 +92,8 @@ def torchvision_case(name: str, args: argparse.Namespace, work: Path) -> Case:
     model = tvm.with_photo_statistics(tvm.build(**kwargs), args.size)
     torch.save(model.state_dict(), work / "state.pt")
     shape = (1, 3, args.size, args.size)
-    return Case(name, lambda: resolve_model(ckpt=str(work / "state.pt"), factory=FACTORY, factory_kwargs=kwargs,
-                                            input_shape=shape),
+    return Case(name, lambda config=None: resolve_model(ckpt=str(work / "state.pt"), factory=FACTORY,
+                                                        factory_kwargs=kwargs, input_shape=shape, config=config),
                 [x[None] for x in tvm.photo_crops(args.calib, args.size, seed=10).numpy()],
                 [x[None] for x in tvm.photo_crops(args.eval, args.size, held_out=True, seed=20).numpy()])
 
@@ -105,9 +105,9 @@ def lowlight_case(args: argparse.Namespace) -> Case:
     ckpts = common.lowlight_checkpoints(args)
     side = args.lowlight_size
     test = test_set(size=2 * side, length=args.eval)
-    return Case("lowlight (trained)", lambda: resolve_model(
+    return Case("lowlight (trained)", lambda config=None: resolve_model(
         ckpt=str(ckpts.float), factory=ckpts.float_factory, factory_kwargs=ckpts.float_kwargs,
-        input_shape=(1, 4, side, side)),
+        input_shape=(1, 4, side, side), config=config),
         calibration_arrays(2 * side, args.calib), [test[i]["input"].numpy()[None] for i in range(args.eval)])
 
 
@@ -119,8 +119,9 @@ def digits_case(args: argparse.Namespace, work: Path) -> Case:
     torch.manual_seed(0)
     model = fit(digits_cnn(seed=0), data, args.digits_epochs, lr=3e-3, seed=0)
     torch.save(model.state_dict(), work / "digits.pt")
-    return Case("digits CNN (trained)", lambda: resolve_model(
-        ckpt=str(work / "digits.pt"), factory="benchmarks.models:digits_cnn", input_shape=(1, 1, 8, 8)),
+    return Case("digits CNN (trained)", lambda config=None: resolve_model(
+        ckpt=str(work / "digits.pt"), factory="benchmarks.models:digits_cnn", input_shape=(1, 1, 8, 8),
+        config=config),
         [x[None].numpy() for x in data.x_train[:args.calib]], [x[None].numpy() for x in data.x_test[:args.digits_eval]])
 
 
@@ -274,8 +275,8 @@ def summary(results: dict[str, dict[str, tuple]]) -> list[str]:
             continue
         best = max(ours, key=ours.get)
         gaps.append(ours[best] - static)
-        if not math.isnan(rows.get("--calib zeroq (no data)", (math.nan,))[0]) and "deployq PTQ (min/max)" in rows:
-            zeroq.append(rows["deployq PTQ (min/max)"][0] - rows["--calib zeroq (no data)"][0])
+        if not math.isnan(rows.get("--calib zeroq (no data)", (math.nan,))[0]) and "deployq PTQ (plain)" in rows:
+            zeroq.append(rows["deployq PTQ (plain)"][0] - rows["--calib zeroq (no data)"][0])
         lines.append(f"- {model}: best deployq `{best}` {ours[best]:.2f} dB, best quantize_static {static:.2f} dB "
                      f"({ours[best] - static:+.2f} dB); the input alone caps 8-bit PTQ at "
                      f"{rows['only the input quantized (ceiling, torch)'][0]:.2f} dB")

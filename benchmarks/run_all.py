@@ -51,7 +51,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
                 ["--threads", "1", "--batches", "2", "--reference-iter", "10"], False),
     "devices": (bench_devices, [], ["--models", "unet", "--size", "32", "--repeats", "2", "--calib", "2"], True),
     "ptq": (bench_ptq, [], ["--models", "lowlight", "--lowlight-size", "16", "--calib", "2", "--eval", "2",
-                            "--adaround-iterations", "2", "--rows", "deployq PTQ (min/max),+ adaround,+ bias"], True),
+                            "--adaround-iterations", "2", "--rows", "deployq PTQ (plain),+ adaround,+ bias"], True),
     "conformance": (bench_conformance, [], ["--models", "squeezenet1_1", "--size", "64", "--calib", "2", "--eval", "2",
                                             "--repeats", "2"], False),
     # the rows of the full sweep are kept (and committed) in results/timm_rows/: a run goes on where

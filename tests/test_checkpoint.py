@@ -165,3 +165,14 @@ def test_factory_arguments_from_a_file_must_be_plain_data_the_factory_takes(save
     c = ck.load(_rewritten(path, tmp_path, factory=factory, factory_kwargs=kwargs))
     with pytest.raises(ck.CheckpointError, match=message):
         loading.checkpoint_float_model(c)
+
+
+def test_a_checkpoint_from_before_the_float_placement_keeps_every_point(saved, tmp_path):
+    """Checkpoints written before ``quantize_float_ops`` quantized every op's output: read without
+    the key, they keep that placement (their qparams name those points); new ones keep their own."""
+    _, path = saved
+    payload = torch.load(path, weights_only=True)
+    assert payload["config"]["quantize_float_ops"] is False
+    assert ck.parse(payload, path).config.quantize_float_ops is False
+    del payload["config"]["quantize_float_ops"]
+    assert ck.parse(payload, path).config.quantize_float_ops is True

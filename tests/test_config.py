@@ -91,6 +91,7 @@ def test_bits_2_to_16_are_accepted(bits):
     ({"fuse_activations": ["gelu"]}, "fuse_activations"),
     ({"activation": "ten bits"}, "expected '<bits> \\[scheme\\]'"),
     ({"wieght": {}}, "unknown keys"),
+    ({"quantize_float_ops": "yes"}, "quantize_float_ops must be true or false"),
 ])
 def test_bad_configs_say_what_is_wrong(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -108,5 +109,6 @@ def test_missing_and_invalid_yaml_files(tmp_path):
 
 def test_config_round_trips_through_dict():
     config = from_dict({"weight": {"bits": 7, "quantizer": "lsq+"}, "input": 10,
-                        "layers": {"a*": {"activation": "10 per_tensor_affine"}, "b": {"quantize": False}}})
-    assert from_dict(config.to_dict()) == config
+                        "layers": {"a*": {"activation": "10 per_tensor_affine"}, "b": {"quantize": False}},
+                        "quantize_float_ops": True})
+    assert from_dict(config.to_dict()) == config and config.quantize_float_ops
