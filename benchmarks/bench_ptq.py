@@ -8,7 +8,7 @@ every number: int8 output SQNR of the fully optimized onnxruntime graph against 
 model (and top-1 agreement for the classifiers), for
 
 * ``quantize_static`` (QDQ, per-channel s8 weights, u8 activations) with MinMax, Entropy, Percentile;
-* deployq PTQ as ``deployq export --calib`` does it (min/max weights, MSE activation ranges), and with each ``--ptq``
+* deployq PTQ as ``deployq export --calib`` does it (min/max observers), and with each ``--ptq``
   method alone (cle, search, adaround, bias), their best combination, and ``--calib zeroq``
   (no data: inputs synthesized from BatchNorm statistics);
 * the ceiling of any 8-bit PTQ that quantizes the input: the torch model with only its input

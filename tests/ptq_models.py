@@ -28,16 +28,8 @@ def tiny_model() -> nn.Module:
     return model.eval()
 
 
-# The methods' tests measure rounding and bias against min/max activation ranges (what their
-# thresholds were measured with); the default MSE ranges clip, which adds an error no weight
-# method can remove and would blur what each test isolates.
-MINMAX_ACTIVATIONS = {"activation": {"observer": "minmax"}}
-
-
 def calibrated(batches: list[torch.Tensor], config=None) -> torch.fx.GraphModule:
-    """tiny_model prepared under `config` (min/max activations unless it says otherwise) and
-    calibrated on `batches`."""
-    config = {**MINMAX_ACTIVATIONS, **(config or {})}
+    """tiny_model prepared under `config` and calibrated on `batches`."""
     qmodel = deployq.prepare(tiny_model(), batches[0], config)
     deployq.calibrate(qmodel, batches, progress=False)
     return qmodel

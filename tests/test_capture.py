@@ -579,7 +579,7 @@ def test_a_point_read_only_by_a_max_pool_takes_the_pools_range_and_stays_exact(t
     torch.manual_seed(0)
     model = _PReLUPool(functional).eval()
     calib = [torch.randn(2, 3, 20, 20) for _ in range(4)]
-    qmodel = deployq.prepare(model, calib[0], {"activation": {"observer": "minmax"}})  # ranges as seen
+    qmodel = deployq.prepare(model, calib[0])
     (point,) = [p for name, p in quant_points(qmodel).items() if name == "act"]
     deployq.calibrate(qmodel, calib, progress=False)
     with torch.no_grad():

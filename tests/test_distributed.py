@@ -182,13 +182,7 @@ def test_torchrun_two_processes_agree_on_qparams_and_write_one_checkpoint(tmp_pa
     single = deployq.prepare(zoo.unet(width=4), torch.randn(1, 3, 16, 16))
     everything = [b for r in range(2) for b in torch.load(tmp_path / f"batches{r}.pt", weights_only=True)]
     deployq.calibrate(single, everything, progress=False)
-    alone = json.loads(json.dumps({n: q.to_json() for n, q in deployq.qparams_of(single).items()}))
-    assert calibrated[0].keys() == alone.keys()
-    for name, merged in calibrated[0].items():  # min/max merge exactly; histograms (the MSE ranges) re-bin
-        assert {k: v for k, v in merged.items() if k not in ("scale", "zero_point")} == \
-            {k: v for k, v in alone[name].items() if k not in ("scale", "zero_point")}
-        np.testing.assert_allclose(merged["scale"], alone[name]["scale"], rtol=0.02, err_msg=name)
-        np.testing.assert_allclose(merged["zero_point"], alone[name]["zero_point"], atol=2, err_msg=name)
+    assert calibrated[0] == json.loads(json.dumps({n: q.to_json() for n, q in deployq.qparams_of(single).items()}))
 
     trained = [json.loads((tmp_path / f"trained{r}.json").read_text()) for r in range(2)]
     assert trained[0] == trained[1]

@@ -139,6 +139,4 @@ def parse_changes(changes: Mapping[str, Any] | str | int) -> dict[str, Any]:
 
 
 DEFAULT_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, per_channel=True)
-# Activations: the clipping range that minimizes the histogram's quantization MSE. Measured against
-# min/max (BENCHMARKS.md, "Activation ranges"): ahead on most models, within 0.35 dB behind on the rest.
-DEFAULT_ACTIVATION = QuantSpec(bits=8, signed=False, symmetric=False, per_channel=False, observer="mse")
+DEFAULT_ACTIVATION = QuantSpec(bits=8, signed=False, symmetric=False, per_channel=False)
