@@ -154,6 +154,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "            if node is not None and node.op == \"Concat\":\n"
            "                return self._one_record([self.input_record(t) for t in node.inputs], node)\n", "",
            ("tests/test_capture.py::test_layers_on_shape_only_values_stay_float_and_rolled_points_keep_their_grid",)),
+    Mutant("placement: a float op's output left float whoever reads it", "deployq/qat/placement.py",
+           "all(r.op == \"output\" or computes_in_float(r, modules) for r in readers)", "True",
+           ("tests/test_capture.py::test_a_hand_written_layer_norm_is_computed_in_float_where_a_rule_does_not_ask_otherwise",)),
+    Mutant("placement: an average pool of a float tensor quantized", "deployq/qat/placement.py",
+           "    floating = computes_in_float(node, modules) or (\n", "    floating = computes_in_float(node, modules) and (\n",
+           ("tests/test_capture.py::test_a_tensor_only_float_ops_read_stays_float_and_that_is_more_accurate",)),
     Mutant("diff: a --dynamic-hw export's shape not read from files", "deployq/api.py",
            "input_shapes or _file_shapes(inputs, infos), where=", "input_shapes, where=",
            ("tests/test_diff.py::test_a_dynamic_hw_export_takes_its_shape_from_the_input_files",)),
