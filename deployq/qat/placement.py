@@ -225,10 +225,11 @@ def plan_activations(gm: fx.GraphModule, fused: dict[fx.Node, Group], namer: Nam
             if activation is not None:  # quantized once, after the activation (as a layer's output is)
                 into_activation[activation] = name
                 continue
-            if _only_output(node, modules):  # a model output after pooling, an add, a resize: rounding gains nothing
-                known.update((name, *members))
-                continue
-            if _between_float_ops(node, modules, planned, config) and not config.sets_activation((name, *members)):
+            readers = _readers(node, modules)
+            # a model output after pooling, an add, a resize: rounding gains nothing; nor where only float ops read
+            if readers and (all(r.op == "output" for r in readers) or (
+                    _between_float_ops(node, readers, modules, planned, config)
+                    and not config.sets_activation((name, *members)))):
                 known.update((name, *members))
                 continue
         known.update((name, *members))
@@ -296,14 +297,8 @@ def _readers(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
     return readers
 
 
-def _only_output(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """True if `node`'s value reaches nothing but the model's outputs."""
-    readers = _readers(node, modules)
-    return bool(readers) and all(r.op == "output" for r in readers)
-
-
-def _between_float_ops(node: fx.Node, modules: dict[str, nn.Module], planned: dict[fx.Node, Planned],
-                       config: QConfig) -> bool:
+def _between_float_ops(node: fx.Node, readers: list[fx.Node], modules: dict[str, nn.Module],
+                       planned: dict[fx.Node, Planned], config: QConfig) -> bool:
     """True if `node` computes in float (:func:`computes_in_float`, or a window average of a
     tensor left float) and every op that reads it computes in float too (or is the output): a
     quant point there would round a value that no integer kernel reads. PoolFormer's token mixer
@@ -313,8 +308,7 @@ def _between_float_ops(node: fx.Node, modules: dict[str, nn.Module], planned: di
         return False
     floating = computes_in_float(node, modules) or (
         is_window_average(node, modules) and upstream(node, modules, planned) is None)
-    readers = _readers(node, modules)
-    return floating and bool(readers) and all(r.op == "output" or computes_in_float(r, modules) for r in readers)
+    return floating and all(r.op == "output" or computes_in_float(r, modules) for r in readers)
 
 
 def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
