@@ -710,3 +710,33 @@ def test_a_hand_written_layer_norm_is_computed_in_float_where_a_rule_does_not_as
     assert not {"mean", "sub", "pow", "sqrt"} & set(points) and {"mean_1", "add", "truediv"} <= set(points)
     asked, _, _ = _pipeline(HandWrittenLayerNorm().eval(), tmp_path / "b", config={"layers": {"sub": {"activation": 10}}})
     assert quant_points(asked)["sub"].spec.bits == 10
+
+
+class GatedReLU6(nn.Module):
+    """ReXNet's block end: a squeeze-excitation gate multiplies the features, then ReLU6."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.ReLU6()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        gate = torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+        return self.head(self.act(x * gate))
+
+
+def test_an_activation_after_a_multiply_is_one_quant_point_and_the_multiply_runs_as_an_integer_kernel(tmp_path):
+    """relu6(x * gate) is rounded once, after the ReLU6 (as relu(a + b) is): the product is not
+    a quant point of its own, and onnxruntime absorbs the Clip into an integer multiply."""
+    import onnxruntime as ort
+
+    qmodel, result, _ = _pipeline(GatedReLU6().eval(), tmp_path)
+    points = quant_points(qmodel)
+    assert "mul" not in points and points["act"].members == ("mul",)
+    assert "mul" not in _quantized_tensors(result.quant_model) and "act" in _quantized_tensors(result.quant_model)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(result.files["int8"]), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "QLinearMul" in ops and "Clip" not in ops and "Mul" not in ops

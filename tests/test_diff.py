@@ -372,3 +372,81 @@ def test_every_mode_reports_the_integer_model_as_onnxruntime_runs_it(exported, m
     assert report.deployed[name].sqnr_db == pytest.approx(want, abs=1e-6)
     assert f"onnxruntime's kernels: output SQNR {want:.1f} dB" in report.verdict()
     assert report.to_json()["deployed_outputs"][name]["sqnr_db"] == pytest.approx(want, abs=1e-6)
+
+
+def _renamed_everywhere(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every tensor but the initializers renamed, as another exporter would name them."""
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    keep = {i.name for i in renamed.graph.initializer}
+    for node in renamed.graph.node:
+        node.input[:] = [n if n in keep or not n else f"/other/{n}" for n in node.input]
+        node.output[:] = [f"/other/{n}" for n in node.output]
+    for value in (*renamed.graph.input, *renamed.graph.output):
+        value.name = f"/other/{value.name}"
+    del renamed.graph.value_info[:]
+    return renamed
+
+
+def test_a_model_whose_names_differ_is_paired_by_graph_position_with_the_same_numbers(exported):
+    """Every tensor of deployq's own export renamed (inputs too): diff aligns the layers by their
+    weights and reports the same rows, with the same numbers, as it does by name."""
+    result, _ = exported
+    by_name = diff(result.float_model, result.quant_model, feeds(2), mode="local", progress=False)
+    by_position = diff(result.float_model, _renamed_everywhere(result.quant_model), feeds(2), mode="local",
+                       progress=False)
+    assert any("paired by graph position" in w for w in by_position.warnings)
+    layers = {r.point.name: r.stats.sqnr_db for r in by_name.rows if r.point.layer}
+    paired = {r.point.name: r.stats.sqnr_db for r in by_position.rows}
+    assert layers and set(layers) <= set(paired)
+    assert all(paired[name] == pytest.approx(db, abs=1e-6) for name, db in layers.items())
+
+
+def test_another_exporters_quantize_static_model_pairs_every_convolution(tmp_path):
+    """The TorchScript exporter names tensors `/blocks.0/conv1/Conv_output_0`; quantize_static
+    keeps those names. diff against deployq's float graph of the same network pairs every
+    convolution and the Linear by position, each with its own error (not another layer's)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from deployq.deploy.float_graph import export_float
+
+    model = zoo.resnet().eval()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    float_model = export_float(deployq.prepare(model, torch.rand(*SHAPE)), (torch.rand(*SHAPE),))
+    torch.onnx.export(model, (torch.rand(*SHAPE),), str(tmp_path / "theirs.onnx"), dynamo=False)
+    theirs = onnx.load(tmp_path / "theirs.onnx")
+    assert theirs.graph.input[0].name != "x" and any(n.output[0].startswith("/") for n in theirs.graph.node)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{theirs.graph.input[0].name: f["x"]} for f in feeds(8, seed=3)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "theirs.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True)
+    report = diff(float_model, onnx.load(tmp_path / "q.onnx"), feeds(2), mode="local", progress=False)
+    layers = [n for n in float_model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    weights = [r for r in report.rows if r.point.kind == "weight"]
+    assert len(weights) == len(layers) == 6
+    assert all(r.stats.sqnr_db > 30 for r in weights)  # each quantized weight against its own float weight
+    assert {r.point.name for r in weights} == {n.input[1] for n in layers}  # named after the float weights
+    assert not report.unmatched  # the adds too (quantize_static dropped their ReLU: paired with its output)
+    acts = [r for r in report.rows if r.point.kind == "activation"]
+    assert len(acts) == 9 and all(r.stats.sqnr_db > 35 for r in acts)  # measured 37-55 dB
+    assert report.gate_sqnr > 20
+
+
+def test_a_model_of_another_network_is_not_paired_by_position(exported, tmp_path):
+    """Position pairing needs the weights to agree: another UNet's export (other random weights)
+    renamed throughout aligns no layer, and diff says the models have nothing in common."""
+    result, _ = exported
+    other = deployq.prepare(zoo.unet(width=8, seed=1), torch.rand(*SHAPE))
+    deployq.calibrate(other, calibration_inputs(4), progress=False)
+    theirs = deployq.export(other, torch.rand(*SHAPE), tmp_path, progress=False).quant_model
+    with pytest.raises(ModelFileError, match="share only their inputs|no quant point in common"):
+        diff(result.float_model, _renamed_everywhere(theirs), feeds(1), progress=False)

@@ -82,6 +82,16 @@ def is_add(node: fx.Node) -> bool:
     return aten_name(node.target) == "add" and node.kwargs.get("alpha", 1) == 1
 
 
+def is_mul(node: fx.Node) -> bool:
+    """``a * b`` in any form (operator, torch.mul, Tensor.mul, aten.mul): a gate applied to a
+    tensor (squeeze-excitation), or a scaling by a constant."""
+    if node.op == "call_method":
+        return node.target == "mul"
+    if node.op != "call_function":
+        return False
+    return node.target in (operator.mul, torch.mul) or aten_name(node.target) == "mul"
+
+
 ALIAS = "deployq_alias"  # node.meta key: shape propagation saw the output share its input's memory
 
 

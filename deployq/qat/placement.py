@@ -7,12 +7,12 @@ On a normalized graph (:mod:`deployq.qat.normalize`):
   follows it and the activation after that (the kinds in ``QConfig.fuse_activations``) becomes one
   :class:`deployq.qat.fused.QuantLayer`: one quant point, after the activation.
 * :func:`plan_activations` - every model input and the output of every compute op (after its
-  fused activation) is a quant point; data movement carries quantization through; ``act(a + b)``
-  and ``act(bn(x))`` are one quant point after the activation; a model output that no layer makes
-  is left float; so is the output of an op with no integer kernel (a normalization, GELU, a
-  subtraction, a division...) that only such ops read (``pool(norm(x)) - norm(x)``: nothing
-  reads integer codes there; ``QConfig.quantize_float_ops`` turns this off); values computed
-  from parameters only are constants; a windowed average pool
+  fused activation) is a quant point; data movement carries quantization through; ``act(a + b)``,
+  ``act(a * b)`` and ``act(bn(x))`` are one quant point after the activation; a model output
+  that no layer makes is left float; so is the output of an op with no integer kernel (a
+  normalization, GELU, a subtraction, a division...) that only such ops read
+  (``pool(norm(x)) - norm(x)``: nothing reads integer codes there; ``QConfig.quantize_float_ops``
+  turns this off); values computed from parameters only are constants; a windowed average pool
   shares the quantizer of the quant point it reads (same scale and zero point in and out); a quant
   point read only by max pools is calibrated on what the pool outputs (``observe_through``).
 * :class:`Namer` - quant-point names: module paths, ``<scope>.<op>`` for functions (contract 1).
@@ -32,7 +32,7 @@ from deployq.core.qspec import QuantSpec
 from deployq.qat.config import QConfig
 from deployq.qat.fused import BATCHNORMS, WEIGHT_LAYERS, QuantLayer
 from deployq.qat.fx_ops import (activation_kind, activation_module, aten_name, computes_in_float,
-                               float_tensor_output, is_add, is_data_movement, is_softmax, is_window_average,
+                               float_tensor_output, is_add, is_data_movement, is_mul, is_softmax, is_window_average,
                                max_pool_function, op_label, upstream)
 
 __all__ = ["Group", "Namer", "Planned", "find_groups", "fuse", "plan_activations"]
@@ -268,14 +268,15 @@ def _shared_source(node: fx.Node, modules: dict[str, nn.Module], planned: dict[f
 
 
 def _fusable_activation_after(node: fx.Node, modules: dict[str, nn.Module], config: QConfig) -> Optional[fx.Node]:
-    """The activation that `node`'s result feeds, and only it, if `node` is an add or a BatchNorm
-    of its own (not folded into a layer) and the activation is one the config fuses:
-    ``relu(x + f(x))`` (the residual block), ``relu(bn(x))`` (DenseNet's pre-activation). The
-    result is then not rounded on its own: one quant point after the activation, as for a layer
-    with its activation (fewer roundings; and what onnxruntime's own quantizer does)."""
+    """The activation that `node`'s result feeds, and only it, if `node` is an add, a multiply or a
+    BatchNorm of its own (not folded into a layer) and the activation is one the config fuses:
+    ``relu(x + f(x))`` (the residual block), ``relu6(x * gate)`` (ReXNet's squeeze-excitation),
+    ``relu(bn(x))`` (DenseNet's pre-activation). The result is then not rounded on its own: one
+    quant point after the activation, as for a layer with its activation (fewer roundings; what
+    onnxruntime's own quantizer does; and its QLinearAdd / QLinearMul absorb the ReLU or Clip)."""
     is_bn = node.op == "call_module" and isinstance(modules[node.target], BATCHNORMS)
     user = _single_user(node)
-    if not (is_add(node) or is_bn) or user is None or not user.args or user.args[0] is not node:
+    if not (is_add(node) or is_mul(node) or is_bn) or user is None or not user.args or user.args[0] is not node:
         return None
     kind = activation_kind(user, modules)
     return user if kind is not None and kind in config.fuse_activations else None

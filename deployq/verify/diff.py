@@ -1,6 +1,7 @@
 """Layer-by-layer comparison of a float ONNX model and its QDQ model (``deployq diff``).
 
-Quant points are paired by name (:mod:`.match`), errors are streamed into :mod:`.stats`.
+Quant points are paired by name (:mod:`.match`; by graph position first where the quantized model's
+names are not the float model's, :mod:`.positions`), errors are streamed into :mod:`.stats`.
 
 Modes:
     accumulated  both whole models; each layer's error includes what flowed in from above
@@ -32,6 +33,7 @@ from deployq.core.runtime import cpu_isa, run, session
 from deployq.exporters.graph import WEIGHT_LAYER_OPS, to_model
 
 from .match import MatchedPoint, Matching, match, with_types
+from .positions import names_differ, pair_by_position
 from .stats import DiffReport, Row, Stats, _mark_jumps
 
 MODES = ("accumulated", "local", "sensitivity", "kernel")
@@ -317,6 +319,11 @@ def diff(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: It
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     start = time.perf_counter()
     float_model, quant_model = with_types(float_model), with_types(quant_model)
+    notes = []
+    if names_differ(float_model, quant_model):  # another tool's export: pair its layers by position
+        pairing = pair_by_position(float_model, quant_model)
+        quant_model = pairing.model
+        notes.append(pairing.note())
     matching = match(float_model, quant_model)
     selected = select_points(matching, points)
     batches = list(batches)
@@ -325,7 +332,7 @@ def diff(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: It
     weight_rows = _weight_rows(matching)
     isa = cpu_isa()
     outputs: dict[str, Stats] = {}
-    warnings: list[str] = []
+    warnings: list[str] = notes
     if mode == "accumulated":
         stats, outputs = _accumulated(matching, float_model, quant_model, batches, progress)
     elif mode == "local":

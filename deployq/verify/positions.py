@@ -1,0 +1,236 @@
+"""Pairing by graph position, for a QDQ model whose tensors are not named as the float model's.
+
+deployq's exports and ``quantize_static`` keep the float model's tensor names, and :mod:`.match`
+pairs by name. Another tool's export of the same network often does not: AIMET's and the
+TorchScript ONNX exporter's ``/conv1/Conv_output_0``, against deployq's module paths. Then:
+
+1. the graphs' inputs and outputs pair by order;
+2. the weight layers (Conv, ConvTranspose, Gemm, MatMul with a constant weight) are aligned in
+   graph order by their weights: same shape, and the quantized model's dequantized weight within
+   :data:`MAX_WEIGHT_ERROR` of the float one (BatchNorm folded on both sides first);
+3. every other op pairs forward from there: an op of the quantized model whose inputs are paired
+   (through their Q -> DQ) pairs with the float model's op of the same type reading those inputs.
+
+Where the quantized model dropped an activation because its quantizer clips the same values (a
+ReLU before a quantizer whose zero point is the lowest code), its tensor pairs with the float
+activation's output. The paired tensors are renamed in a copy of the quantized model, and
+:mod:`.match` pairs by name as always; a tensor no rule reaches keeps its name and is reported as
+unmatched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from deployq.core.qformula import dequantize_np
+from deployq.exporters import fold_batchnorm_copy
+from deployq.exporters.graph import PREQUANT_SUFFIXES, WEIGHT_LAYER_OPS, base_name, quantized_tensor
+
+__all__ = ["MAX_WEIGHT_ERROR", "PositionPairing", "names_differ", "pair_by_position"]
+
+# ||w_quant - w_float|| / ||w_float|| of two layers taken for the same one: 8-bit weights are ~1 %
+# off, 4-bit per-channel ~10 %; unrelated layers of one shape are ~140 % (independent weights)
+MAX_WEIGHT_ERROR = 0.3
+_WINDOW = 16  # float layers looked ahead for each quantized one (a tool may drop or split a few)
+
+
+@dataclass
+class PositionPairing:
+    model: onnx.ModelProto  # the quantized model with the float model's names
+    renamed: dict[str, str]  # quantized model's tensor -> float model's tensor
+    layers: int  # weight layers aligned
+    quant_layers: int  # weight layers of the quantized model
+
+    def note(self) -> str:
+        return (f"tensor names differ from the float model's: paired by graph position, {self.layers} of "
+                f"{self.quant_layers} weight layers aligned by their weights")
+
+
+def names_differ(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> bool:
+    """True when fewer than half of the tensors `quant_model` quantizes (besides its inputs) are
+    named as a tensor of `float_model`: it is not an export that kept the float model's names."""
+    names = {t for n in float_model.graph.node for t in n.output}
+    inits = {i.name: i for i in quant_model.graph.initializer}
+    producers = {o: n for n in quant_model.graph.node for o in n.output}
+    inputs = {i.name for i in quant_model.graph.input}
+    quantized = {base_name(quantized_tensor(n, producers, inits)[0]) for n in quant_model.graph.node
+                 if n.op_type == "QuantizeLinear"}
+    quantized = {t for t in quantized if t not in inputs and t not in inits}
+    return bool(quantized) and 2 * len(quantized & names) < len(quantized)
+
+
+@dataclass
+class _Layer:
+    node: onnx.NodeProto
+    weight: np.ndarray  # (out, in, ...) for every op: Gemm and MatMul weights transposed to it
+
+
+def _layers(model: onnx.ModelProto) -> list[_Layer]:
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_LAYER_OPS or len(node.input) < 2:
+            continue
+        weight = _weight(node.input[1], inits, producers)
+        if weight is None or weight.ndim < 2:
+            continue
+        if node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attribute(node, "transB", 0)):
+            weight = weight.T
+        layers.append(_Layer(node, weight))
+    return layers
+
+
+class _Graph:
+    """Who makes and who reads each tensor of a graph, and what counts as a constant."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
+
+    def constant(self, tensor: str) -> bool:
+        node = self.producer.get(tensor)
+        return tensor in self.inits or (node is not None and (node.op_type == "Constant" or (
+            node.op_type in ("DequantizeLinear", "QuantizeLinear") and self.constant(node.input[0]))))
+
+    def value(self, tensor: str) -> str:
+        """The tensor a dequantized value was quantized from (`tensor` itself if it is not one)."""
+        dq = self.producer.get(tensor)
+        q = self.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else tensor
+
+    def variable_inputs(self, node: onnx.NodeProto) -> list[str]:
+        return [self.value(t) for t in node.input if t and not self.constant(t)]
+
+    def quantizer(self, tensor: str) -> Optional[onnx.NodeProto]:
+        readers = self.readers.get(tensor, [])
+        return readers[0] if len(readers) == 1 and readers[0].op_type == "QuantizeLinear" else None
+
+    def absorbs_relu(self, tensor: str) -> bool:
+        """True if `tensor` alone feeds a quantizer whose zero point is its type's lowest code: its
+        range starts at 0, so it clips what a ReLU would."""
+        q = self.quantizer(tensor)
+        if q is None or len(q.input) < 3 or q.input[2] not in self.inits:
+            return False
+        zp = numpy_helper.to_array(self.inits[q.input[2]])
+        return np.issubdtype(zp.dtype, np.integer) and bool(np.all(zp == np.iinfo(zp.dtype).min))
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _weight(tensor: str, inits: dict, producers: dict) -> Optional[np.ndarray]:
+    """A layer's weight as float: an initializer, its DequantizeLinear, or a Q/DQ pair over it."""
+    if tensor in inits:
+        return numpy_helper.to_array(inits[tensor]).astype(np.float64)
+    node = producers.get(tensor)
+    if node is None or node.op_type not in ("DequantizeLinear", "QuantizeLinear"):
+        return None
+    if node.op_type == "QuantizeLinear" or node.input[0] not in inits:
+        return _weight(node.input[0], inits, producers)  # the float weight under a Q -> DQ pair
+    codes = numpy_helper.to_array(inits[node.input[0]])
+    scale = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
+    if scale is None:
+        return None
+    zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else None
+    axis = _attribute(node, "axis", 1) if scale.ndim else None
+    return dequantize_np(codes, scale, zp if zp is not None else np.zeros_like(scale, dtype=codes.dtype), axis)
+
+
+def _same_layer(q: _Layer, f: _Layer) -> bool:
+    same_kind = q.node.op_type == f.node.op_type or {q.node.op_type, f.node.op_type} <= {"Gemm", "MatMul"}
+    if not same_kind or q.weight.shape != f.weight.shape:
+        return False
+    norm = np.linalg.norm(f.weight)
+    return norm > 0 and np.linalg.norm(q.weight - f.weight) <= MAX_WEIGHT_ERROR * norm
+
+
+def _align(quant: list[_Layer], floating: list[_Layer]) -> list[tuple[_Layer, _Layer]]:
+    """Pairs in graph order: each quantized layer with the first float layer at or after the last
+    pair (within :data:`_WINDOW`) that has its shape and, within the error bound, its weights."""
+    pairs, start = [], 0
+    for q in quant:
+        found = next((j for j in range(start, min(start + _WINDOW, len(floating))) if _same_layer(q, floating[j])), None)
+        if found is not None:
+            pairs.append((q, floating[found]))
+            start = found + 1
+    return pairs
+
+
+def pair_by_position(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> PositionPairing:
+    """`quant_model` with its tensors renamed to `float_model`'s where the module docstring pairs them."""
+    ours, theirs = _Graph(quant_model), _Graph(float_model)
+    renamed: dict[str, str] = {}
+    for mine, other in ((quant_model.graph.input, float_model.graph.input),
+                        (quant_model.graph.output, float_model.graph.output)):
+        if len(mine) == len(other):
+            renamed.update({a.name: b.name for a, b in zip(mine, other) if a.name != b.name})
+    graph_names = set(renamed.values())
+
+    def pair(tensor: str, target: str) -> None:
+        after = theirs.readers.get(target, [])
+        if (len(after) == 1 and after[0].op_type == "Relu" and ours.absorbs_relu(tensor)
+                and not any(r.op_type == "Relu" for r in ours.readers.get(tensor, []))):
+            target = after[0].output[0]  # the tool dropped the ReLU its quantizer clips anyway
+        # a quantized graph output is its DequantizeLinear's; the value before it takes the suffix
+        # that exporters give it (and match reads back)
+        renamed.setdefault(tensor, target + PREQUANT_SUFFIXES[0] if target in graph_names else target)
+
+    quant = _layers(quant_model)
+    pairs = _align(quant, _layers(fold_batchnorm_copy(float_model)))
+    aligned = {id(q.node): f.node for q, f in pairs}
+    layers = {id(q.node) for q in quant}
+    for node in quant_model.graph.node:  # graph order: an op's inputs are paired before it
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.output[0] in renamed:
+            continue
+        if id(node) in layers:  # a weight layer pairs by its weights only, never by where it is
+            if id(node) in aligned and aligned[id(node)].output[0] in theirs.producer:
+                pair(node.output[0], aligned[id(node)].output[0])
+                codes = ours.producer.get(node.input[1])
+                if codes is not None and codes.op_type == "DequantizeLinear" and codes.input[0] in ours.inits:
+                    renamed[codes.input[0]] = aligned[id(node)].input[1] + "_quantized"  # the weight's row name
+            continue
+        inputs = [renamed.get(t, t) for t in ours.variable_inputs(node)]
+        if not inputs or any(t not in theirs.readers for t in inputs):
+            continue
+        same = [n for n in theirs.readers[inputs[0]] if n.op_type == node.op_type and len(n.output) == len(node.output)
+                and sorted(theirs.variable_inputs(n)) == sorted(inputs)]
+        if len(same) == 1:
+            for mine, other in zip(node.output, same[0].output):
+                pair(mine, other)
+    return PositionPairing(_renamed(quant_model, renamed), renamed, len(pairs), len(quant))
+
+
+def _renamed(model: onnx.ModelProto, renamed: dict[str, str]) -> onnx.ModelProto:
+    """A copy of `model` with tensors renamed; a tensor already holding a target name moves aside."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    taken = {t for n in model.graph.node for t in (*n.input, *n.output)} | {i.name for i in model.graph.initializer}
+    targets = set(renamed.values())
+    mapping = dict(renamed)
+    for name in taken & targets:
+        if name not in mapping:
+            mapping[name] = _free(f"{name}_theirs", taken | targets)
+    g = model.graph
+    for node in g.node:
+        node.input[:] = [mapping.get(t, t) for t in node.input]
+        node.output[:] = [mapping.get(t, t) for t in node.output]
+    for item in (*g.input, *g.output, *g.value_info, *g.initializer):
+        item.name = mapping.get(item.name, item.name)
+    return model
+
+
+def _free(name: str, taken: set[str]) -> str:
+    while name in taken:
+        name += "_"
+    return name
