@@ -44,7 +44,10 @@ def diff(float_onnx: str, quant_onnx: str, input_path: Optional[str], random_cou
       local        each layer fed with the float model's values: its own error only
       sensitivity  one quant point quantized at a time, everything else float; output error, ranked
       kernel       real integer kernels (fully optimized sub-models) vs the reference view
-    Works on deployq exports and on onnxruntime.quantization.quantize_static models.
+    Quant points pair with the float model's tensors by name: deployq exports and
+    onnxruntime.quantization.quantize_static models keep them. Another tool's
+    export of the same network whose names differ (/conv1/Conv_output_0) pairs
+    by graph position: weight layers by their weights, every other op from there.
     Exit status: 0 pass, 3 below --fail-below (the gate), 1 an error (bad file, option or input).
     """
     from deployq.api import diff as run_diff
