@@ -27,6 +27,7 @@ from deployq.qat.config import load_config
 from deployq.verify.diff import diff as _diff
 from deployq.verify.stats import DiffReport
 from deployq.verify.match import match_inputs
+from deployq.verify.positions import names_differ
 from deployq.deploy.export import ExportResult, export as _export
 from deployq.qat.loading import ModelSource, forward_arguments, resolve_model
 from deployq.verify.check import FormatAgreement, ParityReport, check_parity, compare_ort_format
@@ -176,10 +177,15 @@ def diff(float_onnx: OnnxLike, quant_onnx: OnnxLike, inputs: Inputs = None, *, m
                              f"QuantizeLinear nodes) and the second, {quant_name}, is float; give the float model first")
     if not quantize_count(quant_model):
         raise ModelFileError(f"{quant_name} has no QuantizeLinear: it is not a quantized (QDQ) model")
-    infos = check_same_inputs(float_model, quant_model, float_name, quant_name)
+    # another tool's export names its tensors, inputs too, its own way: diff pairs them by position
+    by_order = names_differ(float_model, quant_model)
+    infos = check_same_inputs(float_model, quant_model, float_name, quant_name, by_order=by_order)
     if not _given_batches(inputs):  # batches carry their own shapes; files and random inputs need them
         infos = with_shapes(infos, input_shapes or _file_shapes(inputs, infos), where="--input-shape (input_shapes)")
-    feeds = _feeds(inputs, infos, random, match_inputs(quant_model), ratio, limit)
+    ranges = match_inputs(quant_model)
+    if by_order:
+        ranges = {f.name: ranges[q.name] for f, q in zip(infos, inputs_of(quant_model)) if q.name in ranges}
+    feeds = _feeds(inputs, infos, random, ranges, ratio, limit)
     report = _diff(float_model, quant_model, feeds, mode=mode, points=list(points) if points else None,
                    progress=progress)
     report.title = f"deployq diff: {quant_name}"

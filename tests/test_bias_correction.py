@@ -129,3 +129,30 @@ def test_a_shift_within_the_noise_is_not_corrected():
     assert torch.all(delta[2:] == 0)  # no error at all
     one = significant_error(layer, LayerData(x[:1], x[:1], y_quant[:1] - error[:1]))
     assert one[1] == pytest.approx(float(error[0, 1].mean()), rel=1e-5)  # one sample: no spread, kept
+
+
+def test_reused_weights_are_the_fresh_ones_and_follow_in_place_changes():
+    """The PTQ passes quantize each weight once per pass (reused_weights); what they reuse must
+    be what the layer computes fresh, also after a parameter or an input scale changed in place
+    (bias correction shifts BN's beta between passes)."""
+    from deployq.ptq.layers import reused_weights
+    from deployq.qat.fused import QuantLayer
+
+    qmodel = calibrated(BITS4)
+    x = HELD_OUT[0]
+    layers = [m for m in qmodel.modules() if isinstance(m, QuantLayer)]
+    first = layers[0]
+    with torch.no_grad():
+        fresh = qmodel(x)
+        with reused_weights(qmodel):
+            assert torch.equal(qmodel(x), fresh) and torch.equal(qmodel(x), fresh)  # the second call reuses
+            assert all(m.__dict__["_deployed"] is not None for m in layers)
+            (first.bn.bias if first.bn is not None else first.layer.bias).add_(0.5)  # as bias correction does
+            shifted = qmodel(x)
+        assert not torch.equal(shifted, fresh) and torch.equal(shifted, qmodel(x))  # outside: computed fresh
+        with reused_weights(qmodel):
+            qmodel(x)
+            first.input_quant.scale.mul_(2.0)  # the input scale sets the int32 bias grid
+            rescaled = qmodel(x)
+        assert not torch.equal(rescaled, shifted) and torch.equal(rescaled, qmodel(x))
+    assert all(m.__dict__["_deployed"] is None and not m.reuse_deployed for m in layers)

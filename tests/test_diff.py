@@ -388,6 +388,39 @@ def _renamed_everywhere(model: onnx.ModelProto) -> onnx.ModelProto:
     return renamed
 
 
+def _weights_quantized_at_run_time(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every stored weight code replaced by its float value and a QuantizeLinear before its
+    DequantizeLinear (AIMET's default export), the same codes at run time."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    for node in list(out.graph.node):
+        if node.op_type != "DequantizeLinear" or not node.input[0].endswith("weight_quantized"):
+            continue
+        codes, scale = numpy_helper.to_array(inits[node.input[0]]), numpy_helper.to_array(inits[node.input[1]])
+        zp = numpy_helper.to_array(inits[node.input[2]])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [-1 if d == axis else 1 for d in range(codes.ndim)]
+        values = (codes.astype(np.float32) - zp.reshape(shape)) * scale.reshape(shape)
+        name = node.input[0][: -len("_quantized")]
+        out.graph.initializer.remove(inits[node.input[0]])
+        out.graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), name))
+        q = onnx.helper.make_node("QuantizeLinear", [name, node.input[1], node.input[2]], [name + "_q"], axis=axis)
+        node.input[0] = name + "_q"
+        out.graph.node.insert(list(out.graph.node).index(node), q)
+    return out
+
+
+def test_weights_quantized_at_run_time_are_weight_rows_with_the_same_numbers(exported):
+    result, _ = exported
+    stored = diff(result.float_model, result.quant_model, feeds(2), mode="local", progress=False)
+    at_run_time = diff(result.float_model, _weights_quantized_at_run_time(result.quant_model), feeds(2),
+                       mode="local", progress=False)
+    rows = lambda report: {(r.point.name, r.point.kind): r.stats.sqnr_db for r in report.rows}
+    assert rows(at_run_time).keys() == rows(stored).keys() and any(k == "weight" for _, k in rows(stored))
+    assert all(rows(at_run_time)[key] == pytest.approx(db, abs=1e-6) for key, db in rows(stored).items())
+
+
 def test_a_model_whose_names_differ_is_paired_by_graph_position_with_the_same_numbers(exported):
     """Every tensor of deployq's own export renamed (inputs too): diff aligns the layers by their
     weights and reports the same rows, with the same numbers, as it does by name."""
@@ -400,6 +433,11 @@ def test_a_model_whose_names_differ_is_paired_by_graph_position_with_the_same_nu
     paired = {r.point.name: r.stats.sqnr_db for r in by_position.rows}
     assert layers and set(layers) <= set(paired)
     assert all(paired[name] == pytest.approx(db, abs=1e-6) for name, db in layers.items())
+    # through the API (the CLI's path): its input is named its own way too, and is paired by order
+    renamed = _weights_quantized_at_run_time(_renamed_everywhere(result.quant_model))
+    report = deployq.diff(result.float_model, renamed, random=1, mode="local")
+    assert {r.point.name for r in report.rows if r.point.kind == "weight"} == {
+        r.point.name for r in by_name.rows if r.point.kind == "weight"}
 
 
 def test_another_exporters_quantize_static_model_pairs_every_convolution(tmp_path):

@@ -179,9 +179,13 @@ def with_shapes(inputs: list[InputInfo], shapes: Optional[Sequence[tuple[Optiona
     return out
 
 
-def check_same_inputs(a: onnx.ModelProto, b: onnx.ModelProto, a_name: str, b_name: str) -> list[InputInfo]:
+def check_same_inputs(a: onnx.ModelProto, b: onnx.ModelProto, a_name: str, b_name: str, *,
+                      by_order: bool = False) -> list[InputInfo]:
+    """`a`'s inputs, after checking that `b` takes the same (names and shapes; shapes in order
+    only with `by_order`, for another tool's export that names its inputs its own way)."""
     ia, ib = inputs_of(a), inputs_of(b)
-    if [(i.name, i.shape) for i in ia] != [(i.name, i.shape) for i in ib]:
+    key = (lambda i: i.shape) if by_order else (lambda i: (i.name, i.shape))
+    if [key(i) for i in ia] != [key(i) for i in ib]:
         raise ModelFileError(
             f"the models take different inputs: {a_name} {[(i.name, i.shape) for i in ia]}, "
             f"{b_name} {[(i.name, i.shape) for i in ib]}"

@@ -33,7 +33,6 @@ correction is that new rounding, at most half a step of s_in·s_w per channel.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -42,8 +41,8 @@ from torch import fx
 
 from deployq.core.folding import bn_scale
 from deployq.core.progress import progress_bar
-from deployq.ptq.layers import (LayerData, capture, channel_dim, quantized_output, select_layers,
-                                take_batches)
+from deployq.ptq.layers import (LayerData, capture, channel_dim, float_output_means, quantized_input,
+                                quantized_output, select_layers, take_batches)
 from deployq.qat.fused import QuantLayer
 
 
@@ -74,18 +73,26 @@ def output_error(layer: QuantLayer, data: LayerData) -> torch.Tensor:
     return channel_mean(quantized_output(layer, data.x_quant) - data.y_float, channel_dim(layer))
 
 
-def significant_error(layer: QuantLayer, data: LayerData, significance: float = SIGNIFICANCE) -> torch.Tensor:
-    """δ_c where it is more than `significance` standard errors from zero, else 0. The standard
-    error is the spread of the per-sample mean errors over √N (N samples: dimension 0); with one
-    sample there is no spread to measure and every channel keeps its δ_c."""
-    error = quantized_output(layer, data.x_quant) - data.y_float
-    per_sample = error.movedim(channel_dim(layer), 1).reshape(error.shape[0], error.shape[channel_dim(layer)], -1)
-    per_sample = per_sample.double().mean(2)  # (N, C)
+def per_sample_means(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N, C) in float64: the mean of every sample (dimension 0) and channel (`dim`) over the rest."""
+    return t.movedim(dim, 1).reshape(t.shape[0], t.shape[dim], -1).double().mean(2)
+
+
+def significant(per_sample: torch.Tensor, significance: float = SIGNIFICANCE) -> torch.Tensor:
+    """δ_c, the mean of the per-sample mean errors (N, C), where it is more than `significance`
+    standard errors (their spread over √N) from zero, else 0. With one sample there is no spread
+    to measure and every channel keeps its δ_c."""
     delta = per_sample.mean(0)
     if per_sample.shape[0] < 2:
-        return delta.to(error.dtype)
+        return delta
     standard_error = per_sample.std(0) / per_sample.shape[0] ** 0.5
-    return torch.where(delta.abs() > significance * standard_error, delta, torch.zeros_like(delta)).to(error.dtype)
+    return torch.where(delta.abs() > significance * standard_error, delta, torch.zeros_like(delta))
+
+
+def significant_error(layer: QuantLayer, data: LayerData, significance: float = SIGNIFICANCE) -> torch.Tensor:
+    """:func:`significant` of the layer's error on captured data: y_q − y per sample and channel."""
+    error = quantized_output(layer, data.x_quant) - data.y_float
+    return significant(per_sample_means(error, channel_dim(layer)), significance).to(error.dtype)
 
 
 def bias_rounding(layer: QuantLayer) -> torch.Tensor | float:
@@ -128,20 +135,22 @@ def correct_bias(model: fx.GraphModule, batches: Iterable[Any], *, max_batches: 
 
     `batches`: calibration inputs (the first `max_batches` are used). `layers`: module paths to
     restrict to (default: every QuantLayer with a weight quantizer that owns its parameters).
-    `reference`: the prepared model whose float mode gives the targets; by default a copy of
-    `model` as it is when called. Every module's mode is restored afterwards.
+    `reference`: the prepared model whose float mode gives the targets; by default `model` as it
+    is when called (its targets are taken in one float pass before anything is corrected).
+    Every module's mode is restored afterwards.
     """
     inputs = take_batches(model, batches, max_batches)
     chosen = select_layers(model, layers)
-    reference = reference if reference is not None else copy.deepcopy(model)
-    results, within_noise, channels = [], 0, 0
     skipped = tuple(path for path, layer in chosen if not has_bias_parameter(layer))
     chosen = [(path, layer) for path, layer in chosen if has_bias_parameter(layer)]
+    # every layer's float target in one pass, before any correction changes the float parameters
+    targets = float_output_means(reference if reference is not None else model, [p for p, _ in chosen], inputs)
+    results, within_noise, channels = [], 0, 0
     for path, layer in progress_bar(chosen, "bias correction", total=len(chosen), enabled=progress):
-        data = capture(model, path, inputs, reference)
-        delta = significant_error(layer, data)
+        y_quant = quantized_output(layer, quantized_input(model, path, inputs))
+        means, spread = targets[path]
+        delta = significant(per_sample_means(y_quant, channel_dim(layer)) - means).to(y_quant.dtype)
         shift_bias(layer, bias_rounding(layer) - delta)
         within_noise, channels = within_noise + int((delta == 0).sum()), channels + delta.numel()
-        spread = float(data.y_float.std())
         results.append((path, float(delta.abs().mean()) / spread if spread > 0 else 0.0))
     return BiasCorrectionReport(tuple(results), skipped, within_noise, channels)

@@ -117,6 +117,22 @@ def modes(model: nn.Module, mode: str) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def reused_weights(model: nn.Module) -> Iterator[None]:
+    """Every QuantLayer of `model` computes its quantized weight and bias once and reuses them
+    (:meth:`QuantLayer.deployed_weight_and_bias`) until the context ends; a pass over many batches
+    then quantizes each weight once, not once per batch."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    try:
+        for m in layers:
+            m.reuse_deployed = True
+        yield
+    finally:
+        for m in layers:
+            m.reuse_deployed = False
+            m.__dict__["_deployed"] = None
+
+
 def _run_until(model: nn.Module, inputs: Sequence[tuple], hooks: Sequence[tuple[nn.Module, str, Any]]) -> None:
     """Run every batch through `model` until a hook raises _Stop; hooks are (module, kind, fn)."""
     handles = []
@@ -124,7 +140,7 @@ def _run_until(model: nn.Module, inputs: Sequence[tuple], hooks: Sequence[tuple[
         for module, kind, fn in hooks:
             register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
             handles.append(register(fn))
-        with torch.no_grad():
+        with torch.no_grad(), reused_weights(model):
             for batch in inputs:
                 try:
                     model(*batch)
@@ -165,6 +181,38 @@ def float_input_output(model: fx.GraphModule, path: str, inputs: Sequence[tuple]
     with modes(model, "float"):
         _run_until(model, inputs, [(layer, "pre", grab_input), (last, "post", grab_output)])
     return torch.cat(xs), torch.cat(ys)
+
+
+def float_output_means(model: fx.GraphModule, paths: Sequence[str], inputs: Sequence[tuple]
+                       ) -> dict[str, tuple[torch.Tensor, float]]:
+    """{path: (means, spread)} for layers `paths` in one float pass over every batch: the mean of
+    each sample and output channel of the layer's pre-activation output (BN applied), (N, C) in
+    float64, and the standard deviation of that output over all its elements. What bias
+    correction compares with, at a fraction of :func:`float_input_output`'s memory and passes."""
+    sums: dict[str, list] = {p: [[], 0.0, 0.0, 0] for p in paths}  # per-sample means, Σy, Σy², count
+
+    def grab(path: str, dim: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            y = output.detach()
+            kept = sums[path]
+            kept[0].append(y.movedim(dim, 1).reshape(y.shape[0], y.shape[dim], -1).double().mean(2))
+            kept[1] += float(y.double().sum())
+            kept[2] += float(y.double().pow(2).sum())
+            kept[3] += y.numel()
+        return hook
+
+    hooks = []
+    for path in paths:
+        layer: QuantLayer = model.get_submodule(path)
+        hooks.append((layer.bn if layer.bn is not None else layer.layer, "post", grab(path, channel_dim(layer))))
+    with modes(model, "float"):
+        _run_until(model, inputs, hooks)
+    found = {}
+    for path, (means, total, squares, count) in sums.items():
+        mean = total / max(count, 1)
+        variance = max(squares / max(count, 1) - mean * mean, 0.0) * count / max(count - 1, 1)
+        found[path] = (torch.cat(means), variance ** 0.5)
+    return found
 
 
 def capture(model: fx.GraphModule, path: str, inputs: Sequence[tuple],

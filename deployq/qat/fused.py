@@ -57,6 +57,9 @@ class QuantLayer(nn.Module):
         # The quantizer feeding this layer (its scale sets the bias scale). A plain reference, not
         # a submodule: it is registered where it sits in the graph.
         self.__dict__["input_quant"] = None
+        # (state, (Q_w(W'), Q_b(c'))) kept while reuse_deployed is on: see deployed_weight_and_bias
+        self.reuse_deployed = False
+        self.__dict__["_deployed"] = None
 
     @property
     def kind(self) -> str:
@@ -130,6 +133,29 @@ class QuantLayer(nn.Module):
         q = quantize(bias.detach(), s, torch.zeros_like(s), INT32_QMIN, INT32_QMAX, axis)
         return straight_through(q * s, bias)
 
+    def deployed_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(Q_w(W'), Q_b(c')): the weight and bias the deployed layer computes with. While
+        ``reuse_deployed`` is on and no gradient is taken (the post-training passes, which run the
+        same weights through the model batch after batch), they are computed once and reused until
+        a tensor they depend on changes: parameters, statistics and qparams of the layer and of the
+        quantizer feeding it, all changed in place, so their version counters tell."""
+        cached = self.__dict__.get("_deployed")
+        reuse = getattr(self, "reuse_deployed", False) and not torch.is_grad_enabled()
+        if reuse and cached is not None and cached[0] == self._state():
+            return cached[1]
+        weight, bias = self.folded_weight_and_bias()
+        if self.weight_quant is not None:
+            weight = self.quantized_weight(weight, bias)
+        deployed = (weight, self.quantize_bias(bias))
+        self.__dict__["_deployed"] = (self._state(), deployed) if reuse else None
+        return deployed
+
+    def _state(self) -> tuple:
+        inq = self.input_quant
+        tensors = [*self.parameters(), *self.buffers(), *(() if inq is None else (*inq.parameters(), *inq.buffers()))]
+        floor = getattr(self.weight_quant, "scale_floor", None)
+        return tuple((t.data_ptr(), t._version) for t in tensors) + (id(floor),)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode != "quantize":
             y = self.layer(x)
@@ -138,10 +164,7 @@ class QuantLayer(nn.Module):
         elif self.bn is not None and self.bn.training and not self.freeze_bn:
             y = self._forward_training_bn(x)
         else:
-            weight, bias = self.folded_weight_and_bias()
-            if self.weight_quant is not None:
-                weight = self.quantized_weight(weight, bias)
-            y = self._run_layer(x, weight, self.quantize_bias(bias))
+            y = self._run_layer(x, *self.deployed_weight_and_bias())
         return self.act(y) if self.act is not None else y
 
     def _forward_training_bn(self, x: torch.Tensor) -> torch.Tensor:

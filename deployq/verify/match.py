@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from deployq.core.qformula import dequantize_np
+from deployq.core.qformula import dequantize_np, quantize_np
 from deployq.core.qparams import QParamsError, QuantPoint
 from deployq.core.runtime import ModelFileError
 from deployq.exporters import BLOCKS_SUFFIX, fold_batchnorm_copy
@@ -112,6 +112,8 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
         if node.op_type != "QuantizeLinear":
             continue
         source, clip = quantized_tensor(node, producers, inits)
+        if source in inits:  # a float weight quantized at run time: a weight (_weights), not an activation
+            continue
         name = base_name(source)
         dq = next((c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None)
         scale, zp = _const(inits, node.input[1]), _const(inits, node.input[2]) if len(node.input) > 2 else None
@@ -236,26 +238,48 @@ def _weights(quant_model: onnx.ModelProto, float_model: onnx.ModelProto, folded:
         if node.op_type not in WEIGHT_LAYER_OPS or len(node.input) < 2:
             continue
         dq = producers.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        if dq is None or dq.op_type != "DequantizeLinear":
             continue
-        codes = _const(inits, dq.input[0])
         scale = _const(inits, dq.input[1])
-        zp = _const(inits, dq.input[2]) if len(dq.input) > 2 else np.zeros_like(codes.reshape(-1)[:1]).reshape(())
+        zp = _const(inits, dq.input[2]) if len(dq.input) > 2 else None
+        if scale is None:
+            continue
         _check_scale(scale, dq.input[0], dq.name)
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1 if scale.ndim and node.op_type == "ConvTranspose" else 0)
         axis = axis if scale.ndim else None
+        codes = _weight_codes(dq, zp, axis, inits, producers)
+        if codes is None:
+            continue
+        zp = zp if zp is not None else np.zeros((), codes.dtype)
         weight = dequantize_np(codes, scale, zp, axis)
         reference = float_layers.get((node.op_type, base_name(node.output[0])))
         if reference is None and node.name:
             reference = float_layers.get((node.op_type, f"node:{node.name}"))
         if reference is None or reference.shape != weight.shape:
             continue
-        name = dq.input[0][: -len("_quantized")] if dq.input[0].endswith("_quantized") else dq.input[0]
+        stored = dq.input[0] if dq.input[0] in inits else producers[dq.input[0]].input[0]
+        name = stored[: -len("_quantized")] if stored.endswith("_quantized") else stored
         bits = 8 if codes.dtype.itemsize == 1 else _weight_bits(codes)
         record = _record(name, "weight", node.op_type, bits, np.asarray(scale), np.asarray(zp), axis,
                          node.name or node.output[0])
         points.append(MatchedPoint(record, float_weight=reference.astype(np.float32), quant_weight=weight))
     return points
+
+
+def _weight_codes(dq: onnx.NodeProto, zp: Optional[np.ndarray], axis: Optional[int], inits: dict,
+                  producers: dict) -> Optional[np.ndarray]:
+    """A DequantizeLinear's weight codes: its stored initializer, or (AIMET's default export) the
+    codes its QuantizeLinear makes of a float initializer at run time, computed as ONNX does."""
+    if dq.input[0] in inits:
+        return _const(inits, dq.input[0])
+    q = producers.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in inits:
+        return None
+    dtype = zp.dtype if zp is not None else np.dtype(np.uint8)
+    info = np.iinfo(dtype)
+    codes = quantize_np(_const(inits, q.input[0]), _const(inits, q.input[1]),
+                        zp if zp is not None else np.zeros((), dtype), info.min, info.max, axis)
+    return codes.astype(dtype)
 
 
 def _weight_bits(codes: np.ndarray) -> int:

@@ -197,9 +197,7 @@ def pair_by_position(float_model: onnx.ModelProto, quant_model: onnx.ModelProto)
         if id(node) in layers:  # a weight layer pairs by its weights only, never by where it is
             if id(node) in aligned and aligned[id(node)].output[0] in theirs.producer:
                 pair(node.output[0], aligned[id(node)].output[0])
-                codes = ours.producer.get(node.input[1])
-                if codes is not None and codes.op_type == "DequantizeLinear" and codes.input[0] in ours.inits:
-                    renamed[codes.input[0]] = aligned[id(node)].input[1] + "_quantized"  # the weight's row name
+                _name_weight(node, aligned[id(node)].input[1], ours, renamed)
             continue
         inputs = [renamed.get(t, t) for t in ours.variable_inputs(node)]
         if not inputs or any(t not in theirs.readers for t in inputs):
@@ -210,6 +208,20 @@ def pair_by_position(float_model: onnx.ModelProto, quant_model: onnx.ModelProto)
             for mine, other in zip(node.output, same[0].output):
                 pair(mine, other)
     return PositionPairing(_renamed(quant_model, renamed), renamed, len(pairs), len(quant))
+
+
+def _name_weight(layer: onnx.NodeProto, name: str, ours: _Graph, renamed: dict[str, str]) -> None:
+    """Name the quantized layer's stored weight as the float model names it (the weight's diff
+    row): its codes, or the float weight its QuantizeLinear quantizes at run time."""
+    dq = ours.producer.get(layer.input[1])
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return
+    if dq.input[0] in ours.inits:
+        renamed[dq.input[0]] = name + "_quantized"
+        return
+    q = ours.producer.get(dq.input[0])
+    if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in ours.inits:
+        renamed[q.input[0]] = name
 
 
 def _renamed(model: onnx.ModelProto, renamed: dict[str, str]) -> onnx.ModelProto:
