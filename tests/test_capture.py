@@ -740,3 +740,21 @@ def test_an_activation_after_a_multiply_is_one_quant_point_and_the_multiply_runs
     ort.InferenceSession(str(result.files["int8"]), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert "QLinearMul" in ops and "Clip" not in ops and "Mul" not in ops
+
+
+def test_quantize_outputs_false_leaves_the_layer_that_makes_the_output_float(tmp_path):
+    """With `quantize_outputs: false` the last Linear keeps its quantized weight but not its output
+    quant point (NNCF's default): the export has no QuantizeLinear on the model output, check
+    still passes, and the output is closer to float (its rounding is gone)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    rounded, _, _ = _pipeline(model, tmp_path / "a")
+    kept, result, _ = _pipeline(model, tmp_path / "b", config={"quantize_outputs": False})
+    assert "4" in quant_points(rounded) and "4" not in quant_points(kept) and "4.weight" in quant_points(kept)
+    output = result.quant_model.graph.output[0].name
+    assert not any(n.op_type == "DequantizeLinear" and n.output[0] == output for n in result.quant_model.graph.node)
+    held_out = [torch.rand(4, 3, 16, 16) for _ in range(3)]
+    assert _output_sqnr(model, kept, held_out) > _output_sqnr(model, rounded, held_out) + 1.0
+    from deployq.qat.config import load_config
+
+    assert load_config({"quantize_outputs": False}).to_dict()["quantize_outputs"] is False

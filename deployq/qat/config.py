@@ -9,6 +9,7 @@ Native form (YAML or a dict)::
     fuse_activations: [relu, relu6]   # activations folded into the preceding Conv/Linear
     leaf_modules: [backbone.attn]     # modules kept whole (not traced into): quantized at their boundary
     quantize_float_ops: false         # true: also quantize tensors only float ops read (see placement)
+    quantize_outputs: true            # false: a layer that makes a model output keeps it float
     layers:                           # applied in order; a later match overrides an earlier one
       "DBLE.*_conv1.*": {weight: 10 per_channel_affine, activation: 10 per_tensor_affine}
       "DBLE.DBLE_out":  {activation: {bits: 10}}
@@ -70,10 +71,14 @@ class QConfig:
     # True: also quantize the output of an op with no integer kernel that only such ops read (a
     # QNN/HTP graph that must be integer throughout); False leaves it float (deployq.qat.placement)
     quantize_float_ops: bool = False
+    # False: a layer whose output only the model's outputs read keeps that output float (its
+    # weights stay quantized; onnxruntime then runs it in float), as NNCF does by default
+    quantize_outputs: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.quantize_float_ops, bool):
-            raise ConfigError("quantize_float_ops must be true or false")
+        for key in ("quantize_float_ops", "quantize_outputs"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false")
         if isinstance(self.leaf_modules, str) or not all(isinstance(m, str) and m for m in self.leaf_modules):
             raise ConfigError("leaf_modules must be a list of module paths or class names, e.g. [backbone.attn]")
         unknown = set(self.fuse_activations) - set(FUSABLE_ACTIVATIONS)
@@ -134,6 +139,7 @@ class QConfig:
             "fuse_activations": list(self.fuse_activations),
             **({"leaf_modules": list(self.leaf_modules)} if self.leaf_modules else {}),
             "quantize_float_ops": self.quantize_float_ops,
+            "quantize_outputs": self.quantize_outputs,
             "layers": {
                 r.pattern: ({"quantize": False} if not r.quantize else
                             {k: dict(v) for k, v in (("weight", r.weight), ("activation", r.activation)) if v})
@@ -173,7 +179,8 @@ def _spec(value: Any, default: QuantSpec, where: str) -> QuantSpec:
     return _apply(default, _changes(value, where), where)
 
 
-NATIVE_KEYS = {"weight", "activation", "input", "layers", "fuse_activations", "leaf_modules", "quantize_float_ops"}
+NATIVE_KEYS = {"weight", "activation", "input", "layers", "fuse_activations", "leaf_modules", "quantize_float_ops",
+               "quantize_outputs"}
 
 
 def from_dict(data: Mapping[str, Any] | None, source: str = "config") -> QConfig:
@@ -207,6 +214,7 @@ def from_dict(data: Mapping[str, Any] | None, source: str = "config") -> QConfig
         fuse_activations=tuple(fused),
         leaf_modules=tuple(str(m) for m in leaves),
         quantize_float_ops=data.get("quantize_float_ops", False),
+        quantize_outputs=data.get("quantize_outputs", True),
     )
 
 

@@ -9,7 +9,7 @@ On a normalized graph (:mod:`deployq.qat.normalize`):
 * :func:`plan_activations` - every model input and the output of every compute op (after its
   fused activation) is a quant point; data movement carries quantization through; ``act(a + b)``,
   ``act(a * b)`` and ``act(bn(x))`` are one quant point after the activation; a model output
-  that no layer makes is left float; so is the output of an op with no integer kernel (a
+  that no layer makes is left float (one that a layer makes too, with ``quantize_outputs: false``); so is the output of an op with no integer kernel (a
   normalization, GELU, a subtraction, a division...) that only such ops read
   (``pool(norm(x)) - norm(x)``: nothing reads integer codes there; ``QConfig.quantize_float_ops``
   turns this off); values computed from parameters only are constants; a windowed average pool
@@ -218,6 +218,10 @@ def plan_activations(gm: fx.GraphModule, fused: dict[fx.Node, Group], namer: Nam
             name, kind, members, op = namer.name(node), "input", (), "input"
         elif group is not None:
             name, kind, members, op = group.names[-1], "activation", tuple(group.names), modules[node.target].kind
+            readers = _readers(node, modules)
+            if not config.quantize_outputs and readers and all(r.op == "output" for r in readers):
+                known.update((name, *members))  # the model's output, left float as the config asks
+                continue
         else:
             name, kind, op = namer.name(node), "activation", op_label(node, modules)
             members = (into_activation[node],) if node in into_activation else ()
