@@ -91,10 +91,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[float]:
 
 def run(argv: list[str]) -> common.Section:
     args = parse_args(argv)
-    names = [n for n in args.models.split(",") if n]
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        raise common.BenchmarkError(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    names = common.chosen_models(args.models, MODELS)
     rows, gains = [], []
     with common.torch_threads(1):
         for name in names:

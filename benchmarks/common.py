@@ -181,6 +181,15 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: Optional[
     return lines
 
 
+def chosen_models(text: str, known: Sequence[str]) -> list[str]:
+    """The comma-separated names of a ``--models`` option, each one of `known`."""
+    names = [n for n in text.split(",") if n]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise BenchmarkError(f"unknown models {unknown}; known: {', '.join(known)}")
+    return names
+
+
 def error_text(err: BaseException) -> str:
     """An error's type and first sentence, fit for a table cell (no colour codes, no pipes)."""
     lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()

@@ -5,9 +5,9 @@ pairs by name. Another tool's export of the same network often does not: AIMET's
 TorchScript ONNX exporter's ``/conv1/Conv_output_0``, against deployq's module paths. Then:
 
 1. the graphs' inputs and outputs pair by order;
-2. the weight layers (Conv, ConvTranspose, Gemm, MatMul with a constant weight) are aligned in
-   graph order by their weights: same shape, and the quantized model's dequantized weight within
-   :data:`MAX_WEIGHT_ERROR` of the float one (BatchNorm folded on both sides first);
+2. each weight layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) pairs with the
+   float layer whose weights are nearest to its dequantized ones: same shape, within
+   :data:`MAX_WEIGHT_ERROR` (BatchNorm folded on both sides first);
 3. every other op pairs forward from there: an op of the quantized model whose inputs are paired
    (through their Q -> DQ) pairs with the float model's op of the same type reading those inputs.
 
@@ -36,7 +36,6 @@ __all__ = ["MAX_WEIGHT_ERROR", "PositionPairing", "names_differ", "pair_by_posit
 # ||w_quant - w_float|| / ||w_float|| of two layers taken for the same one: 8-bit weights are ~1 %
 # off, 4-bit per-channel ~10 %; unrelated layers of one shape are ~140 % (independent weights)
 MAX_WEIGHT_ERROR = 0.3
-_WINDOW = 16  # float layers looked ahead for each quantized one (a tool may drop or split a few)
 
 
 @dataclass
@@ -148,23 +147,26 @@ def _weight(tensor: str, inits: dict, producers: dict) -> Optional[np.ndarray]:
     return dequantize_np(codes, scale, zp if zp is not None else np.zeros_like(scale, dtype=codes.dtype), axis)
 
 
-def _same_layer(q: _Layer, f: _Layer) -> bool:
+def _weight_error(q: _Layer, f: _Layer) -> float:
+    """||w_q - w_f|| / ||w_f|| of two layers of one kind and shape (inf otherwise)."""
     same_kind = q.node.op_type == f.node.op_type or {q.node.op_type, f.node.op_type} <= {"Gemm", "MatMul"}
     if not same_kind or q.weight.shape != f.weight.shape:
-        return False
+        return np.inf
     norm = np.linalg.norm(f.weight)
-    return norm > 0 and np.linalg.norm(q.weight - f.weight) <= MAX_WEIGHT_ERROR * norm
+    return float(np.linalg.norm(q.weight - f.weight) / norm) if norm > 0 else np.inf
 
 
 def _align(quant: list[_Layer], floating: list[_Layer]) -> list[tuple[_Layer, _Layer]]:
-    """Pairs in graph order: each quantized layer with the first float layer at or after the last
-    pair (within :data:`_WINDOW`) that has its shape and, within the error bound, its weights."""
-    pairs, start = [], 0
+    """Each quantized layer, in graph order, with the float layer not yet taken whose weights are
+    nearest to its own, if within :data:`MAX_WEIGHT_ERROR`. Weights, not order, decide: two
+    exporters may visit parallel branches in different orders."""
+    pairs, taken = [], set()
     for q in quant:
-        found = next((j for j in range(start, min(start + _WINDOW, len(floating))) if _same_layer(q, floating[j])), None)
-        if found is not None:
-            pairs.append((q, floating[found]))
-            start = found + 1
+        errors = [(_weight_error(q, f), j) for j, f in enumerate(floating) if j not in taken]
+        error, j = min(errors, default=(np.inf, -1))
+        if error <= MAX_WEIGHT_ERROR:
+            pairs.append((q, floating[j]))
+            taken.add(j)
     return pairs
 
 

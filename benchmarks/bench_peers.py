@@ -1,0 +1,235 @@
+"""deployq against the tools users pick instead (NNCF, AIMET, quantize_static), on trained models, in one run.
+
+    scripts/install-peers.sh            # NNCF 3.4.0 and AIMET 2.42.0 into .peers/ (not the venv)
+    python benchmarks/bench_peers.py [--models digits,lowlight]
+
+Models and data as in ``bench_ptq.py``: the digits CNN trained here (seed 0) and the shipped
+low-light network; the same calibration inputs (32) for every tool and the same held-out inputs
+(16; 450 for digits). Contenders, each from the same trained weights:
+
+* deployq: plain min/max calibration, and ``--ptq bias`` (bias correction); each also with
+  ``quantize_outputs: false`` (the layer making the model's output keeps it float, as NNCF does);
+* ``quantize_static`` (MinMax; QDQ, per-channel s8 weights, u8 activations) on deployq's float graph;
+* NNCF's ONNX ``nncf.quantize`` on deployq's float graph (converted to opset 19: at 21, NNCF 3.4
+  writes QuantizeLinear nodes onnxruntime refuses): its default (fast bias correction), its
+  full bias correction (``fast_bias_correction=False``), and that with min/max activation ranges
+  and no overflow fix (NNCF's default halves the weight range, 7 bits, for CPUs without VNNI);
+* AIMET's ``QuantizationSimModel`` on the torch model (BatchNorm folded, min/max, 8-bit weights per
+  channel and activations, its default per-channel config), exported as a QDQ ONNX file with
+  int32 biases (``aimet_torch.onnx.export``).
+
+Columns: output SQNR (dB) of the fully optimized graph against deployq's float graph on the
+held-out inputs (top-1 agreement with float for digits); the seconds the tool took (calibration
+included, the float ONNX export not); the Conv / Gemm / MatMul that onnxruntime runs as integer
+kernels, of all; and how many of the file's quantized weight layers ``deployq diff`` pairs with
+deployq's float graph (by name, or by graph position where the file names its tensors its own
+way) and how many of its quantized tensors stay unpaired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common
+
+SCRIPT = "bench_peers.py"
+MODELS = ("digits", "lowlight")
+PEERS = common.ROOT / ".peers"  # where scripts/install-peers.sh puts NNCF and AIMET
+# NNCF 3.4 writes QuantizeLinear nodes onnxruntime refuses (output_dtype INT8 with a UINT8 zero
+# point) into an opset-21 graph such as deployq's float export; it is given the graph at opset 19
+NNCF_OPSET = 19
+FLOAT_OUTPUTS = {"quantize_outputs": False}  # the layer making a model output runs in float, as NNCF leaves it
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from benchmarks import bench_ptq
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ", ".join(MODELS))
+    args = parser.parse_args(argv)
+    return argparse.Namespace(**{**vars(bench_ptq.parse_args([])), **vars(args)})
+
+
+def import_peers() -> None:
+    """Make NNCF and AIMET importable from .peers/, or say how to install them."""
+    if str(PEERS) not in sys.path:
+        sys.path.append(str(PEERS))
+    from deployq.examples.torchvision_models import import_torchvision
+
+    import_torchvision()  # AIMET imports torchvision; the CPU-safe way in
+    try:
+        import aimet_torch  # noqa: F401
+        import nncf  # noqa: F401
+    except ImportError as err:
+        raise common.BenchmarkError(f"NNCF / AIMET not importable ({err}): run scripts/install-peers.sh first")
+
+
+def nncf_quantize(float_onnx: Path, out: Path, calibration: list[np.ndarray], full_bias_correction: bool,
+                  tuned: bool = False) -> Path:
+    """NNCF's ONNX quantization; `tuned`: min/max activation ranges and no overflow fix (its 7-bit
+    weights for CPUs without VNNI), the best of 18 option sets on these models in an earlier trial."""
+    import nncf
+    import onnx
+    import onnx.version_converter
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    model = onnx.load(str(float_onnx))
+    if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) > NNCF_OPSET:
+        model = onnx.version_converter.convert_version(model, NNCF_OPSET)
+    name = model.graph.input[0].name
+    dataset = nncf.Dataset(calibration, lambda x: {name: x})
+    advanced = AdvancedQuantizationParameters(
+        overflow_fix=OverflowFix.DISABLE, activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+    ) if tuned else None
+    quantized = nncf.quantize(model, dataset, subset_size=len(calibration),
+                              fast_bias_correction=not full_bias_correction, advanced_parameters=advanced)
+    onnx.save(quantized, str(out))
+    return out
+
+
+def aimet_quantize(model, out: Path, calibration: list[np.ndarray]) -> Path:
+    import aimet_torch
+    import aimet_torch.onnx
+    import torch
+    from aimet_torch.batch_norm_fold import fold_all_batch_norms
+    from aimet_torch.common.defs import QuantScheme
+    from aimet_torch.model_preparer import prepare_model
+    from aimet_torch.quantsim import QuantizationSimModel
+
+    dummy = torch.from_numpy(calibration[0])
+    model = prepare_model(model.eval())
+    fold_all_batch_norms(model, input_shapes=tuple(dummy.shape), dummy_input=dummy)
+    config = Path(aimet_torch.__path__[0]) / "common" / "quantsim_config" / "default_config_per_channel.json"
+    sim = QuantizationSimModel(model, dummy_input=dummy, quant_scheme=QuantScheme.min_max, default_output_bw=8,
+                               default_param_bw=8, config_file=str(config))
+
+    def forward(m, _):
+        with torch.no_grad():
+            for x in calibration:
+                m(torch.from_numpy(x))
+
+    sim.compute_encodings(forward, None)
+    aimet_torch.onnx.export(sim, dummy, str(out), input_names=["input"], output_names=["output"], opset_version=13,
+                            dynamo=False, export_int32_bias=True, prequantize_constants=True)
+    return out
+
+
+def integer_layers(path: Path, work: Path) -> tuple[int, int]:
+    ops = common.optimized_ops(path, 1, work)
+    integer = sum(ops[o] for o in common.INTEGER_LAYERS)
+    return integer, integer + sum(ops[o] for o in common.FLOAT_LAYERS)
+
+
+def pairing(float_onnx: Path, path: Path, calibration: list[np.ndarray]) -> tuple[int, int, int]:
+    """(weight layers diff pairs, quantized weight layers in the file, quantized tensors left unpaired)."""
+    import onnx
+
+    import deployq
+    from deployq.exporters.graph import WEIGHT_LAYER_OPS
+
+    model = onnx.load(str(path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    layers = sum(n.op_type in WEIGHT_LAYER_OPS and len(n.input) > 1 and n.input[1] in producers
+                 and producers[n.input[1]].op_type == "DequantizeLinear" for n in model.graph.node)
+    report = deployq.diff(str(float_onnx), str(path), [x for x in calibration[:2]], mode="local")
+    return sum(r.point.kind == "weight" for r in report.rows), layers, len(report.unmatched)
+
+
+def _case(name: str, args: argparse.Namespace, work: Path):
+    from benchmarks import bench_ptq
+
+    return bench_ptq.lowlight_case(args) if name == "lowlight" else bench_ptq.digits_case(args, work)
+
+
+def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
+    from benchmarks.bench_conformance import outputs, sqnr_db, top1
+    from deployq.deploy.export import export
+    from deployq.ptq.pipeline import PTQOptions
+
+    case = _case(name, args, work)
+    calibration = list(case.calibration)
+    plain, plain_s = common.timed(lambda: export(case.source(), work / "plain", calib=calibration,
+                                                 calib_limit=args.calib, progress=False, ort_format=False))
+    float_onnx = plain.files["float"]
+    reference = None
+
+    def score(path: Path) -> tuple[float, Optional[float]]:
+        nonlocal reference
+        feeds_float = [{plain.float_model.graph.input[0].name: x} for x in case.held_out]
+        if reference is None:
+            reference = outputs(float_onnx, feeds_float)
+        import onnx
+
+        feeds = [{onnx.load(str(path)).graph.input[0].name: x} for x in case.held_out]
+        ours = outputs(path, feeds)
+        return sqnr_db([o for out in reference for o in out], [o for out in ours for o in out]), top1(reference, ours)
+
+    def deployq(folder: str, methods: tuple[str, ...] = (), config: Optional[dict] = None) -> Path:
+        extra = {"ptq": PTQOptions(methods)} if methods else {}
+        return export(case.source(config), work / folder, calib=calibration, calib_limit=args.calib, progress=False,
+                      ort_format=False, **extra).files["int8"]
+
+    contenders: list[tuple[str, Callable[[], Path]]] = [
+        ("deployq --ptq bias", lambda: deployq("bias", ("bias",))),
+        ("deployq, outputs float (`quantize_outputs: false`)", lambda: deployq("out", (), FLOAT_OUTPUTS)),
+        ("deployq --ptq bias, outputs float", lambda: deployq("bias_out", ("bias",), FLOAT_OUTPUTS)),
+        ("quantize_static MinMax", lambda: common.quantize_static_qdq(float_onnx, work / "static.onnx", calibration,
+                                                                      "MinMax")),
+        ("NNCF default (fast bias correction)", lambda: nncf_quantize(float_onnx, work / "nncf.onnx", calibration, False)),
+        ("NNCF full bias correction", lambda: nncf_quantize(float_onnx, work / "nncf_full.onnx", calibration, True)),
+        ("NNCF full bias correction, min/max, no overflow fix",
+         lambda: nncf_quantize(float_onnx, work / "nncf_tuned.onnx", calibration, True, tuned=True)),
+        ("AIMET QuantSim min/max", lambda: aimet_quantize(case.source().float_model, work / "aimet.onnx", calibration)),
+    ]
+    rows = [_row("deployq (min/max)", plain.files["int8"], plain_s, score, float_onnx, calibration, work)]
+    for label, make in contenders:
+        try:  # a tool that cannot quantize this model, or writes a file onnxruntime refuses, is a row
+            with common.quiet():
+                path, seconds = common.timed(make)
+                rows.append(_row(label, path, seconds, score, float_onnx, calibration, work))
+        except Exception as err:
+            rows.append([label, f"cannot: {common.error_text(err)[:200]}", "", "", ""])
+        print(f"{name}: {label}: {rows[-1][1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _row(label: str, path: Path, seconds: float, score, float_onnx: Path, calibration, work: Path) -> list[str]:
+    sqnr, agreement = score(path)
+    integer, layers = integer_layers(path, work)
+    paired, quantized, unpaired = pairing(float_onnx, path, calibration)
+    text = f"{sqnr:.2f}" + (f" ({100 * agreement:.0f}%)" if agreement is not None else "")
+    return [label, text, f"{seconds:.1f}", f"{integer}/{layers}", f"{paired}/{quantized}, {unpaired} unpaired"]
+
+
+def run(argv: list[str]) -> common.Section:
+    args = parse_args(argv)
+    names = common.chosen_models(args.models, MODELS)
+    import_peers()
+    body: list[str] = []
+    with common.torch_threads(1):
+        for name in names:
+            with tempfile.TemporaryDirectory(prefix=f"bench_peers.{name}.") as tmp:
+                with common.quiet():
+                    rows = measure(name, args, Path(tmp))
+            body += ["", f"**{'digits CNN (trained)' if name == 'digits' else 'low-light network (trained)'}**", ""]
+            body += common.table(["quantization", "output SQNR dB (top-1 = float)", "seconds",
+                                  "integer layers", "diff: weight layers paired, tensors unpaired"], rows)
+    body += ["", "NNCF 3.4.0 and AIMET 2.42.0 (`scripts/install-peers.sh`), onnxruntime's CPU provider, 1 thread. "
+             "Seconds: the tool's own quantization (calibration included; deployq's export also writes the float "
+             "graph, the checkpoint and qparams.json), one run. One seed. Machine: " + common.machine_text() + "."]
+    return common.Section("peers", "deployq against NNCF, AIMET and quantize_static on trained models",
+                          common.command_line(SCRIPT, argv), body)
+
+
+if __name__ == "__main__":
+    sys.exit(common.main_for(run, sys.argv[1:]))
