@@ -156,3 +156,52 @@ def test_reused_weights_are_the_fresh_ones_and_follow_in_place_changes():
             rescaled = qmodel(x)
         assert not torch.equal(rescaled, shifted) and torch.equal(rescaled, qmodel(x))
     assert all(m.__dict__["_deployed"] is None and not m.reuse_deployed for m in layers)
+
+
+def _biases(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".bias")}
+
+
+def test_one_stacked_pass_corrects_as_the_layer_by_layer_passes_do(monkeypatch):
+    """All samples stacked, each layer corrected in a hook before it runs (one forward): the same
+    biases as one pass per layer, which is what the method defines."""
+    import deployq.ptq.bias_correction as bc
+
+    g = torch.Generator().manual_seed(1)
+    samples = [torch.rand(1, 3, 16, 16, generator=g) for _ in range(16)]
+    one_pass = calibrated_on(samples, BITS4)
+    by_layer = copy.deepcopy(one_pass)
+    correct_bias(one_pass, samples, max_batches=16)
+    monkeypatch.setattr(bc, "_in_one_pass", lambda *args: False)
+    correct_bias(by_layer, samples, max_batches=16)
+    a, b = _biases(one_pass), _biases(by_layer)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], _biases(calibrated_on(samples, BITS4))[k]) for k in a)  # it did correct
+
+
+class BatchOfOne(torch.nn.Module):
+    """A model written for one sample at a time: its view puts the batch size in by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * 14 * 14, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).view(1, -1))
+
+
+def test_a_model_that_takes_one_sample_at_a_time_is_corrected_layer_by_layer():
+    """Stacked samples do not run through it; nothing of the failed pass stays, and the layer-by-
+    layer passes give what they give on their own."""
+    import deployq.ptq.bias_correction as bc
+
+    g = torch.Generator().manual_seed(2)
+    samples = [torch.rand(1, 3, 16, 16, generator=g) for _ in range(8)]
+    model = deployq.prepare(BatchOfOne().eval(), samples[0])
+    deployq.calibrate(model, samples, progress=False)
+    reference = copy.deepcopy(model)
+    assert not bc._in_one_pass(model, bc.select_layers(model, None), [(s,) for s in samples],
+                               lambda path, layer, x: bc.shift_bias(layer, torch.ones(1)))
+    assert all(torch.equal(v, _biases(reference)[k]) for k, v in _biases(model).items())  # the failed pass undone
+    report = correct_bias(model, samples, max_batches=8)
+    assert len(report.layers) == 2
