@@ -179,12 +179,7 @@ class EMAMinMaxObserver(MinMaxObserver):
 
 @OBSERVERS.register("probability")
 class ProbabilityObserver(MinMaxObserver):
-    """[0, 1] whatever the data, in 2ᵇ − 1 steps: every probability a softmax can give, 1 included.
-    A calibrated range would be narrower, but onnxruntime's fused QLinearSoftmax computes wrongly
-    on a small scale (0.1 dB against the QDQ graph on a flat attention); on this grid it follows
-    the QDQ graph within 1 LSB. The grid onnxruntime's kernel is exact on, [0, 1 − 2⁻ᵇ] (scale
-    2⁻ᵇ), clips a certain attention (p = 1) by a step: a systematic error that cost DaViT, LeViT
-    and VisFormer 0.18–0.27 dB of output SQNR against quantize_static (timm sweep)."""
+    """[0, 1] in 2ᵇ − 1 steps whatever the data, p = 1 kept (docs/design.md: why not a calibrated range)."""
 
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
         symmetric = self.spec.signed and self.spec.symmetric
