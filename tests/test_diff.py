@@ -488,3 +488,34 @@ def test_a_model_of_another_network_is_not_paired_by_position(exported, tmp_path
     theirs = deployq.export(other, torch.rand(*SHAPE), tmp_path, progress=False).quant_model
     with pytest.raises(ModelFileError, match="share only their inputs|no quant point in common"):
         diff(result.float_model, _renamed_everywhere(theirs), feeds(1), progress=False)
+
+
+class PReLUPool(torch.nn.Module):
+    """MTCNN's pattern: Conv -> PReLU -> MaxPool -> Conv; the PReLU's negatives mostly lose in the pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = torch.nn.Conv2d(3, 8, 3), torch.nn.PReLU(8, init=0.5)
+        self.pool, self.head = torch.nn.MaxPool2d(2, 2), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.pool(self.act(self.conv(x))))
+
+
+def test_a_point_only_a_max_pool_reads_is_compared_after_the_pool(tmp_path, monkeypatch):
+    """The PReLU's point is calibrated on what the pool outputs, so it clips negatives the pool
+    drops anyway: its row compares the pool's outputs (what every reader sees), and is then as
+    good as its grid, where the tensor before the pool is far off."""
+    import deployq.verify.match as match_module
+
+    torch.manual_seed(0)
+    qmodel = deployq.prepare(PReLUPool().eval(), torch.randn(1, 3, 16, 16))
+    deployq.calibrate(qmodel, [torch.randn(4, 3, 16, 16) for _ in range(3)], progress=False)
+    result = deployq.export(qmodel, torch.randn(1, 3, 16, 16), tmp_path, progress=False)
+    batches = [{"x": torch.randn(2, 3, 16, 16).numpy()}]
+    row = lambda report: next(r for r in report.rows if r.point.name == "act")
+    pooled = diff(result.float_model, result.quant_model, batches, mode="local", progress=False)
+    assert row(pooled).point.pool is not None and row(pooled).stats.sqnr_db > 35
+    monkeypatch.setattr(match_module, "_only_max_pool", lambda *args: None)
+    unpooled = diff(result.float_model, result.quant_model, batches, mode="local", progress=False)
+    assert row(unpooled).stats.sqnr_db < row(pooled).stats.sqnr_db - 10

@@ -1,7 +1,8 @@
 """Layer-by-layer comparison of a float ONNX model and its QDQ model (``deployq diff``).
 
 Quant points are paired by name (:mod:`.match`; by graph position first where the quantized model's
-names are not the float model's, :mod:`.positions`), errors are streamed into :mod:`.stats`.
+names are not the float model's, :mod:`.positions`), errors are streamed into :mod:`.stats`. A
+point that only a MaxPool reads is compared after the pool: what it discards reaches no reader.
 
 Modes:
     accumulated  both whole models; each layer's error includes what flowed in from above
@@ -66,10 +67,34 @@ def _accumulated(matching: Matching, float_model: onnx.ModelProto, quant_model: 
     for feeds in progress_bar(batches, "diff", enabled=progress):
         f, q = run(f_sess, feeds), run(q_sess, feeds)
         for p in acts:
-            stats[p.name].add(f[p.name], q[p.value], p, q[p.codes])
+            _add(stats[p.name], p, f[p.name], q[p.value], q[p.codes])
         for name in outputs:
             outputs[name].add(f[name], q[name])
     return stats, outputs
+
+
+def _add(stats: Stats, point: MatchedPoint, ref: np.ndarray, value: np.ndarray, codes: np.ndarray) -> None:
+    """One batch of a quant point's row: its values, or for a point only a MaxPool reads, what the
+    pool makes of them (the codes then follow from the pooled values)."""
+    if point.pool is None:
+        stats.add(ref, value, point, codes)
+    else:
+        stats.add(max_pool(ref, point.pool), max_pool(value, point.pool), point)
+
+
+def max_pool(x: np.ndarray, attributes: dict) -> np.ndarray:
+    """ONNX MaxPool (its kernel_shape, strides, pads, dilations, ceil_mode) of a float array."""
+    import torch
+    import torch.nn.functional as F
+
+    kernel = list(attributes["kernel_shape"])
+    n = len(kernel)
+    pads = list(attributes.get("pads", [0] * 2 * n))
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    t = F.pad(t, [p for d in reversed(range(n)) for p in (pads[d], pads[d + n])], value=-np.inf)
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[n]
+    return pool(t, kernel, list(attributes.get("strides", [1] * n)), 0, list(attributes.get("dilations", [1] * n)),
+                bool(attributes.get("ceil_mode", 0))).numpy()
 
 
 def _integer_model_outputs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
@@ -141,7 +166,7 @@ def _local(matching: Matching, float_model: onnx.ModelProto, quant_model: onnx.M
         local_feeds.update({feeds_of[p.name]: f[p.name] for p in acts if p.name in feeds_of})
         q = run(l_sess, local_feeds)
         for p in acts:
-            stats[p.name].add(f[p.name], q[p.value], p, q[p.codes])
+            _add(stats[p.name], p, f[p.name], q[p.value], q[p.codes])
         for name in outputs:
             outputs[name].add(f[name], q[name])
     return stats, outputs

@@ -40,6 +40,10 @@ class MatchedPoint:
     inputs: tuple[str, ...] = ()  # nearest upstream quant points
     float_weight: Optional[np.ndarray] = None
     quant_weight: Optional[np.ndarray] = None
+    # the MaxPool that alone reads the point in both models (its attributes): the row compares what
+    # the pool outputs, since what it discards never reaches a reader (and deployq calibrates such
+    # a point on the pool's output, clipping values the pool drops)
+    pool: Optional[dict] = None
 
     name = property(lambda self: self.record.name)
     kind = property(lambda self: self.record.kind)
@@ -104,6 +108,10 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     graph_outputs = {o.name for o in qg.output}
+    float_readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in float_model.graph.node:
+        for i in n.input:
+            float_readers.setdefault(i, []).append(n)
     points: list[MatchedPoint] = []
     by_value: dict[str, MatchedPoint] = {}  # dequantized tensor -> its quant point
     by_name: dict[str, MatchedPoint] = {}
@@ -145,6 +153,7 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
                              value=dq.output[0], codes=node.output[0], source=source, inputs=upstream)
         if name in graph_outputs and dq.output[0] != name:
             point.value = dq.output[0]
+        point.pool = _only_max_pool(consumers.get(dq.output[0], []), float_readers.get(name, []))
         points.append(point)
         by_value[dq.output[0]] = point
         by_name[name] = point
@@ -197,6 +206,15 @@ def _upstream(tensor: str, producers: dict[str, onnx.NodeProto], by_value: dict[
             continue  # a graph input, or the quantization of a weight / bias
         stack.extend(i for i in node.input if i)
     return tuple(dict.fromkeys(by_value[t].name for t in found))
+
+
+def _only_max_pool(quant_readers: list[onnx.NodeProto], float_readers: list[onnx.NodeProto]) -> Optional[dict]:
+    """The attributes of the MaxPool that alone reads a tensor in both models, if one does."""
+    if len(quant_readers) != 1 or len(float_readers) != 1 or quant_readers[0].op_type != "MaxPool":
+        return None
+    attributes = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                  for n in (quant_readers[0], float_readers[0])]
+    return attributes[0] if float_readers[0].op_type == "MaxPool" and attributes[0] == attributes[1] else None
 
 
 def _layer_of(node: Optional[onnx.NodeProto], producers: dict[str, onnx.NodeProto]) -> Optional[str]:
