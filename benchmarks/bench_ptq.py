@@ -52,6 +52,7 @@ MODELS = ["digits", "lowlight", "resnet18", "mobilenet_v2", "mnasnet0_5"]
 TRAINED = ("digits", "lowlight")  # the models this benchmark does not take from torchvision
 STATIC = ("MinMax", "Entropy", "Percentile")
 # (row label, --ptq methods, calibration: "data" or zeroq)
+RENAMED = {"deployq PTQ (min/max)": "deployq PTQ (plain)"}  # row labels of earlier records, as named now
 DEPLOYQ = (("deployq PTQ (plain)", (), "data"), ("+ cle", ("cle",), "data"), ("+ search", ("search",), "data"),
            ("+ adaround", ("adaround",), "data"), ("+ bias", ("bias",), "data"),
            ("+ adaround, bias", ("adaround", "bias"), "data"),
@@ -241,7 +242,7 @@ def kept_columns(record: Path) -> tuple[dict[str, dict[str, tuple]], dict]:
         for model, cell in zip(models, cells):
             value = parse_cell(cell)
             if value is not None:
-                columns[model][label] = value
+                columns[model][RENAMED.get(label, label)] = value
     return columns, data["run"]
 
 
