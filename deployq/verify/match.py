@@ -25,7 +25,7 @@ from deployq.exporters import BLOCKS_SUFFIX, fold_batchnorm_copy
 from deployq.exporters.graph import (ACTIVATION_OPS, DATA_MOVEMENT_OPS, WEIGHT_LAYER_OPS, base_name,
                                      narrowing_clip_bits, quantized_tensor)
 
-__all__ = ["MatchedPoint", "Matching", "match", "match_inputs", "with_types"]
+__all__ = ["MatchedPoint", "Matching", "match", "match_inputs", "weight_value", "with_types"]
 
 
 @dataclass
@@ -282,6 +282,21 @@ def _weights(quant_model: onnx.ModelProto, float_model: onnx.ModelProto, folded:
                          node.name or node.output[0])
         points.append(MatchedPoint(record, float_weight=reference.astype(np.float32), quant_weight=weight))
     return points
+
+
+def weight_value(tensor: str, inits: dict, producers: dict) -> Optional[np.ndarray]:
+    """A layer's weight input as the float values it computes with: an initializer, or the
+    DequantizeLinear of stored codes or of a QuantizeLinear over a float initializer; None else."""
+    if tensor in inits:
+        return _const(inits, tensor)
+    dq = producers.get(tensor)
+    scale = _const(inits, dq.input[1]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    if scale is None:
+        return None
+    zp = _const(inits, dq.input[2]) if len(dq.input) > 2 else None
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) if scale.ndim else None
+    codes = _weight_codes(dq, zp, axis, inits, producers)
+    return None if codes is None else dequantize_np(codes, scale, zp if zp is not None else np.zeros((), codes.dtype), axis)
 
 
 def _weight_codes(dq: onnx.NodeProto, zp: Optional[np.ndarray], axis: Optional[int], inits: dict,

@@ -27,9 +27,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from deployq.core.qformula import dequantize_np
 from deployq.exporters import fold_batchnorm_copy
 from deployq.exporters.graph import PREQUANT_SUFFIXES, WEIGHT_LAYER_OPS, base_name, quantized_tensor
+
+from .match import weight_value
 
 __all__ = ["MAX_WEIGHT_ERROR", "PositionPairing", "names_differ", "pair_by_position"]
 
@@ -76,7 +77,7 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
     for node in model.graph.node:
         if node.op_type not in WEIGHT_LAYER_OPS or len(node.input) < 2:
             continue
-        weight = _weight(node.input[1], inits, producers)
+        weight = weight_value(node.input[1], inits, producers)
         if weight is None or weight.ndim < 2:
             continue
         if node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attribute(node, "transB", 0)):
@@ -127,24 +128,6 @@ class _Graph:
 
 def _attribute(node: onnx.NodeProto, name: str, default):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
-def _weight(tensor: str, inits: dict, producers: dict) -> Optional[np.ndarray]:
-    """A layer's weight as float: an initializer, its DequantizeLinear, or a Q/DQ pair over it."""
-    if tensor in inits:
-        return numpy_helper.to_array(inits[tensor]).astype(np.float64)
-    node = producers.get(tensor)
-    if node is None or node.op_type not in ("DequantizeLinear", "QuantizeLinear"):
-        return None
-    if node.op_type == "QuantizeLinear" or node.input[0] not in inits:
-        return _weight(node.input[0], inits, producers)  # the float weight under a Q -> DQ pair
-    codes = numpy_helper.to_array(inits[node.input[0]])
-    scale = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
-    if scale is None:
-        return None
-    zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else None
-    axis = _attribute(node, "axis", 1) if scale.ndim else None
-    return dequantize_np(codes, scale, zp if zp is not None else np.zeros_like(scale, dtype=codes.dtype), axis)
 
 
 def _weight_error(q: _Layer, f: _Layer) -> float:
