@@ -53,7 +53,14 @@ def _as_tuple(example: object) -> tuple[torch.Tensor, ...]:
 
 
 def _source(model: ModelLike, example_inputs: object, config: object) -> ModelSource:
-    """A ModelSource for a checkpoint path, a model prepared by deployq, or a float model."""
+    """A ModelSource for a float ONNX file, a checkpoint path, a model prepared by deployq, or a float model."""
+    if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+        examples = _as_tuple(example_inputs) if example_inputs is not None else ()
+        if len(examples) > 1:
+            raise ValueError("example_inputs of an ONNX model give one input's shape; for a model with several "
+                             "inputs use the CLI's --input-shape NAME:N,C,H,W, or fixed sizes in the file")
+        return resolve_model(onnx_file=model, config=config,
+                             input_shape=[(None, tuple(examples[0].shape))] if examples else None)
     if isinstance(model, (str, Path)):
         if example_inputs is not None or config is not None:
             raise ValueError("a checkpoint carries its inputs and config: pass neither example_inputs nor config")
@@ -83,8 +90,9 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
     """Export to ``out_dir``: model.float.onnx, model.<target>.onnx, qparams.json (and the ORT file).
 
     `model`: a model from :func:`deployq.qat.prepare` (calibrated or trained), a float ``nn.Module``
-    (post-training quantization: give `calib`, and `config` if not the default), or the path of a
-    deployq checkpoint. `calib`: a folder or file of inputs (what ``--calib`` takes), or an iterable
+    (post-training quantization: give `calib`, and `config` if not the default), the path of a
+    float ONNX model (``*.onnx``: imported as ``deployq export --onnx`` does; `example_inputs` gives
+    its input shape where the file leaves sizes symbolic), or the path of a deployq checkpoint. `calib`: a folder or file of inputs (what ``--calib`` takes), or an iterable
     of batches (tensors, or tuples of tensors for several inputs), or ``"zeroq"`` (inputs synthesized
     from the model's BatchNorm statistics). `ptq`: post-training methods to apply with the
     calibration, a subset of ("cle", "search", "adaround", "bias"), or a

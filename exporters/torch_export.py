@@ -41,7 +41,8 @@ class ExportModule:
 
     ``output_names[:n_outputs]`` are the model's real outputs; the rest are naming outputs
     (tensor NAME = the value at quant point NAME, tensor PATH = the raw output of layer PATH),
-    dropped again after export. ``layers`` lists the weight-layer paths."""
+    dropped again after export. ``layers`` maps each weight-layer path to the tensor its raw output
+    is (PATH, or the quant point or model output it already is)."""
 
     gm: fx.GraphModule
     input_names: list[str]
@@ -64,14 +65,15 @@ def _layer_node(tensor: gs.Tensor) -> Optional[gs.Node]:
 
 
 def _name_layers(graph: gs.Graph, layers: dict[str, str]) -> None:
-    """Node producing tensor PATH is named PATH; its initializers become PATH.weight / PATH.bias."""
+    """The node producing layer PATH's tensor (``layers[PATH]``: PATH itself, or the quant point
+    its output is) is named PATH; its initializers become PATH.weight / PATH.bias."""
     tensors = graph.tensors()
-    for path in layers:
-        tensor = tensors.get(path)
+    for path, tensor_name in layers.items():
+        tensor = tensors.get(tensor_name)
         node = _layer_node(tensor) if tensor is not None else None
         if node is None or node.op not in WEIGHT_LAYER_OPS:
             raise RewriteError(f"layer {path!r}: the exported graph has no {'/'.join(WEIGHT_LAYER_OPS)} "
-                               f"producing {path!r} (found {node.op if node else 'nothing'})")
+                               f"producing {tensor_name!r} (found {node.op if node else 'nothing'})")
         node.name = path
         bias = layer_bias(node)
         for holder, index, suffix in ((node, 1, "weight"), (*(bias or (None, None)), "bias")):

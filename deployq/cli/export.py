@@ -31,6 +31,11 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
 
 
 @click.command("export")
+@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="A float ONNX model to quantize instead of a checkpoint (with --calib): its graph and "
+                   "weights are imported, every quant point is named after the ONNX tensor it quantizes, and "
+                   "the exported models keep the file's tensor names, so `deployq diff FILE "
+                   "OUT/model.int8.onnx` pairs them. The checkpoint written records the file and its SHA-256.")
 @model_options
 @click.option("--input", "--calib", "calib", metavar="PATH|zeroq", callback=lambda c, p, v: _calibration(v),
               help="Calibration data (folder of raw files, images, .npy/.npz): post-training quantization. "
@@ -75,7 +80,7 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
               help="Names of the exported models' outputs, in order (default: the traced names, e.g. output_0).")
 @json_option("what was exported and measured (files, quant points, provider coverage)")
 @handle_errors
-def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[list],
+def export(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[list],
            leaf: tuple,
            calib: Optional[str], calib_batches: int, ptq: tuple, adaround_iterations: int, refine_samples: int,
            search_samples: int,
@@ -87,6 +92,7 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
     \b
     deployq export --ckpt qat.pt --target int8 --out build/
     deployq export --ckpt float.pth --model pkg.mod:build --input-shape 1,3,224,224 --calib images/
+    deployq export --onnx model.onnx --calib images/ --ptq bias --out build/
 
     deployq export --ckpt qat_all8.pt --device nnapi --input-shape 1,4,256,256 --out build/nnapi/
 
@@ -105,10 +111,11 @@ def export(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[d
                  f"model.{deployed}.onnx", f"model.{deployed}.ort", f"model.{deployed}.required_operators.config"):
         check_output(Path(out_dir) / name, "--out")
 
-    if ckpt is None:
-        raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model)")
+    if ckpt is None and onnx_file is None:
+        raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model) "
+                        "or --onnx (a float ONNX model, with --calib)")
     source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
-                           factory_kwargs=model_kwargs, leaf_modules=leaf)
+                           factory_kwargs=model_kwargs, leaf_modules=leaf, onnx_file=onnx_file)
     result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
                         act_signed=act_signed, calib=calib, calib_limit=calib_batches,
                         ptq=PTQOptions(ptq, adaround_iterations=adaround_iterations, refine_samples=refine_samples,

@@ -8,6 +8,7 @@ is only ever run on truncated sub-models (see :mod:`deployq.verify.diff`, mode `
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import platform
 import re
@@ -181,16 +182,32 @@ def with_shapes(inputs: list[InputInfo], shapes: Optional[Sequence[tuple[Optiona
 
 def check_same_inputs(a: onnx.ModelProto, b: onnx.ModelProto, a_name: str, b_name: str, *,
                       by_order: bool = False) -> list[InputInfo]:
-    """`a`'s inputs, after checking that `b` takes the same (names and shapes; shapes in order
-    only with `by_order`, for another tool's export that names its inputs its own way)."""
+    """`a`'s inputs, after checking that `b` takes the same (names and shapes; names only unless
+    `by_order`, for another tool's export that names its inputs its own way). A size symbolic in
+    one model (a user's file with any height and width) takes the other's fixed size."""
     ia, ib = inputs_of(a), inputs_of(b)
-    key = (lambda i: i.shape) if by_order else (lambda i: (i.name, i.shape))
-    if [key(i) for i in ia] != [key(i) for i in ib]:
-        raise ModelFileError(
-            f"the models take different inputs: {a_name} {[(i.name, i.shape) for i in ia]}, "
-            f"{b_name} {[(i.name, i.shape) for i in ib]}"
-        )
-    return ia
+    merged = [_common_input(x, y, by_order) for x, y in zip(ia, ib)] if len(ia) == len(ib) else []
+    if len(merged) != len(ia) or None in merged:
+        show = lambda infos: [(i.name, tuple("?" if d in i.free else s for d, s in enumerate(i.shape)))  # noqa: E731
+                              for i in infos]
+        raise ModelFileError(f"the models take different inputs: {a_name} {show(ia)}, {b_name} {show(ib)}")
+    return merged
+
+
+def _common_input(a: InputInfo, b: InputInfo, by_order: bool) -> Optional[InputInfo]:
+    """`a` with the sizes `b` fixes where `a`'s are symbolic (the batch counts as one), or None
+    where they disagree."""
+    if (a.name != b.name and not by_order) or len(a.shape) != len(b.shape):
+        return None
+    shape, free = [], []
+    for d, (x, y) in enumerate(zip(a.shape, b.shape)):
+        if d in a.free or d in b.free or x == y:
+            shape.append(y if d in a.free else x)
+            if d in a.free and d in b.free:
+                free.append(d)
+        else:
+            return None
+    return dataclasses.replace(a, shape=tuple(shape), free=tuple(free))
 
 
 def random_feeds(inputs: list[InputInfo], count: int, seed: int = 0,

@@ -20,7 +20,8 @@ from deployq.exporters.torch_export import ExportModule, to_onnx
 from deployq.qat.fx_ops import aten_name
 from deployq.qat.calibrate import set_mode
 from deployq.qat.fused import QuantLayer
-from deployq.qat.prepare import ACT_QUANT
+from deployq.qat.onnx_import import ONNX_NAME
+from deployq.qat.prepare import ACT_QUANT, point_names
 
 
 def export_module(qmodel: fx.GraphModule) -> ExportModule:
@@ -31,6 +32,7 @@ def export_module(qmodel: fx.GraphModule) -> ExportModule:
     gm.eval()
     graph = gm.graph
     modules = dict(gm.named_modules())
+    names = point_names(gm)
     named: dict[fx.Node, str] = {}
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith(f"{ACT_QUANT}."):
@@ -38,7 +40,7 @@ def export_module(qmodel: fx.GraphModule) -> ExportModule:
             node.replace_all_uses_with(source)
             graph.erase_node(node)
             if source.op != "placeholder":
-                named[source] = str(node.target)[len(ACT_QUANT) + 1:]
+                named[source] = names[str(node.target)]
     layers: dict[fx.Node, str] = {}
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], QuantLayer):
@@ -51,6 +53,8 @@ def export_module(qmodel: fx.GraphModule) -> ExportModule:
             if layer.act is not None:
                 current = graph.call_module(f"{path}.act", (current,))
         node.replace_all_uses_with(current)
+        if ONNX_NAME in node.meta:
+            current.meta[ONNX_NAME] = node.meta[ONNX_NAME]
         if node in named:
             named[current] = named.pop(node)
         graph.erase_node(node)
@@ -67,13 +71,18 @@ def export_module(qmodel: fx.GraphModule) -> ExportModule:
         raise RewriteError("the model must return a tensor, or a tuple, list or dict of tensors, to be exported")
     output_names, seen = [], set()
     for i, node in enumerate(flat):
-        name = named.get(node) or layers.get(node) or ("output" if len(flat) == 1 else f"output_{i}")
+        name = (named.get(node) or node.meta.get(ONNX_NAME) or layers.get(node)
+                or ("output" if len(flat) == 1 else f"output_{i}"))
         if name in seen:
             raise RewriteError(f"the model returns the same tensor {name!r} twice")
         seen.add(name)
         output_names.append(name)
+    # a layer's raw output is tensor PATH, unless it is a quant point or an output already (an
+    # imported model's Conv without activation: its tensor keeps the ONNX name)
+    tensor_of = {node: named.get(node) or (output_names[flat.index(node)] if node in flat else path)
+                 for node, path in layers.items()}
     extras = []
-    for node, name in list(named.items()) + list(layers.items()):
+    for node, name in list(named.items()) + list(tensor_of.items()):
         if node not in flat and name not in seen:
             extras.append(node)
             output_names.append(name)
@@ -81,8 +90,8 @@ def export_module(qmodel: fx.GraphModule) -> ExportModule:
     output.args = (tuple(flat + extras),)
     graph.lint()
     gm.recompile()
-    inputs = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
-    return ExportModule(gm, inputs, output_names, len(flat), {p: p for p in layers.values()})
+    inputs = [n.meta.get(ONNX_NAME, str(n.target)) for n in graph.nodes if n.op == "placeholder"]
+    return ExportModule(gm, inputs, output_names, len(flat), {layers[n]: t for n, t in tensor_of.items()})
 
 
 _RESHAPES = {"reshape", "view", "flatten"}

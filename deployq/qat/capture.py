@@ -4,6 +4,8 @@ Two ways, tried in order:
 
 * **Symbolic torch.fx** (:func:`deployq.qat.trace.trace`): module calls stay ``call_module`` nodes,
   leaf modules are honoured, the model keeps every input shape it accepts.
+* **Nothing to capture** for a model imported from ONNX (:mod:`deployq.qat.onnx_import`): its
+  graph was written node by node, each node carrying the ONNX tensor it computes.
 * **torch.export** (non-strict, then strict as torch.onnx tries them; the path PyTorch's own PT2E
   quantization takes), when symbolic
   tracing fails on Python control flow (``if x.shape[-1] != w``, ``len(x)``, ``x.device.type``).
@@ -32,11 +34,12 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from deployq.qat.onnx_import import is_imported
 from deployq.qat.trace import TraceError, trace
 
 __all__ = ["CaptureError", "Captured", "capture"]
 
-FX, EXPORT = "fx", "torch.export"
+FX, EXPORT, ONNX = "fx", "torch.export", "onnx"
 
 
 class CaptureError(TraceError):
@@ -58,6 +61,8 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], leaf_modul
     tried (it would inline them)."""
     leaf_modules = tuple(leaf_modules)
     _check_leaf_names(model, leaf_modules)
+    if isinstance(model, fx.GraphModule) and is_imported(model.graph):
+        return Captured(model, ONNX, [])  # written node by node from an ONNX file: nothing to trace
     try:
         return Captured(trace(model, leaf_modules, {**_optional_arguments(model), **(concrete_args or {})}), FX, [])
     except TraceError as fx_error:

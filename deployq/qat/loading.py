@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from torch import fx, nn
 
 from deployq.qat import checkpoint as ck
+from deployq.qat import onnx_import
 from deployq.qat.checkpoint import CheckpointError, InputSpec
 from deployq.qat.config import QConfig, load_config
 from deployq.qat.prepare import prepare
@@ -38,6 +39,7 @@ REGISTERED_FACTORIES = frozenset({
        "freely_written")),
     "deployq.examples.torchvision_models:build",
     "deployq.examples.torchvision_models:two_inputs",
+    onnx_import.FACTORY,  # reads an ONNX file (weights and graph), runs no code from it
 })
 PLAIN_TYPES = (type(None), bool, int, float, str)
 
@@ -185,6 +187,8 @@ def input_specs(shapes: InputShapes, known: Optional[list[InputSpec]], model: nn
     """The model's inputs: `known` (a checkpoint's), with shapes replaced by `shapes` if given:
     one unnamed shape for a one-input model, or ``[(name, shape), ...]`` naming each input."""
     names = [i.name for i in known] if known else forward_arguments(model)
+    if not shapes and not known and onnx_import.input_shapes(model):
+        shapes = _file_shapes(model)
     if not shapes:
         if not known:
             per_input = "" if len(names) == 1 else f" for each of its inputs ({', '.join(names)}) as NAME:N,C,H,W"
@@ -206,11 +210,33 @@ def input_specs(shapes: InputShapes, known: Optional[list[InputSpec]], model: nn
     return [InputSpec(n, given[n]) for n in names]
 
 
+def _file_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """An imported ONNX model's input shapes as its file gives them, a symbolic batch as 1; other
+    symbolic dims are for --input-shape to give."""
+    shapes = []
+    for (name, dims), arg in zip(onnx_import.input_shapes(model), forward_arguments(model)):
+        dims = tuple(1 if i == 0 and not isinstance(d, int) or d == 0 and i == 0 else d for i, d in enumerate(dims))
+        if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
+            raise ValueError(f"the ONNX model's input {name!r} has the shape {list(dims)} with symbolic sizes; "
+                             f"pass --input-shape {'' if len(forward_arguments(model)) == 1 else arg + ':'}N,C,H,W")
+        shapes.append((arg, dims))
+    return shapes
+
+
 def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
                   config: Optional[str] = None, input_shape: InputShapes = None,
-                  factory_kwargs: Optional[dict] = None, leaf_modules: Sequence[str] = ()) -> ModelSource:
-    """The model a command works on: a deployq checkpoint, or a factory (+ float state_dict)
-    prepared under `config` with `leaf_modules` (``--leaf``) added to the config's."""
+                  factory_kwargs: Optional[dict] = None, leaf_modules: Sequence[str] = (),
+                  onnx_file: Optional[str | Path] = None) -> ModelSource:
+    """The model a command works on: a deployq checkpoint, a factory (+ float state_dict) or a
+    float ONNX file (`onnx_file`), prepared under `config` with `leaf_modules` (``--leaf``) added."""
+    if onnx_file is not None:
+        if ckpt is not None or factory is not None or factory_kwargs:
+            raise ValueError("--onnx is the model: give it without --ckpt, --model or --model-kwargs")
+        path = Path(onnx_file)
+        if not path.is_file():
+            raise onnx_import.OnnxImportError(f"{onnx_file}: no such ONNX file")
+        factory, factory_kwargs = onnx_import.FACTORY, {"path": str(path.resolve()),
+                                                        "sha256": onnx_import.file_digest(path)}
     if ckpt is None and factory is None:
         raise ValueError("give --ckpt (a deployq checkpoint) or --model PKG.MOD:FACTORY")
     payload = ck.read_payload(ckpt) if ckpt is not None else None

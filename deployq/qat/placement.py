@@ -31,6 +31,7 @@ from torch import fx, nn
 from deployq.core.qspec import QuantSpec
 from deployq.qat.config import QConfig
 from deployq.qat.fused import BATCHNORMS, WEIGHT_LAYERS, QuantLayer
+from deployq.qat.onnx_import import ONNX_NAME
 from deployq.qat.fx_ops import (activation_kind, activation_module, aten_name, computes_in_float,
                                float_tensor_output, is_add, is_data_movement, is_mul, is_softmax, is_window_average,
                                max_pool_function, op_label, upstream)
@@ -124,6 +125,8 @@ class Namer:
         return name if count == 0 else f"{name}_{count}"
 
     def name(self, node: fx.Node) -> str:
+        if ONNX_NAME in node.meta:  # imported from ONNX: the tensor's own name
+            return node.meta[ONNX_NAME]
         if node.op == "call_module":
             return str(node.target)
         if node.op == "placeholder":
@@ -151,6 +154,10 @@ def fuse(gm: fx.GraphModule, groups: list[Group], namer: Namer) -> dict[fx.Node,
         if g.bn is not None:
             _retarget_attribute_reads(gm, str(g.bn.target), f"{layer_path}.bn")
         last = g.last
+        if ONNX_NAME in last.meta:  # the fused layer computes the last node's tensor, named after it
+            g.layer.meta[ONNX_NAME] = last.meta[ONNX_NAME]
+            if g.names[-1] != last.meta[ONNX_NAME]:
+                g.names.append(last.meta[ONNX_NAME])
         if last is not g.layer:
             g.layer.meta["tensor_meta"] = last.meta.get("tensor_meta")
             last.replace_all_uses_with(g.layer)

@@ -28,6 +28,7 @@ in ``float`` mode, bit-identical to the input model until :func:`deployq.qat.cal
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -40,6 +41,7 @@ from deployq.core.qparams import QuantPoint
 from deployq.core.qspec import QuantSpec
 from deployq.qat.quantizers import FakeQuantizer, SharedQuantizer, create_quantizer
 from deployq.qat.normalize import normalized_graph
+from deployq.qat.onnx_import import identifier
 from deployq.qat.placement import Group, Namer, Planned, find_groups, fuse, plan_activations
 from deployq.qat.trace import dedupe_modules
 
@@ -107,14 +109,15 @@ def _insert_activation_quantizers(gm: fx.GraphModule, plan: list[Planned], point
     read the quantizer. A point that shares another's quantizer gets a :class:`SharedQuantizer`
     that runs it. Returns {quantizer node: quant point name}."""
     quant_nodes: dict[fx.Node, str] = {}
+    paths: dict[str, str] = {}
     input_anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     for p in plan:
-        path = f"{ACT_QUANT}.{p.name}"
+        path = paths[p.name] = _quantizer_path(p.name, set(paths.values()))
         if p.shares is None:
             gm.add_submodule(path, _make_activation_quantizer(p.spec, p.name, p.node))
             gm.get_submodule(path).observe_through = p.observe_through
         else:
-            gm.add_submodule(path, SharedQuantizer(gm.get_submodule(f"{ACT_QUANT}.{p.shares}")))
+            gm.add_submodule(path, SharedQuantizer(gm.get_submodule(paths[p.shares])))
         anchor = input_anchor if p.kind == "input" else p.node
         with gm.graph.inserting_after(anchor):
             qnode = gm.graph.call_module(path, (p.node,))
@@ -152,12 +155,34 @@ def _insert_weight_quantizers(gm: fx.GraphModule, fused: dict[fx.Node, Group], q
                              "use per_tensor_symmetric for this layer")
         layer.weight_quant = create_quantizer(spec, name, axis=axis, channels=channels, is_weight=True)
         if input_name is not None:
-            layer.set_input_quantizer(modules[f"{ACT_QUANT}.{input_name}"])
+            layer.set_input_quantizer(modules[points.table[input_name].quantizer])
         points.table[name] = QuantPoint(name, "weight", spec.bits, spec.signed, spec.symmetric,
                                         axis if spec.per_channel else None, op=layer.kind, layer=path,
                                         input=input_name, spec=spec, quantizer=f"{path}.weight_quant",
                                         members=(path,))
     return known
+
+
+def _quantizer_path(name: str, taken: set[str]) -> str:
+    """Where a point's quantizer lives: ``act_quant.NAME``; a name that is no module path (an
+    ONNX tensor's, ``conv2d_1.tmp_0`` or ``/layer1/Relu_output_0``) as an identifier made of it."""
+    path = f"{ACT_QUANT}.{name}"
+    if all(re.fullmatch(r"\w+", part, re.ASCII) for part in name.split(".")) and not any(
+            t == path or t.startswith(f"{path}.") or path.startswith(f"{t}.") for t in taken):
+        return path
+    base = f"{ACT_QUANT}.{identifier(name)}"
+    path, n = base, 0
+    while path in taken:
+        n += 1
+        path = f"{base}_{n}"
+    return path
+
+
+def point_names(gm: nn.Module) -> dict[str, str]:
+    """{activation quantizer path: the quant point's name} of a prepared model."""
+    points = getattr(getattr(gm, "module", gm), ACT_QUANT, None)
+    table = getattr(points, "table", {})
+    return {p.quantizer: name for name, p in table.items() if p.kind != "weight"}
 
 
 def _leaf_notes(gm: fx.GraphModule, leaves: tuple[Any, ...]) -> list[str]:

@@ -71,12 +71,12 @@ class LayerIndex:
         self.nodes: dict[str, fx.Node] = {}
         self.weights = {name for name, p in self.table.items() if p.kind == "weight"}
         calls: dict[str, list[fx.Node]] = defaultdict(list)
-        prefix = f"{ACT_QUANT}."
+        quantizers = {p.quantizer: name for name, p in self.table.items() if p.kind != "weight"}
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 target = str(node.target)
-                if target.startswith(prefix):
-                    self.nodes[target[len(prefix):]] = node
+                if target in quantizers:
+                    self.nodes[quantizers[target]] = node
                 else:
                     calls[target].append(node)
         for name, point in self.table.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from deployq.core.files import read_yaml
+from deployq.qat import onnx_import
 from deployq.qat.config import ConfigError, QConfig, load_config
 from deployq.qat.config import from_dict as qconfig_from_dict
 from deployq.train import distill as dst
@@ -30,7 +31,7 @@ __all__ = ["ModelSpec", "Recipe", "RecipeError", "load_recipe"]
 class ModelSpec:
     factory: str
     kwargs: Mapping[str, Any]
-    weights: Path
+    weights: Optional[Path]  # None for a model imported from ONNX: the file holds its weights
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,9 @@ def _seeds_notes(doc: Mapping[str, Any], source: str) -> list[str]:
 def _model_spec(doc: Mapping[str, Any], base: Path, source: str) -> ModelSpec:
     section = doc.get("model")
     if not isinstance(section, Mapping):
-        raise RecipeError(f"{source}: missing required key 'model' (factory, kwargs, weights)")
+        raise RecipeError(f"{source}: missing required key 'model' (factory, kwargs, weights; or onnx)")
+    if "onnx" in section:
+        return _onnx_model_spec(section, doc, base, source)
     unknown = set(section) - {"factory", "kwargs", "weights"}
     if unknown:
         raise RecipeError(f"{source}: model: unknown keys {sorted(unknown)}; known: factory, kwargs, weights")
@@ -135,6 +138,18 @@ def _model_spec(doc: Mapping[str, Any], base: Path, source: str) -> ModelSpec:
             "the seeds call it load_model). QAT never starts from random weights."
         )
     return ModelSpec(factory, dict(kwargs), base / str(weights))
+
+
+def _onnx_model_spec(section: Mapping[str, Any], doc: Mapping[str, Any], base: Path, source: str) -> ModelSpec:
+    """``model: {onnx: path/to/model.onnx}``: a float ONNX model, graph and weights from the file
+    (imported by deployq.qat.onnx_import; the checkpoints record the file and its SHA-256)."""
+    if set(section) != {"onnx"} or "load_model" in doc:
+        raise RecipeError(f"{source}: model.onnx is the whole model (graph and float weights); give it without "
+                          f"{', '.join(sorted(set(section) - {'onnx'}) or ['load_model'])}")
+    path = base / str(section["onnx"])
+    if not path.is_file():
+        raise RecipeError(f"{source}: model.onnx: no such file {path}")
+    return ModelSpec(onnx_import.FACTORY, {"path": str(path.resolve()), "sha256": onnx_import.file_digest(path)}, None)
 
 
 def _quant_config(doc: Mapping[str, Any], base: Path, source: str) -> QConfig:

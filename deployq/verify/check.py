@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from deployq.exporters import from_block_weight, is_block_weight
-from deployq.qat.prepare import ACT_QUANT, quant_points
+from deployq.qat.prepare import point_names, quant_points
 from deployq.core.progress import progress_bar
 from deployq.qat.calibrate import input_names, model_inputs, weight_qparams
 from deployq.core.qformula import dequantize, quantize
@@ -139,11 +139,12 @@ class _Capture(fx.Interpreter):
         super().__init__(gm)
         self.forced = forced
         self.codes: dict[str, np.ndarray] = {}
+        self.names = point_names(gm)
 
     def call_module(self, target: str, args: tuple, kwargs: dict):
-        if not target.startswith(f"{ACT_QUANT}."):
+        if target not in self.names:
             return super().call_module(target, args, kwargs)
-        name = target[len(ACT_QUANT) + 1:]
+        name = self.names[target]
         q: FakeQuantizer = self.module.get_submodule(target)
         value = super().call_module(target, args, kwargs)  # the quantizer's own forward (what QAT runs)
         scale, zero_point = q.qparams()

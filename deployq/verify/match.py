@@ -144,7 +144,10 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
             continue
         else:
             layer, op = _layer_of(maker, producers), maker.op_type if maker else "input"
-        if name not in float_tensors:
+        # a block-layout copy stays a point until its DepthToSpace above takes its place, also where
+        # the float model is the user's own file with the ConvTranspose itself
+        if name not in float_tensors and not (name.endswith(BLOCKS_SUFFIX)
+                                              and name[:-len(BLOCKS_SUFFIX)] in float_tensors):
             unmatched.append(name)
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), None) if scale.ndim else None

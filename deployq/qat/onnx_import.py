@@ -1,0 +1,343 @@
+"""ONNX in: a float ONNX model -> a torch.fx GraphModule that :func:`deployq.prepare` takes as it is.
+
+The importer writes the fx graph itself, one ONNX node at a time (:mod:`deployq.qat.onnx_ops` holds
+one handler per op type), rather than converting to Python modules and tracing them: a traced
+conversion (``onnx2torch``) branches in Python on its inputs and symbolic fx stops there, while a
+graph written directly has nothing to trace. Weight layers become torch.nn modules with the file's
+weights; what is computed from constants only (shape arithmetic on initializers, ``Constant`` nodes)
+is folded with onnx's own reference evaluator; ``Shape`` becomes ``x.size(i)`` so the batch stays
+symbolic.
+
+**Names** (docs/design.md, contract 1): every node the importer writes carries the ONNX tensor it
+computes (``node.meta["onnx_name"]``), and the quant point there is named after it; the module of a
+layer sits at that name made an identifier. ``deployq export`` therefore writes float and QDQ models
+whose tensors are the user's own names, and ``deployq diff original.onnx model.int8.onnx`` pairs
+them by name. A layer's bias that the file adds after the layer (``Conv`` then ``Add`` of a
+per-channel constant, ``MatMul`` then ``Add``) becomes the layer's bias, named after the Add's output.
+
+An op or attribute the importer cannot express is an :class:`OnnxImportError` naming every such
+node and its op type, raised before any work.
+
+The model factory ``deployq.qat.onnx_import:load`` (registered: it reads a file, it runs no code)
+is what a checkpoint records for a model that came from ONNX, with the file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import fx, nn
+
+from deployq.qat import onnx_shape_ops  # noqa: F401 - registers the data-movement handlers
+from deployq.qat.onnx_ops import HANDLERS, Dims, UnsupportedNode
+
+FACTORY = "deployq.qat.onnx_import:load"
+ONNX_NAME = "onnx_name"  # node.meta key: the ONNX tensor a node computes
+
+
+class OnnxImportError(ValueError):
+    """The ONNX file cannot be imported (named nodes, a missing file, a changed file)."""
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load(path: str, sha256: Optional[str] = None) -> fx.GraphModule:
+    """The model factory for ONNX files: the torch model of `path` (checked against `sha256`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise OnnxImportError(f"{path}: no such ONNX file")
+    if sha256 is not None and file_digest(p) != sha256:
+        raise OnnxImportError(f"{path} changed since the checkpoint was written (SHA-256 differs); "
+                              "export from the file the model was quantized from")
+    try:
+        model = onnx.load(str(p))
+    except Exception as err:  # noqa: BLE001 - protobuf's errors are not one type
+        raise OnnxImportError(f"{path}: not an ONNX model ({type(err).__name__}: {err})") from None
+    return convert(model, where=str(path))
+
+
+def input_shapes(model: fx.GraphModule) -> list[tuple[str, tuple]]:
+    """The imported model's inputs and their shapes in the file (None where a dim is symbolic)."""
+    return list(getattr(model, "onnx_inputs", []))
+
+
+def is_imported(graph: fx.Graph) -> bool:
+    return any(ONNX_NAME in n.meta for n in graph.nodes if n.op == "placeholder")
+
+
+def identifier(name: str) -> str:
+    ident = re.sub(r"\W", "_", name).strip("_") or "t"
+    return f"t_{ident}" if ident[0].isdigit() else ident
+
+
+class Builder:
+    """Writes the fx graph: modules at identifiers of the ONNX names, constants as buffers."""
+
+    def __init__(self, opset: int, ranks: dict[str, int], dims: dict[str, list]) -> None:
+        self.root = nn.Module()
+        self.graph = fx.Graph()
+        self.opset = opset
+        self.ranks, self.dims = ranks, dims
+        self.names: dict[fx.Node, str] = {}
+        self.used: Counter[str] = Counter()
+        self.constants = 0
+
+    def unique(self, name: str) -> str:
+        base = identifier(name)
+        self.used[base] += 1
+        return base if self.used[base] == 1 else f"{base}_{self.used[base] - 1}"
+
+    def module(self, node: Any, m: nn.Module, *args: Any) -> fx.Node:
+        path = self.unique(node.output[0])
+        self.root.add_module(path, m)
+        return self.graph.call_module(path, tuple(self.operand(a) for a in args))
+
+    def call(self, fn: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+        return self.graph.call_function(fn, tuple(self.operand(a) for a in args), kwargs)
+
+    def call_method(self, method: str, *args: Any) -> fx.Node:
+        return self.graph.call_method(method, args)
+
+    def tensor(self, value: Any) -> fx.Node:
+        if isinstance(value, fx.Node):
+            return value
+        array = np.asarray(value)
+        name = f"const_{self.constants}"
+        self.constants += 1
+        dtype = torch.float32 if array.dtype.kind == "f" else torch.int64
+        self.root.register_buffer(name, torch.from_numpy(np.array(array)).to(dtype))
+        return self.graph.get_attr(name)
+
+    def operand(self, value: Any) -> Any:
+        """A tensor operand: an fx node; a one-element constant of rank <= 1 as a Python number,
+        any other constant as a buffer. Python values (ints, tuples, slices) pass unchanged."""
+        if isinstance(value, np.ndarray):
+            if value.size == 1 and value.ndim <= 1:
+                item = value.reshape(-1)[0]
+                return float(item) if value.dtype.kind == "f" else int(item)
+            return self.tensor(value)
+        if isinstance(value, Dims):
+            raise UnsupportedNode("a shape is used as a tensor")
+        return value
+
+    def rank(self, x: Any) -> Optional[int]:
+        if isinstance(x, np.ndarray):
+            return x.ndim
+        name = self.names.get(x)
+        return self.ranks.get(name) if name is not None else None
+
+    def size(self, x: Any, axis: int) -> int:
+        dims = self.dims.get(self.names.get(x, ""), [])
+        if axis < len(dims) and isinstance(dims[axis], int):
+            return dims[axis]
+        raise UnsupportedNode(f"the size of {self.names.get(x)!r} along axis {axis} is not known")
+
+    def dims_math(self, node: Any, fn: Callable, x: Any, y: Any) -> Dims:
+        left = x.values if isinstance(x, Dims) else [int(v) for v in np.asarray(x).reshape(-1)]
+        right = y.values if isinstance(y, Dims) else [int(v) for v in np.asarray(y).reshape(-1)]
+        if len(left) == 1:
+            left = left * len(right)
+        if len(right) == 1:
+            right = right * len(left)
+        fn = {"Div": lambda a, b: a // b}.get(node.op_type, fn)
+        out = [fn(a, b) if isinstance(a, int) and isinstance(b, int)
+               else self.graph.call_function(fn if node.op_type != "Div" else _floordiv, (a, b))
+               for a, b in zip(left, right)]
+        return Dims(out)
+
+
+def _floordiv(a: Any, b: Any) -> Any:
+    return a // b
+
+
+def convert(model: onnx.ModelProto, where: str = "the ONNX model") -> fx.GraphModule:
+    """The torch.fx GraphModule computing `model` (float, eval mode)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a model shape inference cannot take still converts, ranks unknown
+        inferred = model
+    ranks, dims = _shapes(inferred.graph)
+    values: dict[str, Any] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:  # weights written as Constant nodes (Paddle) are initializers too
+        if n.op_type == "Constant":
+            values[n.output[0]] = _fold(n, [], opset, where)[0]
+    _check_supported(model.graph, set(values), where)
+    nodes = _hardswish(list(model.graph.node), values, {o.name for o in model.graph.output})
+    biases = _bias_adds(nodes, model.graph, values)
+    folded_adds = {id(add) for add, _ in biases.values()}
+    b = Builder(opset, ranks, dims)
+    inputs = []
+    for inp in model.graph.input:
+        if inp.name in values:
+            continue
+        node = b.graph.placeholder(b.unique(inp.name))
+        node.meta[ONNX_NAME] = inp.name
+        b.names[node] = inp.name
+        values[inp.name] = node
+        inputs.append((inp.name, tuple(dims.get(inp.name, []))))
+    outputs = {o.name for o in model.graph.output}
+    for onnx_node in nodes:
+        if id(onnx_node) in folded_adds or (onnx_node.op_type == "Constant" and onnx_node.output[0] in values):
+            continue  # folded into the layer before it; a constant already read
+        args = [values.get(name) if name else None for name in onnx_node.input]
+        if all(not isinstance(a, (fx.Node, Dims)) for a in args):
+            results = _fold(onnx_node, args, opset, where)
+        else:
+            if onnx_node.output[0] in biases:
+                add, bias = biases[onnx_node.output[0]]
+                args.append(bias)
+                onnx_node = _renamed(onnx_node, add.output[0])
+            try:
+                results = HANDLERS[onnx_node.op_type](b, onnx_node, *args)
+            except UnsupportedNode as err:
+                message = str(err) if str(err).startswith("node ") else f"node {onnx_node.name!r} ({onnx_node.op_type}): {err}"
+                raise OnnxImportError(f"{where}: {message}") from None
+        for name, value in zip(onnx_node.output, results):
+            if isinstance(value, fx.Node) and (ONNX_NAME not in value.meta or name in outputs):
+                value.meta[ONNX_NAME] = name
+                b.names[value] = name
+            values[name] = value
+    results = []
+    for out in model.graph.output:
+        value = values.get(out.name)
+        if not isinstance(value, fx.Node):
+            raise OnnxImportError(f"{where}: output {out.name!r} does not depend on the model's inputs")
+        results.append(value)
+    b.graph.output(results[0] if len(results) == 1 else tuple(results))
+    gm = fx.GraphModule(b.root, b.graph, class_name="OnnxModel")
+    gm.onnx_inputs = inputs
+    return gm.eval()
+
+
+def _renamed(node: Any, output: str) -> Any:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.output[0] = output
+    return copy
+
+
+def _shapes(graph: Any) -> tuple[dict[str, int], dict[str, list]]:
+    ranks, dims = {}, {}
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            ranks[info.name] = len(t.shape.dim)
+            dims[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return ranks, dims
+
+
+def _check_supported(graph: Any, constants: set[str], where: str) -> None:
+    """Every node computed from the inputs has a handler: else one error listing all that lack one."""
+    known = set(constants)
+    missing = []
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            missing.append(f"{node.name or node.output[0]!r} ({node.domain}:{node.op_type})")
+            continue
+        if all(not i or i in known for i in node.input):
+            known.update(node.output)  # folded
+        elif node.op_type not in HANDLERS:
+            missing.append(f"{node.name or node.output[0]!r} ({node.op_type})")
+    if missing:
+        raise OnnxImportError(f"{where}: deployq cannot import {len(missing)} node(s): {', '.join(missing[:20])}"
+                              f"{' ...' if len(missing) > 20 else ''}. Supported op types: "
+                              f"{', '.join(sorted(HANDLERS))}")
+
+
+def _fold(node: Any, args: list, opset: int, where: str) -> list:
+    from onnx.reference import ReferenceEvaluator
+    feeds = {name: value for name, value in zip(node.input, args) if name}
+    try:
+        out = ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
+    except Exception as err:  # noqa: BLE001 - the reference evaluator raises many types
+        raise OnnxImportError(f"{where}: node {node.name!r} ({node.op_type}) on constants could not be "
+                              f"evaluated: {err}") from None
+    return [np.asarray(v) for v in out]
+
+
+def _readers(nodes: list) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            found.setdefault(i, []).append(n)
+    return found
+
+
+def _scalar(values: dict[str, Any], name: str) -> Optional[float]:
+    v = values.get(name)
+    return float(np.asarray(v).reshape(-1)[0]) if isinstance(v, np.ndarray) and v.size == 1 else None
+
+
+def _hardswish(nodes: list, values: dict[str, Any], outputs: set[str]) -> list:
+    """``x * clip(x + 3, 0, 6) / 6`` (how Paddle exports hard-swish) as one HardSwish node named
+    after the result: one quant point where the decomposition would round three times."""
+    readers = _readers(nodes)
+
+    def only(tensor: str, op: str) -> Optional[Any]:
+        users = readers.get(tensor, [])
+        ok = len(users) == 1 and users[0].op_type == op and tensor not in outputs
+        return users[0] if ok else None
+
+    drop, replace = set(), {}
+    for add in nodes:
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        x = next((i for i in add.input if _scalar(values, i) is None), None)
+        if x is None or _scalar(values, next(i for i in add.input if i != x)) != 3.0:
+            continue
+        clip = only(add.output[0], "Clip")
+        if clip is None or [_scalar(values, i) for i in clip.input[1:]] != [0.0, 6.0]:
+            continue
+        mul = only(clip.output[0], "Mul")
+        if mul is None or x not in mul.input:
+            continue
+        users = readers.get(mul.output[0], [])
+        last = users[0] if len(users) == 1 and mul.output[0] not in outputs else None
+        if last is None or not ((last.op_type == "Div" and _scalar(values, last.input[1]) == 6.0) or (
+                last.op_type == "Mul" and abs((_scalar(values, last.input[1]) or 0) - 1 / 6) < 1e-6)):
+            continue
+        drop.update({id(add), id(clip), id(mul)})
+        replace[id(last)] = onnx.helper.make_node("HardSwish", [x], [last.output[0]], name=last.name)
+    return [replace.get(id(n), n) for n in nodes if id(n) not in drop]
+
+
+def _bias_adds(nodes: list, graph: Any, values: dict[str, Any]) -> dict[str, tuple[Any, np.ndarray]]:
+    """{layer output: (the Add node, the bias)} for each Conv / MatMul with a constant weight and no
+    bias whose only reader is an Add of a per-output-channel constant (how Paddle writes a bias)."""
+    readers: Counter[str] = Counter(i for n in nodes for i in n.input)
+    graph_outputs = {o.name for o in graph.output}
+    first_reader: dict[str, Any] = {}
+    for n in nodes:
+        for i in n.input:
+            first_reader.setdefault(i, n)
+    folded = {}
+    for n in nodes:
+        bias_free = len(n.input) == 2 or (len(n.input) > 2 and not n.input[2])
+        if n.op_type not in ("Conv", "MatMul") or not bias_free or n.input[1] not in values:
+            continue
+        out = n.output[0]
+        add = first_reader.get(out)
+        if readers[out] != 1 or out in graph_outputs or add is None or add.op_type != "Add":
+            continue
+        other = next((i for i in add.input if i != out), None)
+        if other not in values:
+            continue
+        w, c = values[n.input[1]], np.asarray(values[other])
+        if n.op_type == "Conv":
+            channels, fits = w.shape[0], 3 <= c.ndim <= w.ndim and c.shape[-3] == w.shape[0]
+        else:
+            channels, fits = w.shape[-1], w.ndim == 2 and c.ndim >= 1 and c.shape[-1] == w.shape[-1]
+        if fits and c.size == channels:
+            folded[out] = (add, c.reshape(-1).astype(np.float32))
+    return folded
