@@ -1,13 +1,16 @@
 """ONNX in: deployq, quantize_static and NNCF on trained ONNX models no one here wrote, in one run.
 
-    scripts/install-peers.sh            # NNCF into .peers/, and rapidocr-onnxruntime's wheel (its models)
-    python benchmarks/bench_onnx_in.py [--models cls,det]
+    scripts/install-peers.sh            # NNCF into .peers/; the wheels of rapidocr-onnxruntime and nudenet
+    python benchmarks/bench_onnx_in.py [--models cls,det,yolo]
 
-The models are PP-OCR's, as they ship inside the ``rapidocr-onnxruntime==1.4.4`` wheel (read from the
-wheel, nothing downloaded at run time): the text direction classifier (``ch_ppocr_mobile_v2.0_cls``,
-opset 11) and the text detector (``ch_PP-OCRv4_det``, opset 12), both exported from Paddle. The inputs
-are made offline by ``benchmarks/ocr_data.py``: text lines (half turned 180°) and pages of text
-printed on photographs, preprocessed as rapidocr does. Calibration draws (seed 0) and held-out draws
+The models ship inside PyPI wheels (read from the wheel, nothing downloaded at run time): PP-OCR's
+text direction classifier (``ch_ppocr_mobile_v2.0_cls``, opset 11) and text detector
+(``ch_PP-OCRv4_det``, opset 12), both exported from Paddle, in ``rapidocr-onnxruntime==1.4.4``; and
+NudeNet's YOLOv8n detector (``320n.onnx``, exported by ultralytics, opset 17, its anchor grid
+computed from shapes) in ``nudenet==3.4.2``. The inputs are made offline by
+``benchmarks/ocr_data.py``: text lines (half turned 180°) and pages of text printed on photographs,
+preprocessed as rapidocr does, and crops of scikit-image's sample photographs (two of them show
+people) for the YOLO detector. Calibration draws (seed 0) and held-out draws
 (seed 1) are disjoint; every tool gets the same calibration inputs and the same user file:
 
 * ``deployq export --onnx FILE --calib ...`` (plain min/max, and ``--ptq bias``);
@@ -16,8 +19,9 @@ printed on photographs, preprocessed as rapidocr does. Calibration draws (seed 0
 
 Columns, on the held-out inputs: output SQNR (dB) of the quantized model's output against the user's
 float file in onnxruntime (fully optimized, 1 thread); the task metric (classifier: predictions that
-agree with the float model's; detector: IoU of the text pixels, probability > 0.3, with the float
-model's); the tool's seconds; for deployq, ``deployq check``'s largest code difference (LSB); and how
+agree with the float model's; text detector: IoU of the text pixels, probability > 0.3, with the
+float model's; YOLO: F1 of its boxes, score > 0.25 after per-class NMS, against the float model's
+boxes with the same class and IoU >= 0.5); the tool's seconds; for deployq, ``deployq check``'s largest code difference (LSB); and how
 many of the file's quant points ``deployq diff USER_FILE QUANT_FILE`` pairs, of all.
 """
 
@@ -28,7 +32,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -38,11 +42,13 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 from benchmarks import common
 
 SCRIPT = "bench_onnx_in.py"
-WHEEL = common.ROOT / ".peers" / "wheels" / "rapidocr_onnxruntime-1.4.4-py3-none-any.whl"
-FILES = {"cls": "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-         "det": "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"}
-TITLES = {"cls": "PP-OCR text direction classifier (ch_ppocr_mobile_v2.0_cls, 48x192 text lines)",
-          "det": "PP-OCRv4 text detector (ch_PP-OCRv4_det, 384x384 pages)"}
+WHEELS = common.ROOT / ".peers" / "wheels"
+FILES = {"cls": ("rapidocr_onnxruntime-1.4.4-py3-none-any.whl", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+         "det": ("rapidocr_onnxruntime-1.4.4-py3-none-any.whl", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
+         "yolo": ("nudenet-3.4.2-py3-none-any.whl", "nudenet/320n.onnx")}
+TITLES = {"cls": "PP-OCR text direction classifier (rapidocr-onnxruntime: ch_ppocr_mobile_v2.0_cls, 48x192 text lines)",
+          "det": "PP-OCRv4 text detector (rapidocr-onnxruntime: ch_PP-OCRv4_det, 384x384 pages)",
+          "yolo": "NudeNet's YOLOv8n detector (nudenet: 320n.onnx, 320x320 photographs)"}
 MODELS = tuple(FILES)
 
 
@@ -51,19 +57,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ", ".join(MODELS))
     parser.add_argument("--calib", type=int, default=32, help="calibration inputs (seed 0)")
     parser.add_argument("--held-out", type=int, default=64, help="held-out inputs (seed 1)")
+    parser.add_argument("--seeds", type=int, default=3, help="calibration draws (seeds 0, 2, 4, ...)")
     return parser.parse_args(argv)
 
 
 def model_file(name: str, work: Path) -> Path:
-    if not WHEEL.is_file():
-        raise common.BenchmarkError(f"{WHEEL} is missing: run scripts/install-peers.sh first")
-    with zipfile.ZipFile(WHEEL) as wheel:
-        return Path(wheel.extract(FILES[name], work))
+    wheel_name, member = FILES[name]
+    if not (WHEELS / wheel_name).is_file():
+        raise common.BenchmarkError(f"{WHEELS / wheel_name} is missing: run scripts/install-peers.sh first")
+    with zipfile.ZipFile(WHEELS / wheel_name) as wheel:
+        return Path(wheel.extract(member, work))
 
 
 def data(name: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from benchmarks import ocr_data
 
+    if name == "yolo":
+        return ocr_data.photo_crops(count, seed, 320), np.zeros(count)
     return ocr_data.text_lines(count, seed) if name == "cls" else ocr_data.pages(count, seed)
 
 
@@ -77,11 +87,60 @@ def outputs(path: Path, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {name: x[None]})[0] for x in inputs])
 
 
-def task_metric(name: str, reference: np.ndarray, ours: np.ndarray) -> str:
+def detections(output: np.ndarray, threshold: float = 0.25, overlap: float = 0.45) -> list[tuple[int, np.ndarray]]:
+    """A YOLOv8 output (4 + classes, anchors) as (class, box x0 y0 x1 y1) after per-class NMS."""
+    boxes = np.concatenate([output[:2] - output[2:4] / 2, output[:2] + output[2:4] / 2]).T
+    scores = output[4:].max(0)
+    classes = output[4:].argmax(0)
+    kept: list[tuple[int, np.ndarray]] = []
+    for i in np.argsort(-scores):
+        if scores[i] < threshold:
+            break
+        if all(c != classes[i] or iou(b, boxes[i]) < overlap for c, b in kept):
+            kept.append((int(classes[i]), boxes[i]))
+    return kept
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return float(w * h / union) if union > 0 else 0.0
+
+
+def box_agreement(reference: np.ndarray, ours: np.ndarray) -> tuple[float, int]:
+    """F1 of the quantized model's detections against the float model's (same class, IoU >= 0.5)."""
+    matched = found = expected = 0
+    for ref, out in zip(reference, ours):
+        want, got = detections(ref), detections(out)
+        expected, found = expected + len(want), found + len(got)
+        free = list(want)
+        for c, box in got:
+            hit = next((w for w in free if w[0] == c and iou(w[1], box) >= 0.5), None)
+            if hit is not None:
+                free.remove(hit)
+                matched += 1
+    return (2 * matched / (expected + found) if expected + found else 1.0), expected
+
+
+def task_value(name: str, reference: np.ndarray, ours: np.ndarray) -> float:
+    """Classifier: % of predictions that agree with the float model's; text detector: text-pixel IoU;
+    YOLO: box F1 (both against the float model)."""
     if name == "cls":
-        return f"{100 * np.mean(reference.argmax(1) == ours.argmax(1)):.1f}% agree"
+        return 100 * float(np.mean(reference.argmax(1) == ours.argmax(1)))
+    if name == "yolo":
+        return box_agreement(reference, ours)[0]
     a, b = reference > 0.3, ours > 0.3
-    return f"IoU {(a & b).sum() / max(1, (a | b).sum()):.3f}"
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+TASK = {"cls": "direction: % agree with float", "det": "text-pixel IoU with float", "yolo": "box F1 against float"}
+
+
+def spread(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def pairing(user_file: Path, path: Path, calibration: np.ndarray) -> str:
@@ -92,46 +151,58 @@ def pairing(user_file: Path, path: Path, calibration: np.ndarray) -> str:
 
 
 def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
+    """One row per tool: its output SQNR and task metric on the held-out inputs, mean ± sd over the
+    calibration draws (seeds 0, 2, 4, ...; the held-out draw is seed 1)."""
     import deployq
     from benchmarks.bench_peers import import_peers, nncf_quantize
 
     user_file = model_file(name, work)
-    calibration, _ = data(name, args.calib, seed=0)
     held_out, truth = data(name, args.held_out, seed=1)
     reference = outputs(user_file, held_out)
-    batches = [x[None] for x in calibration]
-
-    def deployq_export(folder: str, methods: tuple[str, ...]) -> tuple[Path, str]:
-        result = deployq.export(str(user_file), calibration[:1], work / folder, calib=batches, ptq=methods,
-                                ort_format=False)
-        parity = deployq.check(str(result.files["checkpoint"]), result.files["int8"], batches[:2])
-        return result.files["int8"], f"{parity.max_lsb} LSB"
-
     import_peers()
-    contenders: list[tuple[str, Callable[[], tuple[Path, str]]]] = [
-        ("deployq export --onnx (min/max)", lambda: deployq_export("plain", ())),
-        ("deployq export --onnx --ptq bias", lambda: deployq_export("bias", ("bias",))),
-        ("quantize_static MinMax", lambda: (common.quantize_static_qdq(user_file, work / "static.onnx", batches,
-                                                                      "MinMax"), "")),
-        ("NNCF default (fast bias correction)",
-         lambda: (nncf_quantize(user_file, work / "nncf.onnx", batches, False), "")),
-    ]
+    labels = ["deployq export --onnx (min/max)", "deployq export --onnx --ptq bias", "quantize_static MinMax",
+              "NNCF default (fast bias correction)"]
+    results: dict[str, list] = {label: [] for label in labels}
+    for seed in range(args.seeds):
+        calibration, _ = data(name, args.calib, seed=2 * seed)
+        batches = [x[None] for x in calibration]
+
+        def deployq_export(folder: str, methods: tuple[str, ...]) -> tuple[Path, int]:
+            result = deployq.export(str(user_file), calibration[:1], work / folder, calib=batches, ptq=methods,
+                                    ort_format=False)
+            parity = deployq.check(str(result.files["checkpoint"]), result.files["int8"], batches[:2])
+            return result.files["int8"], parity.max_lsb
+
+        makers: list[Callable[[], tuple[Path, Optional[int]]]] = [
+            lambda: deployq_export("plain", ()), lambda: deployq_export("bias", ("bias",)),
+            lambda: (common.quantize_static_qdq(user_file, work / "static.onnx", batches, "MinMax"), None),
+            lambda: (nncf_quantize(user_file, work / "nncf.onnx", batches, False), None)]
+        for label, make in zip(labels, makers):
+            try:  # a tool that cannot quantize the file, or writes one onnxruntime refuses, is a row
+                with common.quiet():
+                    (path, lsb), seconds = common.timed(make)
+                    ours = outputs(path, held_out)
+                sqnr = 10 * np.log10(np.sum(reference ** 2) / max(np.sum((reference - ours) ** 2), 1e-30))
+                paired = pairing(user_file, path, calibration) if seed == 0 else ""
+                results[label].append((sqnr, task_value(name, reference, ours), seconds, lsb, paired))
+            except Exception as err:
+                results[label].append(f"cannot: {common.error_text(err)[:200]}")
+            print(f"{name} seed {seed}: {label}: {results[label][-1]}", file=sys.stderr, flush=True)
     rows = []
-    for label, make in contenders:
-        try:  # a tool that cannot quantize the file, or writes one onnxruntime refuses, is a row
-            with common.quiet():
-                (path, parity), seconds = common.timed(make)
-                ours = outputs(path, held_out)
-            sqnr = 10 * np.log10(np.sum(reference ** 2) / max(np.sum((reference - ours) ** 2), 1e-30))
-            rows.append([label, f"{sqnr:.2f}", task_metric(name, reference, ours), f"{seconds:.1f}", parity or "-",
-                         pairing(user_file, path, calibration)])
-        except Exception as err:
-            rows.append([label, f"cannot: {common.error_text(err)[:200]}", "", "", "", ""])
-        print(f"{name}: {label}: {rows[-1][1:3]}", file=sys.stderr, flush=True)
+    for label, runs in results.items():
+        failed = [r for r in runs if isinstance(r, str)]
+        if failed:
+            rows.append([label, failed[0], "", "", "", ""])
+            continue
+        sqnr, task, seconds, lsb, paired = zip(*runs)
+        rows.append([label, spread(list(sqnr), 2), spread(list(task), 1 if name == "cls" else 3),
+                     f"{np.mean(seconds):.1f}", "-" if lsb[0] is None else f"≤ {max(lsb)} LSB", paired[0]])
     if name == "cls":
-        accuracy = np.mean(reference.argmax(1) == truth)
-        rows.append(["(float model: direction accuracy on the held-out lines)", "", f"{100 * accuracy:.1f}%",
-                     "", "", ""])
+        rows.append(["(the float model: direction accuracy on the held-out lines)", "",
+                     f"{100 * np.mean(reference.argmax(1) == truth):.1f}%", "", "", ""])
+    if name == "yolo":
+        rows.append(["(the float model: boxes on the held-out photographs)", "",
+                     str(sum(len(detections(r)) for r in reference)), "", "", ""])
     return rows
 
 
@@ -144,12 +215,14 @@ def run(argv: list[str]) -> common.Section:
             with tempfile.TemporaryDirectory(prefix=f"bench_onnx_in.{name}.") as tmp:
                 rows = measure(name, args, Path(tmp))
             body += ["", f"**{TITLES[name]}**", ""]
-            body += common.table(["quantization", "output SQNR dB", "task (vs float)", "seconds", "check",
+            body += common.table(["quantization", "output SQNR dB", TASK[name], "seconds", "deployq check",
                                   "diff: points paired"], rows)
-    body += ["", f"{args.calib} calibration and {args.held_out} held-out inputs (disjoint draws); onnxruntime's CPU "
-             "provider, 1 thread; NNCF 3.4.0 (`scripts/install-peers.sh`). Seconds: the tool's own quantization "
-             "(deployq's export also writes the float graph, the checkpoint and qparams.json), one run. One seed. "
-             "Machine: " + common.machine_text() + "."]
+    body += ["", f"Mean ± sd over {args.seeds} calibration draws of {args.calib} inputs (seeds 0, 2, ...), scored on "
+             f"one held-out draw of {args.held_out} (seed 1); onnxruntime's CPU provider, 1 thread; NNCF 3.4.0 "
+             "(`scripts/install-peers.sh`). Seconds: the tool's own quantization, mean (deployq's export also writes "
+             "the float graph, the checkpoint and qparams.json, and traces the model to ONNX). diff: the quant points "
+             "`deployq diff USER_FILE QUANT_FILE` pairs, of all, on the first draw. Machine: "
+             + common.machine_text() + "."]
     return common.Section("onnx_in", "ONNX in: trained models shipped in a PyPI wheel, deployq vs quantize_static "
                           "and NNCF", common.command_line(SCRIPT, argv), body)
 

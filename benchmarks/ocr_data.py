@@ -1,4 +1,4 @@
-"""Realistic inputs for the OCR models bench_onnx_in quantizes, made offline.
+"""Realistic inputs for the models bench_onnx_in quantizes, made offline.
 
 * **Text lines** for PP-OCR's direction classifier: words in one of the DejaVu fonts, dark on a
   light patch of a photograph (scikit-image's sample images), half of them turned 180°, resized
@@ -6,7 +6,9 @@
 * **Pages** for PP-OCR's text detector: a photograph with 2-6 text blocks printed on it, at
   ``size`` x ``size``; the mask of the printed text is the ground truth.
 
-Both are normalized as rapidocr's config.yaml says ((x / 255 - 0.5) / 0.5, RGB, NCHW float32).
+* **Photograph crops** for a YOLO detector: square crops of the photographs, in [0, 1].
+
+The OCR inputs are normalized as rapidocr's config.yaml says ((x / 255 - 0.5) / 0.5, RGB, NCHW float32).
 Different seeds give disjoint draws: calibrate on one, report on another.
 """
 
@@ -32,7 +34,7 @@ def fonts() -> list[str]:
 
 def photographs() -> list[np.ndarray]:
     from skimage import data
-    names = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
+    names = ("astronaut", "camera", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
     out = []
     for name in names:
         img = np.asarray(getattr(data, name)())
@@ -60,6 +62,21 @@ def _patch(rng: np.random.Generator, photos: list[np.ndarray], h: int, w: int) -
     x = int(rng.integers(0, max(1, photo.shape[1] - w)))
     crop = Image.fromarray(photo[y:y + h, x:x + w]).resize((w, h))
     return crop
+
+
+def photo_crops(count: int, seed: int, size: int) -> np.ndarray:
+    """(count, 3, size, size) square crops of the photographs in [0, 1], as YOLO detectors take them."""
+    rng = np.random.default_rng(seed)
+    photos = photographs()
+    out = []
+    for _ in range(count):
+        photo = photos[int(rng.integers(len(photos)))]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+        out.append((np.asarray(crop, np.float32) / 255.0).transpose(2, 0, 1))
+    return np.stack(out)
 
 
 def text_lines(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,6 @@ target="$root/.peers"
     attrs==26.1.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 \
     openvino-telemetry==2025.2.0 psutil==7.2.2 pydot==4.0.1 pyparsing==3.3.3 tabulate==0.10.0 \
     bokeh==3.9.2 tornado==6.6.1
-# benchmarks/bench_onnx_in.py reads the trained PP-OCR models inside this wheel (not installed)
-"$python" -m pip download --quiet --no-deps --dest "$target/wheels" rapidocr-onnxruntime==1.4.4
-echo "installed NNCF 3.4.0 and AIMET 2.42.0 into $target, rapidocr-onnxruntime's wheel into $target/wheels"
+# benchmarks/bench_onnx_in.py reads the trained models inside these wheels (not installed)
+"$python" -m pip download --quiet --no-deps --dest "$target/wheels" rapidocr-onnxruntime==1.4.4 nudenet==3.4.2
+echo "installed NNCF 3.4.0 and AIMET 2.42.0 into $target, the wheels of rapidocr-onnxruntime and nudenet into $target/wheels"

@@ -229,6 +229,15 @@ CASES = {
     "diff unknown mode": diff_case("model.float.onnx", "model.int8.onnx", "--mode", "bogus", names=("--mode",)),
     "diff points that are not there": diff_case("model.float.onnx", "model.int8.onnx", "--points", "nothing*",
                                                 names=("nothing*",)),
+    # export --onnx
+    "export --onnx a text file": Case(lambda w: ["export", "--onnx", str(w / "notes.dng"), "--calib", "zeroq",
+                                                 "--out", str(w.out)], ("notes.dng", "not an ONNX model")),
+    "export --onnx with --ckpt": Case(lambda w: ["export", "--onnx", str(w / "relu.onnx"), "--ckpt", str(w / "good.pt"),
+                                                 "--out", str(w.out)], ("--onnx", "--ckpt")),
+    "export --onnx a custom op": Case(lambda w: ["export", "--onnx", str(w / "custom_domain.onnx"), "--calib", "zeroq",
+                                                 "--out", str(w.out)], ("custom_domain.onnx", "cannot import")),
+    "export --onnx a missing file": Case(lambda w: ["export", "--onnx", str(w / "missing.onnx"), "--out", str(w.out)],
+                                         ("missing.onnx",)),
     # check
     "check against the float model": Case(lambda w: ["check", "--ckpt", str(w / "good.pt"), "--onnx",
                                                      str(w.out / "model.float.onnx")], ("model.float.onnx", "QuantizeLinear")),

@@ -218,3 +218,40 @@ def test_convert_takes_a_model_proto_with_unknown_shapes() -> None:
     gm = convert(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     x = torch.randn(2, 3)
     torch.testing.assert_close(gm(x), torch.sigmoid(x))
+
+
+def grid_head(path: Path) -> Path:
+    """A head that adds an anchor grid computed from its feature map's shape (Shape, Gather, Range,
+    Expand...: how ultralytics' YOLO exports), with any input size."""
+    torch.manual_seed(0)
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            h, w = y.shape[2], y.shape[3]
+            gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                    indexing="ij")
+            return torch.sigmoid(y) + torch.stack([gx, gy]).unsqueeze(0).expand(1, 2, h, w)
+
+    torch.onnx.export(Head().eval(), (torch.randn(1, 3, 16, 16),), str(path), input_names=["images"],
+                      dynamic_axes={"images": {0: "n", 2: "h", 3: "w"}}, dynamo=False, opset_version=17)
+    return path
+
+
+def test_a_grid_computed_from_shapes_is_a_constant_at_the_given_size(tmp_path: Path) -> None:
+    path = grid_head(tmp_path / "head.onnx")
+    assert {"Range", "Expand"} & {n.op_type for n in onnx.load(str(path)).graph.node}
+    with pytest.raises(OnnxImportError, match="Range"):
+        load(str(path))  # sizes unknown: the grid depends on the input
+    with pytest.raises(ValueError, match="pass --input-shape"):
+        deployq.export(str(path), None, tmp_path / "o", calib="zeroq")
+    gm = load(str(path), shapes=[[1, 3, 24, 32]])
+    x = RNG.normal(0, 1, (3, 3, 24, 32)).astype(np.float32)  # another batch: it stays symbolic
+    np.testing.assert_allclose(gm(torch.from_numpy(x)).detach().numpy(), _ort(path, x), rtol=1e-5, atol=1e-5)
+    calib = [RNG.normal(0, 1, (1, 3, 24, 32)).astype(np.float32) for _ in range(4)]
+    result = deployq.export(str(path), calib[0], tmp_path / "o", calib=calib, ort_format=False)
+    assert deployq.check(str(result.files["checkpoint"]), result.files["int8"], calib[:2]).max_lsb <= 1

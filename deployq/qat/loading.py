@@ -187,8 +187,6 @@ def input_specs(shapes: InputShapes, known: Optional[list[InputSpec]], model: nn
     """The model's inputs: `known` (a checkpoint's), with shapes replaced by `shapes` if given:
     one unnamed shape for a one-input model, or ``[(name, shape), ...]`` naming each input."""
     names = [i.name for i in known] if known else forward_arguments(model)
-    if not shapes and not known and onnx_import.input_shapes(model):
-        shapes = _file_shapes(model)
     if not shapes:
         if not known:
             per_input = "" if len(names) == 1 else f" for each of its inputs ({', '.join(names)}) as NAME:N,C,H,W"
@@ -210,19 +208,6 @@ def input_specs(shapes: InputShapes, known: Optional[list[InputSpec]], model: nn
     return [InputSpec(n, given[n]) for n in names]
 
 
-def _file_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """An imported ONNX model's input shapes as its file gives them, a symbolic batch as 1; other
-    symbolic dims are for --input-shape to give."""
-    shapes = []
-    for (name, dims), arg in zip(onnx_import.input_shapes(model), forward_arguments(model)):
-        dims = tuple(1 if i == 0 and not isinstance(d, int) or d == 0 and i == 0 else d for i, d in enumerate(dims))
-        if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
-            raise ValueError(f"the ONNX model's input {name!r} has the shape {list(dims)} with symbolic sizes; "
-                             f"pass --input-shape {'' if len(forward_arguments(model)) == 1 else arg + ':'}N,C,H,W")
-        shapes.append((arg, dims))
-    return shapes
-
-
 def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
                   config: Optional[str] = None, input_shape: InputShapes = None,
                   factory_kwargs: Optional[dict] = None, leaf_modules: Sequence[str] = (),
@@ -235,8 +220,11 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
         path = Path(onnx_file)
         if not path.is_file():
             raise onnx_import.OnnxImportError(f"{onnx_file}: no such ONNX file")
+        shapes = onnx_import.resolve_shapes(path, input_shape)
         factory, factory_kwargs = onnx_import.FACTORY, {"path": str(path.resolve()),
-                                                        "sha256": onnx_import.file_digest(path)}
+                                                        "sha256": onnx_import.file_digest(path),
+                                                        "shapes": [list(shape) for _, shape in shapes]}
+        input_shape = [(onnx_import.identifier(name), shape) for name, shape in shapes]
     if ckpt is None and factory is None:
         raise ValueError("give --ckpt (a deployq checkpoint) or --model PKG.MOD:FACTORY")
     payload = ck.read_payload(ckpt) if ckpt is not None else None

@@ -51,8 +51,14 @@ def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load(path: str, sha256: Optional[str] = None) -> fx.GraphModule:
-    """The model factory for ONNX files: the torch model of `path` (checked against `sha256`)."""
+def load(path: str, sha256: Optional[str] = None, shapes: Optional[list[list[int]]] = None) -> fx.GraphModule:
+    """The model factory for ONNX files: the torch model of `path` (checked against `sha256`), its
+    inputs' sizes fixed to `shapes` (the batch stays symbolic), as torch.export fixes them: a
+    YOLO head's anchor grid, computed from the feature maps' shapes, becomes a constant."""
+    return convert(_read(path, sha256), where=str(path), shapes=shapes)
+
+
+def _read(path: str | Path, sha256: Optional[str] = None, weights: bool = True) -> onnx.ModelProto:
     p = Path(path)
     if not p.is_file():
         raise OnnxImportError(f"{path}: no such ONNX file")
@@ -60,15 +66,44 @@ def load(path: str, sha256: Optional[str] = None) -> fx.GraphModule:
         raise OnnxImportError(f"{path} changed since the checkpoint was written (SHA-256 differs); "
                               "export from the file the model was quantized from")
     try:
-        model = onnx.load(str(p))
+        return onnx.load(str(p), load_external_data=weights)
     except Exception as err:  # noqa: BLE001 - protobuf's errors are not one type
         raise OnnxImportError(f"{path}: not an ONNX model ({type(err).__name__}: {err})") from None
-    return convert(model, where=str(path))
 
 
-def input_shapes(model: fx.GraphModule) -> list[tuple[str, tuple]]:
-    """The imported model's inputs and their shapes in the file (None where a dim is symbolic)."""
-    return list(getattr(model, "onnx_inputs", []))
+def resolve_shapes(path: str | Path, given: Any = None) -> list[tuple[str, tuple[int, ...]]]:
+    """Each input of the file and the shape deployq prepares it at: `given` (``[(name or None,
+    shape)]``, as ``--input-shape`` parses), else the file's, a symbolic batch as 1. A size the file
+    leaves symbolic and nobody gives is an error asking for ``--input-shape``."""
+    model = _read(path, weights=False)
+    constants = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in constants]
+    given = dict(given or [])
+    if None in given:
+        if len(inputs) != 1:
+            raise ValueError(f"{path} takes {len(inputs)} inputs; give each as --input-shape NAME:N,C,H,W")
+        given = {inputs[0].name: given[None]}
+    known = {i.name for i in inputs} | {identifier(i.name) for i in inputs}
+    unknown = [n for n in given if n not in known]
+    if unknown:
+        raise ValueError(f"--input-shape names {', '.join(unknown)}; {path}'s inputs are "
+                         f"{', '.join(i.name for i in inputs)}")
+    shapes = []
+    for i in inputs:
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in i.type.tensor_type.shape.dim]
+        shape = given.get(i.name, given.get(identifier(i.name)))
+        if shape is None:
+            shape = tuple(1 if d is None and k == 0 else d for k, d in enumerate(dims))
+            if None in shape or not shape:
+                one = "" if len(inputs) == 1 else f"{i.name}:"
+                raise ValueError(f"{path}: input {i.name!r} has the shape {[d or '?' for d in dims]} with "
+                                 f"symbolic sizes; pass --input-shape {one}N,C,H,W")
+        elif len(shape) != len(dims) or any(d is not None and d != s for k, (d, s) in enumerate(zip(dims, shape)) if k):
+            raise ValueError(f"--input-shape {list(shape)} does not fit {path}'s input {i.name!r} "
+                             f"{[d or '?' for d in dims]}")
+        shapes.append((i.name, tuple(int(s) for s in shape)))
+    return shapes
 
 
 def is_imported(graph: fx.Graph) -> bool:
@@ -133,7 +168,7 @@ class Builder:
     def rank(self, x: Any) -> Optional[int]:
         if isinstance(x, np.ndarray):
             return x.ndim
-        name = self.names.get(x)
+        name = self.names.get(x) if isinstance(x, fx.Node) else None
         return self.ranks.get(name) if name is not None else None
 
     def size(self, x: Any, axis: int) -> int:
@@ -160,9 +195,12 @@ def _floordiv(a: Any, b: Any) -> Any:
     return a // b
 
 
-def convert(model: onnx.ModelProto, where: str = "the ONNX model") -> fx.GraphModule:
-    """The torch.fx GraphModule computing `model` (float, eval mode)."""
+def convert(model: onnx.ModelProto, where: str = "the ONNX model",
+            shapes: Optional[list[list[int]]] = None) -> fx.GraphModule:
+    """The torch.fx GraphModule computing `model` (float, eval mode); `shapes`: see :func:`load`."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if shapes is not None:
+        model = _with_input_shapes(model, shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - a model shape inference cannot take still converts, ranks unknown
@@ -172,12 +210,11 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model") -> fx.GraphMo
     for n in model.graph.node:  # weights written as Constant nodes (Paddle) are initializers too
         if n.op_type == "Constant":
             values[n.output[0]] = _fold(n, [], opset, where)[0]
-    _check_supported(model.graph, set(values), where)
+    _check_supported(model.graph, set(values), dims, where)
     nodes = _hardswish(list(model.graph.node), values, {o.name for o in model.graph.output})
     biases = _bias_adds(nodes, model.graph, values)
     folded_adds = {id(add) for add, _ in biases.values()}
     b = Builder(opset, ranks, dims)
-    inputs = []
     for inp in model.graph.input:
         if inp.name in values:
             continue
@@ -185,7 +222,6 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model") -> fx.GraphMo
         node.meta[ONNX_NAME] = inp.name
         b.names[node] = inp.name
         values[inp.name] = node
-        inputs.append((inp.name, tuple(dims.get(inp.name, []))))
     outputs = {o.name for o in model.graph.output}
     for onnx_node in nodes:
         if id(onnx_node) in folded_adds or (onnx_node.op_type == "Constant" and onnx_node.output[0] in values):
@@ -198,12 +234,17 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model") -> fx.GraphMo
                 add, bias = biases[onnx_node.output[0]]
                 args.append(bias)
                 onnx_node = _renamed(onnx_node, add.output[0])
+            if onnx_node.op_type not in HANDLERS:  # passed the check as computed from shapes, which it is not
+                raise OnnxImportError(f"{where}: node {onnx_node.name!r} ({onnx_node.op_type}) computes from the "
+                                      "input's batch size, and deployq cannot import that op")
             try:
                 results = HANDLERS[onnx_node.op_type](b, onnx_node, *args)
             except UnsupportedNode as err:
                 message = str(err) if str(err).startswith("node ") else f"node {onnx_node.name!r} ({onnx_node.op_type}): {err}"
                 raise OnnxImportError(f"{where}: {message}") from None
         for name, value in zip(onnx_node.output, results):
+            if isinstance(value, Dims) and value.constant() is not None:
+                value = value.constant()  # sizes fixed by the input shapes: a constant from here on
             if isinstance(value, fx.Node) and (ONNX_NAME not in value.meta or name in outputs):
                 value.meta[ONNX_NAME] = name
                 b.names[value] = name
@@ -215,9 +256,29 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model") -> fx.GraphMo
             raise OnnxImportError(f"{where}: output {out.name!r} does not depend on the model's inputs")
         results.append(value)
     b.graph.output(results[0] if len(results) == 1 else tuple(results))
-    gm = fx.GraphModule(b.root, b.graph, class_name="OnnxModel")
-    gm.onnx_inputs = inputs
-    return gm.eval()
+    return fx.GraphModule(b.root, b.graph, class_name="OnnxModel").eval()
+
+
+def _with_input_shapes(model: onnx.ModelProto, shapes: list[list[int]]) -> onnx.ModelProto:
+    """A copy of `model` whose inputs have the sizes `shapes` gives after the batch (symbolic), and
+    no shapes recorded inside (shape inference works them out again from the inputs)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    constants = {i.name for i in fixed.graph.initializer}
+    inputs = [i for i in fixed.graph.input if i.name not in constants]
+    if len(inputs) != len(shapes):
+        raise OnnxImportError(f"{len(shapes)} input shapes for {len(inputs)} inputs")
+    for inp, shape in zip(inputs, shapes):
+        dims = inp.type.tensor_type.shape.dim
+        del dims[:]
+        for k, size in enumerate(shape):
+            dim = dims.add()
+            if k == 0:
+                dim.dim_param = "batch"
+            else:
+                dim.dim_value = int(size)
+    return fixed
 
 
 def _renamed(node: Any, output: str) -> Any:
@@ -237,15 +298,18 @@ def _shapes(graph: Any) -> tuple[dict[str, int], dict[str, list]]:
     return ranks, dims
 
 
-def _check_supported(graph: Any, constants: set[str], where: str) -> None:
-    """Every node computed from the inputs has a handler: else one error listing all that lack one."""
+def _check_supported(graph: Any, constants: set[str], dims: dict[str, list], where: str) -> None:
+    """Every node computed from the inputs has a handler: else one error listing all that lack one.
+    The shape of a tensor whose sizes are fixed (but the batch) counts as a constant here."""
     known = set(constants)
     missing = []
     for node in graph.node:
         if node.domain not in ("", "ai.onnx"):
             missing.append(f"{node.name or node.output[0]!r} ({node.domain}:{node.op_type})")
             continue
-        if all(not i or i in known for i in node.input):
+        if node.op_type == "Shape" and all(isinstance(d, int) and d > 0 for d in dims.get(node.input[0], [None])[1:]):
+            known.update(node.output)
+        elif all(not i or i in known for i in node.input):
             known.update(node.output)  # folded
         elif node.op_type not in HANDLERS:
             missing.append(f"{node.name or node.output[0]!r} ({node.op_type})")

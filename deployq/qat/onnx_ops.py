@@ -40,9 +40,16 @@ class UnsupportedNode(ValueError):
 
 @dataclass
 class Dims:
-    """A 1-D integer tensor made from tensor shapes: each entry an int or an fx node (``x.size(i)``)."""
+    """A 1-D integer tensor made from tensor shapes: each entry an int or an fx node (``x.size(i)``);
+    `scalar`: a 0-d one (``Gather`` with one index). Once every entry is an int it is a constant."""
 
     values: list
+    scalar: bool = False
+
+    def constant(self) -> Optional[np.ndarray]:
+        if not all(isinstance(v, int) for v in self.values):
+            return None
+        return np.array(self.values[0] if self.scalar else self.values, np.int64)
 
 
 class HardSigmoid(nn.Module):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from deployq.qat.onnx_ops import Dims, UnsupportedNode, Value, attr, const, handles, ints, pairs, torch_pad
 
@@ -37,11 +37,16 @@ def cast(b: "Builder", node: Any, x: Value) -> list:
 
 @handles("Shape")
 def shape(b: "Builder", node: Any, x: Value) -> list:
+    if isinstance(x, Dims):
+        return [np.array([len(x.values)], np.int64)]
     rank = b.rank(x)
     if rank is None:
         raise UnsupportedNode(f"node {node.name!r} (Shape): the rank of its input is unknown")
     start, end = attr(node, "start", 0), attr(node, "end", rank)
-    return [Dims([b.call_method("size", x, i) for i in range(rank)][start:end])]
+    known = b.dims.get(b.names.get(x, ""), [None] * rank)
+    sizes = [known[i] if i > 0 and isinstance(known[i], int) and known[i] > 0 else b.call_method("size", x, i)
+             for i in range(rank)]  # the batch stays symbolic; sizes fixed by the inputs' shapes are ints
+    return [Dims(sizes[start:end])]
 
 
 @handles("Gather")
@@ -49,7 +54,7 @@ def gather(b: "Builder", node: Any, x: Value, index: Value) -> list:
     index = const(node, index, "indices")
     axis = attr(node, "axis", 0)
     if isinstance(x, Dims):
-        return [Dims([x.values[int(i)] for i in np.asarray(index).reshape(-1)])]
+        return [Dims([x.values[int(i)] for i in np.asarray(index).reshape(-1)], scalar=np.ndim(index) == 0)]
     if np.ndim(index) == 0:
         return [b.call(torch.select, x, axis, int(index))]
     return [b.call(torch.index_select, x, axis, b.operand(np.asarray(index, np.int64)))]
@@ -90,8 +95,8 @@ def concat(b: "Builder", node: Any, *xs: Value) -> list:
 def squeeze(b: "Builder", node: Any, x: Value, axes: Value = None) -> list:
     axes = ints(attr(node, "axes")) if axes is None and attr(node, "axes") is not None else ints(
         const(node, axes, "axes"))
-    if isinstance(x, Dims) or (isinstance(x, fx.Node) is False and not isinstance(x, np.ndarray)):
-        return [x]
+    if isinstance(x, Dims):  # a scalar unsqueezed is a 1-D shape; a 1-D one of one entry squeezed a scalar
+        return [Dims(x.values, scalar=node.op_type == "Squeeze" and len(x.values) == 1)]
     if node.op_type == "Unsqueeze":
         for a in sorted(axes or []):
             x = b.call(torch.unsqueeze, x, a)
@@ -101,10 +106,19 @@ def squeeze(b: "Builder", node: Any, x: Value, axes: Value = None) -> list:
 
 @handles("Reshape")
 def reshape(b: "Builder", node: Any, x: Value, shape: Value) -> list:
+    if isinstance(x, Dims):  # a shape vector reshaped to a vector (how torch.onnx writes expand)
+        return [Dims(x.values)]
     dims = shape.values if isinstance(shape, Dims) else ints(const(node, shape, "shape"))
     if not attr(node, "allowzero", 0):
         dims = [b.call_method("size", x, i) if isinstance(d, int) and d == 0 else d for i, d in enumerate(dims)]
     return [b.call(torch.reshape, x, tuple(dims))]
+
+
+@handles("Expand")
+def expand(b: "Builder", node: Any, x: Value, shape: Value) -> list:
+    """ONNX's broadcast to `shape`: a size 1 there keeps the input's size (torch's -1)."""
+    dims = shape.values if isinstance(shape, Dims) else ints(const(node, shape, "shape"))
+    return [b.call_method("expand", b.tensor(x), *(-1 if isinstance(d, int) and d == 1 else d for d in dims))]
 
 
 @handles("Flatten")
