@@ -1,11 +1,12 @@
 """ONNX in: deployq, quantize_static and NNCF on trained ONNX models no one here wrote, in one run.
 
     scripts/install-peers.sh            # NNCF into .peers/; the wheels of rapidocr-onnxruntime and nudenet
-    python benchmarks/bench_onnx_in.py [--models cls,det,yolo]
+    python benchmarks/bench_onnx_in.py [--models cls,rec,det,yolo]
 
 The models ship inside PyPI wheels (read from the wheel, nothing downloaded at run time): PP-OCR's
-text direction classifier (``ch_ppocr_mobile_v2.0_cls``, opset 11) and text detector
-(``ch_PP-OCRv4_det``, opset 12), both exported from Paddle, in ``rapidocr-onnxruntime==1.4.4``; and
+text direction classifier (``ch_ppocr_mobile_v2.0_cls``, opset 11), text detector
+(``ch_PP-OCRv4_det``, opset 12) and text recognizer (``ch_PP-OCRv4_rec``: SVTR blocks with
+attention and LayerNorm written out, opset 12), all exported from Paddle, in ``rapidocr-onnxruntime==1.4.4``; and
 NudeNet's YOLOv8n detector (``320n.onnx``, exported by ultralytics, opset 17, its anchor grid
 computed from shapes) in ``nudenet==3.4.2``. The inputs are made offline by
 ``benchmarks/ocr_data.py``: text lines (half turned 180°) and pages of text printed on photographs,
@@ -19,7 +20,7 @@ people) for the YOLO detector. Calibration draws (seed 0) and held-out draws
 
 Columns, on the held-out inputs: output SQNR (dB) of the quantized model's output against the user's
 float file in onnxruntime (fully optimized, 1 thread); the task metric (classifier: predictions that
-agree with the float model's; text detector: IoU of the text pixels, probability > 0.3, with the
+agree with the float model's; recognizer: time steps whose character (argmax) agrees; text detector: IoU of the text pixels, probability > 0.3, with the
 float model's; YOLO: F1 of its boxes, score > 0.25 after per-class NMS, against the float model's
 boxes with the same class and IoU >= 0.5); the tool's seconds; for deployq, ``deployq check``'s largest code difference (LSB); and how
 many of the file's quant points ``deployq diff USER_FILE QUANT_FILE`` pairs, of all.
@@ -45,11 +46,13 @@ SCRIPT = "bench_onnx_in.py"
 WHEELS = common.ROOT / ".peers" / "wheels"
 FILES = {"cls": ("rapidocr_onnxruntime-1.4.4-py3-none-any.whl", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
          "det": ("rapidocr_onnxruntime-1.4.4-py3-none-any.whl", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
+         "rec": ("rapidocr_onnxruntime-1.4.4-py3-none-any.whl", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
          "yolo": ("nudenet-3.4.2-py3-none-any.whl", "nudenet/320n.onnx")}
 TITLES = {"cls": "PP-OCR text direction classifier (rapidocr-onnxruntime: ch_ppocr_mobile_v2.0_cls, 48x192 text lines)",
           "det": "PP-OCRv4 text detector (rapidocr-onnxruntime: ch_PP-OCRv4_det, 384x384 pages)",
+          "rec": "PP-OCRv4 text recognizer (rapidocr-onnxruntime: ch_PP-OCRv4_rec, SVTR-LCNet, 48x320 text lines)",
           "yolo": "NudeNet's YOLOv8n detector (nudenet: 320n.onnx, 320x320 photographs)"}
-MODELS = tuple(FILES)
+MODELS = tuple(FILES)  # cls, det, rec, yolo
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -74,6 +77,8 @@ def data(name: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
     if name == "yolo":
         return ocr_data.photo_crops(count, seed, 320), np.zeros(count)
+    if name == "rec":
+        return ocr_data.text_lines(count, seed, width=320)
     return ocr_data.text_lines(count, seed) if name == "cls" else ocr_data.pages(count, seed)
 
 
@@ -124,17 +129,19 @@ def box_agreement(reference: np.ndarray, ours: np.ndarray) -> tuple[float, int]:
 
 
 def task_value(name: str, reference: np.ndarray, ours: np.ndarray) -> float:
-    """Classifier: % of predictions that agree with the float model's; text detector: text-pixel IoU;
-    YOLO: box F1 (both against the float model)."""
+    """Classifier: % of predictions that agree with the float model's; recognizer: % of time steps
+    whose character agrees; text detector: text-pixel IoU; YOLO: box F1 (all against the float model)."""
     if name == "cls":
         return 100 * float(np.mean(reference.argmax(1) == ours.argmax(1)))
     if name == "yolo":
         return box_agreement(reference, ours)[0]
+    if name == "rec":  # CTC: the character (or blank) read at each of the 40 time steps
+        return 100 * float(np.mean(reference.argmax(-1) == ours.argmax(-1)))
     a, b = reference > 0.3, ours > 0.3
     return float((a & b).sum() / max(1, (a | b).sum()))
 
 
-TASK = {"cls": "direction: % agree with float", "det": "text-pixel IoU with float", "yolo": "box F1 against float"}
+TASK = {"cls": "direction: % agree with float", "rec": "characters per time step: % agree with float", "det": "text-pixel IoU with float", "yolo": "box F1 against float"}
 
 
 def spread(values: list[float], digits: int) -> str:
@@ -195,7 +202,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
             rows.append([label, failed[0], "", "", "", ""])
             continue
         sqnr, task, seconds, lsb, paired = zip(*runs)
-        rows.append([label, spread(list(sqnr), 2), spread(list(task), 1 if name == "cls" else 3),
+        rows.append([label, spread(list(sqnr), 2), spread(list(task), 1 if name in ("cls", "rec") else 3),
                      f"{np.mean(seconds):.1f}", "-" if lsb[0] is None else f"≤ {max(lsb)} LSB", paired[0]])
     if name == "cls":
         rows.append(["(the float model: direction accuracy on the held-out lines)", "",

@@ -79,8 +79,9 @@ def photo_crops(count: int, seed: int, size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def text_lines(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(count, 3, 48, 192) classifier inputs and their labels (1: turned 180°)."""
+def text_lines(count: int, seed: int, width: int = 192) -> tuple[np.ndarray, np.ndarray]:
+    """(count, 3, 48, width) text-line inputs (the classifier's width 192, the recognizer's 320) and
+    their labels (1: turned 180°; only the classifier's lines are turned)."""
     rng = np.random.default_rng(seed)
     faces, photos = fonts(), photographs()
     images, labels = [], []
@@ -93,12 +94,12 @@ def text_lines(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         line = Image.fromarray(light.astype(np.uint8))
         ink = tuple(int(v) for v in rng.integers(0, 90, 3))
         ImageDraw.Draw(line).text((8 - left, 6 - top), text, font=font, fill=ink)
-        turned = bool(rng.random() < 0.5)
+        turned = bool(rng.random() < 0.5) and width == 192
         if turned:
             line = line.rotate(180)
-        width = min(192, max(8, int(round(48 * line.width / line.height))))
-        padded = np.zeros((3, 48, 192), np.float32)
-        padded[:, :, :width] = _normalize(np.asarray(line.resize((width, 48), Image.BILINEAR)))
+        fit = min(width, max(8, int(round(48 * line.width / line.height))))
+        padded = np.zeros((3, 48, width), np.float32)
+        padded[:, :, :fit] = _normalize(np.asarray(line.resize((fit, 48), Image.BILINEAR)))
         images.append(padded)
         labels.append(int(turned))
     return np.stack(images), np.asarray(labels)

@@ -176,6 +176,16 @@ def test_cli_export_onnx_then_check_and_a_changed_file(tmp_path: Path) -> None:
     assert out.exit_code == 1 and "changed since the checkpoint was written" in out.output
 
 
+def test_inspect_lists_the_files_names(tmp_path: Path) -> None:
+    path = paddle_style(tmp_path / "model.onnx")
+    out = CliRunner().invoke(main, ["inspect", "--onnx", str(path), "--json", "-"])
+    assert out.exit_code == 0, out.output
+    names = [p["name"] for p in json.loads(out.stdout)]
+    assert names[0] == "x" and "hardsigmoid_0.tmp_0" in names and "conv1_tmp_1.weight" in names
+    out = CliRunner().invoke(main, ["inspect", "--onnx", str(path), "--leaf", "conv1_tmp_1"])
+    assert out.exit_code == 1 and "--leaf" in out.output
+
+
 def test_unsupported_nodes_are_named_before_any_work(tmp_path: Path) -> None:
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("TopK", ["a", "k"], ["v", "i"], name="topk_0"),
@@ -255,3 +265,42 @@ def test_a_grid_computed_from_shapes_is_a_constant_at_the_given_size(tmp_path: P
     calib = [RNG.normal(0, 1, (1, 3, 24, 32)).astype(np.float32) for _ in range(4)]
     result = deployq.export(str(path), calib[0], tmp_path / "o", calib=calib, ort_format=False)
     assert deployq.check(str(result.files["checkpoint"]), result.files["int8"], calib[:2]).max_lsb <= 1
+
+
+def test_dynamic_hw_where_the_graph_reads_no_sizes(tmp_path: Path) -> None:
+    calib = [RNG.normal(0, 1, (1, 3, 16, 16)).astype(np.float32) for _ in range(2)]
+    result = deployq.export(str(torch_style(tmp_path / "cnn.onnx")), calib[0], tmp_path / "o", calib=calib,
+                            dynamic_hw=True, ort_format=False)
+    x = RNG.normal(0, 1, (1, 3, 32, 24)).astype(np.float32)  # another size than calibrated at
+    assert _ort(result.files["int8"], x).shape == (1, 5)
+    grid = [RNG.normal(0, 1, (1, 3, 24, 32)).astype(np.float32) for _ in range(2)]
+    with pytest.raises(ValueError, match="--dynamic-hw: this ONNX model computes with sizes"):
+        deployq.export(str(grid_head(tmp_path / "head.onnx")), grid[0], tmp_path / "g", calib=grid, dynamic_hw=True)
+
+
+def test_attention_with_layer_norm_at_opset_17(tmp_path: Path) -> None:
+    """LayerNormalization (opset 17), MatMul between activations, Softmax, reshapes from shapes."""
+    torch.manual_seed(0)
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.qkv, self.proj = nn.LayerNorm(16), nn.Linear(16, 48), nn.Linear(16, 16)
+
+        def forward(self, x):
+            n, t, c = x.shape
+            q, k, v = self.qkv(self.norm(x)).reshape(n, t, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+            attn = torch.softmax(q @ k.transpose(-2, -1) * (c // 2) ** -0.5, dim=-1)
+            return x + self.proj((attn @ v).transpose(1, 2).reshape(n, t, c))
+
+    block = Attention().eval()
+    nn.init.normal_(block.norm.weight)  # not the defaults (ones, zeros): the importer must carry them
+    nn.init.normal_(block.norm.bias)
+    path = tmp_path / "attn.onnx"
+    torch.onnx.export(block, (torch.randn(1, 6, 16),), str(path), input_names=["tokens"], dynamo=False,
+                      opset_version=17)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"LayerNormalization", "Softmax", "MatMul"} <= ops
+    gm = load(str(path), shapes=[[1, 6, 16]])
+    x = RNG.normal(0, 1, (1, 6, 16)).astype(np.float32)
+    np.testing.assert_allclose(gm(torch.from_numpy(x)).detach().numpy(), _ort(path, x), rtol=1e-4, atol=1e-5)

@@ -203,6 +203,16 @@ def parse_kwargs(value: Optional[str]) -> Optional[dict]:
     return kwargs
 
 
+def onnx_model_option(command: Callable) -> Callable:
+    """--onnx FILE: a float ONNX model as the model (export, inspect)."""
+    return click.option(
+        "--onnx", "onnx_file", type=click.Path(dir_okay=False), metavar="FILE",
+        help="A float ONNX model instead of a checkpoint: its graph and weights are imported, every quant point "
+             "is named after the ONNX tensor it quantizes, and the exported models keep the file's tensor names, "
+             "so `deployq diff FILE OUT/model.int8.onnx` pairs them. Checkpoints written from it record the file "
+             "and its SHA-256.")(command)
+
+
 def model_options(command: Callable) -> Callable:
     """--ckpt / --model / --config / --input-shape / --leaf, shared by the commands that build a model."""
     options = [

@@ -9,7 +9,8 @@ import click
 from rich.table import Table
 
 from deployq.ptq.pipeline import REFINE_SAMPLES, ZEROQ, PTQOptions, parse_methods
-from deployq.cli.common import UserError, console, handle_errors, json_option, model_options, write_json
+from deployq.cli.common import (UserError, console, handle_errors, json_option, model_options, onnx_model_option,
+                                write_json)
 
 def _calibration(value: Optional[str]) -> Optional[str]:
     """--calib: an existing path, or the word zeroq."""
@@ -31,11 +32,7 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
 
 
 @click.command("export")
-@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="A float ONNX model to quantize instead of a checkpoint (with --calib): its graph and "
-                   "weights are imported, every quant point is named after the ONNX tensor it quantizes, and "
-                   "the exported models keep the file's tensor names, so `deployq diff FILE "
-                   "OUT/model.int8.onnx` pairs them. The checkpoint written records the file and its SHA-256.")
+@onnx_model_option
 @model_options
 @click.option("--input", "--calib", "calib", metavar="PATH|zeroq", callback=lambda c, p, v: _calibration(v),
               help="Calibration data (folder of raw files, images, .npy/.npz): post-training quantization. "

@@ -34,7 +34,7 @@ from deployq.qat.checkpoint import save as save_checkpoint
 from deployq.deploy.devices import DEVICE_KEY, DEVICES, Coverage, Device, check_config, coverage, device as get_device, fix_shapes, learned_float, to_ort_format
 from deployq.core.files import AtomicOutputs, json_text
 from deployq.qat.loading import ModelSource
-from deployq.qat.capture import EXPORT
+from deployq.qat.capture import EXPORT, ONNX_FIXED
 from deployq.qat.prepare import capture_notes, prepare, quant_points
 from deployq.ptq.pipeline import ZEROQ, PTQOptions, equalized, quantize_post_training, zeroq_feeds
 from deployq.core.progress import end_stage, stage
@@ -204,11 +204,16 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
         records = qparams_of(qmodel)
         check_config(dev, records.values())
     examples = tuple(i.example() for i in source.inputs)
-    if dynamic_hw and qmodel.get_submodule("act_quant").capture == EXPORT:
+    capture = qmodel.get_submodule("act_quant").capture
+    if dynamic_hw and capture == EXPORT:
         raise ValueError("--dynamic-hw needs a model symbolic torch.fx can trace: this one was captured with "
                          "torch.export, which fixes height and width at the example input's (see the note of "
                          "`deployq inspect`); export at a fixed --input-shape, or keep the module fx stops at "
                          "whole with --leaf")
+    if dynamic_hw and capture == ONNX_FIXED:
+        raise ValueError("--dynamic-hw: this ONNX model computes with sizes read from its input's shape (an "
+                         "anchor grid, a reshape), which deployq folds at the --input-shape given; export at a "
+                         "fixed --input-shape")
     stage("export: tracing the model (torch.export -> ONNX)", progress)
     float_onnx = export_float(qmodel, examples, opset, dynamic_hw)
     stage("export: rewriting (fold BN, insert Q/DQ)", progress)

@@ -34,12 +34,13 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from deployq.qat.onnx_import import is_imported
+from deployq.qat.onnx_import import is_imported, sizes_fixed
 from deployq.qat.trace import TraceError, trace
 
 __all__ = ["CaptureError", "Captured", "capture"]
 
 FX, EXPORT, ONNX = "fx", "torch.export", "onnx"
+ONNX_FIXED = "onnx, sizes fixed"  # an imported graph with sizes read from shapes folded to constants
 
 
 class CaptureError(TraceError):
@@ -61,8 +62,11 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], leaf_modul
     tried (it would inline them)."""
     leaf_modules = tuple(leaf_modules)
     _check_leaf_names(model, leaf_modules)
-    if isinstance(model, fx.GraphModule) and is_imported(model.graph):
-        return Captured(model, ONNX, [])  # written node by node from an ONNX file: nothing to trace
+    if isinstance(model, fx.GraphModule) and is_imported(model.graph):  # written node by node: nothing to trace
+        fixed = sizes_fixed(model.graph)
+        return Captured(model, ONNX_FIXED if fixed else ONNX, [
+            "imported from ONNX; sizes the graph reads from its input's shape are fixed at the input shape given"
+        ] if fixed else [])
     try:
         return Captured(trace(model, leaf_modules, {**_optional_arguments(model), **(concrete_args or {})}), FX, [])
     except TraceError as fx_error:

@@ -217,6 +217,9 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
     if onnx_file is not None:
         if ckpt is not None or factory is not None or factory_kwargs:
             raise ValueError("--onnx is the model: give it without --ckpt, --model or --model-kwargs")
+        if leaf_modules:
+            raise ValueError("--leaf keeps a PyTorch module whole while tracing; an ONNX model is not traced, "
+                             "so it takes no --leaf (a layer rule in --config changes how a tensor is quantized)")
         path = Path(onnx_file)
         if not path.is_file():
             raise onnx_import.OnnxImportError(f"{onnx_file}: no such ONNX file")

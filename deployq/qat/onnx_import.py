@@ -41,6 +41,7 @@ from deployq.qat.onnx_ops import HANDLERS, Dims, UnsupportedNode
 
 FACTORY = "deployq.qat.onnx_import:load"
 ONNX_NAME = "onnx_name"  # node.meta key: the ONNX tensor a node computes
+SIZES_FIXED = "onnx_sizes_fixed"  # placeholder meta: sizes read from shapes were folded (no --dynamic-hw)
 
 
 class OnnxImportError(ValueError):
@@ -110,6 +111,11 @@ def is_imported(graph: fx.Graph) -> bool:
     return any(ONNX_NAME in n.meta for n in graph.nodes if n.op == "placeholder")
 
 
+def sizes_fixed(graph: fx.Graph) -> bool:
+    """The imported graph computes with sizes read from its input's shape, folded at the import's."""
+    return any(n.meta.get(SIZES_FIXED) for n in graph.nodes if n.op == "placeholder")
+
+
 def identifier(name: str) -> str:
     ident = re.sub(r"\W", "_", name).strip("_") or "t"
     return f"t_{ident}" if ident[0].isdigit() else ident
@@ -118,14 +124,20 @@ def identifier(name: str) -> str:
 class Builder:
     """Writes the fx graph: modules at identifiers of the ONNX names, constants as buffers."""
 
-    def __init__(self, opset: int, ranks: dict[str, int], dims: dict[str, list]) -> None:
+    def __init__(self, opset: int, dims: dict[str, list], shapes: Optional[list[list[int]]]) -> None:
         self.root = nn.Module()
         self.graph = fx.Graph()
         self.opset = opset
-        self.ranks, self.dims = ranks, dims
+        self.dims = dims  # sizes from shape inference, by ONNX name (None where unknown)
+        self.shapes = shapes
         self.names: dict[fx.Node, str] = {}
         self.used: Counter[str] = Counter()
         self.constants = 0
+        # each node's value on an example input, where the input sizes are known: the ranks and
+        # sizes shape inference cannot give (a Reshape to a shape computed from shapes)
+        self.sizes_fixed = False  # a size read with Shape became a constant: the graph holds at these sizes only
+        self.examples: Optional[dict[fx.Node, Any]] = {} if shapes is not None else None
+        self.evaluated = 0
 
     def unique(self, name: str) -> str:
         base = identifier(name)
@@ -165,14 +177,41 @@ class Builder:
             raise UnsupportedNode("a shape is used as a tensor")
         return value
 
-    def rank(self, x: Any) -> Optional[int]:
+    def evaluate(self) -> None:
+        """Run the nodes written since the last call on an example input of the given shapes."""
+        if self.examples is None:
+            return
+        env = self.examples
+        load = lambda a: fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
+        nodes = list(self.graph.nodes)[self.evaluated:]
+        self.evaluated += len(nodes)
+        for node in nodes:
+            if node.op == "placeholder":
+                env[node] = torch.full(tuple(self.shapes[sum(n.op == "placeholder" for n in env)]), 0.5)
+            elif node.op == "get_attr":
+                env[node] = getattr(self.root, str(node.target))
+            elif node.op == "call_module":
+                env[node] = self.root.get_submodule(str(node.target))(*load(node.args))
+            elif node.op == "call_function":
+                env[node] = node.target(*load(node.args), **load(node.kwargs))
+            elif node.op == "call_method":
+                args = load(node.args)
+                env[node] = getattr(args[0], str(node.target))(*args[1:], **load(node.kwargs))
+
+    def shape_of(self, x: Any) -> Optional[list]:
         if isinstance(x, np.ndarray):
-            return x.ndim
+            return list(x.shape)
+        if self.examples is not None and x in self.examples and isinstance(self.examples[x], torch.Tensor):
+            return list(self.examples[x].shape)
         name = self.names.get(x) if isinstance(x, fx.Node) else None
-        return self.ranks.get(name) if name is not None else None
+        return self.dims.get(name) if name is not None else None
+
+    def rank(self, x: Any) -> Optional[int]:
+        shape = self.shape_of(x)
+        return None if shape is None else len(shape)
 
     def size(self, x: Any, axis: int) -> int:
-        dims = self.dims.get(self.names.get(x, ""), [])
+        dims = self.shape_of(x) or []
         if axis < len(dims) and isinstance(dims[axis], int):
             return dims[axis]
         raise UnsupportedNode(f"the size of {self.names.get(x)!r} along axis {axis} is not known")
@@ -202,19 +241,19 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model",
     if shapes is not None:
         model = _with_input_shapes(model, shapes)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)  # sizes through Shape -> Reshape
     except Exception:  # noqa: BLE001 - a model shape inference cannot take still converts, ranks unknown
         inferred = model
-    ranks, dims = _shapes(inferred.graph)
+    dims = _shapes(inferred.graph)
     values: dict[str, Any] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for n in model.graph.node:  # weights written as Constant nodes (Paddle) are initializers too
         if n.op_type == "Constant":
             values[n.output[0]] = _fold(n, [], opset, where)[0]
-    _check_supported(model.graph, set(values), dims, where)
+    _check_supported(model.graph, set(values), where)
     nodes = _hardswish(list(model.graph.node), values, {o.name for o in model.graph.output})
     biases = _bias_adds(nodes, model.graph, values)
     folded_adds = {id(add) for add, _ in biases.values()}
-    b = Builder(opset, ranks, dims)
+    b = Builder(opset, dims, shapes)
     for inp in model.graph.input:
         if inp.name in values:
             continue
@@ -239,6 +278,7 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model",
                                       "input's batch size, and deployq cannot import that op")
             try:
                 results = HANDLERS[onnx_node.op_type](b, onnx_node, *args)
+                b.evaluate()
             except UnsupportedNode as err:
                 message = str(err) if str(err).startswith("node ") else f"node {onnx_node.name!r} ({onnx_node.op_type}): {err}"
                 raise OnnxImportError(f"{where}: {message}") from None
@@ -256,6 +296,9 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model",
             raise OnnxImportError(f"{where}: output {out.name!r} does not depend on the model's inputs")
         results.append(value)
     b.graph.output(results[0] if len(results) == 1 else tuple(results))
+    for node in b.graph.nodes:
+        if node.op == "placeholder":
+            node.meta[SIZES_FIXED] = b.sizes_fixed
     return fx.GraphModule(b.root, b.graph, class_name="OnnxModel").eval()
 
 
@@ -288,26 +331,26 @@ def _renamed(node: Any, output: str) -> Any:
     return copy
 
 
-def _shapes(graph: Any) -> tuple[dict[str, int], dict[str, list]]:
-    ranks, dims = {}, {}
+def _shapes(graph: Any) -> dict[str, list]:
+    dims = {}
     for info in (*graph.input, *graph.value_info, *graph.output):
         t = info.type.tensor_type
         if t.HasField("shape"):
-            ranks[info.name] = len(t.shape.dim)
             dims[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    return ranks, dims
+    return dims
 
 
-def _check_supported(graph: Any, constants: set[str], dims: dict[str, list], where: str) -> None:
+def _check_supported(graph: Any, constants: set[str], where: str) -> None:
     """Every node computed from the inputs has a handler: else one error listing all that lack one.
-    The shape of a tensor whose sizes are fixed (but the batch) counts as a constant here."""
+    What is computed from shapes counts as constant here (it is, at fixed input sizes, but for the
+    batch); a node that turns out to depend on the batch is named by :func:`convert`."""
     known = set(constants)
     missing = []
     for node in graph.node:
         if node.domain not in ("", "ai.onnx"):
             missing.append(f"{node.name or node.output[0]!r} ({node.domain}:{node.op_type})")
             continue
-        if node.op_type == "Shape" and all(isinstance(d, int) and d > 0 for d in dims.get(node.input[0], [None])[1:]):
+        if node.op_type == "Shape":  # its sizes fold where the input's are known; else convert() names the node
             known.update(node.output)
         elif all(not i or i in known for i in node.input):
             known.update(node.output)  # folded

@@ -195,6 +195,21 @@ def batch_norm(b: "Builder", node: Any, x: Value, scale: Value, shift: Value, me
     return [b.module(node, m.eval(), x)]
 
 
+@handles("LayerNormalization")
+def layer_norm(b: "Builder", node: Any, x: Value, scale: Value, shift: Value = None) -> list:
+    scale, shift = const(node, scale, "scale"), const(node, shift, "bias")
+    rank, axis = b.rank(x), attr(node, "axis", -1)
+    if rank is None or len(node.output) > 1 or attr(node, "stash_type", 1) != 1:
+        raise UnsupportedNode(f"node {node.name!r} (LayerNormalization): unknown rank, or statistics outputs")
+    shape = tuple(b.shape_of(x)[axis % rank:])
+    if any(not isinstance(d, int) for d in shape):
+        raise UnsupportedNode(f"node {node.name!r} (LayerNormalization): sizes of the normalized axes unknown")
+    m = nn.LayerNorm(shape, eps=attr(node, "epsilon", 1e-5), elementwise_affine=True)
+    m.weight = _param(np.broadcast_to(scale, shape))
+    m.bias = _param(np.broadcast_to(shift if shift is not None else np.zeros(1, np.float32), shape))
+    return [b.module(node, m, x)]
+
+
 @handles("PRelu")
 def prelu(b: "Builder", node: Any, x: Value, slope: Value) -> list:
     slope = const(node, slope, "slope").reshape(-1)

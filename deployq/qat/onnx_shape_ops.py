@@ -43,9 +43,10 @@ def shape(b: "Builder", node: Any, x: Value) -> list:
     if rank is None:
         raise UnsupportedNode(f"node {node.name!r} (Shape): the rank of its input is unknown")
     start, end = attr(node, "start", 0), attr(node, "end", rank)
-    known = b.dims.get(b.names.get(x, ""), [None] * rank)
+    known = b.shape_of(x) or [None] * rank
     sizes = [known[i] if i > 0 and isinstance(known[i], int) and known[i] > 0 else b.call_method("size", x, i)
              for i in range(rank)]  # the batch stays symbolic; sizes fixed by the inputs' shapes are ints
+    b.sizes_fixed = b.sizes_fixed or any(isinstance(v, int) for v in sizes[start:end])
     return [Dims(sizes[start:end])]
 
 
