@@ -61,6 +61,10 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
     "mutants": (bench_mutants, [], ["--only", "formula: multiply by 1/s"], False),
     "suite": (bench_suite, [], ["--tests", "tests/test_qformula.py"], False),
 }
+# Sections whose benchmarks run alone, never from here: they need tools installed beside the venv
+# (scripts/install-peers.sh: NNCF, AIMET, wheels with trained models) or take an hour. BENCHMARKS.md
+# places them as their own last run left them in results/, and its header names that run.
+STANDALONE = ("peers", "onnx_in", "onnx_convert", "budgets", "ranges")
 INTRO = [
     "# Benchmarks",
     "",
@@ -110,7 +114,7 @@ def document(sections: list[common.Section], records: dict[str, dict], environme
     for date, command, machine in sorted(earlier):
         keys = [s.key for s in sections if records[s.key]["run"]["date"] == date]
         lines.append(f"- sections {', '.join(keys)}: from the run of {date} (`{command}`; {machine}), "
-                     "kept by `--merge`")
+                     f"{'run alone' if set(keys) <= set(STANDALONE) else 'kept by `--merge`'}")
     lines += ["", "| section | reproduce alone | run | wall time (s) |", "|---|---|---|---:|"]
     lines += [f"| [{s.title}](#{anchor(s.title)}) | `{s.command}` | {records[s.key]['run']['date'][:16]} | "
               f"{records[s.key]['seconds']:.0f} |" for s in sections]
@@ -201,6 +205,10 @@ def main(argv: Sequence[str]) -> int:
     records.update({key: data for key, (_, data) in kept.items()})
     fresh = {s.key: s for s in sections}
     ordered = [fresh[key] if key in fresh else kept[key][0] for key in BENCHMARKS if key in fresh or key in kept]
+    for key in STANDALONE:
+        if (args.results / f"{key}.json").is_file():
+            section, records[key] = common.load_section_record(args.results, key)
+            ordered.append(section)
     # BENCHMARKS.md holds whole runs: a subset only updates its results/ sections, unless --merge
     # places it among the others' last runs, or --out names another file for it
     partial = args.only is not None and args.out == OUTPUT and not args.merge

@@ -304,3 +304,19 @@ def test_attention_with_layer_norm_at_opset_17(tmp_path: Path) -> None:
     gm = load(str(path), shapes=[[1, 6, 16]])
     x = RNG.normal(0, 1, (1, 6, 16)).astype(np.float32)
     np.testing.assert_allclose(gm(torch.from_numpy(x)).detach().numpy(), _ort(path, x), rtol=1e-4, atol=1e-5)
+
+
+def test_silu_spelled_out_is_one_op_and_one_quant_point(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Conv2d(4, 4, 1), nn.Sigmoid()).eval()
+    path = tmp_path / "silu.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), str(path), input_names=["x"], dynamo=False, opset_version=17)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Sigmoid") == 2  # SiLU as Sigmoid + Mul
+    gm = load(str(path))
+    kinds = [type(m).__name__ for m in gm.children()]
+    assert kinds.count("SiLU") == 1 and kinds.count("Sigmoid") == 1  # the model's own sigmoid stays one
+    x = RNG.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(gm(torch.from_numpy(x)).detach().numpy(), _ort(path, x), rtol=1e-5, atol=1e-6)
+    points = deployq.quant_points(deployq.prepare(gm, torch.zeros(1, 3, 8, 8)))
+    activations = [p.op for p in points.values() if p.kind == "activation"]
+    assert "Sigmoid" not in activations[:-1] and activations.count("SiLU") == 1

@@ -12,8 +12,9 @@ symbolic.
 computes (``node.meta["onnx_name"]``), and the quant point there is named after it; the module of a
 layer sits at that name made an identifier. ``deployq export`` therefore writes float and QDQ models
 whose tensors are the user's own names, and ``deployq diff original.onnx model.int8.onnx`` pairs
-them by name. A layer's bias that the file adds after the layer (``Conv`` then ``Add`` of a
-per-channel constant, ``MatMul`` then ``Add``) becomes the layer's bias, named after the Add's output.
+them by name. Patterns an exporter spells out (:mod:`deployq.qat.onnx_patterns`: a layer's bias
+as a separate ``Add``, hard-swish, SiLU as ``x * sigmoid(x)``) become the one torch op, named after
+the pattern's last tensor.
 
 An op or attribute the importer cannot express is an :class:`OnnxImportError` naming every such
 node and its op type, raised before any work.
@@ -36,7 +37,7 @@ import torch
 from onnx import numpy_helper
 from torch import fx, nn
 
-from deployq.qat import onnx_shape_ops  # noqa: F401 - registers the data-movement handlers
+from deployq.qat import onnx_patterns, onnx_shape_ops  # noqa: F401 - onnx_shape_ops registers its handlers
 from deployq.qat.onnx_ops import HANDLERS, Dims, UnsupportedNode
 
 FACTORY = "deployq.qat.onnx_import:load"
@@ -244,26 +245,22 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model",
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)  # sizes through Shape -> Reshape
     except Exception:  # noqa: BLE001 - a model shape inference cannot take still converts, ranks unknown
         inferred = model
-    dims = _shapes(inferred.graph)
     values: dict[str, Any] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for n in model.graph.node:  # weights written as Constant nodes (Paddle) are initializers too
         if n.op_type == "Constant":
             values[n.output[0]] = _fold(n, [], opset, where)[0]
     _check_supported(model.graph, set(values), where)
-    nodes = _hardswish(list(model.graph.node), values, {o.name for o in model.graph.output})
-    biases = _bias_adds(nodes, model.graph, values)
-    folded_adds = {id(add) for add, _ in biases.values()}
-    b = Builder(opset, dims, shapes)
-    for inp in model.graph.input:
-        if inp.name in values:
-            continue
-        node = b.graph.placeholder(b.unique(inp.name))
-        node.meta[ONNX_NAME] = inp.name
-        b.names[node] = inp.name
-        values[inp.name] = node
     outputs = {o.name for o in model.graph.output}
+    nodes = onnx_patterns.silu(onnx_patterns.hardswish(list(model.graph.node), values, outputs), values, outputs)
+    biases = onnx_patterns.bias_adds(nodes, model.graph, values)
+    skipped = {id(add) for add, _ in biases.values()}
+    b = Builder(opset, _shapes(inferred.graph), shapes)
+    for inp in model.graph.input:
+        if inp.name not in values:
+            values[inp.name] = b.graph.placeholder(b.unique(inp.name))
+            _name(b, values[inp.name], inp.name, outputs)
     for onnx_node in nodes:
-        if id(onnx_node) in folded_adds or (onnx_node.op_type == "Constant" and onnx_node.output[0] in values):
+        if id(onnx_node) in skipped or (onnx_node.op_type == "Constant" and onnx_node.output[0] in values):
             continue  # folded into the layer before it; a constant already read
         args = [values.get(name) if name else None for name in onnx_node.input]
         if all(not isinstance(a, (fx.Node, Dims)) for a in args):
@@ -273,28 +270,46 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model",
                 add, bias = biases[onnx_node.output[0]]
                 args.append(bias)
                 onnx_node = _renamed(onnx_node, add.output[0])
-            if onnx_node.op_type not in HANDLERS:  # passed the check as computed from shapes, which it is not
-                raise OnnxImportError(f"{where}: node {onnx_node.name!r} ({onnx_node.op_type}) computes from the "
-                                      "input's batch size, and deployq cannot import that op")
-            try:
-                results = HANDLERS[onnx_node.op_type](b, onnx_node, *args)
-                b.evaluate()
-            except UnsupportedNode as err:
-                message = str(err) if str(err).startswith("node ") else f"node {onnx_node.name!r} ({onnx_node.op_type}): {err}"
-                raise OnnxImportError(f"{where}: {message}") from None
+            results = _emit(b, onnx_node, args, where)
         for name, value in zip(onnx_node.output, results):
             if isinstance(value, Dims) and value.constant() is not None:
                 value = value.constant()  # sizes fixed by the input shapes: a constant from here on
-            if isinstance(value, fx.Node) and (ONNX_NAME not in value.meta or name in outputs):
-                value.meta[ONNX_NAME] = name
-                b.names[value] = name
-            values[name] = value
-    results = []
-    for out in model.graph.output:
-        value = values.get(out.name)
+            values[name] = _name(b, value, name, outputs)
+    return _finish(b, [values.get(o.name) for o in model.graph.output], model, where)
+
+
+def _name(b: Builder, value: Any, name: str, outputs: set[str]) -> Any:
+    """`value` computes ONNX tensor `name`: a node gets the name unless it has one (an Identity's
+    output is its input's tensor), where a model output's name wins."""
+    if isinstance(value, fx.Node) and (ONNX_NAME not in value.meta or name in outputs):
+        value.meta[ONNX_NAME] = name
+        b.names[value] = name
+    return value
+
+
+def _emit(b: Builder, onnx_node: Any, args: list, where: str) -> list:
+    """The node's handler writes its torch ops, which then run on the example input."""
+    if onnx_node.op_type not in HANDLERS:  # passed the check as computed from shapes, which it is not
+        raise OnnxImportError(f"{where}: node {onnx_node.name!r} ({onnx_node.op_type}) computes from sizes of the "
+                              "input that are not fixed (the batch, or sizes no --input-shape gave), and deployq "
+                              "cannot import that op")
+    try:
+        results = HANDLERS[onnx_node.op_type](b, onnx_node, *args)
+    except UnsupportedNode as err:
+        message = str(err) if str(err).startswith("node ") else f"node {onnx_node.name!r} ({onnx_node.op_type}): {err}"
+        raise OnnxImportError(f"{where}: {message}") from None
+    try:
+        b.evaluate()
+    except Exception as err:  # noqa: BLE001 - torch's errors are many types; the node is what the user needs
+        raise OnnxImportError(f"{where}: node {onnx_node.name!r} ({onnx_node.op_type}) as imported fails on an "
+                              f"input of the given shape: {type(err).__name__}: {str(err)[:300]}") from None
+    return results
+
+
+def _finish(b: Builder, results: list, model: onnx.ModelProto, where: str) -> fx.GraphModule:
+    for out, value in zip(model.graph.output, results):
         if not isinstance(value, fx.Node):
             raise OnnxImportError(f"{where}: output {out.name!r} does not depend on the model's inputs")
-        results.append(value)
     b.graph.output(results[0] if len(results) == 1 else tuple(results))
     for node in b.graph.nodes:
         if node.op == "placeholder":
@@ -371,80 +386,3 @@ def _fold(node: Any, args: list, opset: int, where: str) -> list:
         raise OnnxImportError(f"{where}: node {node.name!r} ({node.op_type}) on constants could not be "
                               f"evaluated: {err}") from None
     return [np.asarray(v) for v in out]
-
-
-def _readers(nodes: list) -> dict[str, list]:
-    found: dict[str, list] = {}
-    for n in nodes:
-        for i in n.input:
-            found.setdefault(i, []).append(n)
-    return found
-
-
-def _scalar(values: dict[str, Any], name: str) -> Optional[float]:
-    v = values.get(name)
-    return float(np.asarray(v).reshape(-1)[0]) if isinstance(v, np.ndarray) and v.size == 1 else None
-
-
-def _hardswish(nodes: list, values: dict[str, Any], outputs: set[str]) -> list:
-    """``x * clip(x + 3, 0, 6) / 6`` (how Paddle exports hard-swish) as one HardSwish node named
-    after the result: one quant point where the decomposition would round three times."""
-    readers = _readers(nodes)
-
-    def only(tensor: str, op: str) -> Optional[Any]:
-        users = readers.get(tensor, [])
-        ok = len(users) == 1 and users[0].op_type == op and tensor not in outputs
-        return users[0] if ok else None
-
-    drop, replace = set(), {}
-    for add in nodes:
-        if add.op_type != "Add" or len(add.input) != 2:
-            continue
-        x = next((i for i in add.input if _scalar(values, i) is None), None)
-        if x is None or _scalar(values, next(i for i in add.input if i != x)) != 3.0:
-            continue
-        clip = only(add.output[0], "Clip")
-        if clip is None or [_scalar(values, i) for i in clip.input[1:]] != [0.0, 6.0]:
-            continue
-        mul = only(clip.output[0], "Mul")
-        if mul is None or x not in mul.input:
-            continue
-        users = readers.get(mul.output[0], [])
-        last = users[0] if len(users) == 1 and mul.output[0] not in outputs else None
-        if last is None or not ((last.op_type == "Div" and _scalar(values, last.input[1]) == 6.0) or (
-                last.op_type == "Mul" and abs((_scalar(values, last.input[1]) or 0) - 1 / 6) < 1e-6)):
-            continue
-        drop.update({id(add), id(clip), id(mul)})
-        replace[id(last)] = onnx.helper.make_node("HardSwish", [x], [last.output[0]], name=last.name)
-    return [replace.get(id(n), n) for n in nodes if id(n) not in drop]
-
-
-def _bias_adds(nodes: list, graph: Any, values: dict[str, Any]) -> dict[str, tuple[Any, np.ndarray]]:
-    """{layer output: (the Add node, the bias)} for each Conv / MatMul with a constant weight and no
-    bias whose only reader is an Add of a per-output-channel constant (how Paddle writes a bias)."""
-    readers: Counter[str] = Counter(i for n in nodes for i in n.input)
-    graph_outputs = {o.name for o in graph.output}
-    first_reader: dict[str, Any] = {}
-    for n in nodes:
-        for i in n.input:
-            first_reader.setdefault(i, n)
-    folded = {}
-    for n in nodes:
-        bias_free = len(n.input) == 2 or (len(n.input) > 2 and not n.input[2])
-        if n.op_type not in ("Conv", "MatMul") or not bias_free or n.input[1] not in values:
-            continue
-        out = n.output[0]
-        add = first_reader.get(out)
-        if readers[out] != 1 or out in graph_outputs or add is None or add.op_type != "Add":
-            continue
-        other = next((i for i in add.input if i != out), None)
-        if other not in values:
-            continue
-        w, c = values[n.input[1]], np.asarray(values[other])
-        if n.op_type == "Conv":
-            channels, fits = w.shape[0], 3 <= c.ndim <= w.ndim and c.shape[-3] == w.shape[0]
-        else:
-            channels, fits = w.shape[-1], w.ndim == 2 and c.ndim >= 1 and c.shape[-1] == w.shape[-1]
-        if fits and c.size == channels:
-            folded[out] = (add, c.reshape(-1).astype(np.float32))
-    return folded

@@ -231,7 +231,7 @@ for _op, _factory in {
     "Relu": lambda n: nn.ReLU(), "Sigmoid": lambda n: nn.Sigmoid(), "Tanh": lambda n: nn.Tanh(),
     "LeakyRelu": lambda n: nn.LeakyReLU(attr(n, "alpha", 0.01)), "HardSwish": lambda n: nn.Hardswish(),
     "Elu": lambda n: nn.ELU(attr(n, "alpha", 1.0)), "Gelu": lambda n: nn.GELU(attr(n, "approximate", "none")),
-    "Softplus": lambda n: nn.Softplus(),
+    "Softplus": lambda n: nn.Softplus(), "SiLU": lambda n: nn.SiLU(),  # SiLU: onnx_patterns.silu's node
     "HardSigmoid": lambda n: (nn.Hardsigmoid() if math.isclose(attr(n, "alpha", 0.2), 1 / 6, rel_tol=1e-5)
                               and attr(n, "beta", 0.5) == 0.5 else HardSigmoid(attr(n, "alpha", 0.2), attr(n, "beta", 0.5))),
 }.items():
