@@ -216,6 +216,7 @@ def test_recipe_names_an_onnx_model(tmp_path: Path) -> None:
     path = paddle_style(tmp_path / "model.onnx")
     spec = _model_spec({"model": {"onnx": "model.onnx"}}, tmp_path, "recipe.yaml")
     assert spec.factory == FACTORY and spec.kwargs["path"] == str(path.resolve()) and spec.weights is None
+    assert spec.kwargs["shapes"] == [[1, 3, 16, 16]]  # the file's sizes, a symbolic batch as 1
     with pytest.raises(RecipeError, match="without weights"):
         _model_spec({"model": {"onnx": "model.onnx", "weights": "w.pt"}}, tmp_path, "recipe.yaml")
 
@@ -320,3 +321,35 @@ def test_silu_spelled_out_is_one_op_and_one_quant_point(tmp_path: Path) -> None:
     points = deployq.quant_points(deployq.prepare(gm, torch.zeros(1, 3, 8, 8)))
     activations = [p.op for p in points.values() if p.kind == "activation"]
     assert "Sigmoid" not in activations[:-1] and activations.count("SiLU") == 1
+
+
+def test_qat_from_an_onnx_recipe_then_export_and_check(tmp_path: Path) -> None:
+    """A recipe names the ONNX file; QAT with distillation at ONNX tensor names; the checkpoint
+    records the file, so export and check rebuild the model from it."""
+    from deployq.examples import zoo
+    from deployq.qat import checkpoint as ck
+    from deployq.qat.onnx_import import FACTORY
+    from deployq.train.loop import train
+
+    teacher = zoo.unet(width=4, seed=1).eval()
+    path = tmp_path / "unet.onnx"
+    torch.onnx.export(teacher, (torch.zeros(1, 3, 16, 16),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}}, dynamo=False, opset_version=17)
+    x = RNG.random((16, 3, 16, 16), dtype=np.float32)
+    with torch.no_grad():
+        y = teacher(torch.from_numpy(x)).numpy()
+    np.savez(tmp_path / "train.npz", input=x, target=y)
+    np.savez(tmp_path / "val.npz", input=x[:4], target=y[:4])
+    gm = load(str(path), shapes=[[1, 3, 16, 16]])
+    layer = next(n.meta["onnx_name"] for n in gm.graph.nodes if n.op == "call_module" and "Relu" in n.target)
+    doc = {"model": {"onnx": "unet.onnx"}, "data": {"kind": "npz", "train": "train.npz", "val": "val.npz"},
+           "loss": "l1", "distill": {"layers": {layer: 1.0}}, "epochs": 1, "batch_size": 4,
+           "calibration_batches": 2, "output_dir": "run"}
+    import yaml
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(doc))
+    train(tmp_path / "recipe.yaml", progress=False)
+    best = ck.load(tmp_path / "run" / "best.pt")
+    assert best.factory == FACTORY and best.factory_kwargs["path"] == str(path.resolve())
+    result = deployq.export(str(tmp_path / "run" / "best.pt"), out_dir=tmp_path / "o", ort_format=False)
+    assert layer in {o for n in onnx.load(str(result.files["int8"])).graph.node for o in n.input}
+    assert deployq.check(str(tmp_path / "run" / "best.pt"), result.files["int8"], [x[:2]]).max_lsb <= 1

@@ -252,8 +252,8 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model",
     _check_supported(model.graph, set(values), where)
     outputs = {o.name for o in model.graph.output}
     nodes = onnx_patterns.silu(onnx_patterns.hardswish(list(model.graph.node), values, outputs), values, outputs)
-    biases = onnx_patterns.bias_adds(nodes, model.graph, values)
-    skipped = {id(add) for add, _ in biases.values()}
+    affine = onnx_patterns.layer_affine(nodes, model.graph, values)
+    skipped = {id(n) for a in affine.values() for n in a.folded}
     b = Builder(opset, _shapes(inferred.graph), shapes)
     for inp in model.graph.input:
         if inp.name not in values:
@@ -266,10 +266,10 @@ def convert(model: onnx.ModelProto, where: str = "the ONNX model",
         if all(not isinstance(a, (fx.Node, Dims)) for a in args):
             results = _fold(onnx_node, args, opset, where)
         else:
-            if onnx_node.output[0] in biases:
-                add, bias = biases[onnx_node.output[0]]
-                args.append(bias)
-                onnx_node = _renamed(onnx_node, add.output[0])
+            if onnx_node.output[0] in affine:
+                a = affine[onnx_node.output[0]]
+                args = [args[0], a.weight, a.bias]
+                onnx_node = _renamed(onnx_node, a.output)
             results = _emit(b, onnx_node, args, where)
         for name, value in zip(onnx_node.output, results):
             if isinstance(value, Dims) and value.constant() is not None:

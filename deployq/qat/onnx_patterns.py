@@ -1,6 +1,7 @@
 """Patterns in an ONNX graph that the importer writes as one torch op (:mod:`deployq.qat.onnx_import`).
 
-Exporters spell some ops out: Paddle writes a layer's bias as an ``Add`` after it and hard-swish
+Exporters spell some ops out: Paddle writes a layer's bias as an ``Add`` after it (PP-LCNetV3 a
+scale and a shift after every convolution) and hard-swish
 as ``x * clip(x + 3, 0, 6) / 6``; PyTorch and Paddle write SiLU (swish) as ``x * sigmoid(x)``. As
 separate ops each would be a quant point of its own, where one op is rounded once (what a model
 written in torch gets); the result keeps the name of the pattern's last tensor, so names still pair.
@@ -10,7 +11,7 @@ importer's own, never written to a file).
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -63,35 +64,63 @@ def hardswish(nodes: list, values: dict[str, Any], outputs: set[str]) -> list:
     return [replace.get(id(n), n) for n in nodes if id(n) not in drop]
 
 
-def bias_adds(nodes: list, graph: Any, values: dict[str, Any]) -> dict[str, tuple[Any, np.ndarray]]:
-    """{layer output: (the Add node, the bias)} for each Conv / MatMul with a constant weight and no
-    bias whose only reader is an Add of a per-output-channel constant (how Paddle writes a bias)."""
-    readers: Counter[str] = Counter(i for n in nodes for i in n.input)
+@dataclass
+class Affine:
+    """A Conv / MatMul with what follows it folded in: the new weight and bias, the nodes folded,
+    the tensor the layer now computes (the last folded node's output)."""
+
+    weight: np.ndarray
+    bias: Optional[np.ndarray]
+    folded: list
+    output: str
+
+
+def _per_channel(c: np.ndarray, channels: int, conv: bool) -> Optional[np.ndarray]:
+    """A constant operand as one value per output channel: a scalar, or (1, C, 1, 1) / (C, 1, 1) after
+    a Conv, (..., C) after a MatMul; else None (it mixes channels or positions)."""
+    c = np.asarray(c, np.float64)
+    if c.size == 1:
+        return np.full(channels, float(c.reshape(-1)[0]))
+    fits = (3 <= c.ndim and c.shape[-3] == channels) if conv else (c.ndim >= 1 and c.shape[-1] == channels)
+    return c.reshape(-1) if fits and c.size == channels else None
+
+
+def layer_affine(nodes: list, graph: Any, values: dict[str, Any]) -> dict[str, Affine]:
+    """{layer output: Affine} for each Conv / MatMul with a constant weight followed by Mul / Add of
+    constants per output channel, each the only reader of the one before: Paddle's bias as an Add,
+    PP-LCNetV3's learnable ``scale * conv(x) + bias``. Folded into the layer they are exact (a
+    scale per output channel of the weight and the bias) and cost no rounding of their own."""
+    readers = readers_of(nodes)
     graph_outputs = {o.name for o in graph.output}
-    first_reader: dict[str, Any] = {}
+    found = {}
     for n in nodes:
-        for i in n.input:
-            first_reader.setdefault(i, n)
-    folded = {}
-    for n in nodes:
-        bias_free = len(n.input) == 2 or (len(n.input) > 2 and not n.input[2])
-        if n.op_type not in ("Conv", "MatMul") or not bias_free or n.input[1] not in values:
+        if n.op_type not in ("Conv", "MatMul") or len(n.input) < 2 or n.input[1] not in values:
             continue
-        out = n.output[0]
-        add = first_reader.get(out)
-        if readers[out] != 1 or out in graph_outputs or add is None or add.op_type != "Add":
+        conv, w = n.op_type == "Conv", np.asarray(values[n.input[1]])
+        if (not conv and w.ndim != 2) or (len(n.input) > 2 and n.input[2] and n.input[2] not in values):
             continue
-        other = next((i for i in add.input if i != out), None)
-        if other not in values:
-            continue
-        w, c = values[n.input[1]], np.asarray(values[other])
-        if n.op_type == "Conv":
-            channels, fits = w.shape[0], 3 <= c.ndim <= w.ndim and c.shape[-3] == w.shape[0]
-        else:
-            channels, fits = w.shape[-1], w.ndim == 2 and c.ndim >= 1 and c.shape[-1] == w.shape[-1]
-        if fits and c.size == channels:
-            folded[out] = (add, c.reshape(-1).astype(np.float32))
-    return folded
+        channels = w.shape[0] if conv else w.shape[1]
+        scale = np.ones(channels)
+        shift = np.asarray(values[n.input[2]], np.float64).reshape(-1) if len(n.input) > 2 and n.input[2] else None
+        out, folded = n.output[0], []
+        while len(readers.get(out, [])) == 1 and out not in graph_outputs:
+            user = readers[out][0]
+            other = next((i for i in user.input if i != out), None)
+            per = _per_channel(values[other], channels, conv) if user.op_type in ("Mul", "Add") and \
+                len(user.input) == 2 and other in values else None
+            if per is None:
+                break
+            if user.op_type == "Mul":
+                scale, shift = scale * per, None if shift is None else shift * per
+            else:
+                shift = per if shift is None else shift + per
+            folded.append(user)
+            out = user.output[0]
+        if folded:
+            axis = (-1,) + (1,) * (w.ndim - 1) if conv else (1, -1)
+            weight = (w * scale.reshape(axis)).astype(np.float32)
+            found[n.output[0]] = Affine(weight, None if shift is None else shift.astype(np.float32), folded, out)
+    return found
 
 
 def silu(nodes: list, values: dict[str, Any], outputs: set[str]) -> list:

@@ -149,7 +149,13 @@ def _onnx_model_spec(section: Mapping[str, Any], doc: Mapping[str, Any], base: P
     path = base / str(section["onnx"])
     if not path.is_file():
         raise RecipeError(f"{source}: model.onnx: no such file {path}")
-    return ModelSpec(onnx_import.FACTORY, {"path": str(path.resolve()), "sha256": onnx_import.file_digest(path)}, None)
+    given = _input_shape(doc.get("input_shape"), source)
+    try:  # the sizes the import fixes (what the file computes from its input's shape): input_shape, else the file's
+        shapes = onnx_import.resolve_shapes(path, [(None, given)] if given else None)
+    except (ValueError, onnx_import.OnnxImportError) as err:
+        raise RecipeError(f"{source}: model.onnx: {str(err).replace('pass --input-shape', 'give input_shape: [N, C, H, W]')}") from None
+    return ModelSpec(onnx_import.FACTORY, {"path": str(path.resolve()), "sha256": onnx_import.file_digest(path),
+                                           "shapes": [list(s) for _, s in shapes]}, None)
 
 
 def _quant_config(doc: Mapping[str, Any], base: Path, source: str) -> QConfig:
