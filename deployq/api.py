@@ -38,7 +38,7 @@ from deployq.calib.data import file_feeds, shape_from_files
 from deployq.core.runtime import InputInfo, ModelFileError, check_same_inputs, inputs_of, is_ort_format, load_onnx, random_feeds, with_shapes
 from deployq.exporters.graph import quantize_count
 
-ModelLike = Union[nn.Module, str, Path]
+ModelLike = Union[nn.Module, str, Path, ModelSource]
 OnnxLike = Union[onnx.ModelProto, str, Path]
 Inputs = Union[str, Path, Iterable, None]  # a file or folder, or batches (arrays / tensors / dicts of them)
 
@@ -54,6 +54,10 @@ def _as_tuple(example: object) -> tuple[torch.Tensor, ...]:
 
 def _source(model: ModelLike, example_inputs: object, config: object) -> ModelSource:
     """A ModelSource for a float ONNX file, a checkpoint path, a model prepared by deployq, or a float model."""
+    if isinstance(model, ModelSource):
+        if example_inputs is not None or config is not None:
+            raise ValueError("a loaded model carries its inputs and config: pass neither example_inputs nor config")
+        return model
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
         examples = _as_tuple(example_inputs) if example_inputs is not None else ()
         if len(examples) > 1:
@@ -86,19 +90,21 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
            config: object = None, calib: Inputs = None, calib_limit: int = 100,
            ptq: Union[Sequence[str], PTQOptions] = (),
            target: str = "int8", device: str = "cpu", opset: int = 21, dynamic_hw: bool = False,
-           ort_format: bool = True, progress: bool = False) -> ExportResult:
+           ort_format: bool = True, weight_bits: Optional[int] = None, act_signed: bool = False,
+           output_names: Optional[Sequence[str]] = None, progress: bool = False) -> ExportResult:
     """Export to ``out_dir``: model.float.onnx, model.<target>.onnx, qparams.json (and the ORT file).
 
     `model`: a model from :func:`deployq.qat.prepare` (calibrated or trained), a float ``nn.Module``
     (post-training quantization: give `calib`, and `config` if not the default), the path of a
     float ONNX model (``*.onnx``: imported as ``deployq export --onnx`` does; `example_inputs` gives
-    its input shape where the file leaves sizes symbolic), or the path of a deployq checkpoint. `calib`: a folder or file of inputs (what ``--calib`` takes), or an iterable
+    its input shape where the file leaves sizes symbolic), the path of a deployq checkpoint, or
+    what :func:`load_model` returns (what the CLI passes). `calib`: a folder or file of inputs (what ``--calib`` takes), or an iterable
     of batches (tensors, or tuples of tensors for several inputs), or ``"zeroq"`` (inputs synthesized
     from the model's BatchNorm statistics). `ptq`: post-training methods to apply with the
     calibration, a subset of ("cle", "search", "adaround", "bias"), or a
     :class:`deployq.ptq.pipeline.PTQOptions` with their budgets.
-    `target`, `device`, `opset` and `dynamic_hw` are the CLI options of the same names. Nothing is
-    written unless everything succeeds.
+    `target`, `device`, `opset`, `dynamic_hw`, `weight_bits`, `act_signed` and `output_names` are
+    the CLI options of the same names. Nothing is written unless everything succeeds.
     """
     source = _source(model, example_inputs, config)
     prepared = source.qmodel is model
@@ -112,8 +118,17 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
         calib = _batches(calib)
     return _export(source, out_dir, target=target, opset=opset, calib=calib, calib_limit=calib_limit,
                    ptq=ptq if isinstance(ptq, PTQOptions) else PTQOptions(tuple(ptq)), dynamic_hw=dynamic_hw,
-                   device=device, ort_format=ort_format,
-                   progress=progress)
+                   device=device, ort_format=ort_format, weight_bits=weight_bits, act_signed=act_signed,
+                   output_names=list(output_names) if output_names else None, progress=progress)
+
+
+def load_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None, model_kwargs: Optional[dict] = None,
+               onnx_file: Optional[Union[str, Path]] = None, config: Optional[str] = None, input_shape=None,
+               leaf: Sequence[str] = ()) -> ModelSource:
+    """The model the CLI's model options name (``--ckpt``, ``--model``, ``--model-kwargs``,
+    ``--onnx``, ``--config``, ``--input-shape``, ``--leaf``), prepared, for :func:`export`."""
+    return resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
+                         factory_kwargs=model_kwargs, leaf_modules=leaf, onnx_file=onnx_file)
 
 
 def _batches(data: object) -> list:

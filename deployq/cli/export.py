@@ -98,9 +98,9 @@ def export(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str]
     Clip + 16-bit Q/DQ, exact). The summary ends with how many nodes NNAPI and CoreML would take,
     by onnxruntime's own mobile usability checker. Files appear only when the whole export succeeded.
     """
-    from deployq.deploy.export import bit_width_summary, deployed_file_name, export as run_export, export_json
+    from deployq.api import export as run_export, load_model
+    from deployq.deploy.export import bit_width_summary, deployed_file_name, export_json
     from deployq.core.files import check_output
-    from deployq.qat.loading import resolve_model
 
     check_output(out_dir, "--out", folder=True)
     deployed = deployed_file_name(target, device)
@@ -111,9 +111,9 @@ def export(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str]
     if ckpt is None and onnx_file is None:
         raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model) "
                         "or --onnx (a float ONNX model, with --calib)")
-    source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
-                           factory_kwargs=model_kwargs, leaf_modules=leaf, onnx_file=onnx_file)
-    result = run_export(source, out_dir, target=target, opset=opset, weight_bits=weight_bits,
+    source = load_model(ckpt=ckpt, factory=factory, model_kwargs=model_kwargs, onnx_file=onnx_file, config=config,
+                        input_shape=input_shape, leaf=leaf)
+    result = run_export(source, out_dir=out_dir, target=target, opset=opset, weight_bits=weight_bits,
                         act_signed=act_signed, calib=calib, calib_limit=calib_batches,
                         ptq=PTQOptions(ptq, adaround_iterations=adaround_iterations, refine_samples=refine_samples,
                                        search_samples=search_samples),
