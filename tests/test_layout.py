@@ -130,3 +130,29 @@ def test_every_group_is_known():
 def test_no_module_is_too_long(module):
     lines = len(MODULES[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{MODULES[module].relative_to(ROOT)} has {lines} lines (layout: at most {MAX_LINES})"
+
+
+def test_every_registered_factory_is_a_function_deployq_has():
+    """The factories a checkpoint may name on its own are strings: each must import and be callable."""
+    from deployq.qat.loading import REGISTERED_FACTORIES, import_factory
+
+    for reference in sorted(REGISTERED_FACTORIES):
+        assert callable(import_factory(reference, allowed=False)), reference
+
+
+def test_nothing_defaults_to_allowing_imports():
+    """A parameter that lets code named in a file be imported (`allowed`) is never True unless a
+    caller says so: no default, or a default of False."""
+    opened = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            args = node.args
+            positional = args.posonlyargs + args.args
+            defaults = dict(zip([a.arg for a in positional][len(positional) - len(args.defaults):], args.defaults))
+            defaults.update({a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None})
+            default = defaults.get("allowed")
+            if default is not None and not (isinstance(default, ast.Constant) and default.value is False):
+                opened.append(f"{module}.{node.name}")
+    assert not opened, f"`allowed` defaults open in {opened}"

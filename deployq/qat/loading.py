@@ -99,7 +99,7 @@ def call_factory(build: Callable[..., nn.Module], reference: str, kwargs: dict[s
     return model
 
 
-def float_model(factory: str, kwargs: dict[str, Any], where: str, *, allowed: bool = True,
+def float_model(factory: str, kwargs: dict[str, Any], where: str, *, allowed: bool,
                 weights: Optional[str | Path] = None, payload: Any = None) -> nn.Module:
     """``factory(**kwargs)``, then the float state_dict `weights` (or an already read `payload`)
     loaded strictly. `allowed`: the user named the factory (else only deployq's examples)."""
@@ -249,7 +249,7 @@ def resolve_model(*, ckpt: Optional[str] = None, factory: Optional[str] = None,
             "factory with --model PKG.MOD:FACTORY (and --calib DATA to calibrate)"
         )
     kwargs = dict(factory_kwargs or {})
-    model = float_model(factory, kwargs, "--model", weights=ckpt, payload=payload)
+    model = float_model(factory, kwargs, "--model", allowed=True, weights=ckpt, payload=payload)  # the user named it
     inputs = input_specs(input_shape, None, model)
     qconfig = load_config(config)
     if leaf_modules:
