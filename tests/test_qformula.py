@@ -99,3 +99,13 @@ def test_zero_range_channels_get_the_default_and_others_keep_theirs():
 def test_bias_quantized_only_for_integer_kernels():
     assert bias_is_quantized(8, 8)
     assert not bias_is_quantized(10, 8) and not bias_is_quantized(8, 10) and not bias_is_quantized(None, 8)
+
+
+def test_decibels_are_defined_once_with_their_edge_cases():
+    import math
+
+    from deployq.core.decibels import psnr_db, ratio_db
+
+    assert ratio_db(100.0, 1.0) == pytest.approx(20.0)
+    assert ratio_db(1.0, 0.0) == math.inf and ratio_db(0.0, 1.0) == -math.inf
+    assert psnr_db(1e-2) == pytest.approx(20.0) and psnr_db(255.0 ** 2 * 1e-4, peak=255.0) == pytest.approx(40.0)

@@ -29,7 +29,6 @@ one for the final qparams, plus ``(methods − 1) × points`` forward passes of 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from deployq.calib.observers import OBSERVERS, create_observer
+from deployq.core.decibels import ratio_db
 from deployq.core.qspec import QuantSpec
 from deployq.core.progress import progress_bar
 from deployq.qat.calibrate import first_samples, input_names, model_inputs, samples_in, set_mode
@@ -97,7 +97,7 @@ def output_sqnr_db(reference: list[torch.Tensor], values: list[torch.Tensor]) ->
     """10·log10(Σ reference² / Σ (reference − value)²) over all tensors."""
     signal = sum(float(r.square().sum()) for r in reference)
     noise = sum(float((r - v).square().sum()) for r, v in zip(reference, values))
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    return ratio_db(signal, noise)
 
 
 def mean_output_sqnr_db(reference: list[list[torch.Tensor]], values: list[list[torch.Tensor]]) -> float:

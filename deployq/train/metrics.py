@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 
+from deployq.core.decibels import psnr_db
 from deployq.core.registry import Registry
 from deployq.train import losses
 from deployq.train.losses import DistillError
@@ -36,8 +36,8 @@ def _psnr(output: Any, batch: losses.Batch) -> tuple[float, int]:
     pred, target = losses.first_output(output), batch["target"]
     if pred.shape != target.shape:
         raise DistillError(f"psnr: output shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    mse = (pred.clamp(0, 1) - target).square().flatten(1).mean(1)
-    return float((10 * torch.log10(1.0 / mse.clamp_min(1e-12))).sum()), int(mse.numel())
+    mse = (pred.clamp(0, 1) - target).square().flatten(1).mean(1).clamp_min(1e-12)
+    return sum(psnr_db(float(m)) for m in mse), int(mse.numel())
 
 
 def _accuracy(output: Any, batch: losses.Batch) -> tuple[float, int]:

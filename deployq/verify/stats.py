@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from deployq.core.decibels import ratio_db
 from deployq.core.qformula import quantize_np
 from deployq.core.runtime import ModelFileError
 
@@ -75,17 +76,9 @@ class Stats:
         self.lsb[1] += int((d == 1).sum())
         self.lsb[2] += int((d > 1).sum())
 
-    @staticmethod
-    def _ratio_db(signal: float, noise: float) -> float:
-        if noise == 0:
-            return math.inf
-        if signal == 0:
-            return -math.inf
-        return 10 * math.log10(signal / noise)
-
     @property
     def sqnr_db(self) -> float:
-        return self._ratio_db(self.ref_sq, self.err_sq)
+        return ratio_db(self.ref_sq, self.err_sq)
 
     @property
     def cosine(self) -> float:

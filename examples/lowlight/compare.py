@@ -17,6 +17,7 @@ import numpy as np
 import skimage.io
 from PIL import Image, ImageDraw
 
+from deployq.core.decibels import psnr_db
 from deployq.core.files import atomic_path
 
 GAP = 8  # pixels between pictures
@@ -25,8 +26,7 @@ LABEL = 18  # height of the label strip above each picture
 
 def psnr(picture: np.ndarray, truth: np.ndarray) -> float:
     """10·log10(1 / MSE) of two 8-bit pictures, in [0, 1] units."""
-    mse = float(np.mean((picture.astype(np.float64) - truth.astype(np.float64)) ** 2)) / 255.0**2
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    return psnr_db(float(np.mean((picture.astype(np.float64) - truth.astype(np.float64)) ** 2)), peak=255.0)
 
 
 def _labelled(picture: np.ndarray, text: str) -> np.ndarray:

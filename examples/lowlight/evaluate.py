@@ -20,6 +20,7 @@ import onnx
 import torch
 from skimage.metrics import structural_similarity
 
+from deployq.core.decibels import psnr_db
 from deployq.examples.lowlight.data import SyntheticLowLight
 from deployq.core.runtime import load_onnx, session
 
@@ -39,8 +40,7 @@ def test_set(size: int = TEST_SIZE, length: int = TEST_LENGTH, seed: int = TEST_
 
 def psnr(pred: np.ndarray, target: np.ndarray) -> float:
     """10·log10(1 / MSE) of images in [0, 1] (the prediction is clipped to [0, 1] first)."""
-    mse = float(np.mean((np.clip(pred, 0, 1) - target) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    return psnr_db(float(np.mean((np.clip(pred, 0, 1) - target) ** 2)))
 
 
 def ssim(pred: np.ndarray, target: np.ndarray) -> float:
