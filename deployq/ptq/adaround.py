@@ -35,7 +35,6 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import fx
 
-from deployq.core.folding import bn_scale
 from deployq.core.progress import progress_bar
 from deployq.core.qformula import broadcast_shape, quantize
 from deployq.ptq.layers import (LayerData, capture, channel_dim, quantized_output, select_layers,
@@ -150,11 +149,9 @@ def store_codes(layer: QuantLayer, codes: torch.Tensor, grid: _Grid) -> None:
     """
     wanted = grid.scale * (codes - grid.zero_point)
     weight = layer.layer.weight
-    if layer.bn is not None:
-        bn = layer.bn
-        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-        shape = broadcast_shape(weight.ndim, layer.channel_axis)
-        a = bn_scale(gamma.detach(), bn.running_var, bn.eps).reshape(shape).expand_as(weight)
+    factor = layer.fold_factor()
+    if factor is not None:
+        a = factor.reshape(broadcast_shape(weight.ndim, layer.channel_axis)).expand_as(weight)
         wanted = torch.where(a != 0, wanted / torch.where(a != 0, a, torch.ones_like(a)), weight.detach())
     with torch.no_grad():
         weight.copy_(wanted)

@@ -44,7 +44,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import fx, nn
 
-from deployq.core.folding import bn_scale
 from deployq.core.progress import progress_bar
 from deployq.ptq.layers import (LayerData, capture, channel_dim, float_output_means, modes, quantized_input,
                                 quantized_output, select_layers, take_batches)
@@ -118,9 +117,8 @@ def shift_bias(layer: QuantLayer, delta: torch.Tensor) -> None:
     with torch.no_grad():
         if bn is not None and bn.affine:
             bn.bias.add_(delta)
-        elif bn is not None:
-            a = bn_scale(torch.ones_like(bn.running_var), bn.running_var, bn.eps)
-            layer.layer.bias.add_(delta / a)
+        elif bn is not None:  # no β: the layer's own bias, scaled by the fold
+            layer.layer.bias.add_(delta / layer.fold_factor())
         else:
             layer.layer.bias.add_(delta)
 

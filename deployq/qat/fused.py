@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deployq.core.folding import fold_batchnorm
+from deployq.core.folding import bn_scale, fold_batchnorm
 from deployq.core.qformula import INT32_QMAX, INT32_QMIN, bias_is_quantized, bias_scale, quantize
 from deployq.qat.fake_quant import straight_through
 from deployq.qat.quantizers import FakeQuantizer
@@ -90,6 +90,16 @@ class QuantLayer(nn.Module):
             return conv(x, weight, bias, layer.stride, layer.padding, layer.output_padding,
                         layer.groups, layer.dilation)
         return layer._conv_forward(x, weight, bias)
+
+    def fold_factor(self) -> Optional[torch.Tensor]:
+        """a = γ / √(σ² + ε) per output channel (γ = 1 without affine): the fold multiplies the
+        layer's weight and bias by it, so a method that sets the folded values divides by it.
+        None without BatchNorm."""
+        if self.bn is None:
+            return None
+        bn = self.bn
+        gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
+        return bn_scale(gamma, bn.running_var, bn.eps)
 
     def folded_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(W', c') of the deployed layer: BatchNorm (eval statistics) folded in, not quantized."""
