@@ -22,34 +22,14 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-if TYPE_CHECKING:
-    from deployq.qat.onnx_import import Builder
-
-
-class UnsupportedNode(ValueError):
-    """An ONNX node the importer cannot express in torch (the op, or one of its attributes)."""
-
-
-@dataclass
-class Dims:
-    """A 1-D integer tensor made from tensor shapes: each entry an int or an fx node (``x.size(i)``);
-    `scalar`: a 0-d one (``Gather`` with one index). Once every entry is an int it is a constant."""
-
-    values: list
-    scalar: bool = False
-
-    def constant(self) -> Optional[np.ndarray]:
-        if not all(isinstance(v, int) for v in self.values):
-            return None
-        return np.array(self.values[0] if self.scalar else self.values, np.int64)
+from deployq.qat.onnx_builder import Builder, Dims, UnsupportedNode, Value
 
 
 class HardSigmoid(nn.Module):
@@ -66,7 +46,6 @@ class HardSigmoid(nn.Module):
         return f"alpha={self.alpha}, beta={self.beta}"
 
 
-Value = Any  # fx.Node | np.ndarray | Dims
 HANDLERS: dict[str, Callable[..., list]] = {}
 
 

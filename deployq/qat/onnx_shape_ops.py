@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deployq.qat.onnx_ops import Dims, UnsupportedNode, Value, attr, const, handles, ints, pairs, torch_pad
-
-if TYPE_CHECKING:
-    from deployq.qat.onnx_import import Builder
+from deployq.qat.onnx_builder import Builder, Dims, UnsupportedNode, Value
+from deployq.qat.onnx_ops import attr, const, handles, ints, pairs, torch_pad
 
 
 # ---- data movement and shapes -------------------------------------------------------------------
