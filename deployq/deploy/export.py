@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -28,7 +28,7 @@ from torch import fx
 from deployq.core import qparams as qp
 from deployq.qat.config import LayerOverride, QConfig
 from deployq.exporters.graph import PassLog
-from deployq.exporters.rewriter import rewrite
+from deployq.exporters.rewriter import Rewritten, rewrite
 from deployq.deploy.float_graph import export_float
 from deployq.qat.checkpoint import save as save_checkpoint
 from deployq.deploy.devices import DEVICE_KEY, DEVICES, Coverage, Device, check_config, coverage, device as get_device, fix_shapes, learned_float, to_ort_format
@@ -182,6 +182,46 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
     for the models' outputs, in order (the quant point names inside stay as they are)."""
     start = time.perf_counter()
     dev = get_device(device)
+    _check_options(source, dev, opset, weight_bits, dynamic_hw)
+    ptq_notes: list[str] = []
+    if target == "fp32":
+        qmodel, reference, records = source.qmodel.eval(), source.qmodel, None
+    else:
+        stage("export: preparing the model for its target" + (" and calibrating" if calib is not None else ""),
+              progress)
+        prepared = prepare_for_target(source, target, weight_bits=weight_bits, act_signed=act_signed,
+                                      calib=calib, calib_limit=calib_limit, ptq=ptq, progress=progress)
+        qmodel, reference, ptq_notes = prepared.model, prepared.reference, prepared.notes
+        records = qparams_of(qmodel)
+        check_config(dev, records.values())
+    result = _onnx_models(qmodel, reference, records, source, dev, opset, dynamic_hw, output_names, progress)
+    deployed = result.quant_model if result.quant_model is not None else result.float_model
+    if not dev.takes_qdq and result.quant_model is not None:
+        deployed = learned_float(result.float_model, result.quant_model)
+    stage("export: loading the models in onnxruntime", progress)
+    for model in {id(m): m for m in (result.float_model, result.quant_model, deployed) if m is not None}.values():
+        model.metadata_props.add(key=DEVICE_KEY, value=dev.name)  # read back by `check` on the .ort file
+        session(model, optimize=False, label=f"the exported model (opset {opset})")  # what is published, loads
+    stage("export: measuring NNAPI / CoreML coverage (onnxruntime's usability checker)", progress)
+    covered, why = coverage(deployed)
+    checkpoint = None
+    if (calib is not None or qmodel is not source.qmodel) and source.factory:  # calibrated here, or re-quantized
+        # (a model given in Python without a factory cannot be rebuilt from a checkpoint)
+        checkpoint = lambda tmp: save_checkpoint(  # noqa: E731
+            tmp, qmodel, factory=source.factory, factory_kwargs=source.factory_kwargs, inputs=source.inputs,
+            meta={"exported_for": target, "calibration": calibration_text(calib), "ptq": list(ptq.methods)})
+    out_dir = Path(out_dir)
+    files = _write(out_dir, result, deployed, records, target, dev, ort_format, checkpoint, progress)
+    notes = (capture_notes(qmodel) + ptq_notes + list(result.log.notes)
+             + ([f"provider coverage not measured: {why}"] if why else []) + _stale_files(out_dir, files))
+    if progress:
+        end_stage()
+    return ExportResult(out_dir, files, records or {}, target, time.perf_counter() - start, result.log,
+                        qmodel, result.float_model, result.quant_model, notes, dev.name, covered)
+
+
+def _check_options(source: ModelSource, dev: Device, opset: int, weight_bits: Optional[int], dynamic_hw: bool) -> None:
+    """Options that cannot work together, refused before any work."""
     if dynamic_hw and dev.fixed_shapes:
         raise ValueError(f"--device {dev.name} needs fixed input shapes: drop --dynamic-hw and give the "
                          "deployment size with --input-shape")
@@ -191,20 +231,7 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
                          f"got {opset}")
     if weight_bits is not None and not 2 <= weight_bits <= 16:
         raise ValueError(f"--weight-bits must be from 2 to 16, got {weight_bits}")
-    ptq_notes: list[str] = []
-    if target == "fp32":
-        qmodel, records = source.qmodel.eval(), None
-        reference = qmodel
-    else:
-        stage("export: preparing the model for its target" + (" and calibrating" if calib is not None else ""),
-              progress)
-        prepared = prepare_for_target(source, target, weight_bits=weight_bits, act_signed=act_signed,
-                                      calib=calib, calib_limit=calib_limit, ptq=ptq, progress=progress)
-        qmodel, reference, ptq_notes = prepared.model, prepared.reference, prepared.notes
-        records = qparams_of(qmodel)
-        check_config(dev, records.values())
-    examples = tuple(i.example() for i in source.inputs)
-    capture = qmodel.get_submodule("act_quant").capture
+    capture = source.qmodel.get_submodule("act_quant").capture
     if dynamic_hw and capture == EXPORT:
         raise ValueError("--dynamic-hw needs a model symbolic torch.fx can trace: this one was captured with "
                          "torch.export, which fixes height and width at the example input's (see the note of "
@@ -214,38 +241,37 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
         raise ValueError("--dynamic-hw: this ONNX model computes with sizes read from its input's shape (an "
                          "anchor grid, a reshape), which deployq folds at the --input-shape given; export at a "
                          "fixed --input-shape")
+
+
+def _onnx_models(qmodel: torch.nn.Module, reference: torch.nn.Module, records: Optional[dict], source: ModelSource,
+                 dev: Device, opset: int, dynamic_hw: bool, output_names: Optional[list[str]],
+                 progress: bool) -> Rewritten:
+    """The float and QDQ models: traced, rewritten for the device, shapes fixed and outputs named
+    where asked. The float model is the one from before AdaRound / bias correction changed the
+    parameters (`reference`), the model users compare against."""
+    examples = tuple(i.example() for i in source.inputs)
     stage("export: tracing the model (torch.export -> ONNX)", progress)
     float_onnx = export_float(qmodel, examples, opset, dynamic_hw)
     stage("export: rewriting (fold BN, insert Q/DQ)", progress)
     result = rewrite(float_onnx, records, opset, block_convtranspose=dev.block_convtranspose,
                      carry_bits=dev.carry_bits)
-    if reference is not qmodel:  # AdaRound / bias correction changed the float parameters: the float
-        # model users compare against is the one from before them
+    if reference is not qmodel:
         original = export_float(reference, examples, opset, dynamic_hw)
-        float_model = rewrite(original, records, opset,
-                              block_convtranspose=dev.block_convtranspose).float_model
+        float_model = rewrite(original, records, opset, block_convtranspose=dev.block_convtranspose).float_model
         result = replace(result, float_model=float_model)
-    if dev.fixed_shapes:
-        shapes = {i.name: tuple(i.shape) for i in source.inputs}
-        for model in (result.float_model, result.quant_model):
-            if model is not None:
-                fix_shapes(model, shapes)
-    if output_names is not None:
-        for model in (result.float_model, result.quant_model):
-            if model is not None:
-                name_outputs(model, output_names)
-    deployed = result.quant_model if result.quant_model is not None else result.float_model
-    if not dev.takes_qdq and result.quant_model is not None:
-        deployed = learned_float(result.float_model, result.quant_model)
-    stage("export: loading the models in onnxruntime", progress)
-    for model in {id(m): m for m in (result.float_model, result.quant_model, deployed) if m is not None}.values():
-        if model is not None:  # what is published, onnxruntime loads
-            model.metadata_props.add(key=DEVICE_KEY, value=dev.name)  # read back by `check` on the .ort file
-            session(model, optimize=False, label=f"the exported model (opset {opset})")
-    out_dir = Path(out_dir)
+    for model in (result.float_model, result.quant_model):
+        if model is not None and dev.fixed_shapes:
+            fix_shapes(model, {i.name: tuple(i.shape) for i in source.inputs})
+        if model is not None and output_names is not None:
+            name_outputs(model, output_names)
+    return result
+
+
+def _write(out_dir: Path, result: Rewritten, deployed: onnx.ModelProto, records: Optional[dict], target: str,
+           dev: Device, ort_format: bool, checkpoint: Optional[Callable[[Path], None]],
+           progress: bool) -> dict[str, Path]:
+    """Every file of the export, all renamed into place together (or none)."""
     files = {"float": out_dir / "model.float.onnx"}
-    stage("export: measuring NNAPI / CoreML coverage (onnxruntime's usability checker)", progress)
-    covered, why = coverage(deployed)
     deployed_name = deployed_file_name(target, dev.name)
     with AtomicOutputs() as out:
         out.write_bytes(files["float"], result.float_model.SerializeToString())
@@ -264,26 +290,20 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
             out.write_bytes(files[target], result.quant_model.SerializeToString())
             files["qparams"] = out_dir / "qparams.json"
             out.write_text(files["qparams"], json_text(qp.dump(records.values())))
-            if (calib is not None or qmodel is not source.qmodel) and source.factory:  # calibrated here, or
-                # re-quantized (a model given in Python without a factory cannot be rebuilt from a checkpoint)
+            if checkpoint is not None:
                 files["checkpoint"] = out_dir / f"model.{target}.pt"
-                out.write(files["checkpoint"], lambda tmp: save_checkpoint(
-                    tmp, qmodel, factory=source.factory, factory_kwargs=source.factory_kwargs, inputs=source.inputs,
-                    meta={"exported_for": target, "calibration": calibration_text(calib),
-                          "ptq": list(ptq.methods)}))
-    notes = (capture_notes(qmodel) + ptq_notes + list(result.log.notes)
-             + ([f"provider coverage not measured: {why}"] if why else []))
+                out.write(files["checkpoint"], checkpoint)
+    return files
+
+
+def _stale_files(out_dir: Path, files: dict[str, Path]) -> list[str]:
+    """A note naming the files an earlier export left in `out_dir` that this one did not write."""
     others = ([out_dir / f"model.{t}.{ext}" for t in TARGETS if t != "fp32" for ext in ("onnx", "pt")]
               + [out_dir / f"model.{n}.onnx" for n in DEVICES]
               + [out_dir / f"model.{n}.{ext}" for n in (*TARGETS, "float", *DEVICES)
                  for ext in ("ort", "required_operators.config")] + [out_dir / "qparams.json"])
-    if progress:
-        end_stage()
     stale = [p.name for p in others if p.exists() and p not in files.values()]
-    if stale:
-        notes.append(f"{out_dir} also holds {', '.join(stale)} from an earlier export, not from this one")
-    return ExportResult(out_dir, files, records or {}, target, time.perf_counter() - start, result.log,
-                        qmodel, result.float_model, result.quant_model, notes, dev.name, covered)
+    return [f"{out_dir} also holds {', '.join(stale)} from an earlier export, not from this one"] if stale else []
 
 
 def name_outputs(model: onnx.ModelProto, names: list[str]) -> None:
