@@ -31,35 +31,8 @@ def export_module(qmodel: fx.GraphModule) -> ExportModule:
     set_mode(gm, "float")
     gm.eval()
     graph = gm.graph
-    modules = dict(gm.named_modules())
-    names = point_names(gm)
-    named: dict[fx.Node, str] = {}
-    for node in list(graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith(f"{ACT_QUANT}."):
-            source = node.args[0]
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
-            if source.op != "placeholder":
-                named[source] = names[str(node.target)]
-    layers: dict[fx.Node, str] = {}
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], QuantLayer):
-            continue
-        layer, path = modules[node.target], str(node.target)
-        with graph.inserting_before(node):
-            raw = current = graph.call_module(f"{path}.layer", node.args, node.kwargs)
-            if layer.bn is not None:
-                current = graph.call_module(f"{path}.bn", (current,))
-            if layer.act is not None:
-                current = graph.call_module(f"{path}.act", (current,))
-        node.replace_all_uses_with(current)
-        if ONNX_NAME in node.meta:
-            current.meta[ONNX_NAME] = node.meta[ONNX_NAME]
-        if node in named:
-            named[current] = named.pop(node)
-        graph.erase_node(node)
-        layers[raw] = path
-
+    named = _without_quantizers(gm)
+    layers = _expanded_layers(gm, named)
     _contiguous_before_reshape(graph)
     _four_dimensional_attention(graph, named)
     output = next(n for n in graph.nodes if n.op == "output")
@@ -92,6 +65,46 @@ def export_module(qmodel: fx.GraphModule) -> ExportModule:
     gm.recompile()
     inputs = [n.meta.get(ONNX_NAME, str(n.target)) for n in graph.nodes if n.op == "placeholder"]
     return ExportModule(gm, inputs, output_names, len(flat), {layers[n]: t for n, t in tensor_of.items()})
+
+
+def _without_quantizers(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Take every activation quantizer out (its readers read its input); {node: the quant point
+    its value is}, inputs left out (they keep their own names)."""
+    names = point_names(gm)
+    named: dict[fx.Node, str] = {}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith(f"{ACT_QUANT}."):
+            source = node.args[0]
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            if source.op != "placeholder":
+                named[source] = names[str(node.target)]
+    return named
+
+
+def _expanded_layers(gm: fx.GraphModule, named: dict[fx.Node, str]) -> dict[fx.Node, str]:
+    """Each fused QuantLayer back as Layer -> BatchNorm -> activation (`named` follows the group's
+    output); {the layer's raw output node: the layer's path}."""
+    graph, modules = gm.graph, dict(gm.named_modules())
+    layers: dict[fx.Node, str] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], QuantLayer):
+            continue
+        layer, path = modules[node.target], str(node.target)
+        with graph.inserting_before(node):
+            raw = current = graph.call_module(f"{path}.layer", node.args, node.kwargs)
+            if layer.bn is not None:
+                current = graph.call_module(f"{path}.bn", (current,))
+            if layer.act is not None:
+                current = graph.call_module(f"{path}.act", (current,))
+        node.replace_all_uses_with(current)
+        if ONNX_NAME in node.meta:
+            current.meta[ONNX_NAME] = node.meta[ONNX_NAME]
+        if node in named:
+            named[current] = named.pop(node)
+        graph.erase_node(node)
+        layers[raw] = path
+    return layers
 
 
 _RESHAPES = {"reshape", "view", "flatten"}

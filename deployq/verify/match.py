@@ -102,75 +102,87 @@ def match(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> Matchin
     producers = {o: n for n in qg.node for o in n.output}
     quantized = {base_name(quantized_tensor(n, producers, inits)[0]) for n in qg.node if n.op_type == "QuantizeLinear"}
     folded = fold_batchnorm_copy(float_model, quantized)
-    float_tensors = _tensor_names(float_model) | _tensor_names(folded)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in qg.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in qg.output}
-    float_readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in float_model.graph.node:
-        for i in n.input:
-            float_readers.setdefault(i, []).append(n)
-    points: list[MatchedPoint] = []
-    by_value: dict[str, MatchedPoint] = {}  # dequantized tensor -> its quant point
-    by_name: dict[str, MatchedPoint] = {}
-    unmatched = []
+    walk = _Walk(float_model, quant_model, inits, producers, _tensor_names(float_model) | _tensor_names(folded))
     for node in qg.node:  # topological order in a valid model
-        if node.op_type != "QuantizeLinear":
-            continue
+        if node.op_type == "QuantizeLinear":
+            walk.visit(node)
+    points = walk.points + _weights(quant_model, float_model, folded, inits, producers)
+    if not points:
+        raise ModelFileError("the models have no quant point in common: the second model has no "
+                             "QuantizeLinear whose input tensor is named as a tensor of the first")
+    if walk.unmatched and all(p.op == "input" for p in points if p.kind == "activation"):
+        raise ModelFileError(f"the models share only their inputs: none of the {len(walk.unmatched)} quantized "
+                             f"tensors inside the second model (e.g. {walk.unmatched[0]!r}) is named as a tensor of "
+                             "the first; diff pairs tensors by name, so compare a quantized model with the float "
+                             "model it came from")
+    order = {p.name: i for i, p in enumerate(points)}
+    points.sort(key=lambda p: order[p.name])
+    return Matching(points, folded, walk.unmatched)
+
+
+class _Walk:
+    """The activation quant points of a QDQ graph, found one QuantizeLinear at a time in graph order."""
+
+    def __init__(self, float_model: onnx.ModelProto, quant_model: onnx.ModelProto, inits: dict, producers: dict,
+                 float_tensors: set[str]) -> None:
+        self.inits, self.producers, self.float_tensors = inits, producers, float_tensors
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in quant_model.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.float_readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in float_model.graph.node:
+            for i in n.input:
+                self.float_readers.setdefault(i, []).append(n)
+        self.graph_outputs = {o.name for o in quant_model.graph.output}
+        self.points: list[MatchedPoint] = []
+        self.by_value: dict[str, MatchedPoint] = {}  # dequantized tensor -> its quant point
+        self.by_name: dict[str, MatchedPoint] = {}
+        self.unmatched: list[str] = []
+
+    def visit(self, node: onnx.NodeProto) -> None:
+        inits, producers, by_name = self.inits, self.producers, self.by_name
         source, clip = quantized_tensor(node, producers, inits)
         if source in inits:  # a float weight quantized at run time: a weight (_weights), not an activation
-            continue
+            return
         name = base_name(source)
-        dq = next((c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None)
+        dq = next((c for c in self.consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None)
         scale, zp = _const(inits, node.input[1]), _const(inits, node.input[2]) if len(node.input) > 2 else None
         if dq is None or scale is None:
-            continue
+            return
         zp = zp if zp is not None else np.zeros((), np.uint8)
         _check_scale(scale, name, node.name)
-        upstream = _upstream(source, producers, by_value)
+        upstream = _upstream(source, producers, self.by_value)
         maker = producers.get(source)
         blocks = by_name.get(name + BLOCKS_SUFFIX) if upstream == (name + BLOCKS_SUFFIX,) else None
         if blocks is not None and maker.op_type == "DepthToSpace" and _same(blocks, scale, zp):
             # a ConvTranspose rewritten as Conv + DepthToSpace (a device profile): the layer's quant point
             # is this tensor, in the layout the float model has; the Conv's block-layout copy is not one
-            points.remove(blocks)
+            self.points.remove(blocks)
             del by_name[blocks.name]
             upstream, layer, op = blocks.inputs, blocks.layer, "ConvTranspose"
         elif (maker is not None and maker.op_type in DATA_MOVEMENT_OPS and len(upstream) == 1
                 and _same(by_name[upstream[0]], scale, zp)):
-            by_value[dq.output[0]] = by_name[upstream[0]]  # carried through data movement, not a new point
-            continue
+            self.by_value[dq.output[0]] = by_name[upstream[0]]  # carried through data movement, not a new point
+            return
         else:
             layer, op = _layer_of(maker, producers), maker.op_type if maker else "input"
         # a block-layout copy stays a point until its DepthToSpace above takes its place, also where
         # the float model is the user's own file with the ConvTranspose itself
-        if name not in float_tensors and not (name.endswith(BLOCKS_SUFFIX)
-                                              and name[:-len(BLOCKS_SUFFIX)] in float_tensors):
-            unmatched.append(name)
-            continue
+        if name not in self.float_tensors and not (name.endswith(BLOCKS_SUFFIX)
+                                                   and name[:-len(BLOCKS_SUFFIX)] in self.float_tensors):
+            self.unmatched.append(name)
+            return
         axis = next((a.i for a in node.attribute if a.name == "axis"), None) if scale.ndim else None
         bits = narrowing_clip_bits(clip, node, inits, producers) if clip else 8 * zp.dtype.itemsize
         point = MatchedPoint(_record(name, "activation", op, bits, scale, zp, axis, layer),
                              value=dq.output[0], codes=node.output[0], source=source, inputs=upstream)
-        if name in graph_outputs and dq.output[0] != name:
+        if name in self.graph_outputs and dq.output[0] != name:
             point.value = dq.output[0]
-        point.pool = _only_max_pool(consumers.get(dq.output[0], []), float_readers.get(name, []))
-        points.append(point)
-        by_value[dq.output[0]] = point
+        point.pool = _only_max_pool(self.consumers.get(dq.output[0], []), self.float_readers.get(name, []))
+        self.points.append(point)
+        self.by_value[dq.output[0]] = point
         by_name[name] = point
-    points.extend(_weights(quant_model, float_model, folded, inits, producers))
-    if not points:
-        raise ModelFileError("the models have no quant point in common: the second model has no "
-                             "QuantizeLinear whose input tensor is named as a tensor of the first")
-    if unmatched and all(p.op == "input" for p in points if p.kind == "activation"):
-        raise ModelFileError(f"the models share only their inputs: none of the {len(unmatched)} quantized tensors "
-                             f"inside the second model (e.g. {unmatched[0]!r}) is named as a tensor of the first; "
-                             "diff pairs tensors by name, so compare a quantized model with the float model it came from")
-    order = {p.name: i for i, p in enumerate(points)}
-    points.sort(key=lambda p: order[p.name])
-    return Matching(points, folded, unmatched)
 
 
 def _check_scale(scale: np.ndarray, name: str, node: str) -> None:
