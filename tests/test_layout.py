@@ -132,6 +132,23 @@ def test_no_module_is_too_long(module):
     assert lines <= MAX_LINES, f"{MODULES[module].relative_to(ROOT)} has {lines} lines (layout: at most {MAX_LINES})"
 
 
+MAX_FUNCTION_LINES = 60  # in the stages a newcomer reads first: prepare, export, verify
+SHORT_FUNCTIONS = ("deployq.qat.", "deployq.deploy.", "deployq.verify.")
+
+
+def test_no_function_in_the_pipeline_stages_is_too_long():
+    long = []
+    for module, path in MODULES.items():
+        if not module.startswith(SHORT_FUNCTIONS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}: {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
 def test_every_registered_factory_is_a_function_deployq_has():
     """The factories a checkpoint may name on its own are strings: each must import and be callable."""
     from deployq.qat.loading import REGISTERED_FACTORIES, import_factory
