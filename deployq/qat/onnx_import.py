@@ -5,8 +5,11 @@ one handler per op type), rather than converting to Python modules and tracing t
 conversion (``onnx2torch``) branches in Python on its inputs and symbolic fx stops there, while a
 graph written directly has nothing to trace. Weight layers become torch.nn modules with the file's
 weights; what is computed from constants only (shape arithmetic on initializers, ``Constant`` nodes)
-is folded with onnx's own reference evaluator; ``Shape`` becomes ``x.size(i)`` so the batch stays
-symbolic.
+is folded with onnx's own reference evaluator; ``Shape`` reads the batch as ``x.size(0)`` (it stays
+symbolic) and the other sizes as the numbers of the input shape the import is given (what the
+file's shape arithmetic computes from them becomes a constant). What is written runs on an
+example of that shape as it is written (:class:`~deployq.qat.onnx_builder.Builder`), for the ranks
+and sizes ONNX shape inference cannot give.
 
 **Names** (docs/design.md, contract 1): every node the importer writes carries the ONNX tensor it
 computes (``node.meta["onnx_name"]``), and the quant point there is named after it; the module of a
