@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import imageio.v3
 import numpy as np
@@ -18,9 +18,12 @@ from rich.table import Table
 
 from deployq.core.runtime import isa_text
 
-if TYPE_CHECKING:  # stats.DiffReport.to_html imports this module: no import back at run time
+if TYPE_CHECKING:
     from deployq.verify.check import ParityReport
-    from deployq.verify.stats import DiffReport, Row
+
+# What is rendered: a deployq.verify.stats.DiffReport and its Rows. stats renders its reports with
+# this module, so this one names them without importing them (no import circle between the two).
+DiffReport = Row = Any
 
 
 def _db(v: float) -> str:

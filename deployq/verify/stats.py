@@ -15,6 +15,7 @@ import numpy as np
 
 from deployq.core.decibels import ratio_db
 from deployq.core.qformula import quantize_np
+from deployq.verify.report import to_html
 from deployq.core.runtime import ModelFileError
 
 from .match import MatchedPoint
@@ -135,8 +136,6 @@ class DiffReport:
 
     def to_html(self, fail_below: Optional[float] = None) -> str:
         """The report as one self-contained HTML page (what ``deployq diff --html`` writes)."""
-        from deployq.verify.report import to_html
-
         return to_html(self, self.title, fail_below)
 
     def ranking(self) -> list[Row]:
