@@ -5,8 +5,6 @@ This package imports only deployq's bottom layer (:mod:`deployq.core`). The veri
 graphs through :mod:`.graph` and the names re-exported here, never through a pass module.
 """
 
-from deployq.exporters.depth_to_space import SUFFIX as BLOCKS_SUFFIX
-from deployq.exporters.depth_to_space import from_block_weight, is_block_weight
 from deployq.exporters.rewriter import Rewritten, fold_batchnorm_copy, rewrite
 
-__all__ = ["BLOCKS_SUFFIX", "Rewritten", "fold_batchnorm_copy", "from_block_weight", "is_block_weight", "rewrite"]
+__all__ = ["Rewritten", "fold_batchnorm_copy", "rewrite"]

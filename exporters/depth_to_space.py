@@ -34,30 +34,19 @@ from typing import Callable, Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from deployq.exporters.graph import Names, PassLog, constant_value, consumers, producer
+from deployq.exporters.graph import (CONV_TRANSPOSE_BLOCKS, DEPTH_TO_SPACE, Names, PassLog, constant_value, consumers,
+                                     producer, to_blocks, undo_layout)
 
 POINTWISE_OPS = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus")
 SUFFIX = "_space_to_depth"
 
 
-def to_block_weight(w: np.ndarray) -> np.ndarray:
-    """ConvTranspose weight (Cin, C, s, s) -> 1×1 Conv weight (s²·C, Cin, 1, 1), channel (i·s+j)·C + c."""
-    cin, c, s, _ = w.shape
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(s * s * c, cin, 1, 1))
+to_block_weight = to_blocks  # ConvTranspose weight (Cin, C, s, s) -> 1×1 Conv weight (s²·C, Cin, 1, 1)
 
 
 def from_block_weight(w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of :func:`to_block_weight`, given the ConvTranspose weight's shape (Cin, C, s, s)."""
-    cin, c, s, _ = shape
-    return np.ascontiguousarray(w.reshape(s, s, c, cin).transpose(3, 2, 0, 1))
-
-
-def is_block_weight(w: np.ndarray, shape: tuple[int, ...]) -> bool:
-    """True if `w` has the 1×1 Conv shape that :func:`to_block_weight` makes of a weight of `shape`."""
-    if len(shape) != 4 or shape[2] != shape[3]:
-        return False
-    cin, c, s, _ = shape
-    return w.shape == (s * s * c, cin, 1, 1)
+    return undo_layout(w, {"layout": CONV_TRANSPOSE_BLOCKS}, shape)
 
 
 def _tile(values: np.ndarray, s: int) -> np.ndarray:
@@ -168,6 +157,8 @@ class _Rewriter:
     def rewrite(self, node: gs.Node) -> None:
         s = int(node.attrs["kernel_shape"][0])
         self._operand(node, 1, s, to_block_weight)
+        weight = node.inputs[1] if constant_value(node.inputs[1]) is not None else producer(node.inputs[1]).inputs[0]
+        self.log.layouts[weight.name] = {"of": weight.name, "layout": CONV_TRANSPOSE_BLOCKS, "blocksize": s}
         if len(node.inputs) > 2 and node.inputs[2].name:
             self._operand(node, 2, s, lambda b: _tile(b, s))
         node.op = "Conv"
@@ -184,6 +175,7 @@ class _Rewriter:
         made = producer(point)
         base = point.name.removesuffix("_prequant")  # a graph output's pre-quantization value (insert_qdq)
         blocks = gs.Variable(self.name(base + SUFFIX), dtype=point.dtype)
+        self.log.layouts[blocks.name] = {"of": base, "layout": DEPTH_TO_SPACE, "blocksize": s}
         made.outputs[made.outputs.index(point)] = blocks
         value = blocks
         for original in self._quantization(point):  # T's own [Clip ->] Q -> DQ, in block layout

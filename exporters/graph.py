@@ -6,9 +6,9 @@ Every pass is a function ``Graph -> Graph`` that reports what it changed through
 
 from __future__ import annotations
 
-import math
-
+import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -43,6 +43,9 @@ class PassLog:
 
     counts: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    # what a pass wrote in another layout than the float model's, for verify to read instead of
+    # knowing the pass: {tensor or weight name: {"of": the name it stands for, "layout": ..., ...}}
+    layouts: dict[str, dict] = field(default_factory=dict)
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] += n
@@ -209,3 +212,41 @@ def quantized_tensor(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
 def quantize_count(model: onnx.ModelProto) -> int:
     """How many QuantizeLinear nodes `model` has (0: a float model)."""
     return sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+# ---- layout records: what the passes say they moved (docs/design.md, "What a pass declares")
+
+LAYOUTS_KEY = "deployq.layouts"  # model metadata: the PassLog's layouts, as JSON
+DEPTH_TO_SPACE = "depth_to_space"  # a tensor in the channel layout DepthToSpace(DCR) turns into its `of`
+CONV_TRANSPOSE_BLOCKS = "conv_transpose_blocks"  # a ConvTranspose weight (Cin, C, s, s) as 1x1 Conv (s²·C, Cin)
+
+
+def write_layouts(model: onnx.ModelProto, layouts: dict[str, dict]) -> None:
+    """Record `layouts` in the model's metadata (replacing an earlier record)."""
+    kept = [p for p in model.metadata_props if p.key != LAYOUTS_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if layouts:
+        model.metadata_props.add(key=LAYOUTS_KEY, value=json.dumps(layouts, sort_keys=True))
+
+
+def layouts_of(model: onnx.ModelProto) -> dict[str, dict]:
+    """The layout records of a model deployq exported ({} for any other model)."""
+    for prop in model.metadata_props:
+        if prop.key == LAYOUTS_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
+def to_blocks(w: np.ndarray) -> np.ndarray:
+    """ConvTranspose weight (Cin, C, s, s) -> 1×1 Conv weight (s²·C, Cin, 1, 1), channel (i·s+j)·C + c."""
+    cin, c, s, _ = w.shape
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(s * s * c, cin, 1, 1))
+
+
+def undo_layout(values: np.ndarray, record: dict, shape: tuple[int, ...]) -> np.ndarray:
+    """`values` as a pass recorded them (`record`) back in the float model's layout, of `shape`."""
+    if record.get("layout") != CONV_TRANSPOSE_BLOCKS:
+        raise RewriteError(f"unknown layout record {record!r}")
+    cin, c, s, _ = shape
+    return np.ascontiguousarray(values.reshape(s, s, c, cin).transpose(3, 2, 0, 1))

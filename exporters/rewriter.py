@@ -25,7 +25,7 @@ from deployq.exporters.cleanup import cleanup, finalize
 from deployq.exporters.depth_to_space import convtranspose_to_depth_to_space
 from deployq.exporters.fold_bn import fold_batchnorm_pass
 from deployq.exporters.global_pool import spatial_mean_to_global_pool
-from deployq.exporters.graph import PassLog, to_model
+from deployq.exporters.graph import PassLog, to_model, write_layouts
 from deployq.exporters.insert_qdq import insert_qdq
 from deployq.core.qparams import QuantPoint
 
@@ -48,15 +48,19 @@ def rewrite(model: onnx.ModelProto, records: Optional[dict[str, QuantPoint]], op
     fold_batchnorm_pass(graph, keep, log)
     spatial_mean_to_global_pool(graph, log)
     float_graph = cleanup(graph, log).copy()
-    if block_convtranspose:  # logged once: for the QDQ graph when there is one
-        convtranspose_to_depth_to_space(float_graph, log if records is None else PassLog(), keep if records else None)
+    float_log = log if records is None else PassLog()  # logged once: for the QDQ graph when there is one
+    if block_convtranspose:
+        convtranspose_to_depth_to_space(float_graph, float_log, keep if records else None)
     float_model = finalize(to_model(float_graph, opset))
+    write_layouts(float_model, float_log.layouts)
     if records is None:
         return Rewritten(float_model, None, log)
     insert_qdq(graph, records, log, carry_bits)
     if block_convtranspose:
         convtranspose_to_depth_to_space(cleanup(graph, log), log, keep)
-    return Rewritten(float_model, finalize(to_model(cleanup(graph, log), opset)), log)
+    quant_model = finalize(to_model(cleanup(graph, log), opset))
+    write_layouts(quant_model, log.layouts)
+    return Rewritten(float_model, quant_model, log)
 
 
 def fold_batchnorm_copy(model: onnx.ModelProto, keep: Iterable[str] = ()) -> onnx.ModelProto:

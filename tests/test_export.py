@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import deployq
-from deployq.exporters import BLOCKS_SUFFIX
+from deployq.exporters.depth_to_space import SUFFIX as BLOCKS_SUFFIX
 from deployq.qat import checkpoint as ck
 from deployq.examples.lowlight import model as lowlight
 from deployq.cli import main

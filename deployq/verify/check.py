@@ -20,14 +20,13 @@ import onnx
 import torch
 from torch import fx
 
-from deployq.exporters import from_block_weight, is_block_weight
 from deployq.qat.prepare import point_names, quant_points
 from deployq.core.progress import progress_bar
 from deployq.qat.calibrate import input_names, model_inputs, weight_qparams
 from deployq.core.qformula import dequantize, quantize
 from deployq.qat.quantizers import FakeQuantizer
 from deployq.core.runtime import run, session
-from deployq.exporters.graph import base_name, quantized_tensor
+from deployq.exporters.graph import base_name, layouts_of, quantized_tensor, undo_layout
 
 
 @dataclass
@@ -247,9 +246,11 @@ def check_parity(qmodel: fx.GraphModule, model: onnx.ModelProto, batches: Iterab
             report[name].add(ours[name], results[output])
         if not weights_done:
             theirs = onnx_weight_codes(model, [n for n, p in points.items() if p.kind == "weight"])
+            layouts = layouts_of(model)  # weights a pass wrote in another layout (a ConvTranspose as Conv)
             for name, codes in theirs.items():
-                if codes.shape != ours[name].shape and is_block_weight(codes, ours[name].shape):
-                    codes = from_block_weight(codes, ours[name].shape)  # a ConvTranspose as Conv + DepthToSpace
+                record = layouts.get(f"{name}_quantized")  # the codes' initializer (onnx_weight_codes)
+                if record is not None:
+                    codes = undo_layout(codes, record, ours[name].shape)
                 report[name].add(ours[name], codes)
             weights_done = True
     return ParityReport([report[n] for n in points if report[n].elements])

@@ -21,9 +21,9 @@ from onnx import numpy_helper
 from deployq.core.qformula import dequantize_np, quantize_np
 from deployq.core.qparams import QParamsError, QuantPoint
 from deployq.core.runtime import ModelFileError
-from deployq.exporters import BLOCKS_SUFFIX, fold_batchnorm_copy
-from deployq.exporters.graph import (ACTIVATION_OPS, DATA_MOVEMENT_OPS, WEIGHT_LAYER_OPS, base_name,
-                                     narrowing_clip_bits, quantized_tensor)
+from deployq.exporters import fold_batchnorm_copy
+from deployq.exporters.graph import (ACTIVATION_OPS, DATA_MOVEMENT_OPS, DEPTH_TO_SPACE, WEIGHT_LAYER_OPS, base_name,
+                                     layouts_of, narrowing_clip_bits, quantized_tensor)
 
 __all__ = ["MatchedPoint", "Matching", "match", "match_inputs", "weight_value", "with_types"]
 
@@ -135,6 +135,9 @@ class _Walk:
             for i in n.input:
                 self.float_readers.setdefault(i, []).append(n)
         self.graph_outputs = {o.name for o in quant_model.graph.output}
+        # tensors a pass wrote in another layout (its record, not its naming): {copy: the tensor it stands for}
+        self.copies = {name: r["of"] for name, r in layouts_of(quant_model).items() if r.get("layout") == DEPTH_TO_SPACE}
+        self.copy_of = {of: name for name, of in self.copies.items()}
         self.points: list[MatchedPoint] = []
         self.by_value: dict[str, MatchedPoint] = {}  # dequantized tensor -> its quant point
         self.by_name: dict[str, MatchedPoint] = {}
@@ -154,7 +157,8 @@ class _Walk:
         _check_scale(scale, name, node.name)
         upstream = _upstream(source, producers, self.by_value)
         maker = producers.get(source)
-        blocks = by_name.get(name + BLOCKS_SUFFIX) if upstream == (name + BLOCKS_SUFFIX,) else None
+        copy = self.copy_of.get(name)
+        blocks = by_name.get(copy) if copy is not None and upstream == (copy,) else None
         if blocks is not None and maker.op_type == "DepthToSpace" and _same(blocks, scale, zp):
             # a ConvTranspose rewritten as Conv + DepthToSpace (a device profile): the layer's quant point
             # is this tensor, in the layout the float model has; the Conv's block-layout copy is not one
@@ -169,8 +173,7 @@ class _Walk:
             layer, op = _layer_of(maker, producers), maker.op_type if maker else "input"
         # a block-layout copy stays a point until its DepthToSpace above takes its place, also where
         # the float model is the user's own file with the ConvTranspose itself
-        if name not in self.float_tensors and not (name.endswith(BLOCKS_SUFFIX)
-                                                   and name[:-len(BLOCKS_SUFFIX)] in self.float_tensors):
+        if name not in self.float_tensors and self.copies.get(name) not in self.float_tensors:
             self.unmatched.append(name)
             return
         axis = next((a.i for a in node.attribute if a.name == "axis"), None) if scale.ndim else None
