@@ -1,1 +1,1 @@
-"""Calibration: observers (range estimators) and calibration data (raw files, images, arrays)."""
+"""Input data for calibration, diff, hessian and run: raw camera files (rawpy), DNG writing, images, arrays."""

@@ -25,6 +25,13 @@ _API = {  # name: (module, attribute)
     "export": ("deployq.api", "export"),
     "diff": ("deployq.api", "diff"),
     "check": ("deployq.api", "check"),
+    "load_model": ("deployq.api", "load_model"),
+    "inspect": ("deployq.api", "inspect"),
+    "hessian": ("deployq.api", "hessian"),
+    "write_distill": ("deployq.api", "write_distill"),
+    "train": ("deployq.api", "train"),
+    "run": ("deployq.api", "run"),
+    "latency": ("deployq.api", "latency"),
     "ExportResult": ("deployq.deploy.export", "ExportResult"),
     "DiffReport": ("deployq.verify.stats", "DiffReport"),
     "ParityReport": ("deployq.verify.check", "ParityReport"),
@@ -43,7 +50,7 @@ _API = {  # name: (module, attribute)
 }
 
 if TYPE_CHECKING:
-    from deployq.api import check, diff, export
+    from deployq.api import check, diff, export, hessian, inspect, latency, load_model, run, train, write_distill
     from deployq.verify.stats import DiffReport
     from deployq.deploy.export import ExportResult
     from deployq.verify.check import ParityReport

@@ -1,4 +1,4 @@
-"""The Python API of the three deployment commands: ``deployq.export``, ``deployq.diff``, ``deployq.check``.
+"""The Python API: one function per command, taking the command's options by the same names.
 
     import deployq
     result = deployq.export(qmodel, example, "build/")                      # a QAT model in memory
@@ -7,15 +7,26 @@
     parity = deployq.check(qmodel, result.files["int8"], inputs=batches)
     assert parity.ok()
 
-The CLI commands of the same names call these functions; everything they print comes from the
-returned objects (:class:`deployq.deploy.export.ExportResult`, :class:`deployq.verify.stats.DiffReport`,
-:class:`deployq.verify.check.ParityReport`). docs/api.md describes them.
+| command           | functions here                                  |
+|-------------------|-------------------------------------------------|
+| deployq export    | :func:`load_model` (the model options), :func:`export` |
+| deployq diff      | :func:`diff`                                    |
+| deployq check     | :func:`check`                                   |
+| deployq inspect   | :func:`load_model`, :func:`inspect`             |
+| deployq hessian   | :func:`load_model`, :func:`hessian`, :func:`write_distill` |
+| deployq train     | :func:`train`                                   |
+| deployq run       | :func:`run`, :func:`latency`                    |
+
+Every CLI option is a parameter of one of its command's functions, with the same name and the
+default read from the signature here (``deployq.cli.common.api_option``); the CLI only parses,
+calls these and prints what they return. docs/api.md describes them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -37,6 +48,15 @@ from deployq.ptq.pipeline import PTQOptions
 from deployq.calib.data import file_feeds, shape_from_files
 from deployq.core.runtime import InputInfo, ModelFileError, check_same_inputs, inputs_of, is_ort_format, load_onnx, random_feeds, with_shapes
 from deployq.exporters.graph import quantize_count
+from deployq.core.qparams import QuantPoint
+from deployq.qat.prepare import capture_notes, quant_points
+from deployq.train.batches import data_batches
+from deployq.train.distill import DistillConfig
+from deployq.train.hessian import DEFAULT_MAX_ITER, DEFAULT_TOL, hessian_traces
+from deployq.train.hessian_report import HessianReport, write_distill_config
+from deployq.train.loop import train
+from deployq.infer.engine import Bench, bench, load_engine
+from deployq.infer.files import enhance
 
 ModelLike = Union[nn.Module, str, Path, ModelSource]
 OnnxLike = Union[onnx.ModelProto, str, Path]
@@ -91,7 +111,9 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
            ptq: Union[Sequence[str], PTQOptions] = (),
            target: str = "int8", device: str = "cpu", opset: int = 21, dynamic_hw: bool = False,
            ort_format: bool = True, weight_bits: Optional[int] = None, act_signed: bool = False,
-           output_names: Optional[Sequence[str]] = None, progress: bool = False) -> ExportResult:
+           output_names: Optional[Sequence[str]] = None, adaround_iterations: int = PTQOptions.adaround_iterations,
+           refine_samples: int = PTQOptions.refine_samples, search_samples: int = PTQOptions.search_samples,
+           progress: bool = False) -> ExportResult:
     """Export to ``out_dir``: model.float.onnx, model.<target>.onnx, qparams.json (and the ORT file).
 
     `model`: a model from :func:`deployq.qat.prepare` (calibrated or trained), a float ``nn.Module``
@@ -101,10 +123,12 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
     what :func:`load_model` returns (what the CLI passes). `calib`: a folder or file of inputs (what ``--calib`` takes), or an iterable
     of batches (tensors, or tuples of tensors for several inputs), or ``"zeroq"`` (inputs synthesized
     from the model's BatchNorm statistics). `ptq`: post-training methods to apply with the
-    calibration, a subset of ("cle", "search", "adaround", "bias"), or a
-    :class:`deployq.ptq.pipeline.PTQOptions` with their budgets.
-    `target`, `device`, `opset`, `dynamic_hw`, `weight_bits`, `act_signed` and `output_names` are
-    the CLI options of the same names. Nothing is written unless everything succeeds.
+    calibration, a subset of ("cle", "search", "adaround", "bias"), with their budgets
+    `adaround_iterations`, `refine_samples` and `search_samples` (or a
+    :class:`deployq.ptq.pipeline.PTQOptions` holding methods and budgets).
+    `calib_limit`, `target`, `device`, `opset`, `dynamic_hw`, `ort_format`, `weight_bits`,
+    `act_signed` and `output_names` are ``deployq export``'s options of the same names (``--help``).
+    Nothing is written unless everything succeeds.
     """
     source = _source(model, example_inputs, config)
     prepared = source.qmodel is model
@@ -117,7 +141,9 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
     if calib is not None and not isinstance(calib, (str, Path)):
         calib = _batches(calib)
     return _export(source, out_dir, target=target, opset=opset, calib=calib, calib_limit=calib_limit,
-                   ptq=ptq if isinstance(ptq, PTQOptions) else PTQOptions(tuple(ptq)), dynamic_hw=dynamic_hw,
+                   ptq=ptq if isinstance(ptq, PTQOptions) else PTQOptions(tuple(ptq), adaround_iterations,
+                                                                          refine_samples, search_samples),
+                   dynamic_hw=dynamic_hw,
                    device=device, ort_format=ort_format, weight_bits=weight_bits, act_signed=act_signed,
                    output_names=list(output_names) if output_names else None, progress=progress)
 
@@ -257,4 +283,76 @@ def check(model: ModelLike, onnx_model: OnnxLike, inputs: Inputs = None, *, rand
     return report
 
 
-__all__ = ["export", "diff", "check", "ExportResult", "DiffReport", "ParityReport", "FormatAgreement"]
+@dataclass
+class Inspection:
+    """What ``deployq inspect`` lists: every quant point a model gets, and how its graph was captured."""
+
+    points: dict[str, QuantPoint]
+    capture: str  # "fx", "torch.export", "onnx", ... (deployq.qat.capture)
+    notes: list[str]  # what capture and placement did that a user should know
+
+    def to_json(self) -> list[dict]:
+        return [{"name": p.name, "kind": p.kind, "op": p.op, **p.spec.to_dict(), "input": p.input}
+                for p in self.points.values()]
+
+
+def inspect(model: ModelLike, example_inputs: object = None, *, config: object = None) -> Inspection:
+    """The quant points of `model` (what :func:`export` takes: a float module with `example_inputs`
+    and `config`, a prepared one, a checkpoint or ONNX path, or :func:`load_model`'s result)."""
+    source = _source(model, example_inputs, config)
+    return Inspection(quant_points(source.qmodel), source.qmodel.get_submodule(ACT_QUANT).capture,
+                      capture_notes(source.qmodel))
+
+
+def hessian(model: ModelLike, data: Inputs, *, layers: Optional[Sequence[str]] = None, tol: float = DEFAULT_TOL,
+            max_iter: int = DEFAULT_MAX_ITER, limit: int = 8, batch_size: int = 4, loss: str = "auto",
+            mode: str = "float", seed: int = 0, estimator: str = "shared", progress: bool = False) -> HessianReport:
+    """Rank the activations of `model` by the Hessian trace of the loss (Hutchinson), for distillation.
+
+    `model`: :func:`load_model`'s result, a checkpoint path, or a prepared or plain module (then
+    `data` must be batches). `data`: input files (a file or folder, read in the model's input
+    shapes), a YAML dataset or recipe (its train split, with targets), or batches (dicts with
+    'input' and 'target', (input, target) pairs, or input tensors); at most `limit` batches.
+    `layers`: globs of the activations to trace (default all). The rest are ``deployq hessian``'s
+    options of the same names. :func:`write_distill` writes the distillation config.
+    """
+    if isinstance(model, nn.Module) and not isinstance(model, ModelSource):
+        qmodel, specs = model, None
+    else:
+        source = _source(model, None, None)
+        qmodel, specs = source.qmodel, source.inputs
+    if isinstance(data, (str, Path)):
+        if specs is None:
+            raise ValueError("data as files needs the model's input shapes: pass load_model()'s result or a "
+                             "checkpoint path, or pass batches")
+        batches = data_batches(data, specs, batch_size, limit)
+    else:
+        batches = _batches(data)[:limit]
+    return hessian_traces(qmodel, batches, list(layers) if layers else None, loss=loss, mode=mode, tol=tol,
+                          max_iter=max_iter, seed=seed, progress=progress, estimator=estimator)
+
+
+def write_distill(report: HessianReport, out: Union[str, Path] = "distill.yaml", *, top: int = 3,
+                  coeff: float = 1.0) -> DistillConfig:
+    """Write the `top` layers of `report` (weights ∝ Tr(H)/n, summing to `coeff`) to `out` as a
+    distillation config (a recipe's ``distill:`` section), atomically. A report whose top layers
+    cannot be weighted is a ``DistillError`` (a ValueError) and nothing is written."""
+    return write_distill_config(report, out, top, coeff)
+
+
+def run(model: Union[str, Path], inputs: Sequence[Union[str, Path]], out_dir: Union[str, Path] = "deployq-run", *,
+        ratio: Optional[float] = None, threads: Optional[int] = None, tile: Optional[int] = None,
+        overlap: Optional[int] = None, batch: int = 4, say: Callable[[str], None] = print) -> list[Path]:
+    """Enhance raw camera files (or folders of them, or packed .npy arrays) with an ONNX or ORT-format
+    model: one sRGB PNG per input in `out_dir`, all or none. The options are ``deployq run``'s."""
+    return enhance(str(model), [str(i) for i in inputs], str(out_dir), ratio=ratio, threads=threads, tile=tile,
+                   overlap=overlap, batch=batch, say=say)
+
+
+def latency(model: Union[str, Path], runs: int, *, batch: int = 4, threads: Optional[int] = None) -> Bench:
+    """``deployq run --bench``: the latency of `runs` calls of `batch` tiles (``.percentiles()``)."""
+    return bench(load_engine(str(model), threads), runs, batch=batch)
+
+
+__all__ = ["export", "load_model", "diff", "check", "inspect", "hessian", "write_distill", "train", "run", "latency",
+           "ExportResult", "DiffReport", "ParityReport", "FormatAgreement", "Inspection"]

@@ -499,7 +499,7 @@ def test_softmax_output_is_on_the_probability_grid(tmp_path):
 
 
 def test_probability_observer_ignores_the_data_range():
-    from deployq.calib.observers import OBSERVERS
+    from deployq.qat.observers import OBSERVERS
     from deployq.core.qspec import QuantSpec
 
     for bits, signed, expected_zp in ((8, False, 0), (8, True, -128), (10, False, 0)):

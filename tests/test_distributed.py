@@ -17,7 +17,7 @@ import deployq
 from deployq.qat import checkpoint as ck
 from deployq.qat import loading
 from deployq.train import distributed as dd
-from deployq.calib.observers import create_observer
+from deployq.qat.observers import create_observer
 from deployq.examples import zoo
 from deployq.core.qspec import QuantSpec
 

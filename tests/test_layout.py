@@ -1,6 +1,6 @@
 """The import rule of docs/design.md, checked on every import statement (function-level ones too):
 
-    cli -> api -> stages (qat -> train, qat -> ptq -> deploy -> verify -> run) -> calib / exporters -> core
+    cli -> api -> stages (qat -> train, qat -> ptq -> deploy -> verify -> infer) -> calib / exporters -> core
 
 A folder may import itself and what the table below lists, nothing else; the verify stage reads
 ONNX graphs through exporters' public names and graph helpers only, never a rewrite pass; nothing but the
@@ -28,11 +28,11 @@ ALLOWED = {  # group -> groups it may import (besides itself)
     "ptq": {"core", "calib", "qat"},
     "deploy": {"core", "calib", "exporters", "qat", "ptq"},
     "verify": {"core", "calib", "exporters.api", "qat", "deploy"},
-    "run": {"core", "calib", "verify"},
-    "api": {"core", "calib", "exporters", "qat", "ptq", "train", "deploy", "verify", "run"},
-    "cli": {"core", "calib", "exporters", "qat", "ptq", "train", "deploy", "verify", "run", "api"},
+    "infer": {"core", "calib"},
+    "api": {"core", "calib", "exporters", "qat", "ptq", "train", "deploy", "verify", "infer"},
+    "cli": {"core", "calib", "exporters", "qat", "ptq", "train", "deploy", "verify", "infer", "api"},
     # deployq/__init__ (the lazy API names), __main__, _entry
-    "top": {"core", "calib", "exporters", "qat", "ptq", "train", "deploy", "verify", "run", "api", "cli"},
+    "top": {"core", "calib", "exporters", "qat", "ptq", "train", "deploy", "verify", "infer", "api", "cli"},
 }
 MAX_LINES = 400
 

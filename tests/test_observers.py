@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployq.calib.observers import OBSERVERS, create_observer
+from deployq.qat.observers import OBSERVERS, create_observer
 from deployq.core.qformula import ZeroRangeWarning, dequantize_np, quantize_np
 from deployq.core.qspec import QuantSpec
 
@@ -114,7 +114,7 @@ def test_per_channel_ranges_are_each_channels_own(name, rng):
 
 def test_kl_merging_matches_a_chunk_by_chunk_reference():
     """The vectorized merge-and-spread of the KL observer against np.array_split, chunk by chunk."""
-    from deployq.calib.observers import _merged_and_spread
+    from deployq.qat.observers import _merged_and_spread
 
     rng = np.random.default_rng(0)
     for _ in range(50):

@@ -10,7 +10,7 @@ from deployq.calib.dng import write_dng
 from deployq.examples.lowlight.camera import sid_pair
 from deployq.examples.lowlight.data import sample_images
 from deployq.cli import main
-from deployq.run import RunError, infer, infer_tiled, load_engine, positions, window
+from deployq.infer.engine import RunError, infer, infer_tiled, load_engine, positions, window
 from onnx_builders import make_model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -13,6 +14,8 @@ from typing import Any, Callable, Optional
 
 import click
 from rich.console import Console
+
+from deployq import api
 
 # a wide console when output goes to a file or pipe, so tables keep one row per line
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -203,10 +206,25 @@ def parse_kwargs(value: Optional[str]) -> Optional[dict]:
     return kwargs
 
 
+def api_option(function: Callable, name: str, *flags: str, **kwargs: Any) -> Callable:
+    """A click option for the parameter `name` of the API function behind a command: the same name,
+    and the default the signature gives (so the CLI and the API cannot drift; a name the function
+    does not take fails when the CLI is imported)."""
+    parameter = inspect.signature(function).parameters.get(name)
+    if parameter is None:
+        raise TypeError(f"{function.__module__}.{function.__name__} has no parameter {name!r} for {flags[0]}")
+    if "default" in kwargs:
+        raise TypeError(f"{flags[0]}: its default is {function.__name__}'s, not the option's own")
+    if parameter.default is not inspect.Parameter.empty and not kwargs.get("multiple"):
+        # an empty sequence (nothing chosen) is no value to click: the option's callback makes it one
+        kwargs["default"] = None if parameter.default == () else parameter.default
+    return click.option(*flags, name, **kwargs)
+
+
 def onnx_model_option(command: Callable) -> Callable:
     """--onnx FILE: a float ONNX model as the model (export, inspect)."""
-    return click.option(
-        "--onnx", "onnx_file", type=click.Path(dir_okay=False), metavar="FILE",
+    return api_option(
+        api.load_model, "onnx_file", "--onnx", type=click.Path(dir_okay=False), metavar="FILE",
         help="A float ONNX model instead of a checkpoint: its graph and weights are imported, every quant point "
              "is named after the ONNX tensor it quantizes, and the exported models keep the file's tensor names, "
              "so `deployq diff FILE OUT/model.int8.onnx` pairs them. Checkpoints written from it record the file "
@@ -216,22 +234,23 @@ def onnx_model_option(command: Callable) -> Callable:
 def model_options(command: Callable) -> Callable:
     """--ckpt / --model / --config / --input-shape / --leaf, shared by the commands that build a model."""
     options = [
-        click.option("--ckpt", type=click.Path(dir_okay=False), help="deployq checkpoint (or a plain state_dict with --model)."),
-        click.option("--model", "factory", metavar="PKG.MOD:FACTORY",
-                     help="Model factory to import. Naming it allows deployq to import that code."),
-        click.option("--model-kwargs", callback=lambda c, p, v: parse_kwargs(v), metavar="JSON",
-                     help='Keyword arguments for the --model factory, e.g. \'{"width": 8}\'.'),
-        click.option("--config", type=click.Path(exists=True, dir_okay=False),
-                     help="Quantization config (YAML): defaults, per-layer overrides, fusion."),
-        click.option("--input-shape", multiple=True, callback=lambda c, p, v: parse_input_shapes(v),
-                     metavar="[NAME:]N,C,H,W",
-                     help="Model input shape, e.g. 1,4,128,128 (default: the checkpoint's); repeat as "
-                          "NAME:N,C,H,W for a model with several inputs."),
-        click.option("--leaf", "leaf", multiple=True, metavar="MODULE",
-                     help="Keep this module (a path such as backbone.attn, or a class name) whole: it is not "
-                          "traced into, its inputs and output are quant points and the layers inside stay float. "
-                          "For a module neither torch.fx nor torch.export can capture (the error names it); "
-                          "repeat for several. Same as leaf_modules: [...] in the --config YAML."),
+        api_option(api.load_model, "ckpt", "--ckpt", type=click.Path(dir_okay=False),
+                   help="deployq checkpoint (or a plain state_dict with --model)."),
+        api_option(api.load_model, "factory", "--model", metavar="PKG.MOD:FACTORY",
+                   help="Model factory to import. Naming it allows deployq to import that code."),
+        api_option(api.load_model, "model_kwargs", "--model-kwargs", callback=lambda c, p, v: parse_kwargs(v),
+                   metavar="JSON", help='Keyword arguments for the --model factory, e.g. \'{"width": 8}\'.'),
+        api_option(api.load_model, "config", "--config", type=click.Path(exists=True, dir_okay=False),
+                   help="Quantization config (YAML): defaults, per-layer overrides, fusion."),
+        api_option(api.load_model, "input_shape", "--input-shape", multiple=True,
+                   callback=lambda c, p, v: parse_input_shapes(v), metavar="[NAME:]N,C,H,W",
+                   help="Model input shape, e.g. 1,4,128,128 (default: the checkpoint's); repeat as "
+                        "NAME:N,C,H,W for a model with several inputs."),
+        api_option(api.load_model, "leaf", "--leaf", multiple=True, metavar="MODULE",
+                   help="Keep this module (a path such as backbone.attn, or a class name) whole: it is not "
+                        "traced into, its inputs and output are quant points and the layers inside stay float. "
+                        "For a module neither torch.fx nor torch.export can capture (the error names it); "
+                        "repeat for several. Same as leaf_modules: [...] in the --config YAML."),
     ]
     for option in reversed(options):
         command = option(command)

@@ -8,9 +8,11 @@ from typing import Optional
 import click
 from rich.table import Table
 
-from deployq.ptq.pipeline import REFINE_SAMPLES, ZEROQ, PTQOptions, parse_methods
-from deployq.cli.common import (UserError, console, handle_errors, json_option, model_options, onnx_model_option,
-                                write_json)
+from deployq import api
+from deployq.cli.common import (UserError, api_option, console, handle_errors, json_option, model_options,
+                                onnx_model_option, write_json)
+from deployq.ptq.pipeline import ZEROQ, parse_methods
+
 
 def _calibration(value: Optional[str]) -> Optional[str]:
     """--calib: an existing path, or the word zeroq."""
@@ -21,7 +23,9 @@ def _calibration(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def _methods(value: str) -> tuple:
+def _methods(value: object) -> tuple:
+    if not value:  # the API's default: no method
+        return ()
     try:
         return parse_methods(value)
     except ValueError as err:
@@ -34,56 +38,55 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
 @click.command("export")
 @onnx_model_option
 @model_options
-@click.option("--input", "--calib", "calib", metavar="PATH|zeroq", callback=lambda c, p, v: _calibration(v),
-              help="Calibration data (folder of raw files, images, .npy/.npz): post-training quantization. "
-                   "'zeroq': no data, inputs synthesized to match the model's BatchNorm statistics (a path "
-                   "called zeroq: ./zeroq).")
-@click.option("--calib-batches", type=click.IntRange(1), default=100, show_default=True,
-              help="How many calibration inputs to observe (the thesis: ~100 is enough).")
-@click.option("--ptq", metavar="METHOD[,METHOD...]", default="", callback=lambda c, p, v: _methods(v),
-              help="Post-training methods applied with --calib: cle (cross-layer equalization), search (each "
-                   "activation's calibration method picked by the output it gives), adaround (learned weight "
-                   "rounding), bias (bias correction). BENCHMARKS.md measures each.")
-@click.option("--adaround-iterations", type=click.IntRange(1), default=200, show_default=True,
-              help="--ptq adaround: optimization steps per layer.")
-@click.option("--refine-samples", type=click.IntRange(1), default=REFINE_SAMPLES, show_default=True,
-              help="--ptq adaround / bias: how many calibration samples they learn from (samples, not batches: "
-                   "the same at any batch size; their time grows with it).")
-@click.option("--search-samples", type=click.IntRange(1), default=8, show_default=True,
-              help="--ptq search: calibration samples each choice is scored on (held out of the observation "
-                   "when the calibration set has at least twice as many).")
-@click.option("--target", type=click.Choice(["int8", "int16", "fp32"]), default="int8", show_default=True,
-              help="int8: 8-bit body, special layers at their bits; int16: everything 16-bit; fp32: float only.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="deployq-out", show_default=True,
-              help="Output folder for model.float.onnx, model.<target>.onnx and qparams.json.")
-@click.option("--opset", type=click.IntRange(21), default=21, show_default=True,
-              help="ONNX opset: 21 (16-bit QuantizeLinear) up to the newest the installed onnxruntime runs.")
-@click.option("--weight-bits", type=click.IntRange(2, 16),
-              help="Bits of the 8-bit-body weights, e.g. 7 for CPUs without VNNI (u8 x s8 saturation).")
-@click.option("--act-signed", is_flag=True, help="Signed 8-bit activations (s8s8 kernels; exact, same grid).")
-@click.option("--dynamic-hw", is_flag=True,
-              help="Keep input height and width symbolic (fully convolutional models): `deployq run` then "
-                   "processes whole frames in one call instead of tiles.")
-@click.option("--device", type=click.Choice(list(DEVICE_NAMES)), default="cpu", show_default=True,
-              help="Device profile: cpu (any config, ConvTranspose as Conv + DepthToSpace); nnapi (8-bit, fixed shapes, ConvTranspose as Conv + "
-                   "DepthToSpace); qnn (u8/u16 activations, 8-bit symmetric weights, fixed shapes); xnnpack "
-                   "(8-bit, symmetric weights, ConvTranspose as Conv + DepthToSpace); coreml "
-                   "(no Q/DQ: also writes model.coreml.onnx, float with the learned weights). Configs a "
-                   "device cannot run are refused.")
-@click.option("--ort/--no-ort", "ort_format", default=True, show_default=True,
-              help="Also write the ORT-format model (.ort) and the required-operators config of a reduced build.")
-@click.option("--output-names", metavar="NAME[,NAME...]",
-              callback=lambda c, p, v: [n.strip() for n in v.split(",")] if v else None,
-              help="Names of the exported models' outputs, in order (default: the traced names, e.g. output_0).")
+@api_option(api.export, "calib", "--input", "--calib", metavar="PATH|zeroq", callback=lambda c, p, v: _calibration(v),
+            help="Calibration data (folder of raw files, images, .npy/.npz): post-training quantization. "
+                 "'zeroq': no data, inputs synthesized to match the model's BatchNorm statistics (a path "
+                 "called zeroq: ./zeroq).")
+@api_option(api.export, "calib_limit", "--calib-batches", type=click.IntRange(1), show_default=True,
+            help="How many calibration inputs to observe (the thesis: ~100 is enough).")
+@api_option(api.export, "ptq", "--ptq", metavar="METHOD[,METHOD...]", callback=lambda c, p, v: _methods(v),
+            help="Post-training methods applied with --calib: cle (cross-layer equalization), search (each "
+                 "activation's calibration method picked by the output it gives), adaround (learned weight "
+                 "rounding), bias (bias correction). BENCHMARKS.md measures each.")
+@api_option(api.export, "adaround_iterations", "--adaround-iterations", type=click.IntRange(1), show_default=True,
+            help="--ptq adaround: optimization steps per layer.")
+@api_option(api.export, "refine_samples", "--refine-samples", type=click.IntRange(1), show_default=True,
+            help="--ptq adaround / bias: how many calibration samples they learn from (samples, not batches: "
+                 "the same at any batch size; their time grows with it).")
+@api_option(api.export, "search_samples", "--search-samples", type=click.IntRange(1), show_default=True,
+            help="--ptq search: calibration samples each choice is scored on (held out of the observation "
+                 "when the calibration set has at least twice as many).")
+@api_option(api.export, "target", "--target", type=click.Choice(["int8", "int16", "fp32"]), show_default=True,
+            help="int8: 8-bit body, special layers at their bits; int16: everything 16-bit; fp32: float only.")
+@api_option(api.export, "out_dir", "--out", type=click.Path(file_okay=False), show_default=True,
+            help="Output folder for model.float.onnx, model.<target>.onnx and qparams.json.")
+@api_option(api.export, "opset", "--opset", type=click.IntRange(21), show_default=True,
+            help="ONNX opset: 21 (16-bit QuantizeLinear) up to the newest the installed onnxruntime runs.")
+@api_option(api.export, "weight_bits", "--weight-bits", type=click.IntRange(2, 16),
+            help="Bits of the 8-bit-body weights, e.g. 7 for CPUs without VNNI (u8 x s8 saturation).")
+@api_option(api.export, "act_signed", "--act-signed", is_flag=True,
+            help="Signed 8-bit activations (s8s8 kernels; exact, same grid).")
+@api_option(api.export, "dynamic_hw", "--dynamic-hw", is_flag=True,
+            help="Keep input height and width symbolic (fully convolutional models): `deployq run` then "
+                 "processes whole frames in one call instead of tiles.")
+@api_option(api.export, "device", "--device", type=click.Choice(list(DEVICE_NAMES)), show_default=True,
+            help="Device profile: cpu (any config, ConvTranspose as Conv + DepthToSpace); nnapi (8-bit, fixed "
+                 "shapes, ConvTranspose as Conv + DepthToSpace); qnn (u8/u16 activations, 8-bit symmetric weights, "
+                 "fixed shapes); xnnpack (8-bit, symmetric weights, ConvTranspose as Conv + DepthToSpace); coreml "
+                 "(no Q/DQ: also writes model.coreml.onnx, float with the learned weights). Configs a "
+                 "device cannot run are refused.")
+@api_option(api.export, "ort_format", "--ort/--no-ort", show_default=True,
+            help="Also write the ORT-format model (.ort) and the required-operators config of a reduced build.")
+@api_option(api.export, "output_names", "--output-names", metavar="NAME[,NAME...]",
+            callback=lambda c, p, v: [n.strip() for n in v.split(",")] if v else None,
+            help="Names of the exported models' outputs, in order (default: the traced names, e.g. output_0).")
 @json_option("what was exported and measured (files, quant points, provider coverage)")
 @handle_errors
-def export(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str], input_shape: Optional[list],
-           leaf: tuple,
-           calib: Optional[str], calib_batches: int, ptq: tuple, adaround_iterations: int, refine_samples: int,
-           search_samples: int,
-           target: str, out_dir: str, opset: int,
-           weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool, device: str, ort_format: bool,
-           output_names: Optional[list], json_path: Optional[str]) -> None:
+def export(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict],
+           config: Optional[str], input_shape: Optional[list], leaf: tuple, calib: Optional[str], calib_limit: int,
+           ptq: tuple, adaround_iterations: int, refine_samples: int, search_samples: int, target: str,
+           out_dir: str, opset: int, weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool, device: str,
+           ort_format: bool, output_names: Optional[list], json_path: Optional[str]) -> None:
     """Export a checkpoint to ONNX: the float model and the integer (QDQ) model.
 
     \b
@@ -98,7 +101,6 @@ def export(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str]
     Clip + 16-bit Q/DQ, exact). The summary ends with how many nodes NNAPI and CoreML would take,
     by onnxruntime's own mobile usability checker. Files appear only when the whole export succeeded.
     """
-    from deployq.api import export as run_export, load_model
     from deployq.deploy.export import bit_width_summary, deployed_file_name, export_json
     from deployq.core.files import check_output
 
@@ -111,14 +113,13 @@ def export(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str]
     if ckpt is None and onnx_file is None:
         raise UserError("export needs --ckpt (a deployq checkpoint, or a float state_dict with --model) "
                         "or --onnx (a float ONNX model, with --calib)")
-    source = load_model(ckpt=ckpt, factory=factory, model_kwargs=model_kwargs, onnx_file=onnx_file, config=config,
-                        input_shape=input_shape, leaf=leaf)
-    result = run_export(source, out_dir=out_dir, target=target, opset=opset, weight_bits=weight_bits,
-                        act_signed=act_signed, calib=calib, calib_limit=calib_batches,
-                        ptq=PTQOptions(ptq, adaround_iterations=adaround_iterations, refine_samples=refine_samples,
-                                       search_samples=search_samples),
-                        dynamic_hw=dynamic_hw,
-                        device=device, ort_format=ort_format, output_names=output_names, progress=json_path != "-")
+    source = api.load_model(ckpt=ckpt, factory=factory, model_kwargs=model_kwargs, onnx_file=onnx_file,
+                            config=config, input_shape=input_shape, leaf=leaf)
+    result = api.export(source, out_dir=out_dir, calib=calib, calib_limit=calib_limit, ptq=ptq,
+                        adaround_iterations=adaround_iterations, refine_samples=refine_samples,
+                        search_samples=search_samples, target=target, device=device, opset=opset,
+                        dynamic_hw=dynamic_hw, ort_format=ort_format, weight_bits=weight_bits, act_signed=act_signed,
+                        output_names=output_names, progress=json_path != "-")
     write_json(json_path, export_json(result))
     if json_path == "-":
         return

@@ -7,6 +7,7 @@ from typing import Optional
 import click
 from rich.table import Table
 
+from deployq import api
 from deployq.cli.common import console, handle_errors, json_option, model_options, onnx_model_option, write_json
 
 
@@ -23,18 +24,15 @@ def inspect(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str
     qparams.json, in the ONNX graph and in diff reports.
     """
     from deployq.qat.capture import ONNX, ONNX_FIXED
-    from deployq.qat.loading import resolve_model
-    from deployq.qat.prepare import capture_notes, quant_points
 
-    source = resolve_model(ckpt=ckpt, factory=factory, config=config, input_shape=input_shape,
-                           factory_kwargs=model_kwargs, leaf_modules=leaf, onnx_file=onnx_file)
-    points = quant_points(source.qmodel)
-    write_json(json_path, [{"name": p.name, "kind": p.kind, "op": p.op, **p.spec.to_dict(), "input": p.input}
-                           for p in points.values()])
+    source = api.load_model(ckpt=ckpt, factory=factory, model_kwargs=model_kwargs, onnx_file=onnx_file,
+                            config=config, input_shape=input_shape, leaf=leaf)
+    found = api.inspect(source)
+    write_json(json_path, found.to_json())
     if json_path == "-":
         return
-    how = source.qmodel.get_submodule("act_quant").capture
-    how = "imported from ONNX" if how in (ONNX, ONNX_FIXED) else f"captured with {how}"
+    how = "imported from ONNX" if found.capture in (ONNX, ONNX_FIXED) else f"captured with {found.capture}"
+    points = found.points
     table = Table(title=f"{len(points)} quant points ({how})", show_lines=False)
     table.add_column("name", no_wrap=True)
     for col in ("kind", "op", "type", "quantizer", "observer"):
@@ -42,5 +40,5 @@ def inspect(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str
     for p in points.values():
         table.add_row(p.name, p.kind, p.op, p.spec.describe(), p.spec.quantizer, p.spec.observer)
     console.print(table)
-    for note in capture_notes(source.qmodel):
+    for note in found.notes:
         console.print(f"[dim]{note}[/dim]")

@@ -13,19 +13,23 @@ from typing import Optional
 
 import click
 
-from deployq.cli.common import console, handle_errors, json_option, write_json
+from deployq import api
+from deployq.cli.common import api_option, console, handle_errors, json_option, write_json
 from deployq.cli.hessian import hessian
 
 
 
 @click.command("train")
-@click.option("--recipe", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Training recipe (YAML): model, float weights, quant config, data, loss, distillation.")
-@click.option("--resume", is_flag=True, help="Continue the run in the recipe's output_dir (model, optimizer, epoch, best).")
-@click.option("--epochs", type=click.IntRange(1), help="Train to this many epochs (overrides the recipe).")
-@click.option("--seed", type=int, help="Seed of the data order and initialization (overrides the recipe's `seed`).")
-@click.option("--out", "output_dir", type=click.Path(file_okay=False),
-              help="Write to this folder instead of the recipe's output_dir (one recipe, several seeds).")
+@api_option(api.train, "recipe", "--recipe", required=True, type=click.Path(exists=True, dir_okay=False),
+            help="Training recipe (YAML): model, float weights, quant config, data, loss, distillation.")
+@api_option(api.train, "resume", "--resume", is_flag=True,
+            help="Continue the run in the recipe's output_dir (model, optimizer, epoch, best).")
+@api_option(api.train, "epochs", "--epochs", type=click.IntRange(1),
+            help="Train to this many epochs (overrides the recipe).")
+@api_option(api.train, "seed", "--seed", type=int,
+            help="Seed of the data order and initialization (overrides the recipe's `seed`).")
+@api_option(api.train, "output_dir", "--out", type=click.Path(file_okay=False),
+            help="Write to this folder instead of the recipe's output_dir (one recipe, several seeds).")
 @json_option("the best epoch, the checkpoints and every epoch's metrics")
 @handle_errors
 def train(recipe: str, resume: bool, epochs: Optional[int], seed: Optional[int], output_dir: Optional[str],
@@ -41,11 +45,9 @@ def train(recipe: str, resume: bool, epochs: Optional[int], seed: Optional[int],
     Writes best.pt and last.pt (deployq checkpoints), metrics.csv / metrics.json and state.pt
     (for --resume) to the recipe's output_dir, on rank 0 only.
     """
-    from deployq.train.loop import train as run_training
-
     if json_path == "-":
         console.quiet = True  # stdout carries only the JSON
-    result = run_training(recipe, resume=resume, epochs=epochs, log=console.print, seed=seed, output_dir=output_dir)
+    result = api.train(recipe, resume=resume, epochs=epochs, log=console.print, seed=seed, output_dir=output_dir)
     if not result.is_main:
         return
     best = "none" if result.best_epoch is None else f"{result.best_value:.4g} at epoch {result.best_epoch}"

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from deployq.calib.observers import OBSERVERS, create_observer
+from deployq.qat.observers import OBSERVERS, create_observer
 from deployq.core.decibels import ratio_db
 from deployq.core.qspec import QuantSpec
 from deployq.core.progress import progress_bar

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from deployq.calib.observers import OBSERVERS
+from deployq.qat.observers import OBSERVERS
 from deployq.core.files import read_yaml
 from deployq.core.qspec import DEFAULT_ACTIVATION, DEFAULT_WEIGHT, QuantSpec, parse_changes
 from deployq.qat.quantizers import QUANTIZERS

@@ -246,7 +246,7 @@ def plan_activations(gm: fx.GraphModule, fused: dict[fx.Node, Group], namer: Nam
         known.update((name, *members))
         spec = config.spec_for(kind, (name, *members))
         if spec is not None and is_softmax(node, modules) and not config.overrides("observer", (name, *members)):
-            spec = spec.updated({"observer": "probability", "observer_args": {}})  # calib.observers says why
+            spec = spec.updated({"observer": "probability", "observer_args": {}})  # qat.observers says why
         if spec is None:
             continue
         source = _shared_source(node, modules, planned) if is_window_average(node, modules) else None

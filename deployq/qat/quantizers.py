@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deployq.calib.observers import create_observer
+from deployq.qat.observers import create_observer
 from deployq.core.qformula import broadcast_shape, qparams_from_range
 from deployq.core.qspec import QuantSpec
 from deployq.core.registry import Registry

@@ -162,3 +162,4 @@ def data_spec(section: Any, base: Path, source: str) -> DataSpec:
         raise RecipeError(f"{source}: data.kind {kind!r} is unknown; known: {', '.join(DATASETS)}, or "
                           f"package.module:function.{hint}")
     return DataSpec(kind, common, section["train"], section["val"], base, source)
+
