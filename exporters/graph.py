@@ -244,9 +244,24 @@ def to_blocks(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(s * s * c, cin, 1, 1))
 
 
-def undo_layout(values: np.ndarray, record: dict, shape: tuple[int, ...]) -> np.ndarray:
-    """`values` as a pass recorded them (`record`) back in the float model's layout, of `shape`."""
+def undo_layout(values: np.ndarray, record: dict, shape: Optional[tuple[int, ...]] = None) -> np.ndarray:
+    """`values` as a pass recorded them (`record`) back in the float model's layout (of `shape`,
+    else the shape the record implies)."""
     if record.get("layout") != CONV_TRANSPOSE_BLOCKS:
         raise RewriteError(f"unknown layout record {record!r}")
+    if shape is None:  # a 1x1 Conv weight (s²·C, Cin, 1, 1) of block size s
+        s = int(record["blocksize"])
+        shape = (values.shape[1], values.shape[0] // (s * s), s, s)
     cin, c, s, _ = shape
     return np.ascontiguousarray(values.reshape(s, s, c, cin).transpose(3, 2, 0, 1))
+
+
+def layout_view(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """What a model's layout records undo, for pairing it with a model written without the pass:
+    ({weight name: the weight in its original layout}, {a layer's copy output: the tensor it stands for})."""
+    layouts = layouts_of(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = {name: undo_layout(onnx.numpy_helper.to_array(inits[name]), r) for name, r in layouts.items()
+               if r.get("layout") == CONV_TRANSPOSE_BLOCKS and name in inits}
+    copies = {name: r["of"] for name, r in layouts.items() if r.get("layout") == DEPTH_TO_SPACE}
+    return weights, copies

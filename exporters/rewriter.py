@@ -69,4 +69,6 @@ def fold_batchnorm_copy(model: onnx.ModelProto, keep: Iterable[str] = ()) -> onn
     :func:`rewrite` (a BN whose output is one stays, and is not folded into the next Conv)."""
     graph = fold_batchnorm_pass(gs.import_onnx(model), keep)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
-    return to_model(graph, opset)
+    folded = to_model(graph, opset)
+    folded.metadata_props.extend(model.metadata_props)  # the layout records (names kept by the fold)
+    return folded

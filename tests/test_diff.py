@@ -479,6 +479,40 @@ def test_another_exporters_quantize_static_model_pairs_every_convolution(tmp_pat
     assert report.gate_sqnr > 20
 
 
+def test_another_tools_convtranspose_pairs_with_deployqs_conv_and_depth_to_space(tmp_path):
+    """deployq's float graph writes a ConvTranspose as a 1x1 Conv + DepthToSpace and records it (the
+    models' layout records); another tool's export keeps the ConvTranspose. diff pairs the two by
+    the record: the layer by its weights in the ConvTranspose's layout, its output at the
+    DepthToSpace's, its weight row against the float weight in that layout."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    model = zoo.unet().eval()
+    qmodel = deployq.prepare(model, torch.rand(*SHAPE))
+    deployq.calibrate(qmodel, calibration_inputs(4), progress=False)
+    float_model = deployq.export(qmodel, torch.rand(*SHAPE), tmp_path / "ours", progress=False).float_model
+    assert any(n.op_type == "DepthToSpace" for n in float_model.graph.node)
+    torch.onnx.export(model, (torch.rand(*SHAPE),), str(tmp_path / "theirs.onnx"), dynamo=False)
+    theirs = onnx.load(tmp_path / "theirs.onnx")
+    assert [n.op_type for n in theirs.graph.node].count("ConvTranspose") == 1
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{theirs.graph.input[0].name: f["x"]} for f in feeds(8, seed=3)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "theirs.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True)
+    report = diff(float_model, onnx.load(tmp_path / "q.onnx"), feeds(2), mode="local", progress=False)
+    weights = {r.point.name: r for r in report.rows if r.point.kind == "weight"}
+    assert set(weights) == {n.input[1] for n in float_model.graph.node if n.op_type == "Conv"}  # up.weight too
+    assert weights["up.weight"].point.op == "ConvTranspose" and weights["up.weight"].stats.sqnr_db > 30
+    up = next(r for r in report.rows if r.point.name == "up")  # their ConvTranspose output, at DepthToSpace's
+    assert up.point.kind == "activation" and up.stats.sqnr_db > 30
+    assert not report.unmatched
+
+
 def test_a_model_of_another_network_is_not_paired_by_position(exported, tmp_path):
     """Position pairing needs the weights to agree: another UNet's export (other random weights)
     renamed throughout aligns no layer, and diff says the models have nothing in common."""

@@ -23,7 +23,7 @@ from deployq.core.qparams import QParamsError, QuantPoint
 from deployq.core.runtime import ModelFileError
 from deployq.exporters import fold_batchnorm_copy
 from deployq.exporters.graph import (ACTIVATION_OPS, DATA_MOVEMENT_OPS, DEPTH_TO_SPACE, WEIGHT_LAYER_OPS, base_name,
-                                     layouts_of, narrowing_clip_bits, quantized_tensor)
+                                     layout_view, layouts_of, narrowing_clip_bits, quantized_tensor)
 
 __all__ = ["MatchedPoint", "Matching", "match", "match_inputs", "weight_value", "with_types"]
 
@@ -269,6 +269,10 @@ def _weights(quant_model: onnx.ModelProto, float_model: onnx.ModelProto, folded:
                     keys.append(after[0].output[0])
                 for key in keys:
                     float_layers[(n.op_type, key)] = weight
+        moved, copies = layout_view(model)  # a ConvTranspose a pass wrote as Conv, for another tool's export
+        for n in model.graph.node:
+            if n.op_type in WEIGHT_LAYER_OPS and len(n.input) > 1 and n.input[1] in moved:
+                float_layers[("ConvTranspose", copies.get(n.output[0], ""))] = moved[n.input[1]]
     points = []
     for node in quant_model.graph.node:
         if node.op_type not in WEIGHT_LAYER_OPS or len(node.input) < 2:

@@ -7,7 +7,9 @@ TorchScript ONNX exporter's ``/conv1/Conv_output_0``, against deployq's module p
 1. the graphs' inputs and outputs pair by order;
 2. each weight layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) pairs with the
    float layer whose weights are nearest to its dequantized ones: same shape, within
-   :data:`MAX_WEIGHT_ERROR` (BatchNorm folded on both sides first);
+   :data:`MAX_WEIGHT_ERROR` (BatchNorm folded on both sides first; a float layer a rewrite pass
+   wrote in another layout, deployq's ConvTranspose as Conv + DepthToSpace, taken back to the
+   layout its record names, and paired at the tensor that holds its output in that layout);
 3. every other op pairs forward from there: an op of the quantized model whose inputs are paired
    (through their Q -> DQ) pairs with the float model's op of the same type reading those inputs.
 
@@ -28,7 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from deployq.exporters import fold_batchnorm_copy
-from deployq.exporters.graph import PREQUANT_SUFFIXES, WEIGHT_LAYER_OPS, base_name, quantized_tensor
+from deployq.exporters.graph import PREQUANT_SUFFIXES, WEIGHT_LAYER_OPS, base_name, layout_view, quantized_tensor
 
 from .match import weight_value
 
@@ -68,21 +70,28 @@ def names_differ(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> 
 class _Layer:
     node: onnx.NodeProto
     weight: np.ndarray  # (out, in, ...) for every op: Gemm and MatMul weights transposed to it
+    op: str  # the layer as the network has it (a ConvTranspose that a pass wrote as Conv: ConvTranspose)
+    output: str  # the tensor that holds its output in the network's own layout
 
 
-def _layers(model: onnx.ModelProto) -> list[_Layer]:
+def _layers(model: onnx.ModelProto, undo_passes: bool = True) -> list[_Layer]:
+    """The weight layers of `model`; where a pass recorded a layout change (exporters.graph's layout
+    records), a second entry for the same node in the layout before the pass."""
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
+    moved, copies = layout_view(model) if undo_passes else ({}, {})
     layers = []
     for node in model.graph.node:
         if node.op_type not in WEIGHT_LAYER_OPS or len(node.input) < 2:
             continue
+        if node.input[1] in moved:  # a ConvTranspose written as a 1x1 Conv + DepthToSpace: also as it was
+            layers.append(_Layer(node, moved[node.input[1]], "ConvTranspose", copies.get(node.output[0], "")))
         weight = weight_value(node.input[1], inits, producers)
         if weight is None or weight.ndim < 2:
             continue
         if node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attribute(node, "transB", 0)):
             weight = weight.T
-        layers.append(_Layer(node, weight))
+        layers.append(_Layer(node, weight, node.op_type, node.output[0]))
     return layers
 
 
@@ -132,7 +141,7 @@ def _attribute(node: onnx.NodeProto, name: str, default):
 
 def _weight_error(q: _Layer, f: _Layer) -> float:
     """||w_q - w_f|| / ||w_f|| of two layers of one kind and shape (inf otherwise)."""
-    same_kind = q.node.op_type == f.node.op_type or {q.node.op_type, f.node.op_type} <= {"Gemm", "MatMul"}
+    same_kind = q.op == f.op or {q.op, f.op} <= {"Gemm", "MatMul"}
     if not same_kind or q.weight.shape != f.weight.shape:
         return np.inf
     norm = np.linalg.norm(f.weight)
@@ -143,13 +152,13 @@ def _align(quant: list[_Layer], floating: list[_Layer]) -> list[tuple[_Layer, _L
     """Each quantized layer, in graph order, with the float layer not yet taken whose weights are
     nearest to its own, if within :data:`MAX_WEIGHT_ERROR`. Weights, not order, decide: two
     exporters may visit parallel branches in different orders."""
-    pairs, taken = [], set()
+    pairs, taken = [], set()  # a float node is taken once, in whichever of its layouts it paired
     for q in quant:
-        errors = [(_weight_error(q, f), j) for j, f in enumerate(floating) if j not in taken]
+        errors = [(_weight_error(q, f), j) for j, f in enumerate(floating) if id(f.node) not in taken]
         error, j = min(errors, default=(np.inf, -1))
         if error <= MAX_WEIGHT_ERROR:
             pairs.append((q, floating[j]))
-            taken.add(j)
+            taken.add(id(floating[j].node))
     return pairs
 
 
@@ -172,17 +181,17 @@ def pair_by_position(float_model: onnx.ModelProto, quant_model: onnx.ModelProto)
         # that exporters give it (and match reads back)
         renamed.setdefault(tensor, target + PREQUANT_SUFFIXES[0] if target in graph_names else target)
 
-    quant = _layers(quant_model)
+    quant = _layers(quant_model, undo_passes=False)  # one entry per layer: the counts are the user's
     pairs = _align(quant, _layers(fold_batchnorm_copy(float_model)))
-    aligned = {id(q.node): f.node for q, f in pairs}
+    aligned = {id(q.node): f for q, f in pairs}
     layers = {id(q.node) for q in quant}
     for node in quant_model.graph.node:  # graph order: an op's inputs are paired before it
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.output[0] in renamed:
             continue
         if id(node) in layers:  # a weight layer pairs by its weights only, never by where it is
-            if id(node) in aligned and aligned[id(node)].output[0] in theirs.producer:
-                pair(node.output[0], aligned[id(node)].output[0])
-                _name_weight(node, aligned[id(node)].input[1], ours, renamed)
+            if id(node) in aligned and aligned[id(node)].output in theirs.producer:
+                pair(node.output[0], aligned[id(node)].output)
+                _name_weight(node, aligned[id(node)].node.input[1], ours, renamed)
             continue
         inputs = [renamed.get(t, t) for t in ours.variable_inputs(node)]
         if not inputs or any(t not in theirs.readers for t in inputs):
