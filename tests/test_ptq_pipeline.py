@@ -150,3 +150,67 @@ def test_zeroq_needs_batchnorm(tmp_path):
     with pytest.raises(ValueError, match="BatchNorm"):
         deployq.export(model, torch.rand(SHAPE), tmp_path / "out", calib="zeroq")
     assert not (tmp_path / "out").exists()
+
+
+class _Report:  # what the pipeline's note reads from a bias-correction report
+    layers, within_noise, channels, skipped = [], 0, 0, []
+
+
+def _harmful_bias_correction(model, batches, **kwargs):
+    """A 'method' that makes the model worse everywhere: every weight's sign flipped."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.neg_()
+    return _Report()
+
+
+def test_a_method_that_lowers_the_held_out_score_is_undone(float_model, monkeypatch):
+    """A refinement is scored on the calibration samples it did not learn from and undone if it
+    lowers the output SQNR there: the model is then exactly what calibration left, and the note
+    says so. Without held-out samples nothing is checked, and the note says that instead."""
+    from deployq.ptq import pipeline
+
+    monkeypatch.setattr(pipeline, "correct_bias", _harmful_bias_correction)
+    model = deployq.prepare(float_model, torch.rand(*SHAPE))
+    result = pipeline.quantize_post_training(model, _photos(12, 2), PTQOptions(("bias",), refine_samples=4),
+                                             progress=False)
+    assert any(n.startswith("held-out check: output SQNR on the 8 calibration samples") for n in result.notes)
+    assert any(n.startswith("bias: undone, it lowered the output SQNR on the 8 held-out") for n in result.notes)
+    with torch.no_grad():  # the model as calibration left it (reference: the model before any refinement)
+        assert all(torch.equal(result.model(x), result.reference(x)) for x in _photos(3, 5))
+
+    model = deployq.prepare(float_model, torch.rand(*SHAPE))
+    result = pipeline.quantize_post_training(model, _photos(1, 2), PTQOptions(("bias",), refine_samples=4),
+                                             progress=False)
+    assert any(n.startswith("held-out check: none, the 1 calibration sample(s)") for n in result.notes)
+    assert not any("undone" in n for n in result.notes)
+    with torch.no_grad():
+        assert not any(torch.equal(result.model(x), result.reference(x)) for x in _photos(3, 5))
+
+
+def test_a_quarter_of_the_calibration_set_is_held_out_of_the_refinements(float_model, monkeypatch):
+    """--refine-samples larger than the calibration set: the methods learn from three quarters of it
+    and the rest checks them."""
+    from deployq.ptq import pipeline
+
+    learned = []
+    monkeypatch.setattr(pipeline, "correct_bias", lambda model, batches, **kw: learned.append(len(batches)) or _Report())
+    model = deployq.prepare(float_model, torch.rand(*SHAPE))
+    result = pipeline.quantize_post_training(model, _photos(32, 2), PTQOptions(("bias",), refine_samples=64),
+                                             progress=False)
+    assert learned == [24]
+    assert any(n.startswith("held-out check: output SQNR on the 8 calibration samples") for n in result.notes)
+
+
+def test_a_method_that_helps_on_held_out_samples_is_kept(float_model):
+    """Real bias correction on this model raises the held-out score: it stays, nothing is undone."""
+    from deployq.ptq import pipeline
+
+    model = deployq.prepare(float_model, torch.rand(*SHAPE))
+    result = pipeline.quantize_post_training(model, _photos(24, 2), PTQOptions(("bias",), refine_samples=12),
+                                             progress=False)
+    assert not any("undone" in n for n in result.notes), result.notes
+    assert any(n.startswith("bias: ") and "on 12 calibration samples" in n for n in result.notes)
+    check = pipeline.HeldOut(result.reference, _photos(24, 2)[12:])  # float outputs before bias correction
+    assert check.measure(result.model) > check.score

@@ -74,7 +74,7 @@ class SearchReport:
         return {m: sum(1 for c in self.chosen.values() if c == m) for m in dict.fromkeys(self.chosen.values())}
 
 
-def _outputs(model: nn.Module, inputs: Sequence[tuple]) -> list[list[torch.Tensor]]:
+def model_outputs(model: nn.Module, inputs: Sequence[tuple]) -> list[list[torch.Tensor]]:
     """The model's output tensors for every input: one list per input."""
     with torch.no_grad():
         return [_tensors(model(*args)) for args in inputs]
@@ -164,11 +164,11 @@ def search_calibration(model: nn.Module, batches: Iterable[Any], *, methods: Seq
     candidates = {m: _observe_with(model, quantizers, m, observed) for m in
                   progress_bar(list(dict.fromkeys(methods)), "calibration search: observing", enabled=progress)}
     set_mode(model, "float")
-    reference = _outputs(model, scored)
+    reference = model_outputs(model, scored)
     set_mode(model, "quantize")
 
     def score() -> float:
-        return mean_output_sqnr_db(reference, _outputs(model, scored))
+        return mean_output_sqnr_db(reference, model_outputs(model, scored))
 
     chosen = {}
     for name, q in quantizers.items():

@@ -29,16 +29,17 @@ from torch import fx, nn
 from deployq.core.progress import stage
 from deployq.ptq.adaround import adaround
 from deployq.ptq.bias_correction import SIGNIFICANCE, correct_bias
-from deployq.ptq.calibration_search import search_calibration
+from deployq.ptq.calibration_search import mean_output_sqnr_db, model_outputs, search_calibration
 from deployq.ptq.equalize import equalize
 from deployq.ptq.zeroq import distilled_data
-from deployq.qat.calibrate import calibrate, first_samples, samples_in
+from deployq.qat.calibrate import calibrate, first_samples, input_names, model_inputs, samples_in, set_mode
 
-__all__ = ["METHODS", "PTQOptions", "PTQResult", "REFINE_SAMPLES", "ZEROQ", "parse_methods", "quantize_post_training",
+__all__ = ["METHODS", "HeldOut", "PTQOptions", "PTQResult", "REFINE_SAMPLES", "ZEROQ", "parse_methods", "quantize_post_training",
            "zeroq_feeds"]
 
 METHODS = ("cle", "search", "adaround", "bias")
 ZEROQ = "zeroq"  # the --calib value that asks for data-free calibration
+CHECK_SHARE = 4  # at least 1/4 of the calibration samples are held out of AdaRound and bias correction, to check them
 REFINE_SAMPLES = 64  # measured on MTCNN PNet/RNet/ONet, held out: 8, 32, 64 samples; 64 best on average for both methods
 
 
@@ -107,23 +108,78 @@ def quantize_post_training(model: fx.GraphModule, batches: Sequence[Any], option
     if not refine:
         return PTQResult(model, None, notes)
     reference = copy.deepcopy(model)
-    learn = first_samples(batches, options.refine_samples)
+    total = sum(samples_in(b) for b in batches[:limit])
+    learn = first_samples(batches, min(options.refine_samples, total - total // CHECK_SHARE))  # the rest checks
+    check = HeldOut(model, list(batches[len(learn):limit]))
+    notes.append(check.describe(sum(samples_in(b) for b in learn)))
+    for method in refine:
+        before = copy.deepcopy(model.state_dict())
+        notes.append(_refine(method, model, learn, reference, options, progress))
+        undone = check.undo(method, model)
+        if undone:
+            model.load_state_dict(before)
+            notes.append(undone)
+    return PTQResult(model, reference, notes)
+
+
+def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.GraphModule, options: PTQOptions,
+            progress: bool) -> str:
+    """Run AdaRound or bias correction on `model`, learning from `learn`; the note saying what it did."""
     learned_from = f"{sum(samples_in(b) for b in learn)} calibration samples"
-    if "adaround" in refine:
+    if method == "adaround":
         stage("ptq: AdaRound, layer by layer", progress)
         report = adaround(model, learn, iterations=options.adaround_iterations, max_batches=len(learn),
                           reference=reference, progress=progress)
         flipped = sum(layer.flipped for layer in report.layers) / max(1, len(report.layers))
-        notes.append(f"adaround: {len(report.layers)} layers, {flipped:.1%} of weights rounded away from nearest "
-                     f"on average ({options.adaround_iterations} steps per layer on {learned_from})")
-    if "bias" in refine:
-        stage("ptq: bias correction, layer by layer", progress)
-        report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress)
-        notes.append(f"bias: {len(report.layers)} layers corrected on {learned_from}; {report.within_noise} of "
-                     f"{report.channels} channels left as they were (their mean error within "
-                     f"{SIGNIFICANCE:g} standard errors of zero)"
-                     + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else ""))
-    return PTQResult(model, reference, notes)
+        return (f"adaround: {len(report.layers)} layers, {flipped:.1%} of weights rounded away from nearest "
+                f"on average ({options.adaround_iterations} steps per layer on {learned_from})")
+    stage("ptq: bias correction, layer by layer", progress)
+    report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress)
+    return (f"bias: {len(report.layers)} layers corrected on {learned_from}; {report.within_noise} of "
+            f"{report.channels} channels left as they were (their mean error within "
+            f"{SIGNIFICANCE:g} standard errors of zero)"
+            + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else ""))
+
+
+class HeldOut:
+    """The model's outputs against its float outputs (mean per-output SQNR, dB) on the calibration
+    samples AdaRound and bias correction do not learn from: a method that lowers that score is
+    undone, so ``--ptq`` never leaves a model worse than plain calibration on data it has not fit.
+    At least a quarter of the calibration samples (:data:`CHECK_SHARE`) are kept for it; with a
+    single calibration sample nothing is checked, and the note says so."""
+
+    def __init__(self, model: fx.GraphModule, batches: list) -> None:
+        names = input_names(model)
+        self.inputs = [model_inputs(b, names) for b in batches]
+        self.samples = sum(samples_in(b) for b in batches)
+        self.score = None
+        if self.inputs:
+            set_mode(model, "float")
+            self.reference = model_outputs(model, self.inputs)
+            set_mode(model, "quantize")
+            self.score = self.measure(model)
+
+    def measure(self, model: fx.GraphModule) -> float:
+        """`model`'s mean per-output SQNR against the float outputs taken when this check was made."""
+        return mean_output_sqnr_db(self.reference, model_outputs(model, self.inputs))
+
+    def describe(self, learned: int) -> str:
+        if self.score is None:
+            return (f"held-out check: none, the {learned} calibration sample(s) are all learned from (give more "
+                    "calibration inputs to check each method on those it does not learn from)")
+        return (f"held-out check: output SQNR on the {self.samples} calibration samples not learned from, "
+                f"{self.score:.2f} dB after calibration")
+
+    def undo(self, method: str, model: fx.GraphModule) -> Optional[str]:
+        """A note if `method` lowered the held-out score (then the caller restores the model), else None."""
+        if self.score is None:
+            return None
+        now = self.measure(model)
+        if now >= self.score:
+            self.score = now
+            return None
+        return (f"{method}: undone, it lowered the output SQNR on the {self.samples} held-out calibration "
+                f"samples from {self.score:.2f} to {now:.2f} dB")
 
 
 def zeroq_feeds(float_model: nn.Module, names_and_shapes: Sequence[tuple[str, tuple[int, ...]]], count: int, *,
