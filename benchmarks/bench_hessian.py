@@ -6,7 +6,7 @@
 
 The model is prepared by deployq (float mode: the float network, with quant-point names) and fed
 random inputs in [0, 1); with no targets, the loss is the MSE to the float model's own output.
-Each layer runs until the relative change of its running mean is below --tol (or --max-iter), with
+Each layer runs until the standard error of its running mean is at most --tol of the mean (or --max-iter), with
 the shared estimator (every layer from one Hessian-vector product per sample, the default) and
 with the per-layer one (a product per layer and sample); the two are compared layer by layer
 (within their standard errors?) and by ranking. The per-layer estimator runs a second time with
@@ -22,7 +22,10 @@ import argparse
 import datetime
 import json
 import platform
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
@@ -34,6 +37,7 @@ import torch
 import deployq
 from benchmarks import common
 from deployq.qat.loading import import_factory
+from deployq.train.batches import data_batches
 from deployq.train.hessian import DEFAULT_MAX_ITER, DEFAULT_TOL, hessian_traces
 from deployq.train.hessian_report import HessianReport
 
@@ -54,6 +58,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="samples of the reference run (0: skip it)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ckpt", type=Path, help="a deployq checkpoint as the model (instead of --model)")
+    parser.add_argument("--dng-frames", type=int, default=0,
+                        help="with --ckpt: write this many whole-photograph DNG frames (the low-light example's "
+                             "camera), feed the estimators `deployq hessian`'s own batches of them, and time "
+                             "`deployq hessian` with its defaults on the folder")
     return parser.parse_args(argv)
 
 
@@ -92,23 +101,87 @@ def spearman(a: HessianReport, b: HessianReport) -> float:
     return float(np.corrcoef(ra, rb)[0, 1]) if len(names) > 1 else 1.0
 
 
+def cli_lines(seconds: float, order: list[str], per_layer: HessianReport, again: HessianReport, frames: int,
+              top: int = 3) -> tuple[str, bool]:
+    """The CLI run's time and its top layers against the per-layer estimator (on the same batches);
+    whether they are within that estimator's own spread: the same layers, or each layer in only one
+    of the two lists within 2 combined standard errors (per-layer estimates) of one in the other."""
+    ours, theirs = set(order[:top]), set(per_layer.names[:top])
+    odd = ours ^ theirs
+    close = [n for n in odd if any(agreement(per_layer[n], per_layer[m]) <= 2 for m in (theirs if n in ours else ours))]
+    within = len(close) == len(odd)
+    verdict = ("the same layers as the per-layer estimator's" if not odd else
+               f"{sorted(ours)} against the per-layer estimator's {sorted(theirs)}; "
+               + ("each layer in only one list is within 2 combined standard errors of one in the other"
+                  if within else "outside that estimator's spread"))
+    return (f"**`deployq hessian` with its defaults on {frames} whole DNG frames: {seconds:.1f} s** (a fresh process: "
+            f"imports, the checkpoint, reading the frames, the trace, the YAML; the shared products, then the "
+            f"`--refine` top layers again per layer). Its top {top}: {verdict}. The "
+            f"per-layer estimator's top {top} with another seed: "
+            f"{'the same' if set(again.names[:top]) == theirs else sorted(again.names[:top])}."), within
+
+
 def run(argv: list[str]) -> common.Section:
     args = parse_args(argv)
     with common.torch_threads(args.threads):
         return section(args, argv)
 
 
-def section(args: argparse.Namespace, argv: list[str]) -> common.Section:
-    torch.manual_seed(args.seed)
-    kwargs = json.loads(args.kwargs)
-    shape = tuple(int(v) for v in args.input_shape.split(","))
-    model = import_factory(args.model, allowed=True)(**kwargs).eval()
-    if args.weights is not None:
-        weights = args.weights if args.weights.is_file() else common.ROOT / args.weights
-        model.load_state_dict(torch.load(weights, weights_only=True))
-    qmodel = deployq.prepare(model, torch.zeros(shape))
+def model_and_batches(args: argparse.Namespace, work: Path) -> tuple[torch.nn.Module, list, str, str]:
+    """The prepared model, its batches, what the model is and what the batches are (for the text)."""
+    if args.ckpt is not None:
+        source = deployq.load_model(ckpt=str(args.ckpt))
+        if args.dng_frames:
+            frames = write_frames(work, args.dng_frames)
+            batches, what = data_batches(frames, source.inputs, 4, args.batches, seed=args.seed)
+            what = what.replace(f"from {frames} ", f"from {args.dng_frames} whole DNG frames of the example's test "
+                                "camera ") + " (the batches `deployq hessian` draws at these settings)"
+            return source.qmodel, batches, f"checkpoint `{common.shown_path(args.ckpt)}`", what
+        shape = source.inputs[0].shape
+        model, label = source.qmodel, f"checkpoint `{common.shown_path(args.ckpt)}`"
+    else:
+        kwargs = json.loads(args.kwargs)
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+        float_model = import_factory(args.model, allowed=True)(**kwargs).eval()
+        if args.weights is not None:
+            weights = args.weights if args.weights.is_file() else common.ROOT / args.weights
+            float_model.load_state_dict(torch.load(weights, weights_only=True))
+        model = deployq.prepare(float_model, torch.zeros(shape))
+        label = (f"`{args.model}`{f' {kwargs}' if kwargs else ''}"
+                 f"{f', weights `{common.shown_path(args.weights)}`' if args.weights else ''}")
     gen = torch.Generator().manual_seed(args.seed)
     batches = [torch.rand(shape, generator=gen) for _ in range(args.batches)]
+    return model, batches, label, f"input {tuple(shape)}, {args.batches} batches of random inputs in [0, 1)"
+
+
+def write_frames(work: Path, count: int) -> Path:
+    """`count` whole-photograph DNG frames of the example's test camera; their folder."""
+    from deployq.examples.lowlight.data import write_sid_folder
+
+    write_sid_folder(work / "frames", count, None, seed=7, split="test")
+    return work / "frames" / "short"
+
+
+def cli_defaults(args: argparse.Namespace, frames: Path, work: Path) -> tuple[float, list[str]]:
+    """`deployq hessian --ckpt CKPT --data FRAMES` with every other option at its default: wall
+    time (a fresh process, as a user runs it) and its layers in rank order."""
+    command = [sys.executable, "-m", "deployq.cli", "hessian", "--ckpt", str(args.ckpt), "--data", str(frames),
+               "--out", str(work / "distill.yaml"), "--json", str(work / "hessian.json"), "-q"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    layers = json.loads((work / "hessian.json").read_text())["layers"]
+    return seconds, [layer["name"] for layer in layers]
+
+
+def section(args: argparse.Namespace, argv: list[str]) -> common.Section:
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _section(args, argv, Path(tmp))
+
+
+def _section(args: argparse.Namespace, argv: list[str], work: Path) -> common.Section:
+    qmodel, batches, label, data = model_and_batches(args, work)
 
     report = hessian_traces(qmodel, batches, args.layers, tol=args.tol, max_iter=args.max_iter, seed=args.seed,
                             bits=None, estimator="shared")
@@ -128,10 +201,8 @@ def section(args: argparse.Namespace, argv: list[str]) -> common.Section:
         f"{platform.system()} {platform.release()}",
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
         f"deployq {deployq.__version__}",
-        f"- model: `{args.model}`{f' {kwargs}' if kwargs else ''}"
-        f"{f', weights `{common.shown_path(args.weights)}`' if args.weights else ''}, input {shape}, {args.batches} batches of "
-        f"random inputs in [0, 1); loss: {report.loss}",
-        f"- stopping: relative change of the running mean < {args.tol:g}, checked once every batch has "
+        f"- model: {label}; data: {data}; loss: {report.loss}",
+        f"- stopping: standard error of the running mean ≤ {args.tol:g} × the mean, checked once every batch has "
         f"contributed, or {args.max_iter} samples",
         "",
         *table(report, per_layer, reference),
@@ -160,7 +231,13 @@ def section(args: argparse.Namespace, argv: list[str]) -> common.Section:
     if reference is not None:
         lines.append(f"Reference: {reference.max_iter} samples per layer with tol 0 (another seed) in "
                      f"{reference.seconds:.2f} s; Δ is the early-stopped estimate's relative difference from it.")
-    facts = {"shared_seconds": report.seconds, "layers": len(report.layers), "per_layer_seconds": per_layer.seconds,
+    cli = {}
+    if args.ckpt is not None and args.dng_frames:
+        seconds, order = cli_defaults(args, work / "frames" / "short", work)
+        text, within = cli_lines(seconds, order, per_layer, again, args.dng_frames)
+        lines += ["", text]
+        cli = {"cli_seconds": seconds, "cli_top_within_spread": float(within)}
+    facts = {**cli, "shared_seconds": report.seconds, "layers": len(report.layers), "per_layer_seconds": per_layer.seconds,
              "agree": sum(agreement(report[n], per_layer[n]) <= 2 for n in report.names),
              "spearman": spearman(report, per_layer), "spearman_ceiling": ceiling}
     return common.Section("hessian", "Hessian trace (Hutchinson): time per layer and iterations to converge",

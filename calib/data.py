@@ -17,15 +17,12 @@ import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Optional
-
 import numpy as np
 import skimage.io
 import skimage.transform
 import skimage.util
 import torch
 
-from deployq.core.runtime import InputInfo
 
 from .raw import RawReadError, amplify, exposure_from_name, pack_bayer, read_raw, sid_ratio, unpack_bayer
 
@@ -38,8 +35,8 @@ __all__ = [
     "has_sid_ratio",
     "iterate_batches",
     "load_feeds",
+    "files_in",
     "load_inputs",
-    "shape_from_files",
 ]
 
 RAW_SUFFIXES = (".arw", ".dng", ".nef", ".cr2", ".raf", ".orf", ".rw2")
@@ -88,6 +85,17 @@ def _centre_crop(array: np.ndarray, height: int, width: int, step: int = 1) -> n
     return array[..., top : top + height, left : left + width]
 
 
+def _crops(array: np.ndarray, height: int, width: int, step: int, rng: np.random.Generator | None,
+           count: int) -> list[np.ndarray]:
+    """``height x width`` windows of the last two dims: the centre one (`rng` None), or `count` at
+    random offsets (multiples of ``step``) drawn from `rng`."""
+    if rng is None:
+        return [_centre_crop(array, height, width, step)]
+    tops = rng.integers(0, (array.shape[-2] - height) // step + 1, count) * step
+    lefts = rng.integers(0, (array.shape[-1] - width) // step + 1, count) * step
+    return [array[..., t : t + height, l : l + width] for t, l in zip(tops, lefts)]
+
+
 def _sid_long_file(short: Path) -> Path | None:
     """The long exposure of a SID short file ``.../short/{id}_00_{t}s.ext``, if it exists.
 
@@ -123,9 +131,11 @@ def has_sid_ratio(short: Path) -> bool:
     return _sid_long_file(Path(short)) is not None
 
 
-def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarray:
-    """A raw file as one ``(C, H, W)`` sample: packed (C = 4) or the mosaic (C = 1), amplified by
-    the exposure ratio, the file's as-shot white balance and its colour matrix (:func:`~.raw.amplify`)."""
+def _raw_samples(path: Path, chw: Sequence[int], ratio: float | None, rng: np.random.Generator | None = None,
+                 count: int = 1) -> list[np.ndarray]:
+    """A raw file as ``(C, H, W)`` samples: packed (C = 4) or the mosaic (C = 1), amplified by the
+    exposure ratio, the file's as-shot white balance and its colour matrix (:func:`~.raw.amplify`);
+    the centre crop, or `count` random crops drawn from `rng`."""
     channels, height, width = chw
     if channels not in (1, 4):
         raise InputDataError(
@@ -145,7 +155,7 @@ def _raw_sample(path: Path, chw: Sequence[int], ratio: float | None) -> np.ndarr
             f"{path}: the raw data {_shape_text(data.shape)} is smaller than the model input "
             f"{_shape_text(chw)}; raw data is cropped, never resized"
         )
-    return _centre_crop(data, height, width, step=1 if channels == 4 else 2).astype(np.float32)
+    return [c.astype(np.float32) for c in _crops(data, height, width, 1 if channels == 4 else 2, rng, count)]
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -156,11 +166,13 @@ def _read_image(path: Path) -> np.ndarray:
         raise InputDataError(f"{path}: cannot read the image ({message})") from error
 
 
-def _image_sample(path: Path, chw: Sequence[int]) -> np.ndarray:
-    """An image file as one float32 ``(C, H, W)`` sample in [0, 1].
+def _image_samples(path: Path, chw: Sequence[int], rng: np.random.Generator | None = None,
+                   count: int = 1) -> list[np.ndarray]:
+    """An image file as float32 ``(C, H, W)`` samples in [0, 1].
 
-    Centre crop if the image covers ``H x W``; otherwise it is first enlarged (bilinear, aspect
-    kept) so that it does. Grayscale images have one channel; the channel count must match.
+    The centre crop (or `count` random crops drawn from `rng`) if the image covers ``H x W``;
+    otherwise it is first enlarged (bilinear, aspect kept) so that it does. Grayscale images have
+    one channel; the channel count must match.
     """
     channels, height, width = chw
     image = skimage.util.img_as_float32(_read_image(path))
@@ -180,7 +192,7 @@ def _image_sample(path: Path, chw: Sequence[int]) -> np.ndarray:
         )
         image = skimage.transform.resize(image, size, anti_aliasing=False, preserve_range=True)
     chw_image = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    return np.ascontiguousarray(_centre_crop(chw_image, height, width))
+    return [np.ascontiguousarray(c) for c in _crops(chw_image, height, width, 1, rng, count)]
 
 
 def _array_samples(name: str, array: np.ndarray, input_shape: Sequence[int]) -> list[np.ndarray]:
@@ -229,7 +241,8 @@ def _load_arrays(path: Path, input_shape: Sequence[int], key: str | None = None)
         raise InputDataError(f"{path}: cannot read the array file ({error})") from error
 
 
-def _samples(path: Path, input_shape: Sequence[int], ratio: float | None, key: str | None = None) -> list[np.ndarray]:
+def _samples(path: Path, input_shape: Sequence[int], ratio: float | None, key: str | None = None,
+             rng: np.random.Generator | None = None, count: int = 1) -> list[np.ndarray]:
     suffix = path.suffix.lower()
     if suffix in ARRAY_SUFFIXES:
         return _load_arrays(path, input_shape, key)
@@ -239,8 +252,8 @@ def _samples(path: Path, input_shape: Sequence[int], ratio: float | None, key: s
             f"got {_shape_text(input_shape)}"
         )
     if suffix in RAW_SUFFIXES:
-        return [_raw_sample(path, input_shape[1:], ratio)]
-    return [_image_sample(path, input_shape[1:])]
+        return _raw_samples(path, input_shape[1:], ratio, rng, count)
+    return _image_samples(path, input_shape[1:], rng, count)
 
 
 def load_inputs(
@@ -250,8 +263,13 @@ def load_inputs(
     ratio: float | None = None,
     limit: int | None = None,
     name: str | None = None,
+    crops: int = 1,
+    seed: int = 0,
 ) -> list[np.ndarray]:
     """Model inputs from a file or a folder (its files in sorted order), each of ``input_shape``.
+
+    A raw or image file larger than the input gives its centre crop, or with ``crops`` > 1 that
+    many crops at random positions (seeded by `seed`): many samples from a few large frames.
 
     Every file gives samples of shape ``input_shape[1:]``, which are grouped ``input_shape[0]``
     at a time (a trailing incomplete group is dropped with a warning); ``limit`` caps the number
@@ -270,8 +288,9 @@ def load_inputs(
     batch = input_shape[0]
     needed = None if limit is None else limit * batch
     samples: list[np.ndarray] = []
+    rng = np.random.default_rng(seed) if crops > 1 else None
     for file in _files(Path(path)):
-        samples += _samples(file, input_shape, ratio, name)
+        samples += _samples(file, input_shape, ratio, name, rng, crops)
         if needed is not None and len(samples) >= needed:
             break
     samples = samples[:needed]
@@ -292,21 +311,30 @@ def load_inputs(
     ]
 
 
+def files_in(path: str | os.PathLike) -> list[Path]:
+    """The input files :func:`load_inputs` reads from `path` (a file, or a folder's files in order)."""
+    return _files(Path(path))
+
+
 def load_feeds(
     path: str | os.PathLike,
     inputs: Sequence[tuple[str, Sequence[int]]],
     *,
     ratio: float | None = None,
     limit: int | None = None,
+    crops: int = 1,
+    seed: int = 0,
 ) -> list[dict[str, np.ndarray]]:
     """Model inputs for a model with named inputs ``[(name, shape), ...]``: one dict per call.
 
-    One input: any file :func:`load_inputs` reads. Several inputs: ``.npz`` files (or a folder of
-    them) holding one array per input, keyed by the input's name, with the same number of samples.
+    One input: any file :func:`load_inputs` reads (`crops` and `seed` as it takes them). Several
+    inputs: ``.npz`` files (or a folder of them) holding one array per input, keyed by the input's
+    name, with the same number of samples.
     """
     if len(inputs) == 1:
         name, shape = inputs[0]
-        return [{name: a} for a in load_inputs(path, shape, ratio=ratio, limit=limit, name=name)]
+        return [{name: a} for a in load_inputs(path, shape, ratio=ratio, limit=limit, name=name, crops=crops,
+                                               seed=seed)]
     names = [name for name, _ in inputs]
     files = [f for f in _files(Path(path)) if f.suffix.lower() == ".npz"]
     if not files:
@@ -350,48 +378,3 @@ def iterate_batches(arrays: Iterable[np.ndarray], batch_size: int) -> Iterator[t
             chunk = []
     if chunk:
         yield torch.from_numpy(np.concatenate(chunk))
-
-
-def _sample_shape(path: Path, input_shape: Sequence[int], key: str | None) -> tuple[int, ...]:
-    """The shape one sample of `path` has at its own size: an array's (after the batch, if it has
-    one), a raw file's packed ``(4, H/2, W/2)`` or mosaic ``(1, H, W)``, an image's ``(C, H, W)``."""
-    suffix = path.suffix.lower()
-    if suffix in ARRAY_SUFFIXES:
-        try:
-            loaded = np.load(path, allow_pickle=False, mmap_mode="r")
-            if not isinstance(loaded, np.ndarray):
-                with loaded:
-                    loaded = loaded[key if key in loaded.files else sorted(loaded.files)[0]]
-        except (OSError, ValueError, EOFError, IndexError, zipfile.BadZipFile) as error:
-            raise InputDataError(f"{path}: cannot read the array file ({error})") from error
-        return tuple(loaded.shape[1:] if loaded.ndim == len(input_shape) else loaded.shape)
-    if suffix in RAW_SUFFIXES:
-        try:
-            height, width = read_raw(path).bayer.shape
-        except RawReadError as error:
-            raise InputDataError(str(error)) from error
-        return (4, height // 2, width // 2) if input_shape[1] == 4 else (1, height, width)
-    image = _read_image(path)
-    return (1 if image.ndim == 2 else image.shape[-1], *image.shape[:2])
-
-
-def shape_from_files(path: str | os.PathLike, info: InputInfo) -> tuple[int, ...]:
-    """`info`'s shape with its symbolic dimensions (a ``--dynamic-hw`` export's H and W) taken from
-    the first file of `path` at its own size, and a batch of 1 (every file is then read at that
-    shape: raw files centre-cropped, images resized to cover it). The fixed dimensions must agree."""
-    first = _files(Path(path))[0]
-    sample = _sample_shape(first, info.shape, info.name)
-    wanted = tuple("?" if k == 0 or k in info.free else d for k, d in enumerate(info.shape))
-    if len(sample) != len(info.shape) - 1 or any(sample[k - 1] != d for k, d in enumerate(wanted) if k and d != "?"):
-        raise InputDataError(f"{first}: a sample of shape {_shape_text(sample)} does not fit input {info.name!r} "
-                             f"of shape {_shape_text(wanted)}")
-    return (1, *(sample[k - 1] if k in info.free else info.shape[k] for k in range(1, len(info.shape))))
-
-
-def file_feeds(path: str, inputs: list[InputInfo], ratio: Optional[float] = None,
-               limit: Optional[int] = None) -> list[dict[str, np.ndarray]]:
-    """Inputs read from files: raw, images, .npy/.npz for a one-input model; .npz files keyed by
-    input name for a model with several inputs (:func:`deployq.calib.data.load_feeds`)."""
-    feeds = load_feeds(path, [(i.name, i.shape) for i in inputs], ratio=ratio, limit=limit)
-    dtypes = {i.name: i.dtype for i in inputs}
-    return [{name: a.astype(dtypes[name]) for name, a in f.items()} for f in feeds]

@@ -45,9 +45,10 @@ from deployq.verify.check import FormatAgreement, ParityReport, check_parity, co
 from deployq.qat.prepare import ACT_QUANT, prepare
 from deployq.qat.calibrate import is_calibrated
 from deployq.ptq.pipeline import PTQOptions
-from deployq.calib.data import file_feeds, shape_from_files
+from deployq.calib.feeds import file_feeds, shape_from_files
 from deployq.core.runtime import InputInfo, ModelFileError, check_same_inputs, inputs_of, is_ort_format, load_onnx, random_feeds, with_shapes
 from deployq.exporters.graph import quantize_count
+from deployq.core.progress import stage
 from deployq.core.qparams import QuantPoint
 from deployq.qat.prepare import capture_notes, quant_points
 from deployq.train.batches import data_batches
@@ -306,7 +307,8 @@ def inspect(model: ModelLike, example_inputs: object = None, *, config: object =
 
 def hessian(model: ModelLike, data: Inputs, *, layers: Optional[Sequence[str]] = None, tol: float = DEFAULT_TOL,
             max_iter: int = DEFAULT_MAX_ITER, limit: int = 8, batch_size: int = 4, loss: str = "auto",
-            mode: str = "float", seed: int = 0, estimator: str = "shared", progress: bool = False) -> HessianReport:
+            mode: str = "float", seed: int = 0, estimator: str = "shared", refine: int = 8,
+            progress: bool = False) -> HessianReport:
     """Rank the activations of `model` by the Hessian trace of the loss (Hutchinson), for distillation.
 
     `model`: :func:`load_model`'s result, a checkpoint path, or a prepared or plain module (then
@@ -325,11 +327,15 @@ def hessian(model: ModelLike, data: Inputs, *, layers: Optional[Sequence[str]] =
         if specs is None:
             raise ValueError("data as files needs the model's input shapes: pass load_model()'s result or a "
                              "checkpoint path, or pass batches")
-        batches = data_batches(data, specs, batch_size, limit)
+        batches, what = data_batches(data, specs, batch_size, limit, seed=seed)
     else:
         batches = _batches(data)[:limit]
+        what = f"{len(batches)} batches given"
+    how = f"{estimator} estimator" + (f", the top {refine} again per-layer" if estimator == "shared" and refine else "")
+    stage(f"hessian: {what}; a layer stops when its standard error is at most {tol:g} of its mean, or after "
+          f"{max_iter} samples ({how})", progress)
     return hessian_traces(qmodel, batches, list(layers) if layers else None, loss=loss, mode=mode, tol=tol,
-                          max_iter=max_iter, seed=seed, progress=progress, estimator=estimator)
+                          max_iter=max_iter, seed=seed, progress=progress, estimator=estimator, refine=refine)
 
 
 def write_distill(report: HessianReport, out: Union[str, Path] = "distill.yaml", *, top: int = 3,

@@ -94,6 +94,34 @@ def test_corrupt_file_names_the_file(tmp_path, name):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_random_crops_are_windows_of_the_frame_spread_and_seeded(tmp_path):
+    """crops > 1: that many windows per raw file, each an exact window of the packed frame, at
+    different places, the same for the same seed and different for another."""
+    path = _raw_file(tmp_path / "frame.dng")
+    packed = load_packed(path)  # (4, 16, 20)
+    arrays = load_inputs(path, SHAPE, crops=5, seed=3)
+    assert len(arrays) == 5
+    windows = {(t, l) for t in range(16 - 8 + 1) for l in range(20 - 8 + 1)}
+    places = [next(w for w in windows if np.array_equal(a[0], packed[:, w[0]:w[0] + 8, w[1]:w[1] + 8])) for a in arrays]
+    assert len(set(places)) > 1
+    again = load_inputs(path, SHAPE, crops=5, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, again))
+    other = load_inputs(path, SHAPE, crops=5, seed=4)
+    assert not all(np.array_equal(a, b) for a, b in zip(arrays, other))
+
+
+def test_hessian_batches_draw_every_batch_from_a_few_frames(tmp_path):
+    """Two frames and 6 batches: 3 random crops of each, 6 different batches, and a line that says so."""
+    from deployq.qat.checkpoint import InputSpec
+    from deployq.train.batches import data_batches
+
+    for i in range(2):
+        _raw_file(tmp_path / f"{i}.dng", seed=i)
+    batches, what = data_batches(tmp_path, [InputSpec("x", SHAPE)], 4, 6, seed=0)
+    assert len(batches) == 6 and len({b["input"][0].numpy().tobytes() for b in batches}) == 6
+    assert what.endswith("(3 random crops of each of 2 files, seed 0)") and what.startswith("6 batches of (1, 4, 8, 8)")
+
+
 def test_rgb_image_is_scaled_and_centre_cropped(tmp_path):
     image = np.random.default_rng(2).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
     (array,) = load_inputs(_png(tmp_path / "a.png", image), (1, 3, 10, 12))

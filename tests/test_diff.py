@@ -311,7 +311,8 @@ def test_a_dynamic_hw_export_takes_its_shape_from_the_input_files(exported, tmp_
     (an array, an image or a raw frame at its own size): no --input-shape needed."""
     import imageio.v3 as iio
 
-    from deployq.calib.data import InputDataError, shape_from_files
+    from deployq.calib.data import InputDataError
+    from deployq.calib.feeds import shape_from_files
     from deployq.core.runtime import inputs_of
 
     result = run_export(resolve_model(ckpt=str(exported[1])), tmp_path / "dyn", dynamic_hw=True, ort_format=False,

@@ -71,11 +71,32 @@ def test_shared_products_estimate_every_layer_without_bias():
         assert shared[layer].trace == pytest.approx(exact, rel=0.1)
 
 
+def test_refine_estimates_the_top_layers_again_with_per_layer_products():
+    """refine=1: the layer the shared products rank first is estimated again per layer (the same
+    numbers as a per-layer run with the seed), the other keeps its shared estimate."""
+    net = SmoothNet().eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 6, generator=gen), torch.randn(4, 3, generator=gen)) for _ in range(2)]
+    qmodel = deployq.prepare(net, torch.randn(1, 6))
+    kwargs = dict(tol=0, max_iter=300, bits=None, seed=3)
+    shared = hessian_traces(qmodel, batches, ["act1", "act2"], estimator="shared", **kwargs)
+    refined = hessian_traces(qmodel, batches, ["act1", "act2"], estimator="shared", refine=1, **kwargs)
+    top, other = shared.names
+    alone = hessian_traces(qmodel, batches, [top], estimator="per-layer", **kwargs)
+    assert refined[top].trace == alone[top].trace and refined[top].stderr == alone[top].stderr
+    assert refined[top].trace != shared[top].trace
+    assert refined[other].trace == shared[other].trace
+    assert refined.estimator == "shared, the top 1 again per-layer"
+
+
 def test_the_tolerance_stops_early_and_max_iter_caps():
     qmodel = deployq.prepare(SmoothNet().eval(), torch.randn(1, 6))
     batches = [(torch.randn(4, 6), torch.randn(4, 3)) for _ in range(2)]
     loose = hessian_traces(qmodel, batches, ["act1"], tol=0.05, max_iter=500, bits=None)
     assert loose["act1"].converged and 2 <= loose["act1"].iterations < 500
+    assert loose["act1"].stderr <= 0.05 * abs(loose["act1"].trace)  # the stop rule: s.e. within tol of the mean
+    tight = hessian_traces(qmodel, batches, ["act1"], tol=0.01, max_iter=5000, bits=None)
+    assert tight["act1"].iterations > loose["act1"].iterations and tight["act1"].stderr <= 0.01 * abs(tight["act1"].trace)
     capped = hessian_traces(qmodel, batches, ["act1"], tol=0, max_iter=7, bits=None)
     assert capped["act1"].iterations == 7 and not capped["act1"].converged
     assert capped["act1"].seconds > 0 and capped["act1"].stderr > 0

@@ -29,7 +29,8 @@ def _fmt(value: float) -> str:
 @api_option(api.write_distill, "out", "--yaml", "--out", type=click.Path(dir_okay=False), show_default=True,
             help="Distillation config to write (native form; a recipe's `distill:` section).")
 @api_option(api.hessian, "tol", "--tol", type=click.FloatRange(0), show_default=True,
-            help="Stop a layer when the relative change of its running mean is below this.")
+            help="Stop a layer when the standard error of its trace estimate is at most this fraction of the "
+                 "estimate (checked once every batch has contributed).")
 @api_option(api.hessian, "max_iter", "--max-iter", type=click.IntRange(1), show_default=True,
             help="At most this many Rademacher samples per layer.")
 @api_option(api.write_distill, "coeff", "--coeff", type=POSITIVE, show_default=True,
@@ -46,12 +47,15 @@ def _fmt(value: float) -> str:
 @api_option(api.hessian, "estimator", "--estimator", type=click.Choice(["shared", "per-layer"]), show_default=True,
             help="shared: every layer's trace from one Hessian-vector product per sample (fast); per-layer: "
                  "one product per layer and sample (less variance, time grows with the layer count).")
+@api_option(api.hessian, "refine", "--refine", type=click.IntRange(0), show_default=True,
+            help="With the shared estimator: estimate the N layers it ranks highest again with per-layer products "
+                 "(the shared estimate's cross terms can swap close layers at the top; 0: don't).")
 @json_option("every layer's trace, standard error and suggested bits")
 @handle_errors
 def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str],
             input_shape: Optional[list], leaf: tuple, data: str, layers: tuple[str, ...], top: int, out: str,
             tol: float, max_iter: int, coeff: float, limit: int, batch_size: int, loss: str, mode: str, seed: int,
-            estimator: str, json_path: Optional[str]) -> None:
+            estimator: str, refine: int, json_path: Optional[str]) -> None:
     """Rank activations by Hessian trace (Hutchinson) and write a distillation config.
 
     \b
@@ -68,7 +72,7 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
     source = api.load_model(ckpt=ckpt, factory=factory, model_kwargs=model_kwargs, config=config,
                             input_shape=input_shape, leaf=leaf)
     report = api.hessian(source, data, layers=layers, tol=tol, max_iter=max_iter, limit=limit, batch_size=batch_size,
-                         loss=loss, mode=mode, seed=seed, estimator=estimator, progress=True)
+                         loss=loss, mode=mode, seed=seed, estimator=estimator, refine=refine, progress=True)
     try:
         weights = dict(report.distill_config(top, coeff).layers)
     except DistillError as err:
@@ -92,7 +96,8 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
     console.print(table)
     console.print(f"[dim]Hessian of: {report.loss}.[/dim]")
     if not all(layer.converged for layer in report.layers):
-        console.print(f"[dim]* stopped at --max-iter {max_iter} before the relative change fell below --tol {tol:g}.[/dim]")
+        console.print(f"[dim]* stopped at --max-iter {max_iter} with its standard error above --tol {tol:g} of the "
+                      "estimate (± s.e. column).[/dim]")
     console.print(f"[dim]bits: a HAWQ-style suggestion, {high} where Ω{low} = ½·Tr(H)/n·‖Q{low}(a) − a‖² "
                   f"carries ≥ {DEFAULT_SHARE:.0%} of the total; confirm with a parity check.[/dim]")
     if problem is not None:

@@ -8,8 +8,8 @@ is estimated with Hutchinson's estimator (Hutchinson 1989):
 without ever forming H_a: g = ∂L/∂a comes from ``torch.autograd.grad(..., create_graph=True)`` on
 the activation (exposed by rewriting the graph output, :func:`deployq.train.distill.expose`), and
 H_a z = ∂(gᵀz)/∂a is one more backward pass (a Hessian-vector product). Samples cycle through
-the batches; a layer stops when the relative change of its running mean falls below `tol`
-(checked once every batch has contributed) or after `max_iter` samples.
+the batches; a layer stops when the standard error of its running mean is at most `tol` times
+the mean (checked once every batch has contributed) or after `max_iter` samples.
 
 The sensitivity is Tr(H_a)/n (HAWQ-V2, Dong et al., NeurIPS 2020; the thesis, "如何选取蒸馏层"):
 if a ‖Δa‖² perturbation is spread evenly over its eigen-directions, the loss grows by
@@ -43,7 +43,7 @@ from deployq.core.progress import progress_bar
 from deployq.core.qformula import fake_quantize, qparams_from_range, qrange
 from deployq.qat.quantizers import FakeQuantizer
 
-DEFAULT_TOL = 1e-3
+DEFAULT_TOL = 0.05  # stop a layer at a standard error of 5 % of its mean
 DEFAULT_MAX_ITER = 100
 SELF_REFERENCE = "mse_to_float_output"
 
@@ -73,11 +73,12 @@ class _RunningMean:
         return math.sqrt(variance / self.count)
 
     def add(self, sample: float, tol: float, min_count: int) -> None:
-        previous = self.mean
+        """One more sample; converged once every batch has contributed (`min_count`) and the
+        standard error of the mean is at most `tol` times the mean's magnitude."""
         self.total += sample
         self.squares += sample * sample
         self.count += 1
-        if self.count >= max(2, min_count) and abs(self.mean - previous) <= tol * abs(previous):
+        if self.count >= max(2, min_count) and self.stderr <= tol * abs(self.mean):
             self.converged = True
 
 
@@ -185,7 +186,7 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 def hessian_traces(model: nn.Module, batches: Iterable[Any], layers: str | Sequence[str] | None = None, *,
                    loss: str = "auto", mode: str = "float", tol: float = DEFAULT_TOL,
                    max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, bits: Optional[tuple[int, int]] = DEFAULT_BITS,
-                   progress: bool = False, estimator: str = "shared") -> HessianReport:
+                   progress: bool = False, estimator: str = "shared", refine: int = 0) -> HessianReport:
     """Tr(H_a) of the loss w.r.t. each layer activation a, ranked by Tr(H_a)/n.
 
     `model`: a prepared model (quant-point names), a traced GraphModule, or a plain nn.Module
@@ -196,7 +197,10 @@ def hessian_traces(model: nn.Module, batches: Iterable[Any], layers: str | Seque
     quantizers in ``float`` (the thesis: analyse the float network) or ``quantize``. `bits`: the
     two widths of the quantization perturbation for :meth:`HessianReport.bit_suggestions`
     (None: skip it). `estimator`: ``shared`` (every layer from one Hessian-vector product per
-    sample) or ``per-layer`` (one product per layer and sample; less variance, slower).
+    sample) or ``per-layer`` (one product per layer and sample; less variance, slower). `refine`:
+    with ``shared``, the `refine` layers it ranks highest are estimated again with per-layer
+    products (the shared estimate's cross terms can reorder close layers at the top, which is where
+    the distillation config is chosen).
     """
     if not (tol >= 0 and math.isfinite(tol)):
         raise DistillError(f"tol must be a number >= 0, got {tol}")
@@ -223,6 +227,14 @@ def hessian_traces(model: nn.Module, batches: Iterable[Any], layers: str | Seque
         references = _float_references(gm, data) if loss_name == SELF_REFERENCE else None
         estimates, numel = _hutchinson(exposed, data, names, loss_name, references, tol, max_iter, seed, progress,
                                        estimator)
+        if estimator == "shared" and refine > 0:
+            top = sorted(names, key=lambda n: estimates[n].mean / numel[n], reverse=True)[:refine]
+            again, _ = _hutchinson(exposed, data, top, loss_name, references, tol, max_iter, seed, progress,
+                                   "per-layer")
+            for n in top:
+                again[n].seconds += estimates[n].seconds
+                estimates[n] = again[n]
+            estimator = f"shared, the top {len(top)} again per-layer"
         perturbations = _perturbations(exposed, data, names, bits) if bits else {n: {} for n in names}
     finally:
         for m, saved in saved_modes.items():
