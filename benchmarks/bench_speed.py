@@ -41,6 +41,7 @@ from torch import nn
 
 import deployq
 from benchmarks import common
+from benchmarks.training_steps import output_l1, step_fn, torch_ao_step
 from deployq.qat import checkpoint as ck
 from deployq.qat import loading
 from deployq.train import distill as dst
@@ -159,26 +160,6 @@ def latency_section(rows: list[LatencyRow], args: argparse.Namespace) -> list[st
 # ------------------------------------------------------------------------------------ training
 
 
-def step_fn(net: nn.Module, inputs: torch.Tensor, loss: Callable[[object], torch.Tensor]) -> Callable[[], None]:
-    """One training step (forward, backward, Adam) of `net` on `inputs`."""
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-5)
-    net.train()
-
-    def step() -> None:
-        value = loss(net(inputs))
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-
-    return step
-
-
-def output_l1(output: object) -> torch.Tensor:
-    """A task loss for timing: mean |y| over every output tensor."""
-    outputs = output if isinstance(output, (tuple, list)) else (output,)
-    return sum(o.abs().mean() for o in outputs)
-
-
 def distill_step(student: nn.Module, float_model: nn.Module, example: torch.Tensor, inputs: torch.Tensor,
                  layers: list[str], config: QConfig) -> Callable[[], None]:
     """A deployq QAT step with feature distillation from the float teacher (as ``deployq train``)."""
@@ -211,15 +192,6 @@ def with_kernels(kernels: dict, step: Callable[[], None]) -> Callable[[], None]:
         fake_quant._KERNELS.update(kernels)
         step()
     return run
-
-
-def torch_ao_step(float_model: nn.Module, example: torch.Tensor, inputs: torch.Tensor) -> Callable[[], None]:
-    from torch.ao.quantization import get_default_qat_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import prepare_qat_fx
-
-    with common.quiet():
-        prepared = prepare_qat_fx(copy.deepcopy(float_model).train(), get_default_qat_qconfig_mapping("x86"), (example,))
-    return step_fn(prepared, inputs, output_l1)
 
 
 def step_contenders(checkpoint: ck.Checkpoint, factory: Optional[str], inputs: torch.Tensor,

@@ -63,7 +63,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str], bool]] = {
 # Sections whose benchmarks run alone, never from here: they need tools installed beside the venv
 # (scripts/install-peers.sh: NNCF, AIMET, wheels with trained models) or take an hour. BENCHMARKS.md
 # places them as their own last run left them in results/, and its header names that run.
-STANDALONE = ("peers", "onnx_in", "onnx_convert", "budgets", "ranges")
+STANDALONE = ("peers", "onnx_in", "onnx_convert", "budgets", "ranges", "qat_gpu")
 INTRO = [
     "# Benchmarks",
     "",

@@ -241,10 +241,39 @@ def test_compiled_kernels_give_the_eager_gradients():
     fake_quant.use_compiled_kernels(True)
     try:
         compiled = fake_quant._KERNELS["dsq"](grad, x, s, zp, alpha, *bounds)
+        # the CUDA path: the compiled elementwise terms, summed by torch's own reduction
+        terms = fake_quant._gradients("dsq", True, grad, x, s, zp, alpha, *bounds)
         forward = [fake_quant._KERNELS["forward"](ties, scale, zp, *wide) for scale in (scales, scales[:, :1])]
     finally:
         fake_quant.use_compiled_kernels(False)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(terms) == len(eager) == 4
+    for a, b in zip(terms, eager):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(forward, eager_forward):
         assert torch.equal(a, b)
+
+
+def test_readiness_is_remembered_once_true_and_forgotten_on_loading_a_state_dict():
+    """is_ready() reads the `initialized` buffer until it is true (a CUDA model would wait for the
+    device at every call otherwise); loading an uncalibrated state dict makes it read again, so
+    quantize mode before calibration is still refused."""
+    q = create_quantizer(QuantSpec(), "act")
+    blank = {k: v.clone() for k, v in q.state_dict().items()}
+    q.mode = "quantize"
+    with pytest.raises(RuntimeError, match="before calibration"):
+        q(torch.rand(2, 3))
+    q.set_qparams(np.array(0.1), np.array(0.0))
+    assert q.is_ready() and q(torch.rand(2, 3)).shape == (2, 3)
+    q.load_state_dict(blank)
+    assert not q.is_ready()
+    with pytest.raises(RuntimeError, match="before calibration"):
+        q(torch.rand(2, 3))
+
+
+def test_code_range_tensors_live_on_the_datas_device():
+    low, high = fake_quant._bounds(0, 255, torch.float32, torch.device("meta"))
+    assert low.device.type == high.device.type == "meta" and float(fake_quant._bounds(0, 255, torch.float32,
+                                                                                        torch.device("cpu"))[1]) == 255

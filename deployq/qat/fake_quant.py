@@ -47,10 +47,10 @@ def soft_round(v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return i + 0.5 * (phi + 1.0)
 
 
-def _gradients_ste(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor,
-                   qmin: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """∂L/∂x (elementwise), ∂L/∂s and ∂L/∂zp (summed to the qparams' (1, C, 1) shape) of x̂ with the
-    straight-through rounding gradient; x and grad in the grouped (outer, C, inner) layout."""
+def _ste_terms(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor,
+               qmin: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """∂L/∂x, and the elementwise terms of ∂L/∂s and ∂L/∂zp, of x̂ with the straight-through rounding
+    gradient; x and grad in the grouped (outer, C, inner) layout."""
     v = x / s
     r = torch.round(v)
     level = r + zp
@@ -59,12 +59,12 @@ def _gradients_ste(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: tor
     grad_x = torch.where(inside, grad, 0.0)
     grad_s = torch.where(inside, r - v, torch.where(below, qmin - zp, qmax - zp)) * grad
     grad_zp = torch.where(inside, 0.0, -s * grad)
-    return grad_x, grad_s.sum((0, 2), keepdim=True), grad_zp.sum((0, 2), keepdim=True)
+    return grad_x, grad_s, grad_zp
 
 
-def _gradients_dsq(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, alpha: torch.Tensor,
-                   qmin: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same with DSQ's soft-rounding slope, and ∂L/∂α (summed to a scalar)."""
+def _dsq_terms(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, alpha: torch.Tensor,
+               qmin: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same with DSQ's soft-rounding slope, and the elementwise terms of ∂L/∂α."""
     v = x / s
     r = torch.round(v)
     level = r + zp
@@ -82,8 +82,32 @@ def _gradients_dsq(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: tor
     grad_s = torch.where(inside, r - slope * v, torch.where(below, qmin - zp, qmax - zp)) * grad
     grad_zp = torch.where(inside, 0.0, -s * grad)
     grad_alpha = torch.where(inside, grad * s * dsoft_dalpha, 0.0)
-    return (grad_x, grad_s.sum((0, 2), keepdim=True), grad_zp.sum((0, 2), keepdim=True),
-            grad_alpha.sum())
+    return grad_x, grad_s, grad_zp, grad_alpha
+
+
+def _summed(terms: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """∂L/∂x as it is; ∂L/∂s and ∂L/∂zp summed to the qparams' (1, C, 1) shape; ∂L/∂α to a scalar."""
+    return (terms[0], *(t.sum((0, 2), keepdim=True) for t in terms[1:3]), *(t.sum() for t in terms[3:]))
+
+
+def _gradients_ste(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """∂L/∂x, ∂L/∂s, ∂L/∂zp with the straight-through rounding gradient (one fused loop when compiled)."""
+    return _summed(_ste_terms(*args))
+
+
+def _gradients_dsq(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same with DSQ's soft rounding, and ∂L/∂α."""
+    return _summed(_dsq_terms(*args))
+
+
+def _gradients(kind: str, cuda: bool, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The `kind` ("ste" or "dsq") gradients. On a CPU one kernel computes the terms and their sums.
+    On CUDA only the elementwise terms are compiled and torch's own reduction sums them: inductor's
+    fused reduction over the (outer, 1, inner) layout took 85 % of a QAT step's GPU time (H200,
+    BENCHMARKS.md's QAT-on-a-GPU section)."""
+    if not cuda:
+        return _KERNELS[kind](*args)
+    return _summed(_KERNELS[f"{kind}_terms"](*args))
 
 
 def _fake_quantize_forward(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, qmin: torch.Tensor,
@@ -94,7 +118,8 @@ def _fake_quantize_forward(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, q
 
 
 _RECOMPILE_LIMIT = 64
-_EAGER = {"forward": _fake_quantize_forward, "ste": _gradients_ste, "dsq": _gradients_dsq}
+_EAGER = {"forward": _fake_quantize_forward, "ste": _gradients_ste, "dsq": _gradients_dsq,
+          "ste_terms": _ste_terms, "dsq_terms": _dsq_terms}
 _KERNELS = dict(_EAGER)  # compiled versions replace them, when asked
 
 
@@ -162,7 +187,7 @@ class FakeQuantize(torch.autograd.Function):
         ctx.qmin, ctx.qmax = qmin, qmax
         shape = _grouped_shape(x.shape, s.shape)
         y = _KERNELS["forward"](x.detach().reshape(shape), s.detach().reshape(1, shape[1], 1),
-                                zp.detach().reshape(1, shape[1], 1), *_bounds(qmin, qmax, x.dtype))
+                                zp.detach().reshape(1, shape[1], 1), *_bounds(qmin, qmax, x.dtype, x.device))
         return y.reshape(x.shape)
 
     @staticmethod
@@ -176,22 +201,23 @@ class FakeQuantize(torch.autograd.Function):
         shape = _grouped_shape(x.shape, s.shape)
         args = (grad.reshape(shape), x.detach().reshape(shape), s.detach().reshape(1, shape[1], 1),
                 zp.detach().reshape(1, shape[1], 1))
-        bounds = _bounds(qmin, qmax, x.dtype)
+        bounds = _bounds(qmin, qmax, x.dtype, x.device)
         grad_alpha = None
         if alpha is None:
-            grad_x, grad_s, grad_zp = _KERNELS["ste"](*args, *bounds)
+            grad_x, grad_s, grad_zp = _gradients("ste", x.is_cuda, *args, *bounds)
         else:
-            grad_x, grad_s, grad_zp, grad_alpha = _KERNELS["dsq"](*args, alpha.detach(), *bounds)
+            grad_x, grad_s, grad_zp, grad_alpha = _gradients("dsq", x.is_cuda, *args, alpha.detach(), *bounds)
             grad_alpha = grad_alpha.reshape(alpha.shape) if need_alpha else None
         return (grad_x.reshape(x.shape), grad_s.reshape(s.shape) if need_s else None,
                 grad_zp.reshape(zp.shape) if need_zp else None, None, None, grad_alpha)
 
 
 @functools.lru_cache(maxsize=None)
-def _bounds(qmin: float, qmax: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The code range as 0-d tensors (made once per range, read only): a compiled kernel then serves
-    every bit width without recompiling."""
-    return torch.tensor(float(qmin), dtype=dtype), torch.tensor(float(qmax), dtype=dtype)
+def _bounds(qmin: float, qmax: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code range as 0-d tensors on the data's device (made once per range and device, read
+    only): a compiled kernel then serves every bit width without recompiling."""
+    return (torch.tensor(float(qmin), dtype=dtype, device=device),
+            torch.tensor(float(qmax), dtype=dtype, device=device))
 
 
 def _grouped_shape(x_shape: torch.Size, q_shape: torch.Size) -> tuple[int, int, int]:

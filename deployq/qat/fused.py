@@ -121,7 +121,7 @@ class QuantLayer(nn.Module):
         inq, wq = self.input_quant, self.weight_quant
         if wq is None:
             return
-        if (bias is None or inq is None or not bool(inq.initialized)
+        if (bias is None or inq is None or not inq.is_ready()
                 or not bias_is_quantized(inq.spec.bits, wq.spec.bits)):
             wq.scale_floor = None
             return

@@ -135,13 +135,13 @@ class MinMaxObserver(Observer):
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
 
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.min.double().numpy(), self.max.double().numpy()
+        return self.min.double().cpu().numpy(), self.max.double().cpu().numpy()
 
     def _reduce(self, reducer: StatisticsReducer, channels: int) -> None:
         """Global min / max: element-wise MIN and MAX (a process that saw nothing sends ±inf)."""
         seen = self.min is not None
-        lo = reducer.min(self.min.double().numpy() if seen else np.full(channels, np.inf))
-        hi = reducer.max(self.max.double().numpy() if seen else np.full(channels, -np.inf))
+        lo = reducer.min(self.min.double().cpu().numpy() if seen else np.full(channels, np.inf))
+        hi = reducer.max(self.max.double().cpu().numpy() if seen else np.full(channels, -np.inf))
         if np.isfinite(lo).all() and np.isfinite(hi).all():
             self.min, self.max = torch.from_numpy(lo).float(), torch.from_numpy(hi).float()
 
@@ -170,8 +170,8 @@ class EMAMinMaxObserver(MinMaxObserver):
         by the number of batches each process saw."""
         weight = float(self.batches) if self.min is not None else 0.0
         zeros = np.zeros(channels)
-        lo = reducer.sum(self.min.double().numpy() * weight if weight else zeros)
-        hi = reducer.sum(self.max.double().numpy() * weight if weight else zeros)
+        lo = reducer.sum(self.min.double().cpu().numpy() * weight if weight else zeros)
+        hi = reducer.sum(self.max.double().cpu().numpy() * weight if weight else zeros)
         total = float(reducer.sum(np.array([weight]))[0])
         if total > 0:
             self.min, self.max = torch.from_numpy(lo / total).float(), torch.from_numpy(hi / total).float()
@@ -201,8 +201,8 @@ class _Histogram:
         self.data_hi: np.ndarray | None = None
 
     def add(self, x2d: torch.Tensor) -> None:
-        blo = x2d.amin(dim=1).double().numpy()
-        bhi = x2d.amax(dim=1).double().numpy()
+        x2d = x2d.detach().cpu()  # the histogram lives in host memory, whatever device the model runs on
+        blo, bhi = x2d.amin(dim=1).double().numpy(), x2d.amax(dim=1).double().numpy()
         if self.counts is None:
             self.data_lo, self.data_hi = blo, bhi
             self.lo, self.hi = blo, np.where(bhi > blo, bhi, blo + 1e-12)

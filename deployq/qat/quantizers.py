@@ -22,7 +22,7 @@ exported integers always match the weights they came from.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -78,6 +78,18 @@ class FakeQuantizer(nn.Module):
             self.zero_point.copy_(torch.as_tensor(zero_point, dtype=torch.float32).reshape(self.zero_point.shape))
             self.initialized.fill_(True)
 
+    def is_ready(self) -> bool:
+        """Whether this quantizer has qparams (its ``initialized`` buffer). Read from the buffer until
+        it is true, then remembered: a CUDA model would otherwise wait for the device at every
+        quantizer of every step. Loading a state dict forgets it."""
+        if not self.__dict__.get("_ready", False):
+            self.__dict__["_ready"] = bool(self.initialized)
+        return self.__dict__["_ready"]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.pop("_ready", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
     def keep_qparams(self) -> None:
         """Stop recomputing this weight quantizer's qparams from the weight: the weight was set so that
         its codes are chosen ones (AdaRound), which a fresh observer could see another range in.
@@ -119,9 +131,9 @@ class FakeQuantizer(nn.Module):
             if not self.is_weight:
                 self.observer.update(x if self.observe_through is None else self.observe_through(x.detach()))
             return x
-        if self.is_weight and (self.weights_follow_observer or not bool(self.initialized)):
+        if self.is_weight and (self.weights_follow_observer or not self.is_ready()):
             self.calibrate_from(x)
-        elif not bool(self.initialized):
+        elif not self.is_ready():
             raise RuntimeError(
                 f"{self.name}: quantize mode before calibration; run deployq.calibrate(model, "
                 "batches) first (or load a checkpoint that has qparams)"
