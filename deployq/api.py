@@ -51,7 +51,7 @@ from deployq.exporters.graph import quantize_count
 from deployq.core.progress import stage
 from deployq.core.qparams import QuantPoint
 from deployq.qat.prepare import capture_notes, quant_points
-from deployq.train.batches import data_batches
+from deployq.train.batches import PIXELS, bounded_inputs, data_batches
 from deployq.train.distill import DistillConfig
 from deployq.train.hessian import DEFAULT_MAX_ITER, DEFAULT_TOL, hessian_traces
 from deployq.train.hessian_report import HessianReport, write_distill_config
@@ -308,13 +308,14 @@ def inspect(model: ModelLike, example_inputs: object = None, *, config: object =
 def hessian(model: ModelLike, data: Inputs, *, layers: Optional[Sequence[str]] = None, tol: float = DEFAULT_TOL,
             max_iter: int = DEFAULT_MAX_ITER, limit: int = 8, batch_size: int = 4, loss: str = "auto",
             mode: str = "float", seed: int = 0, estimator: str = "shared", refine: int = 8,
-            progress: bool = False) -> HessianReport:
+            pixels: int = PIXELS, progress: bool = False) -> HessianReport:
     """Rank the activations of `model` by the Hessian trace of the loss (Hutchinson), for distillation.
 
     `model`: :func:`load_model`'s result, a checkpoint path, or a prepared or plain module (then
     `data` must be batches). `data`: input files (a file or folder, read in the model's input
-    shapes), a YAML dataset or recipe (its train split, with targets), or batches (dicts with
-    'input' and 'target', (input, target) pairs, or input tensors); at most `limit` batches.
+    shapes, cut to about `pixels` per sample where the model runs on smaller ones), a YAML dataset
+    or recipe (its train split, with targets), or batches (dicts with 'input' and 'target',
+    (input, target) pairs, or input tensors); at most `limit` batches.
     `layers`: globs of the activations to trace (default all). The rest are ``deployq hessian``'s
     options of the same names. :func:`write_distill` writes the distillation config.
     """
@@ -327,7 +328,9 @@ def hessian(model: ModelLike, data: Inputs, *, layers: Optional[Sequence[str]] =
         if specs is None:
             raise ValueError("data as files needs the model's input shapes: pass load_model()'s result or a "
                              "checkpoint path, or pass batches")
+        specs, cut = bounded_inputs(qmodel, specs, pixels)
         batches, what = data_batches(data, specs, batch_size, limit, seed=seed)
+        what += cut
     else:
         batches = _batches(data)[:limit]
         what = f"{len(batches)} batches given"

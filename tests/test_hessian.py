@@ -210,3 +210,24 @@ def test_cli_takes_input_files_and_reports_unknown_layers(tmp_path, checkpoint, 
     assert set(dst.load(out).names) == {"enc1.2", "enc2.2"}
     result = CliRunner().invoke(hessian_command, args + ["--layers", "enc3"])
     assert result.exit_code == 1 and "'enc3' is not in the model" in result.output
+
+
+def test_inputs_over_the_pixel_budget_are_read_as_smaller_crops_where_the_model_runs_on_them():
+    """A fully convolutional model whose input has more pixels than the budget is fed crops of about
+    that many (aspect kept, multiples of 32); one of fixed size keeps its input, and says why; its
+    quantizers' modes and BatchNorm statistics are as they were."""
+    from deployq.examples import zoo
+    from deployq.qat.checkpoint import InputSpec
+    from deployq.train.batches import bounded_inputs
+
+    conv = deployq.prepare(zoo.unet().train(), torch.rand(1, 3, 32, 32))
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    (spec,), note = bounded_inputs(conv, [InputSpec("x", (1, 3, 256, 384))], 64 * 64)
+    assert spec.shape == (1, 3, 32, 64) and "crops of 32x64" in note and "over --pixels 4096" in note
+    assert conv.training and all(torch.equal(v, before[k]) for k, v in conv.state_dict().items())
+    assert bounded_inputs(conv, [InputSpec("x", (1, 3, 64, 64))], 64 * 64) == ([InputSpec("x", (1, 3, 64, 64))], "")
+
+    fixed = deployq.prepare(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 128 * 128, 2)),
+                            torch.rand(1, 3, 128, 128))
+    (spec,), note = bounded_inputs(fixed, [InputSpec("x", (1, 3, 128, 128))], 64 * 64)
+    assert spec.shape == (1, 3, 128, 128) and "does not run on 64x64: at full size" in note

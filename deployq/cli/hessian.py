@@ -50,12 +50,15 @@ def _fmt(value: float) -> str:
 @api_option(api.hessian, "refine", "--refine", type=click.IntRange(0), show_default=True,
             help="With the shared estimator: estimate the N layers it ranks highest again with per-layer products "
                  "(the shared estimate's cross terms can swap close layers at the top; 0: don't).")
+@api_option(api.hessian, "pixels", "--pixels", type=click.IntRange(1024), show_default=True,
+            help="Pixels per sample read from files: a larger model input is read as crops of about this many "
+                 "(aspect kept) where the model runs on them (fully convolutional), which bounds the time.")
 @json_option("every layer's trace, standard error and suggested bits")
 @handle_errors
 def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict], config: Optional[str],
             input_shape: Optional[list], leaf: tuple, data: str, layers: tuple[str, ...], top: int, out: str,
             tol: float, max_iter: int, coeff: float, limit: int, batch_size: int, loss: str, mode: str, seed: int,
-            estimator: str, refine: int, json_path: Optional[str]) -> None:
+            estimator: str, refine: int, pixels: int, json_path: Optional[str]) -> None:
     """Rank activations by Hessian trace (Hutchinson) and write a distillation config.
 
     \b
@@ -72,7 +75,8 @@ def hessian(ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[
     source = api.load_model(ckpt=ckpt, factory=factory, model_kwargs=model_kwargs, config=config,
                             input_shape=input_shape, leaf=leaf)
     report = api.hessian(source, data, layers=layers, tol=tol, max_iter=max_iter, limit=limit, batch_size=batch_size,
-                         loss=loss, mode=mode, seed=seed, estimator=estimator, refine=refine, progress=True)
+                         loss=loss, mode=mode, seed=seed, estimator=estimator, refine=refine, pixels=pixels,
+                         progress=True)
     try:
         weights = dict(report.distill_config(top, coeff).layers)
     except DistillError as err:

@@ -3,12 +3,16 @@ YAML dataset or recipe (its train split, with targets) or input files in the mod
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from deployq.train.data import RecipeError, build_dataset, data_spec
+from deployq.train.hessian import _set_modes
 from deployq.train.models import collate
 
 
@@ -56,3 +60,33 @@ def data_batches(path: str | Path, inputs: list, batch_size: int, limit: int, se
     how = f"{crops} random crops of each of {len(files)} files, seed {seed}" if crops > 1 else f"{len(files)} files"
     return [{"input": tuple(torch.from_numpy(f[i.name]) for i in inputs)} for f in feeds], \
         f"{len(feeds)} batches of {shapes} from {path} ({how})"
+
+
+PIXELS = 128 * 128  # per sample, by default: the Hessian's time grows with it (deployq hessian --pixels)
+
+
+def bounded_inputs(model: nn.Module, inputs: list, pixels: int) -> tuple[list, str]:
+    """`inputs` (InputSpec) with height and width cut to about `pixels` per sample (aspect kept,
+    multiples of 32) where a one-input image model takes more and runs on the smaller size (a fully
+    convolutional one does); else as they are. And what was chosen, for the user."""
+    if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[2] * inputs[0].shape[3] <= pixels:
+        return inputs, ""
+    n, c, h, w = inputs[0].shape
+    scale = math.sqrt(pixels / (h * w))
+    small = (max(32, int(h * scale) // 32 * 32), max(32, int(w * scale) // 32 * 32))
+    if small[0] * small[1] >= h * w:
+        return inputs, ""
+    saved, training = _set_modes(model, "float"), model.training
+    model.eval()  # the probe must not move BatchNorm statistics
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, c, *small))
+    except Exception:  # a model of fixed size (a Linear after a flatten, a reshape): the size it takes
+        return inputs, (f"; the input's {h}x{w} is over --pixels {pixels} but the model does not run on "
+                        f"{small[0]}x{small[1]}: at full size")
+    finally:
+        for module, mode in saved.items():
+            module.mode = mode
+        model.train(training)
+    return [replace(inputs[0], shape=(n, c, *small))], f"; crops of {small[0]}x{small[1]}, the input's {h}x{w} " \
+        f"being over --pixels {pixels}"
