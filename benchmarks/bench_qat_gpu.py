@@ -70,6 +70,13 @@ def contenders(checkpoint: ck.Checkpoint, inputs: torch.Tensor) -> dict[str, Cal
     steps = {"float": step_fn(copy.deepcopy(float_model).cuda(), inputs, output_l1),
              "deployq QAT (compiled kernels)": with_kernels(compiled, step_fn(student, inputs, output_l1)),
              "deployq QAT, eager kernels": with_kernels(eager, step_fn(copy.deepcopy(student), inputs, output_l1))}
+    try:  # the same QAT model with its forward and backward replayed as one CUDA graph (no launches)
+        graphed = copy.deepcopy(student)
+        fake_quant._KERNELS.update(eager)
+        graphed = torch.cuda.make_graphed_callables(graphed, (inputs,))
+        steps["deployq QAT, eager kernels in a CUDA graph"] = with_kernels(eager, step_fn(graphed, inputs, output_l1))
+    except Exception as err:  # a model that cannot be captured is a result too
+        print(f"CUDA graph: {common.error_text(err)}", file=sys.stderr)
     try:
         steps["torch.ao FX QAT (x86 qconfig)"] = torch_ao_step(float_model.cuda(), inputs[:1], inputs)
     except Exception as err:  # torch.ao's failure on this model is a result too
@@ -107,7 +114,9 @@ def run(argv: list[str]) -> common.Section:
               f"`{checkpoint.factory}` {checkpoint.factory_kwargs} with the checkpoint's config; Adam; "
               f"{args.steps} steps of each contender round-robin after {args.warmup} warm-up steps, each ended by "
               "torch.cuda.synchronize(). *compiled kernels*: the quantizers' forward and backward math through "
-              "torch.compile (what `deployq train` does); *first step*: the first call, compilation included. "
+              "torch.compile (what `deployq train` does); *in a CUDA graph*: torch.cuda.make_graphed_callables over the "
+              "prepared model, forward and backward replayed without launching each kernel (the optimizer outside "
+              "it); *first step*: the first call, compilation included. "
               "torch.ao quantizes with its own placement (fewer quant points than deployq's) and fixed "
               "(non-learned) scales."]
     return common.Section("qat_gpu", "QAT training step on a GPU", common.command_line(SCRIPT, argv), lines)
