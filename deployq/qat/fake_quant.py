@@ -70,14 +70,15 @@ def _dsq_terms(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.T
     level = r + zp
     below = level < qmin
     inside = ~(below | (level > qmax))
-    k = torch.log(2.0 / alpha - 1.0)
-    u = v - torch.floor(v) - 0.5
-    t = torch.tanh(k * u)
+    k = torch.log(2.0 / alpha - 1.0)  # the scalars first: per element only multiplications remain
     half = torch.tanh(0.5 * k)
+    dk = -2.0 / (alpha * (2.0 - alpha))  # ∂k/∂α
+    u = v - torch.floor(v) - 0.5
+    t = 1.0 - 2.0 / (torch.exp(2.0 * k * u) + 1.0)  # tanh(k·u): inductor's CPU tanh is ~2.7x slower than exp
     bell = 1.0 - t * t
-    slope = 0.5 * k * bell / half
-    dsoft_dalpha = (0.5 * (u * bell * half - 0.5 * t * (1.0 - half * half)) / (half * half)
-                    * (-2.0 / (alpha * (2.0 - alpha))))
+    slope = bell * (0.5 * k / half)
+    # ∂soft/∂α = ½·(u·bell·half − ½·t·(1 − half²)) / half² · ∂k/∂α
+    dsoft_dalpha = u * bell * (0.5 * dk / half) - t * (0.25 * dk * (1.0 - half * half) / (half * half))
     grad_x = torch.where(inside, grad * slope, 0.0)
     grad_s = torch.where(inside, r - slope * v, torch.where(below, qmin - zp, qmax - zp)) * grad
     grad_zp = torch.where(inside, 0.0, -s * grad)
