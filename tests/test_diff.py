@@ -441,12 +441,29 @@ def test_a_model_whose_names_differ_is_paired_by_graph_position_with_the_same_nu
         r.point.name for r in by_name.rows if r.point.kind == "weight"}
 
 
+def _quantize_static(tmp_path) -> onnx.ModelProto:
+    """`tmp_path/theirs.onnx` (a TorchScript export: its own tensor names, `/conv1/Conv_output_0`)
+    quantized as another tool's user would: onnxruntime's quantize_static, QDQ, per channel."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    theirs = onnx.load(tmp_path / "theirs.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{theirs.graph.input[0].name: f["x"]} for f in feeds(8, seed=3)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "theirs.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True)
+    return onnx.load(tmp_path / "q.onnx")
+
+
 def test_another_exporters_quantize_static_model_pairs_every_convolution(tmp_path):
     """The TorchScript exporter names tensors `/blocks.0/conv1/Conv_output_0`; quantize_static
     keeps those names. diff against deployq's float graph of the same network pairs every
     convolution and the Linear by position, each with its own error (not another layer's)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     from deployq.deploy.float_graph import export_float
 
     model = zoo.resnet().eval()
@@ -458,17 +475,7 @@ def test_another_exporters_quantize_static_model_pairs_every_convolution(tmp_pat
     torch.onnx.export(model, (torch.rand(*SHAPE),), str(tmp_path / "theirs.onnx"), dynamo=False)
     theirs = onnx.load(tmp_path / "theirs.onnx")
     assert theirs.graph.input[0].name != "x" and any(n.output[0].startswith("/") for n in theirs.graph.node)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{theirs.graph.input[0].name: f["x"]} for f in feeds(8, seed=3)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(tmp_path / "theirs.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True)
-    report = diff(float_model, onnx.load(tmp_path / "q.onnx"), feeds(2), mode="local", progress=False)
+    report = diff(float_model, _quantize_static(tmp_path), feeds(2), mode="local", progress=False)
     layers = [n for n in float_model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     weights = [r for r in report.rows if r.point.kind == "weight"]
     assert len(weights) == len(layers) == 6
@@ -485,8 +492,6 @@ def test_another_tools_convtranspose_pairs_with_deployqs_conv_and_depth_to_space
     models' layout records); another tool's export keeps the ConvTranspose. diff pairs the two by
     the record: the layer by its weights in the ConvTranspose's layout, its output at the
     DepthToSpace's, its weight row against the float weight in that layout."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     model = zoo.unet().eval()
     qmodel = deployq.prepare(model, torch.rand(*SHAPE))
     deployq.calibrate(qmodel, calibration_inputs(4), progress=False)
@@ -495,17 +500,7 @@ def test_another_tools_convtranspose_pairs_with_deployqs_conv_and_depth_to_space
     torch.onnx.export(model, (torch.rand(*SHAPE),), str(tmp_path / "theirs.onnx"), dynamo=False)
     theirs = onnx.load(tmp_path / "theirs.onnx")
     assert [n.op_type for n in theirs.graph.node].count("ConvTranspose") == 1
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{theirs.graph.input[0].name: f["x"]} for f in feeds(8, seed=3)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(tmp_path / "theirs.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True)
-    report = diff(float_model, onnx.load(tmp_path / "q.onnx"), feeds(2), mode="local", progress=False)
+    report = diff(float_model, _quantize_static(tmp_path), feeds(2), mode="local", progress=False)
     weights = {r.point.name: r for r in report.rows if r.point.kind == "weight"}
     assert set(weights) == {n.input[1] for n in float_model.graph.node if n.op_type == "Conv"}  # up.weight too
     assert weights["up.weight"].point.op == "ConvTranspose" and weights["up.weight"].stats.sqnr_db > 30
