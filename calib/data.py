@@ -18,9 +18,6 @@ import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 import numpy as np
-import skimage.io
-import skimage.transform
-import skimage.util
 import torch
 
 
@@ -159,6 +156,8 @@ def _raw_samples(path: Path, chw: Sequence[int], ratio: float | None, rng: np.ra
 
 
 def _read_image(path: Path) -> np.ndarray:
+    import skimage.io  # on first use: ~0.1 s that commands reading no image should not wait for
+
     try:
         return skimage.io.imread(path)
     except (OSError, ValueError) as error:
@@ -175,6 +174,9 @@ def _image_samples(path: Path, chw: Sequence[int], rng: np.random.Generator | No
     one channel; the channel count must match.
     """
     channels, height, width = chw
+    import skimage.transform
+    import skimage.util
+
     image = skimage.util.img_as_float32(_read_image(path))
     if image.ndim == 2:
         image = image[..., None]

@@ -319,7 +319,7 @@ def hessian(model: ModelLike, data: Inputs, *, layers: Optional[Sequence[str]] =
     `layers`: globs of the activations to trace (default all). The rest are ``deployq hessian``'s
     options of the same names. :func:`write_distill` writes the distillation config.
     """
-    if isinstance(model, nn.Module) and not isinstance(model, ModelSource):
+    if isinstance(model, nn.Module):
         qmodel, specs = model, None
     else:
         source = _source(model, None, None)

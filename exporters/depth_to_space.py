@@ -35,18 +35,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from deployq.exporters.graph import (CONV_TRANSPOSE_BLOCKS, DEPTH_TO_SPACE, Names, PassLog, constant_value, consumers,
-                                     producer, to_blocks, undo_layout)
+                                     producer, to_blocks)
 
 POINTWISE_OPS = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus")
 SUFFIX = "_space_to_depth"
-
-
-to_block_weight = to_blocks  # ConvTranspose weight (Cin, C, s, s) -> 1×1 Conv weight (s²·C, Cin, 1, 1)
-
-
-def from_block_weight(w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Inverse of :func:`to_block_weight`, given the ConvTranspose weight's shape (Cin, C, s, s)."""
-    return undo_layout(w, {"layout": CONV_TRANSPOSE_BLOCKS}, shape)
 
 
 def _tile(values: np.ndarray, s: int) -> np.ndarray:
@@ -156,7 +148,7 @@ class _Rewriter:
 
     def rewrite(self, node: gs.Node) -> None:
         s = int(node.attrs["kernel_shape"][0])
-        self._operand(node, 1, s, to_block_weight)
+        self._operand(node, 1, s, to_blocks)
         weight = node.inputs[1] if constant_value(node.inputs[1]) is not None else producer(node.inputs[1]).inputs[0]
         self.log.layouts[weight.name] = {"of": weight.name, "layout": CONV_TRANSPOSE_BLOCKS, "blocksize": s}
         if len(node.inputs) > 2 and node.inputs[2].name:

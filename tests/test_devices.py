@@ -21,9 +21,8 @@ from deployq.deploy import devices
 from deployq.cli import main
 from deployq.cli.export import DEVICE_NAMES
 from deployq.examples.lowlight import model as lowlight_model
-from deployq.exporters.depth_to_space import (convtranspose_to_depth_to_space, from_block_weight, to_block_weight,
-                                              why_not)
-from deployq.exporters.graph import PassLog, to_model
+from deployq.exporters.depth_to_space import convtranspose_to_depth_to_space, why_not
+from deployq.exporters.graph import CONV_TRANSPOSE_BLOCKS, PassLog, to_blocks, to_model, undo_layout
 from deployq.core.qparams import QuantPoint
 from deployq.core.runtime import session
 
@@ -53,10 +52,11 @@ def _run(model: onnx.ModelProto, x: np.ndarray, optimize: bool = False) -> np.nd
 
 def test_block_weight_is_a_permutation_and_its_inverse_restores_it():
     w = np.arange(6 * 5 * 3 * 3).reshape(6, 5, 3, 3)
-    blocks = to_block_weight(w)
+    blocks = to_blocks(w)
     assert blocks.shape == (45, 6, 1, 1) and sorted(blocks.ravel()) == sorted(w.ravel())
     assert blocks[(1 * 3 + 2) * 5 + 4, 3, 0, 0] == w[3, 4, 1, 2]  # channel (i*s + j)*C + c holds W[ci, c, i, j]
-    assert np.array_equal(from_block_weight(blocks, w.shape), w)
+    assert np.array_equal(undo_layout(blocks, {"layout": CONV_TRANSPOSE_BLOCKS}, w.shape), w)
+    assert np.array_equal(undo_layout(blocks, {"layout": CONV_TRANSPOSE_BLOCKS, "blocksize": 3}), w)  # shape from the record
 
 
 @pytest.mark.parametrize("activation", ["Relu", "LeakyRelu", None])

@@ -22,8 +22,8 @@ from deployq.core.qformula import dequantize_np, quantize_np
 from deployq.core.qparams import QParamsError, QuantPoint
 from deployq.core.runtime import ModelFileError
 from deployq.exporters import fold_batchnorm_copy
-from deployq.exporters.graph import (ACTIVATION_OPS, DATA_MOVEMENT_OPS, DEPTH_TO_SPACE, WEIGHT_LAYER_OPS, base_name,
-                                     layout_view, layouts_of, narrowing_clip_bits, quantized_tensor)
+from deployq.exporters.graph import (ACTIVATION_OPS, DATA_MOVEMENT_OPS, WEIGHT_LAYER_OPS, base_name, layout_view,
+                                     narrowing_clip_bits, quantized_tensor)
 
 __all__ = ["MatchedPoint", "Matching", "match", "match_inputs", "weight_value", "with_types"]
 
@@ -136,7 +136,7 @@ class _Walk:
                 self.float_readers.setdefault(i, []).append(n)
         self.graph_outputs = {o.name for o in quant_model.graph.output}
         # tensors a pass wrote in another layout (its record, not its naming): {copy: the tensor it stands for}
-        self.copies = {name: r["of"] for name, r in layouts_of(quant_model).items() if r.get("layout") == DEPTH_TO_SPACE}
+        self.copies = layout_view(quant_model)[1]
         self.copy_of = {of: name for name, of in self.copies.items()}
         self.points: list[MatchedPoint] = []
         self.by_value: dict[str, MatchedPoint] = {}  # dequantized tensor -> its quant point
