@@ -50,10 +50,10 @@ def synchronized(step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def with_kernels(kernels: dict, step: Callable[[], None]) -> Callable[[], None]:
-    """`step` with the quantizers' math set to `kernels` (compiled or eager)."""
+def with_kernels(compiled: bool, step: Callable[[], None]) -> Callable[[], None]:
+    """`step` with the quantizers' math compiled (torch.compile, on CUDA) or eager."""
     def run() -> None:
-        fake_quant._KERNELS.update(kernels)
+        fake_quant.use_compiled_kernels(compiled)
         step()
     return run
 
@@ -62,17 +62,13 @@ def contenders(checkpoint: ck.Checkpoint, inputs: torch.Tensor) -> dict[str, Cal
     float_model = loading.checkpoint_float_model(checkpoint, None).train()
     student = deployq.prepare(float_model, (inputs[:1].cpu(),), checkpoint.config).cuda()
     deployq.calibrate(student, [inputs], progress=False)
-    fake_quant.use_compiled_kernels(False)
-    eager = dict(fake_quant._KERNELS)
-    fake_quant.use_compiled_kernels(True)
-    compiled = dict(fake_quant._KERNELS)
-    fake_quant.use_compiled_kernels(False)
+    compiled, eager = True, False
     steps = {"float": step_fn(copy.deepcopy(float_model).cuda(), inputs, output_l1),
              "deployq QAT (compiled kernels)": with_kernels(compiled, step_fn(student, inputs, output_l1)),
              "deployq QAT, eager kernels": with_kernels(eager, step_fn(copy.deepcopy(student), inputs, output_l1))}
     try:  # the same QAT model with its forward and backward replayed as one CUDA graph (no launches)
         graphed = copy.deepcopy(student)
-        fake_quant._KERNELS.update(eager)
+        fake_quant.use_compiled_kernels(eager)
         graphed = torch.cuda.make_graphed_callables(graphed, (inputs,))
         steps["deployq QAT, eager kernels in a CUDA graph"] = with_kernels(eager, step_fn(graphed, inputs, output_l1))
     except Exception as err:  # a model that cannot be captured is a result too

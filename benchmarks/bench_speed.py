@@ -47,6 +47,7 @@ from deployq.qat import loading
 from deployq.train import distill as dst
 from deployq.qat import fake_quant
 from deployq.qat.config import QConfig
+from deployq.qat.config import from_dict as config_from_dict
 from deployq.examples.lowlight.evaluate import VAL_SIZE, validation_set
 from deployq.deploy.export import ExportResult
 from deployq.qat.loading import resolve_model
@@ -69,7 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--step-repeats", type=int, default=10, help="timed training steps of each kind")
     parser.add_argument("--step-batch", type=int, default=16, help="training batch (the example's recipes: 16)")
     parser.add_argument("--no-compile", action="store_true",
-                        help="time deployq's QAT with eager quantizer kernels only (no torch.compile; quick runs)")
+                        help="time deployq's QAT with eager quantizer kernels only (no C kernels; quick runs)")
     parser.add_argument("--step-size", type=int, default=64, help="training crop in raw pixels")
     parser.add_argument("--distill-layers", help="layers distilled in the step timing, comma-separated (default: "
                         "the low-light recipe's two, else the model's last activation quant point)")
@@ -186,10 +187,10 @@ def distill_layers(student: nn.Module, requested: Optional[str]) -> list[str]:
     return [next(n for n, p in reversed(points.items()) if p.kind == "activation")]
 
 
-def with_kernels(kernels: dict, step: Callable[[], None]) -> Callable[[], None]:
-    """`step` with the quantizers' backward math set to `kernels` (compiled or eager)."""
+def with_kernels(compiled: bool, step: Callable[[], None]) -> Callable[[], None]:
+    """`step` with the quantizers' math as fused kernels (what `deployq train` runs) or eager."""
     def run() -> None:
-        fake_quant._KERNELS.update(kernels)
+        fake_quant.use_compiled_kernels(compiled)
         step()
     return run
 
@@ -204,22 +205,35 @@ def step_contenders(checkpoint: ck.Checkpoint, factory: Optional[str], inputs: t
     student = deployq.prepare(float_model, (example,), checkpoint.config)
     deployq.calibrate(student, [inputs], progress=False)
     layers = distill_layers(student, requested_layers)
-    fake_quant.use_compiled_kernels(False)
-    eager = dict(fake_quant._KERNELS)
-    fake_quant.use_compiled_kernels(compile_kernels)
-    compiled = dict(fake_quant._KERNELS)
-    fake_quant.use_compiled_kernels(False)
+    compiled, eager = compile_kernels, False
     contenders = {"float": step_fn(copy.deepcopy(float_model), inputs, output_l1),
                   "deployq QAT": with_kernels(compiled, step_fn(student, inputs, output_l1)),
                   f"deployq QAT + distillation ({len(layers)} layers)": with_kernels(compiled, distill_step(
                       copy.deepcopy(student), float_model, example, inputs, layers, checkpoint.config)),
                   "deployq QAT, eager kernels": with_kernels(eager, step_fn(copy.deepcopy(student), inputs, output_l1))}
+    plain = straight_through_config(checkpoint.config)
+    if plain is not None:  # the same model with torch.ao's rounding gradient: what the method costs
+        ste = deployq.prepare(float_model, (example,), plain)
+        deployq.calibrate(ste, [inputs], progress=False)
+        contenders[STE_ROW] = with_kernels(compiled, step_fn(ste, inputs, output_l1))
     failures = {}
     try:
         contenders["torch.ao FX QAT (x86)"] = torch_ao_step(float_model, example, inputs)
     except Exception as err:  # torch.ao's failure on this model is the result
         failures["torch.ao FX QAT (x86)"] = common.error_text(err)
     return contenders, failures, layers
+
+
+STE_ROW = "deployq QAT, straight-through rounding gradient (DSQ off)"
+
+
+def straight_through_config(config: QConfig) -> Optional[QConfig]:
+    """`config` with DSQ's soft-rounding gradient replaced by the straight-through one (dsq_lsq ->
+    lsq+, dsq -> fixed: the same learned or observed qparams), or None where it uses no DSQ."""
+    text = json.dumps(config.to_dict())
+    if '"dsq' not in text:
+        return None
+    return config_from_dict(json.loads(text.replace('"dsq_lsq"', '"lsq+"').replace('"dsq"', '"fixed"')))
 
 
 def training_section(args: argparse.Namespace, ckpts: common.LowlightCheckpoints,
@@ -242,26 +256,32 @@ def training_section(args: argparse.Namespace, ckpts: common.LowlightCheckpoints
               f"does not depend on them), batch {args.step_batch}×{tuple(inputs.shape[1:])}, Adam, "
               f"{args.step_repeats} steps of each kind round-robin after one warm-up, {torch.get_num_threads()} "
               "torch thread(s). deployq QAT uses the checkpoint's config; distillation layers: "
-              f"{', '.join(f'`{n}`' for n in layers)}. Its quantizers' forward and backward run through "
-              "torch.compile (what `deployq train` does; compiled once, in the warm-up step) or eagerly "
-              "(the eager row)."]
+              f"{', '.join(f'`{n}`' for n in layers)}. Its quantizers' forward and backward run as the C "
+              "kernels `deployq train` builds on a CPU (deployq/qat/kernels.c), or eagerly (the eager row). "
+              f"The example's config learns DSQ's soft rounding at every point; the row `{STE_ROW}` is the "
+              "same model with the straight-through rounding gradient that torch.ao uses (lsq+ for dsq_lsq, "
+              "fixed for dsq). Adam is torch's fused implementation for every row (what `deployq train` uses)."]
     breakdown, shares = step_breakdown(contenders, ("float", "deployq QAT"))
     if facts is not None:
         medians = {name: common.median(t) for name, t in times.items()}
+        qat = shares["deployq QAT"]
         facts.update(qat_step=medians["deployq QAT"] / base, eager_step=medians["deployq QAT, eager kernels"] / base,
-                     fake_quant_share=shares["deployq QAT"].get("fake-quant kernels (compiled)", 0.0)
-                     / sum(shares["float"].values()))
-        if "torch.ao FX QAT (x86)" in medians:
-            facts["torch_ao_step"] = medians["torch.ao FX QAT (x86)"] / base
+                     fake_quant_share=qat.get(FAKE_QUANT, 0.0) / sum(shares["float"].values()),
+                     compile_share=qat.get(TORCH_COMPILE, 0.0) / sum(qat.values()))
+        for name, key in (("torch.ao FX QAT (x86)", "torch_ao_step"), (STE_ROW, "ste_step")):
+            if name in medians:
+                facts[key] = medians[name] / base
     return lines + breakdown
 
 # where a step's CPU time goes: profiler event name (prefix) -> category; the rest is "other"
+FAKE_QUANT = "fake quantizers (their autograd nodes, C kernels inside)"
+TORCH_COMPILE = "torch.compile (guards and compiled kernels)"
 STEP_CATEGORIES = (("aten::convolution_backward", "convolutions"), ("aten::mkldnn_convolution", "convolutions"),
-                   ("aten::_convolution", "convolutions"), ("## Call CompiledFxGraph", "fake-quant kernels (compiled)"),
-                   ("TorchDynamo Cache Lookup", "torch.compile guards"), ("Torch-Compiled Region", "torch.compile guards"),
-                   ("FakeQuantize", "fake-quant autograd nodes"), ("Optimizer.step", "optimizer"),
-                   ("aten::lerp_", "optimizer"), ("aten::addcdiv_", "optimizer"), ("aten::addcmul_", "optimizer"),
-                   ("aten::sqrt", "optimizer"))
+                   ("aten::_convolution", "convolutions"), ("FakeQuantize", FAKE_QUANT),
+                   ("## Call CompiledFxGraph", TORCH_COMPILE), ("TorchDynamo Cache Lookup", TORCH_COMPILE),
+                   ("Torch-Compiled Region", TORCH_COMPILE), ("Optimizer.step", "optimizer"),
+                   ("aten::_fused_adam", "optimizer"), ("aten::lerp_", "optimizer"), ("aten::addcdiv_", "optimizer"),
+                   ("aten::addcmul_", "optimizer"), ("aten::sqrt", "optimizer"))
 
 
 def step_breakdown(contenders: dict[str, Callable[[], None]], names: tuple[str, ...],

@@ -126,12 +126,19 @@ def goals(facts: dict[str, dict[str, float]]) -> list[str]:
     rows = []
     speed, latency, hessian = facts.get("speed", {}), facts.get("latency", {}), facts.get("hessian", {})
     if "qat_step" in speed:
-        step = speed["qat_step"]
+        step, ao = speed["qat_step"], speed.get("torch_ao_step", math.nan)
+        ste = f", with the straight-through rounding gradient {speed['ste_step']:.2f}×" if "ste_step" in speed else ""
         rows.append(["QAT training step / float step (low-light, CPU)", f"{step:.2f}× (eager kernels "
-                     f"{speed['eager_step']:.2f}×; torch.ao FX QAT {speed.get('torch_ao_step', math.nan):.2f}×)",
+                     f"{speed['eager_step']:.2f}×{ste}; torch.ao FX QAT {ao:.2f}×)",
                      "≤ 1.5×", "yes" if step <= 1.5 else
-                     f"no: the compiled fake-quant kernels alone (forward and backward of every quant point) take "
-                     f"{speed['fake_quant_share']:.2f}× a whole float step (profile in the speed section)"])
+                     f"no: the fake quantizers (C kernels and their autograd nodes, forward and backward of every "
+                     f"quant point) take {speed['fake_quant_share']:.2f}× a whole float step (profile in the speed "
+                     "section)"])
+        rows.append(["QAT training step against torch.ao FX QAT on the same model", f"{step / ao:.2f}× torch.ao's "
+                     "step", "≤ 1×", "yes" if step <= ao else "no"])
+        share = speed.get("compile_share", math.nan)
+        rows.append(["torch.compile's share of a QAT step (CPU)", f"{100 * share:.1f} %", "< 10 %",
+                     "yes" if share < 0.1 else "no"])
     if "shared_seconds" in hessian:
         t = hessian["shared_seconds"]
         rho, ceiling = hessian["spearman"], hessian.get("spearman_ceiling", math.nan)

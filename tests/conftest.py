@@ -45,10 +45,10 @@ def rng():
 
 
 @pytest.fixture(autouse=True)
-def _eager_quantizer_kernels(monkeypatch):
-    """Training in tests runs a few steps: compiling the quantizers' backward (torch.compile, ~30 s
-    once) would cost more than it saves. tests/test_quantizers.py tests the compiled kernels."""
+def _eager_quantizer_kernels_after_each_test():
+    """`deployq train` turns the quantizers' fused kernels on (the C kernels on the CPU, what users
+    run); each test starts from the eager ones again, whatever the test before it trained."""
     from deployq.qat import fake_quant
-    from deployq.train import loop as train
 
-    monkeypatch.setattr(train, "use_compiled_kernels", lambda enabled=True: fake_quant.use_compiled_kernels(False))
+    yield
+    fake_quant.use_compiled_kernels(False)

@@ -314,8 +314,10 @@ def test_check_catches_a_fault_in_a_quantizers_own_forward(tmp_path, monkeypatch
                    inputs=[ck.InputSpec("x", (1, 3, 16, 16))])
     result = run_export(resolve_model(ckpt=str(path)), tmp_path / "out", progress=False)
     ties = (torch.randint(0, 200, (1, 3, 16, 16)).float() + 0.5) * 2.0 ** -6
-    def half_up(ctx, x, s, zp, qmin, qmax, alpha):
-        return (torch.clamp(torch.floor(x / s + 0.5) + zp, qmin, qmax) - zp) * s
+    def half_up(ctx, x, s, zp, alpha, floor, rule, g):  # (a "fixed" quantizer stores s itself)
+        shape = [-1 if axis == rule.axis else 1 for axis in range(x.ndim)] if s.ndim else []
+        s, zp = s.reshape(shape), zp.reshape(shape)
+        return (torch.clamp(torch.floor(x / s + 0.5) + zp, rule.qmin, rule.qmax) - zp) * s
 
     monkeypatch.setattr(fake_quant.FakeQuantize, "forward", staticmethod(half_up))
     report = check_parity(result.qmodel, result.quant_model, [ties])

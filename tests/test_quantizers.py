@@ -8,10 +8,34 @@ import torch
 
 from deployq.core.qspec import QuantSpec
 from deployq.qat import fake_quant
-from deployq.qat.fake_quant import soft_round
+from deployq.qat.fake_quant import straight_through
 from deployq.qat.quantizers import QUANTIZERS, create_quantizer
 
 ALL = ["fixed", "lsq", "lsq+", "dsq", "dsq_lsq", "pact"]
+
+
+# --- the quantizers' formulas written with autograd's own ops: the references the fused node is
+# --- checked against
+
+
+def round_ste(v: torch.Tensor) -> torch.Tensor:
+    """rint (half to even) forward, identity gradient (the straight-through estimator)."""
+    return straight_through(torch.round(v), v)
+
+
+def scale_gradient(p: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; the gradient reaching `p` is multiplied by `factor` (LSQ's g)."""
+    return straight_through(p, p * factor)
+
+
+def soft_round(v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """DSQ's differentiable rounding in the integer domain (interval width Δ = 1): within [i, i+1],
+    i + (φ + 1)/2 with φ = tanh(k(v − i − ½)) / tanh(k/2), k = log(2/α − 1). As α → 0 it becomes
+    round(v); α is the distance of φ from ±1 at the interval ends (Gong et al., 2019)."""
+    i = torch.floor(v).detach()
+    k = torch.log(2.0 / alpha - 1.0)
+    phi = torch.tanh(k * (v - i - 0.5)) / torch.tanh(0.5 * k)
+    return i + 0.5 * (phi + 1.0)
 
 
 def numpy_fake_quant(x, s, zp, qmin, qmax, axis=None):
@@ -175,13 +199,14 @@ def _reference(q, x):
     """The quantizer's formula written with autograd's own elementwise ops (what the fused node
     replaces): LSQ's gradient scale g on the learned scale and offset, and round with the
     straight-through or DSQ's soft-rounding gradient."""
-    from deployq.qat.fake_quant import round_ste, scale_gradient, straight_through
 
     g = 1.0 / math.sqrt(q._feature_count(x) * q.qmax)
     if hasattr(q, "log_scale"):
         scale = torch.exp(scale_gradient(q.log_scale, g))
     else:
         scale = q.scale
+    if q.scale_floor is not None:
+        scale = torch.maximum(scale, q.scale_floor)
     if isinstance(q.zero_point, torch.nn.Parameter):
         zp = torch.clamp(round_ste(scale_gradient(q.zero_point, g)), q.qmin, q.qmax)
     else:
@@ -200,10 +225,13 @@ def _reference(q, x):
 
 @pytest.mark.parametrize("name", ["fixed", "lsq", "lsq+", "dsq", "dsq_lsq"])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_fused_gradients_equal_autograds_own(name, per_channel):
+@pytest.mark.parametrize("floor", [False, True])
+@pytest.mark.parametrize("kernels", ["eager", "C"])
+def test_fused_gradients_equal_autograds_own(name, per_channel, floor, kernels):
     """The fused node's closed-form backward gives the gradients autograd computes for the same
-    formula written out (to float rounding), for x, the scale, the zero point and DSQ's α; the
-    forward is the same, bit for bit."""
+    formula written out (to float rounding), for x, the scale, the zero point and DSQ's α, with and
+    without a scale floor (above one channel's scale, tied with another's, below a third's); the
+    forward is the same, bit for bit. Eagerly and with the C kernels of `deployq train`."""
     spec = QuantSpec(bits=4, signed=False, symmetric=False, per_channel=per_channel, quantizer=name)
     q = create_quantizer(spec, "t", axis=1, channels=3)
     q.set_qparams(np.array([0.11, 0.2, 0.05]) if per_channel else np.array(0.1),
@@ -213,6 +241,11 @@ def test_fused_gradients_equal_autograds_own(name, per_channel):
     if isinstance(q.zero_point, torch.nn.Parameter):
         with torch.no_grad():
             q.zero_point.add_(0.3)  # off the integer grid, as a learned offset is
+    if floor:
+        s = q._effective_scale().detach()
+        q.scale_floor = s * torch.tensor([1.5, 1.0, 0.5]) if per_channel else s * 1.0  # per tensor: a tie
+    fake_quant.use_compiled_kernels(kernels == "C")
+    assert (fake_quant._NATIVE[0] is not None) == (kernels == "C")
     x = (torch.randn(2, 3, 5, 5) * 0.8 + 0.2).requires_grad_()
     weight = torch.randn(2, 3, 5, 5)
     params = [p for p in q.parameters() if p.requires_grad]
@@ -242,7 +275,7 @@ def test_compiled_kernels_give_the_eager_gradients():
     try:
         compiled = fake_quant._KERNELS["dsq"](grad, x, s, zp, alpha, *bounds)
         # the CUDA path: the compiled elementwise terms, summed by torch's own reduction
-        terms = fake_quant._gradients("dsq", True, grad, x, s, zp, alpha, *bounds)
+        terms = fake_quant._summed(fake_quant._KERNELS["dsq_terms"](grad, x, s, zp, alpha, *bounds))
         forward = [fake_quant._KERNELS["forward"](ties, scale, zp, *wide) for scale in (scales, scales[:, :1])]
     finally:
         fake_quant.use_compiled_kernels(False)

@@ -160,6 +160,12 @@ def bias_scale(input_scale: ArrayLike, weight_scale: ArrayLike) -> ArrayLike:
     return input_scale * weight_scale
 
 
+def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int32 bias codes (as a float tensor) of a 1-D bias with its scale s_in·s_w (one per channel or
+    one for all): :func:`quantize` with a zero point of 0, whose addition (exact) is left out."""
+    return torch.clamp(torch.round(bias / scale), INT32_QMIN, INT32_QMAX)
+
+
 def quantize_bias_np(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """int32 bias codes rint(b / (s_in·s_w)), computed in float32 like the torch side."""
     return quantize_np(bias, scale, np.zeros_like(scale, dtype=np.float32), INT32_QMIN,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployq.core.folding import bn_scale, fold_batchnorm
-from deployq.core.qformula import INT32_QMAX, INT32_QMIN, bias_is_quantized, bias_scale, quantize
+from deployq.core.qformula import INT32_QMAX, bias_is_quantized, bias_scale, quantize_bias
 from deployq.qat.fake_quant import straight_through
 from deployq.qat.quantizers import FakeQuantizer
 
@@ -118,15 +118,23 @@ class QuantLayer(nn.Module):
         with it that channel's weights round more coarsely, which costs them little since they are
         small. Sets the weight quantizer's ``scale_floor``; everything that reads the weight's
         qparams (forward, export, check) then sees the bounded scale."""
-        inq, wq = self.input_quant, self.weight_quant
+        wq = self.weight_quant
         if wq is None:
             return
-        if (bias is None or inq is None or not inq.is_ready()
-                or not bias_is_quantized(inq.spec.bits, wq.spec.bits)):
+        s_in = self._int32_bias_input_scale(bias)
+        if s_in is None:
             wq.scale_floor = None
             return
-        floor = bias.detach().abs().float() / (inq.qparams()[0].float() * INT32_QMAX)
+        floor = bias.detach().abs() / (s_in * INT32_QMAX)
         wq.scale_floor = floor if wq.axis is not None else floor.max()
+
+    def _int32_bias_input_scale(self, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """s_in, where the bias is deployed as int32 codes of scale s_in·s_w; else None."""
+        inq, wq = self.input_quant, self.weight_quant
+        if (bias is None or inq is None or wq is None or not inq.is_ready()
+                or not bias_is_quantized(inq.spec.bits, wq.spec.bits)):
+            return None
+        return inq.scale_used()
 
     def quantized_weight(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """Q_w(W') with the scale bounded for `bias` (the folded bias it is deployed with)."""
@@ -135,13 +143,11 @@ class QuantLayer(nn.Module):
 
     def quantize_bias(self, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Fake-quantized int32 bias (scale s_in·s_w), or the float bias where it stays float."""
-        inq, wq = self.input_quant, self.weight_quant
-        if bias is None or inq is None or wq is None or not bias_is_quantized(inq.spec.bits, wq.spec.bits):
+        s_in = self._int32_bias_input_scale(bias)
+        if s_in is None:
             return bias
-        s = bias_scale(inq.qparams()[0], wq.qparams()[0])
-        axis = 0 if s.ndim else None
-        q = quantize(bias.detach(), s, torch.zeros_like(s), INT32_QMIN, INT32_QMAX, axis)
-        return straight_through(q * s, bias)
+        s = bias_scale(s_in, self.weight_quant.scale_used())
+        return straight_through(quantize_bias(bias.detach(), s) * s, bias)
 
     def deployed_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(Q_w(W'), Q_b(c')): the weight and bias the deployed layer computes with. While

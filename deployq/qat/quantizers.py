@@ -32,7 +32,7 @@ from deployq.qat.observers import create_observer
 from deployq.core.qformula import broadcast_shape, qparams_from_range
 from deployq.core.qspec import QuantSpec
 from deployq.core.registry import Registry
-from deployq.qat.fake_quant import FakeQuantize, round_ste, scale_gradient, straight_through
+from deployq.qat.fake_quant import FakeQuantize, Rule, straight_through
 
 QUANTIZERS: Registry[type["FakeQuantizer"]] = Registry("quantizer")
 MODES = ("float", "observe", "quantize")
@@ -98,7 +98,11 @@ class FakeQuantizer(nn.Module):
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The effective (scale, zero_point) of the forward: float32 and integer-valued float."""
-        return self._floored(self._effective_scale()).detach(), self._effective_zero_point().detach()
+        return self.scale_used(), self._effective_zero_point().detach()
+
+    def scale_used(self) -> torch.Tensor:
+        """The effective scale of the forward alone (``qparams()[0]``), floor included."""
+        return self._floored(self._effective_scale()).detach()
 
     def _floored(self, scale: torch.Tensor) -> torch.Tensor:
         return scale if self.scale_floor is None else torch.maximum(scale, self.scale_floor.to(scale.device))
@@ -141,26 +145,37 @@ class FakeQuantizer(nn.Module):
         return self._fake_quantize(x)
 
     def _rounding_alpha(self) -> torch.Tensor | None:
-        """DSQ's soft-rounding width for the gradient, or None for the straight-through estimator."""
+        """DSQ's soft-rounding width for the gradient (clamped to ALPHA_RANGE where it is used), or
+        None for the straight-through estimator."""
         return None
 
-    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quantize_with(x, self._effective_scale(), self._effective_zero_point())
+    def _rule(self) -> Rule:
+        """How the stored tensors become the forward's qparams (:class:`fake_quant.Rule`), made once."""
+        rule = self.__dict__.get("_rule_made")
+        if rule is None:
+            rule = self.__dict__["_rule_made"] = Rule(self.qmin, self.qmax, self.axis, **self._rule_options())
+        return rule
 
-    def _quantize_with(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        """((clamp(round(x / s) + zp, qmin, qmax) − zp) · s, with this quantizer's rounding gradient
-        (one fused autograd node, :class:`_FakeQuantize`)."""
-        scale = self._floored(scale)
-        shape = broadcast_shape(x.ndim, self.axis) if scale.ndim else []
-        s = scale.reshape(shape) if shape else scale
-        zp = zero_point.reshape(shape) if shape else zero_point
-        return FakeQuantize.apply(x, s.to(x.dtype), zp.to(x.dtype), self.qmin, self.qmax, self._rounding_alpha())
+    def _rule_options(self) -> dict[str, bool]:
+        return {}
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """((clamp(round(x / s) + zp, qmin, qmax) − zp) · s, with this quantizer's gradients: one
+        autograd node (:class:`fake_quant.FakeQuantize`) from the stored tensors to x̂."""
+        return FakeQuantize.apply(x, self._stored_scale(), self.zero_point, self._rounding_alpha(), self.scale_floor,
+                                  self._rule(), self._gradient_scale(x))
+
+    def _stored_scale(self) -> torch.Tensor:
+        return self.scale
+
+    def _gradient_scale(self, x: torch.Tensor) -> float:
+        return 1.0
 
     def _feature_count(self, x: torch.Tensor) -> int:
         """N of LSQ's gradient scale: weights per scale entry, or activation features per sample."""
         if self.is_weight:
             return max(1, x.numel() // self.channels)
-        return max(1, x[0].numel() // self.channels) if x.ndim > 1 else max(1, x.numel())
+        return max(1, x.numel() // (x.shape[0] * self.channels)) if x.ndim > 1 and x.shape[0] else max(1, x.numel())
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, {self.spec.describe()}, mode={self.mode}"
@@ -199,13 +214,15 @@ class LSQQuantizer(FakeQuantizer):
     def _effective_scale(self) -> torch.Tensor:
         return torch.exp(self.log_scale)
 
-    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        g = 1.0 / math.sqrt(self._feature_count(x) * max(self.qmax, 1))
-        scale = torch.exp(scale_gradient(self.log_scale, g))
-        return self._quantize_with(x, scale, self._zero_point_for_forward(g))
+    def _rule_options(self) -> dict[str, bool]:
+        return {"log_scale": True}
 
-    def _zero_point_for_forward(self, g: float) -> torch.Tensor:
-        return self.zero_point
+    def _stored_scale(self) -> torch.Tensor:
+        return self.log_scale
+
+    def _gradient_scale(self, x: torch.Tensor) -> float:
+        """LSQ's g = 1/√(N·Qp) on the gradients reaching the stored scale and zero point."""
+        return 1.0 / math.sqrt(self._feature_count(x) * max(self.qmax, 1))
 
 
 @QUANTIZERS.register("lsq+")
@@ -221,10 +238,9 @@ class LSQPlusQuantizer(LSQQuantizer):
     def _effective_zero_point(self) -> torch.Tensor:
         return torch.clamp(torch.round(self.zero_point), self.qmin, self.qmax)
 
-    def _zero_point_for_forward(self, g: float) -> torch.Tensor:
-        if self.spec.symmetric:
-            return self.zero_point.detach()
-        return torch.clamp(round_ste(scale_gradient(self.zero_point, g)), self.qmin, self.qmax)
+    def _rule_options(self) -> dict[str, bool]:
+        # a symmetric scheme's zero point stays 0 (stored, not learned)
+        return {"log_scale": True, "learned_zero_point": not self.spec.symmetric}
 
 
 class _DSQRounding:
@@ -236,7 +252,7 @@ class _DSQRounding:
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
 
     def _rounding_alpha(self) -> torch.Tensor | None:
-        return torch.clamp(self.alpha, 1e-4, 0.4999) if self.training else None
+        return self.alpha if self.training else None
 
 
 @QUANTIZERS.register("dsq")

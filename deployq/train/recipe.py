@@ -53,7 +53,7 @@ class Recipe:
     freeze_bn_epoch: Optional[int] = None
     seed: int = 0
     num_workers: int = 0
-    compile: bool = True  # the quantizers' forward and backward through torch.compile (deployq.qat.fake_quant.use_compiled_kernels)
+    compile: bool = True  # the quantizers' fused kernels: C on the CPU, torch.compile on CUDA (fake_quant.use_compiled_kernels)
     input_shape: Optional[tuple[int, ...]] = None  # the deployment input stored in checkpoints
     source: str = "recipe"
     notes: tuple[str, ...] = ()

@@ -1,0 +1,131 @@
+"""The fake quantizers' C kernels (deployq/qat/kernels.c through deployq.qat.native): the forward equal
+to the eager torch forward bit for bit, the gradients equal to the eager ones to float rounding, the
+work split the same whatever the shape or thread count, the build cached and atomic, and a clear
+fallback where no compiler works. The closed-form gradients through a quantizer's stored
+parameters are tested against autograd in test_quantizers.py (its `kernels="C"` cases)."""
+
+import numpy as np
+import pytest
+import torch
+
+from deployq.qat import fake_quant, native
+
+# shapes as the kernels see them, (outer, channels, inner): a per-tensor activation over several
+# work chunks, per-channel weights with long rows, and ConvTranspose weights per output channel
+# (axis 1) whose rows hold 4 values each
+SHAPES = [(1, 1, 3 * 16384 + 5), (1, 8, 1000), (64, 16, 4), (3, 5, 1)]
+
+
+def _case(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+    scale = torch.rand(channels, generator=gen) * 0.05 + 0.01
+    zero_point = torch.randint(0, 40, (channels,), generator=gen).float()
+    # x: half exact ties (k + ½)·s, half anywhere, some beyond the code range
+    codes = torch.randint(-100, 300, shape, generator=gen).float()
+    x = (codes + 0.5) * scale.reshape(1, -1, 1)
+    x[..., ::2] = torch.randn(x[..., ::2].shape, generator=gen) * 3
+    grad = torch.randn(shape, generator=gen)
+    return x, grad, scale, zero_point
+
+
+def _eager(x, grad, scale, zero_point, alpha):
+    s, zp = scale.reshape(1, -1, 1), zero_point.reshape(1, -1, 1)
+    bounds = (torch.tensor(0.0), torch.tensor(255.0))
+    forward = fake_quant._fake_quantize_forward(x, s, zp, *bounds)
+    if alpha is None:
+        return forward, (*fake_quant._gradients_ste(grad, x, s, zp, *bounds), torch.tensor(0.0))
+    return forward, fake_quant._gradients_dsq(grad, x, s, zp, torch.tensor(alpha), *bounds)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    built = native.load()
+    assert built is not None, native.FAILURE
+    return built
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("alpha", [None, 0.2])
+def test_c_kernels_equal_the_eager_functions(kernels, shape, alpha):
+    """Forward bit for bit (ties included); ∂L/∂x and the per-channel sums to float rounding."""
+    x, grad, scale, zero_point = _case(shape)
+    forward, gradients = _eager(x, grad, scale, zero_point, alpha)
+    assert torch.equal(kernels.forward(x, shape, scale, None, zero_point, False, 0.0, 255.0), forward)
+    got = kernels.gradients(grad, x, shape, scale, None, zero_point, False, alpha, 0.0, 255.0, 1.0, False)
+    for a, b in zip(got, gradients):
+        torch.testing.assert_close(a, b.reshape(a.shape), rtol=2e-5, atol=1e-5)
+
+
+def test_c_forward_uses_the_floor_and_rounds_a_learned_zero_point(kernels):
+    """s = max(s, floor) and zp = clamp(rint(zp), qmin, qmax) inside the kernel, as torch computes them."""
+    shape = (2, 3, 50)
+    x, _, scale, _ = _case(shape)
+    floor = scale * torch.tensor([2.0, 1.0, 0.5])
+    zero_point = torch.tensor([3.4, 260.0, -7.6])
+    s = torch.maximum(scale, floor).reshape(1, -1, 1)
+    zp = torch.clamp(torch.round(zero_point), 0, 255).reshape(1, -1, 1)
+    expected = fake_quant._fake_quantize_forward(x, s, zp, torch.tensor(0.0), torch.tensor(255.0))
+    assert torch.equal(kernels.forward(x, shape, scale, floor, zero_point, True, 0.0, 255.0), expected)
+
+
+def test_c_gradients_do_not_depend_on_the_thread_count(kernels):
+    """Partial sums are added in a fixed order: one thread and two give the same bits."""
+    shape = (4, 3, 20000)
+    x, grad, scale, zero_point = _case(shape)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(kernels.gradients(grad, x, shape, scale, None, zero_point, False, 0.3, 0.0, 255.0, 1.0,
+                                             False))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_the_build_is_cached_under_xdg_cache_home_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        assert native.load() is not None, native.FAILURE
+        files = list((tmp_path / "deployq" / "kernels").iterdir())
+        assert len(files) == 1 and files[0].name.startswith("deployq_kernels_") and files[0].suffix == ".so"
+        stamp = files[0].stat().st_mtime_ns
+        native.load.cache_clear()
+        assert native.load() is not None and files[0].stat().st_mtime_ns == stamp  # read, not rebuilt
+    finally:
+        native.load.cache_clear()
+
+
+def test_without_a_compiler_training_warns_and_runs_eagerly(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    native.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="C kernels were not built.*no-such-cc"):
+            fake_quant.use_compiled_kernels(True)
+        assert fake_quant._NATIVE[0] is None
+        assert not (tmp_path / "deployq" / "kernels").exists() or not any((tmp_path / "deployq" / "kernels").iterdir())
+        x, _, scale, zero_point = _case((1, 1, 100))
+        rule = fake_quant.Rule(0, 255, None)
+        y = fake_quant.FakeQuantize.apply(x.reshape(-1), scale[:1].reshape(()), zero_point[:1].reshape(()), None, None,
+                                          rule, 1.0)
+        expected = fake_quant._fake_quantize_forward(x, scale[:1], zero_point[:1], torch.tensor(0.0),
+                                                     torch.tensor(255.0))
+        assert torch.equal(y, expected.reshape(-1))
+    finally:
+        fake_quant.use_compiled_kernels(False)
+        native.load.cache_clear()
+
+
+def test_c_kernels_serve_float32_on_the_cpu_only(kernels):
+    fake_quant.use_compiled_kernels(True)
+    x = torch.zeros(3)
+    assert isinstance(fake_quant._native_for(x, torch.ones(())), native.Kernels)
+    assert fake_quant._native_for(x.double(), torch.ones((), dtype=torch.float64)) is None
+    assert fake_quant._native_for(x, torch.ones((), dtype=torch.float64)) is None
+    assert np.isfinite(float(kernels.forward(torch.ones(1, 1, 4), (1, 1, 4), torch.ones(1), None, torch.zeros(1),
+                                             False, 0.0, 255.0).sum()))
