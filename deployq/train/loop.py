@@ -115,7 +115,10 @@ def _train_loader(dataset: Dataset, recipe: Recipe, ctx: dd.Context, epoch: int)
 def _optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    # torch's fused Adam (one kernel over all tensors) where every parameter allows it: a QAT model
+    # has ~4x the float model's parameter tensors (each quantizer's scale, zero point, alpha)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=fused or None)
 
 
 def _output_state(recipe: Recipe, resume: bool) -> Optional[dict[str, Any]]:
