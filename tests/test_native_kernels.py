@@ -34,8 +34,8 @@ def _eager(x, grad, scale, zero_point, alpha):
     bounds = (torch.tensor(0.0), torch.tensor(255.0))
     forward = fake_quant._fake_quantize_forward(x, s, zp, *bounds)
     if alpha is None:
-        return forward, (*fake_quant._gradients_ste(grad, x, s, zp, *bounds), torch.tensor(0.0))
-    return forward, fake_quant._gradients_dsq(grad, x, s, zp, torch.tensor(alpha), *bounds)
+        return forward, (*fake_quant._gradients_ste(grad, x / s, s, zp, *bounds), torch.tensor(0.0))
+    return forward, fake_quant._gradients_dsq(grad, x / s, s, zp, torch.tensor(alpha), *bounds)
 
 
 @pytest.fixture(scope="module")

@@ -258,9 +258,9 @@ def test_fused_gradients_equal_autograds_own(name, per_channel, floor, kernels):
 
 @pytest.mark.slow
 def test_compiled_kernels_give_the_eager_gradients():
-    """torch.compile'd math (what `deployq train` uses) against the eager functions: the gradients
-    to float tolerance, the forward bit for bit, half-step ties included (inductor must keep the
-    true division and leave (q − zp)·s uncontracted)."""
+    """torch.compile'd math (what `deployq train` uses on CUDA; here inductor's C++) against the
+    eager functions: the gradients to float tolerance, the forward bit for bit, half-step ties
+    included (the quotient x / s comes from an eager division; (q − zp)·s must stay uncontracted)."""
     gen = torch.Generator().manual_seed(0)
     x, grad = torch.randn(2, 3, 64, generator=gen), torch.randn(2, 3, 64, generator=gen)
     s, zp, alpha = torch.full((1, 3, 1), 0.07), torch.tensor([2.0, 5.0, 9.0]).reshape(1, 3, 1), torch.tensor(0.2)
@@ -269,14 +269,14 @@ def test_compiled_kernels_give_the_eager_gradients():
     scales = torch.rand(1, 3, 1, generator=gen) * 0.05 + 1e-3
     ties[:, :, ::2] = (torch.randint(-300, 300, (4, 3, 2048), generator=gen) + 0.5) * scales
     wide = (torch.tensor(-128.0), torch.tensor(127.0))
-    eager = fake_quant._gradients_dsq(grad, x, s, zp, alpha, *bounds)
+    eager = fake_quant._gradients_dsq(grad, x / s, s, zp, alpha, *bounds)
     eager_forward = [fake_quant._fake_quantize_forward(ties, scale, zp, *wide) for scale in (scales, scales[:, :1])]
     fake_quant.use_compiled_kernels(True)
     try:
-        compiled = fake_quant._KERNELS["dsq"](grad, x, s, zp, alpha, *bounds)
+        compiled = fake_quant._KERNELS["dsq"](grad, x / s, s, zp, alpha, *bounds)
         # the CUDA path: the compiled elementwise terms, summed by torch's own reduction
-        terms = fake_quant._summed(fake_quant._KERNELS["dsq_terms"](grad, x, s, zp, alpha, *bounds))
-        forward = [fake_quant._KERNELS["forward"](ties, scale, zp, *wide) for scale in (scales, scales[:, :1])]
+        terms = fake_quant._summed(fake_quant._KERNELS["dsq_terms"](grad, x / s, s, zp, alpha, *bounds))
+        forward = [fake_quant._KERNELS["forward"](ties / scale, scale, zp, *wide) for scale in (scales, scales[:, :1])]
     finally:
         fake_quant.use_compiled_kernels(False)
     for a, b in zip(compiled, eager):

@@ -28,11 +28,15 @@ def straight_through(value: torch.Tensor, gradient_path: torch.Tensor) -> torch.
     return value.detach() + (gradient_path - gradient_path.detach())
 
 
-def _ste_terms(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor,
+# The elementwise functions below take v = x / s, computed by the caller as a true division: Triton
+# divides float32 approximately, which rounded a third of the half-step ties the other way on an
+# H200 (the compiled functions themselves divide nothing but for DSQ's gradient).
+
+
+def _ste_terms(grad: torch.Tensor, v: torch.Tensor, s: torch.Tensor, zp: torch.Tensor,
                qmin: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """∂L/∂x, and the elementwise terms of ∂L/∂s and ∂L/∂zp, of x̂ with the straight-through rounding
-    gradient; x and grad in the grouped (outer, C, inner) layout."""
-    v = x / s
+    gradient; v = x / s and grad in the grouped (outer, C, inner) layout."""
     r = torch.round(v)
     level = r + zp
     below = level < qmin
@@ -43,10 +47,9 @@ def _ste_terms(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.T
     return grad_x, grad_s, grad_zp
 
 
-def _dsq_terms(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, alpha: torch.Tensor,
+def _dsq_terms(grad: torch.Tensor, v: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, alpha: torch.Tensor,
                qmin: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same with DSQ's soft-rounding slope, and the elementwise terms of ∂L/∂α."""
-    v = x / s
     r = torch.round(v)
     level = r + zp
     below = level < qmin
@@ -100,15 +103,21 @@ def _torch_forward(x: torch.Tensor) -> Callable:
     return _EAGER["forward"] if x.device.type == "cpu" else _KERNELS["forward"]
 
 
-def _fake_quantize_forward(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, qmin: torch.Tensor,
-                           qmax: torch.Tensor) -> torch.Tensor:
-    """(clamp(rint(x / s) + zp, qmin, qmax) − zp)·s: qformula's operations, in its order."""
-    q = torch.clamp(torch.round(x / s) + zp, qmin, qmax)
+def _forward_of_quotient(v: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, qmin: torch.Tensor,
+                         qmax: torch.Tensor) -> torch.Tensor:
+    """(clamp(rint(v) + zp, qmin, qmax) − zp)·s with v = x / s: qformula's operations, in its order."""
+    q = torch.clamp(torch.round(v) + zp, qmin, qmax)
     return (q - zp) * s
 
 
+def _fake_quantize_forward(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, qmin: torch.Tensor,
+                           qmax: torch.Tensor) -> torch.Tensor:
+    """(clamp(rint(x / s) + zp, qmin, qmax) − zp)·s, eagerly."""
+    return _forward_of_quotient(x / s, s, zp, qmin, qmax)
+
+
 _RECOMPILE_LIMIT = 64
-_EAGER = {"forward": _fake_quantize_forward, "ste": _gradients_ste, "dsq": _gradients_dsq,
+_EAGER = {"forward": _forward_of_quotient, "ste": _gradients_ste, "dsq": _gradients_dsq,
           "ste_terms": _ste_terms, "dsq_terms": _dsq_terms}
 _KERNELS = dict(_EAGER)  # off the CPU: the torch.compile'd versions replace them, when asked
 _COMPILED: dict[str, Callable] = {}  # made once, so switching back and forth does not recompile
@@ -126,9 +135,10 @@ def use_compiled_kernels(enabled: bool = True) -> None:
     - elsewhere (CUDA): ``torch.compile`` (a one-time compilation of ~30 s).
 
     Both forwards are bit-identical to the eager one: true division, ties to even, no contraction
-    of (q − zp)·s into a fused multiply-add (kernels.c is compiled without fast math; inductor's
-    C++ and Triton keep the true division by default). tests/test_quantizers.py checks it on ties.
-    Where the C compiler or torch.compile fails, the eager functions run, with a warning."""
+    of (q − zp)·s into a fused multiply-add (kernels.c is compiled without fast math; the compiled
+    torch functions get v = x / s from an eager division, since Triton divides approximately).
+    tests/test_quantizers.py and tests/test_native_kernels.py check it on ties (CUDA: on a lent
+    H200). Where the C compiler or torch.compile fails, the eager functions run, with a warning."""
     if not enabled:
         _KERNELS.update(_EAGER)
         _NATIVE[0] = None
@@ -234,7 +244,7 @@ class FakeQuantize(torch.autograd.Function):
         s3, zp3 = s.to(x.dtype).reshape(1, ctx.shape[1], 1), zp.to(x.dtype).reshape(1, ctx.shape[1], 1)
         ctx.save_for_backward(x, s_stored, floor, zero_point, alpha, s3, zp3)
         # (the bounds as tensors, nothing requiring grad: a compiled kernel serves every bit width)
-        return _torch_forward(x)(x.reshape(ctx.shape), s3, zp3,
+        return _torch_forward(x)(x.reshape(ctx.shape) / s3, s3, zp3,
                                    *_bounds(rule.qmin, rule.qmax, x.dtype, x.device)).reshape(x.shape)
 
     @staticmethod
@@ -266,7 +276,7 @@ def _torch_gradients(grad: torch.Tensor, x: torch.Tensor, s_stored: torch.Tensor
                      rule: Rule, g: float, shape: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
     """FakeQuantize's gradients with torch's operations (compiled or eager): the elementwise terms,
     then the chain rule through the :class:`Rule` (what kernels.c does on the CPU)."""
-    args = (grad.reshape(shape), x.reshape(shape), s3, zp3)
+    args = (grad.reshape(shape), x.reshape(shape) / s3, s3, zp3)
     bounds = _bounds(rule.qmin, rule.qmax, x.dtype, x.device)
     if alpha is None:
         (grad_x, grad_s, grad_zp), grad_alpha = _gradients("ste", x.device, *args, *bounds), None
