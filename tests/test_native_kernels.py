@@ -52,7 +52,8 @@ def test_c_kernels_equal_the_eager_functions(kernels, shape, alpha):
     x, grad, scale, zero_point = _case(shape)
     forward, gradients = _eager(x, grad, scale, zero_point, alpha)
     assert torch.equal(kernels.forward(x, shape, scale, None, zero_point, False, 0.0, 255.0), forward)
-    got = kernels.gradients(grad, x, shape, scale, None, zero_point, False, alpha, 0.0, 255.0, 1.0, False)
+    got = kernels.gradients(grad, x, shape, scale, None, zero_point, False, alpha, fake_quant.ALPHA_RANGE, 0.0, 255.0,
+                            1.0, False)
     for a, b in zip(got, gradients):
         torch.testing.assert_close(a, b.reshape(a.shape), rtol=2e-5, atol=1e-5)
 
@@ -78,8 +79,8 @@ def test_c_gradients_do_not_depend_on_the_thread_count(kernels):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(kernels.gradients(grad, x, shape, scale, None, zero_point, False, 0.3, 0.0, 255.0, 1.0,
-                                             False))
+            results.append(kernels.gradients(grad, x, shape, scale, None, zero_point, False, 0.3,
+                                             fake_quant.ALPHA_RANGE, 0.0, 255.0, 1.0, False))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
@@ -129,3 +130,27 @@ def test_c_kernels_serve_float32_on_the_cpu_only(kernels):
     assert fake_quant._native_for(x, torch.ones((), dtype=torch.float64)) is None
     assert np.isfinite(float(kernels.forward(torch.ones(1, 1, 4), (1, 1, 4), torch.ones(1), None, torch.zeros(1),
                                              False, 0.0, 255.0).sum()))
+
+
+@pytest.mark.parametrize("alpha", [0.6, 1e-6])
+def test_c_kernels_clamp_alpha_and_stop_its_gradient_outside_the_range(alpha):
+    """DSQ's α beyond ALPHA_RANGE: both paths round softly with the clamped α and give α no gradient."""
+    from deployq.core.qspec import QuantSpec
+    from deployq.qat.quantizers import create_quantizer
+
+    q = create_quantizer(QuantSpec(bits=8, signed=False, symmetric=False, quantizer="dsq_lsq"), "t")
+    q.set_qparams(np.array(0.03), np.array(7))
+    q.mode = "quantize"
+    q.train()
+    with torch.no_grad():
+        q.alpha.fill_(alpha)
+    x, grad, _, _ = _case((2, 3, 500))
+    results = []
+    for fused in (False, True):
+        fake_quant.use_compiled_kernels(fused)
+        xs = x.clone().requires_grad_()
+        results.append(torch.autograd.grad((q(xs) * grad).sum(), [xs, q.log_scale, q.zero_point, q.alpha]))
+    fake_quant.use_compiled_kernels(False)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-5)
+    assert results[1][3].item() == 0.0

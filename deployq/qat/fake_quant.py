@@ -237,6 +237,7 @@ class FakeQuantize(torch.autograd.Function):
         ctx.rule, ctx.g, ctx.shape = rule, g, _grouped_shape(x.shape, rule.axis if s_stored.ndim else None)
         ctx.native = _native_for(x, s_stored)
         if ctx.native is not None:
+            x = x.contiguous()  # (copied once, where it is not, for the forward and the backward)
             ctx.save_for_backward(x, s_stored, floor, zero_point, alpha)
             return ctx.native.forward(x, ctx.shape, s_stored, floor, zero_point, rule.learned_zero_point,
                                       rule.qmin, rule.qmax)
@@ -255,7 +256,7 @@ class FakeQuantize(torch.autograd.Function):
         if ctx.native is not None:
             grad_x, grad_s, grad_zp, grad_alpha = ctx.native.gradients(
                 grad, x, shape, s_stored, floor, zero_point, rule.learned_zero_point,
-                None if alpha is None else float(alpha), rule.qmin, rule.qmax, g, rule.log_scale)
+                None if alpha is None else float(alpha), ALPHA_RANGE, rule.qmin, rule.qmax, g, rule.log_scale)
         else:
             grad_x, grad_s, grad_zp, grad_alpha = _torch_gradients(grad, x, s_stored, floor, zero_point, alpha,
                                                                    *used, rule, g, shape)

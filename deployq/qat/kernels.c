@@ -28,8 +28,6 @@
 #include <stdlib.h>
 
 #define CHUNK 16384
-#define ALPHA_LOW 1e-4f   /* DSQ's alpha is clamped to [ALPHA_LOW, ALPHA_HIGH]: fake_quant.ALPHA_RANGE */
-#define ALPHA_HIGH 0.4999f
 
 static inline float clamp_code(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
@@ -178,10 +176,11 @@ static void backward_task(split w, int64_t task, const float *grad, const float 
 }
 
 int deployq_backward(const float *grad, const float *x, const float *scale, const float *floor,
-                     const float *zero_point, int learned_zero_point, int dsq, float alpha, float qmin, float qmax,
+                     const float *zero_point, int learned_zero_point, int dsq, float alpha, float alpha_low,
+                     float alpha_high, float qmin, float qmax,
                      float g, int log_scale, float *grad_x, float *grad_scale, float *grad_zero_point,
                      float *grad_alpha, int64_t outer, int64_t channels, int64_t inner, int threads) {
-    const float alpha_used = clamp_code(alpha, ALPHA_LOW, ALPHA_HIGH);
+    const float alpha_used = clamp_code(alpha, alpha_low, alpha_high);  /* fake_quant.ALPHA_RANGE */
     const dsq_factors f = dsq ? dsq_setup(alpha_used) : (dsq_factors){0.0f, 1.0f, 0.0f, 0.0f};
     const split w = split_work(outer * channels, inner);
     double *part = malloc(sizeof(double) * 3 * (size_t)w.units);
@@ -216,7 +215,7 @@ int deployq_backward(const float *grad, const float *x, const float *scale, cons
         grad_scale[c] = (float)(total_s * passed * g * (log_scale ? scale[c] : 1.0f));
         grad_zero_point[c] = (float)(total_zp * zp_passed * g);
     }
-    grad_alpha[0] = alpha >= ALPHA_LOW && alpha <= ALPHA_HIGH ? (float)alpha_total : 0.0f;
+    grad_alpha[0] = alpha >= alpha_low && alpha <= alpha_high ? (float)alpha_total : 0.0f;
     free(part);
     free(s);
     return 0;

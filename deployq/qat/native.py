@@ -80,7 +80,7 @@ class Kernels:
         self._forward.argtypes = [p, p, p, p, i32, f, f, p, i64, i64, i64, i32]
         self._forward.restype = i32
         self._backward = library.deployq_backward
-        self._backward.argtypes = [p, p, p, p, p, i32, i32, f, f, f, f, i32, p, p, p, p, i64, i64, i64, i32]
+        self._backward.argtypes = [p, p, p, p, p, i32, i32, f, f, f, f, f, f, i32, p, p, p, p, i64, i64, i64, i32]
         self._backward.restype = i32
 
     def forward(self, x: torch.Tensor, dims: tuple[int, int, int], scale: torch.Tensor, floor: Optional[torch.Tensor],
@@ -97,17 +97,18 @@ class Kernels:
 
     def gradients(self, grad: torch.Tensor, x: torch.Tensor, dims: tuple[int, int, int], scale: torch.Tensor,
                   floor: Optional[torch.Tensor], zero_point: torch.Tensor, learned_zero_point: bool,
-                  alpha: Optional[float], qmin: float, qmax: float, g: float, log_scale: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  alpha: Optional[float], alpha_range: tuple[float, float], qmin: float, qmax: float, g: float,
+                  log_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """∂L/∂x (x's shape); the gradients of the stored scale (of log s, with `log_scale`) and zero
         point (their shapes; LSQ's factor `g` applied); of DSQ's α (a 0-d tensor; 0 with the
-        straight-through gradient, `alpha` None)."""
+        straight-through gradient, `alpha` None), which is clamped to `alpha_range`."""
         grad, x = grad.contiguous(), x.contiguous()
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
         grad_scale, grad_zero_point = torch.empty_like(scale), torch.empty_like(zero_point)
         grad_alpha = torch.empty((), dtype=torch.float32)
         if self._backward(grad.data_ptr(), x.data_ptr(), scale.data_ptr(), _pointer(floor), zero_point.data_ptr(),
-                          learned_zero_point, alpha is not None, 0.0 if alpha is None else alpha, qmin, qmax, g,
+                          learned_zero_point, alpha is not None, 0.0 if alpha is None else alpha, *alpha_range,
+                          qmin, qmax, g,
                           log_scale, grad_x.data_ptr(), grad_scale.data_ptr(), grad_zero_point.data_ptr(),
                           grad_alpha.data_ptr(), *dims, torch.get_num_threads()):
             raise MemoryError("deployq: out of memory in a fake quantizer's backward")
