@@ -52,9 +52,7 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
             help="--ptq adaround: optimization steps per layer.")
 @api_option(api.export, "refine_samples", "--refine-samples", type=click.IntRange(1), show_default=True,
             help="--ptq adaround / bias: how many calibration samples they learn from (samples, not batches: "
-                 "the same at any batch size; their time grows with it). Each method is undone if it lowers the "
-                 "output SQNR on the calibration samples beyond these; with none beyond, it is first tried on "
-                 "each half and scored on the other (three runs).")
+                 "the same at any batch size; their time grows with it).")
 @api_option(api.export, "search_samples", "--search-samples", type=click.IntRange(1), show_default=True,
             help="--ptq search: calibration samples each choice is scored on (held out of the observation "
                  "when the calibration set has at least twice as many).")
