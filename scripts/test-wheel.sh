@@ -14,4 +14,5 @@ cd "$work"
 export PYTHONPATH="$work/site"
 python -c "import deployq, sys; assert deployq.__file__.startswith('$work/site'), deployq.__file__; print('testing', deployq.__file__)"
 python -m pytest -q -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider tests/test_lowlight.py tests/test_export.py \
-    tests/test_run.py tests/test_checkpoint.py tests/test_hostile.py tests/test_files.py tests/test_api.py
+    tests/test_run.py tests/test_checkpoint.py tests/test_hostile.py tests/test_files.py tests/test_api.py \
+    tests/test_native_kernels.py

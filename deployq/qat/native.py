@@ -123,9 +123,9 @@ def load() -> Optional[Kernels]:
     global FAILURE
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
     flags = _flags()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"deployq_kernels_{key}.so"
     try:
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"deployq_kernels_{key}.so"
         if not target.is_file():
             _build(compiler, flags, target)
         return Kernels(ctypes.CDLL(str(target)))
