@@ -154,3 +154,46 @@ def test_c_kernels_clamp_alpha_and_stop_its_gradient_outside_the_range(alpha):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-5)
     assert results[1][3].item() == 0.0
+
+
+def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path, monkeypatch):
+    """Apple's clang knows no -fopenmp: the kernels are built without it (one thread), equal results."""
+    import shutil
+
+    real = shutil.which("cc") or shutil.which("gcc")
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(wrapper))
+    native.load.cache_clear()
+    try:
+        kernels = native.load()
+        assert kernels is not None, native.FAILURE
+        x, grad, scale, zero_point = _case((2, 3, 20000))
+        forward, _ = _eager(x, grad, scale, zero_point, None)
+        assert torch.equal(kernels.forward(x, x.shape, scale, None, zero_point, False, 0.0, 255.0), forward)
+    finally:
+        native.load.cache_clear()
+
+
+def test_a_gradient_of_the_gradient_is_taken_through_torch_not_the_c_kernels():
+    """create_graph=True (Hessian-vector products, `deployq hessian --mode quantize`): the backward
+    runs torch's operations, so the second derivative is the same with the C kernels on as off."""
+    from deployq.core.qspec import QuantSpec
+    from deployq.qat.quantizers import create_quantizer
+
+    q = create_quantizer(QuantSpec(bits=8, signed=False, symmetric=False, quantizer="dsq_lsq"), "t")
+    q.set_qparams(np.array(0.03), np.array(7))
+    q.mode = "quantize"
+    q.train()
+    x, v, _, _ = _case((2, 3, 300))
+    products = []
+    for fused in (False, True):
+        fake_quant.use_compiled_kernels(fused)
+        xs = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((q(xs) * xs).sum(), xs, create_graph=True)
+        products.append(torch.autograd.grad((g * v).sum(), xs)[0])
+    fake_quant.use_compiled_kernels(False)
+    assert products[0].abs().sum() > 0
+    torch.testing.assert_close(products[1], products[0])

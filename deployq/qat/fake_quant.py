@@ -253,11 +253,14 @@ class FakeQuantize(torch.autograd.Function):
         x, s_stored, floor, zero_point, alpha, *used = ctx.saved_tensors
         rule, g, shape = ctx.rule, ctx.g, ctx.shape
         _, need_scale, need_zp, need_alpha, _, _, _ = ctx.needs_input_grad
-        if ctx.native is not None:
+        if ctx.native is not None and not torch.is_grad_enabled():
             grad_x, grad_s, grad_zp, grad_alpha = ctx.native.gradients(
                 grad, x, shape, s_stored, floor, zero_point, rule.learned_zero_point,
                 None if alpha is None else float(alpha), ALPHA_RANGE, rule.qmin, rule.qmax, g, rule.log_scale)
-        else:
+        else:  # torch's operations; also where a gradient of this backward is taken (create_graph: Hessians)
+            if not used:
+                s, zp = _used_qparams(s_stored, floor, zero_point, rule)
+                used = [s.to(x.dtype).reshape(1, shape[1], 1), zp.to(x.dtype).reshape(1, shape[1], 1)]
             grad_x, grad_s, grad_zp, grad_alpha = _torch_gradients(grad, x, s_stored, floor, zero_point, alpha,
                                                                    *used, rule, g, shape)
         return (grad_x, grad_s if need_scale else None, grad_zp if need_zp else None,

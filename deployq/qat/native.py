@@ -33,16 +33,15 @@ SOURCE = Path(__file__).with_name("kernels.c")
 FAILURE: Optional[str] = None  # why the kernels could not be built, once tried
 
 
-def _flags() -> list[str]:
-    """Optimization without fast math (the forward must equal the eager torch forward bit for bit),
-    vector instructions by what torch found on this CPU."""
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-std=c11"]
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability == "AVX512":
-        flags.append("-march=x86-64-v4")
-    elif capability == "AVX2":
-        flags.append("-march=x86-64-v3")
-    return flags
+def _flag_sets() -> list[list[str]]:
+    """The compiler flags to try, best first: optimization without fast math (the forward must equal
+    the eager torch forward bit for bit), OpenMP threads and vector instructions by what torch found
+    on this CPU; then without OpenMP (Apple's clang has none: one thread), then without both (an
+    older compiler that does not know the x86-64 levels)."""
+    base = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-std=c11", "-Wno-unknown-pragmas"]
+    march = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}.get(
+        torch.backends.cpu.get_cpu_capability(), [])
+    return [base + ["-fopenmp"] + march, base + march, base] if march else [base + ["-fopenmp"], base]
 
 
 def _cache_dir() -> Path:
@@ -122,13 +121,15 @@ def load() -> Optional[Kernels]:
     once per process."""
     global FAILURE
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
-    flags = _flags()
-    try:
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"deployq_kernels_{key}.so"
-        if not target.is_file():
-            _build(compiler, flags, target)
-        return Kernels(ctypes.CDLL(str(target)))
-    except (OSError, RuntimeError) as err:
-        FAILURE = f"{type(err).__name__}: {err}"
-        return None
+    failures = []
+    for flags in _flag_sets():
+        try:
+            key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags]).encode()).hexdigest()[:16]
+            target = _cache_dir() / f"deployq_kernels_{key}.so"
+            if not target.is_file():
+                _build(compiler, flags, target)
+            return Kernels(ctypes.CDLL(str(target)))
+        except (OSError, RuntimeError) as err:
+            failures.append(f"{type(err).__name__}: {err}")
+    FAILURE = failures[0]
+    return None
