@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from deployq.qat.observers import create_observer
-from deployq.core.qformula import broadcast_shape, qparams_from_range
+from deployq.core.qformula import qparams_from_range
 from deployq.core.qspec import QuantSpec
 from deployq.core.registry import Registry
 from deployq.qat.fake_quant import FakeQuantize, Rule, straight_through
