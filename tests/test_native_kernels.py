@@ -197,3 +197,13 @@ def test_a_gradient_of_the_gradient_is_taken_through_torch_not_the_c_kernels():
     fake_quant.use_compiled_kernels(False)
     assert products[0].abs().sum() > 0
     torch.testing.assert_close(products[1], products[0])
+
+
+def test_c_kernels_take_an_empty_tensor(kernels):
+    """No element (an empty batch): an empty result and zero gradient sums, not an allocation error."""
+    x = torch.zeros(0, 3, 7)
+    scale, zero_point = torch.full((3,), 0.1), torch.zeros(3)
+    assert kernels.forward(x, x.shape, scale, None, zero_point, False, 0.0, 255.0).shape == x.shape
+    grad_x, grad_s, grad_zp, grad_alpha = kernels.gradients(x, x, x.shape, scale, None, zero_point, False, 0.2,
+                                                            fake_quant.ALPHA_RANGE, 0.0, 255.0, 1.0, False)
+    assert grad_x.shape == x.shape and not grad_s.any() and not grad_zp.any() and grad_alpha.item() == 0.0

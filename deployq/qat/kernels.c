@@ -101,7 +101,7 @@ static void forward_task(split w, int64_t task, const float *x, const float *s, 
 int deployq_forward(const float *x, const float *scale, const float *floor, const float *zero_point,
                     int learned_zero_point, float qmin, float qmax, float *y,
                     int64_t outer, int64_t channels, int64_t inner, int threads) {
-    float *s = malloc(sizeof(float) * 2 * (size_t)channels), *zp = s + channels;
+    float *s = malloc(sizeof(float) * (2 * (size_t)channels + 1)), *zp = s + channels;  /* + 1: never malloc(0) */
     if (s == NULL)
         return 1;
     used_qparams(scale, floor, zero_point, learned_zero_point, qmin, qmax, channels, s, zp);
@@ -183,8 +183,8 @@ int deployq_backward(const float *grad, const float *x, const float *scale, cons
     const float alpha_used = clamp_code(alpha, alpha_low, alpha_high);  /* fake_quant.ALPHA_RANGE */
     const dsq_factors f = dsq ? dsq_setup(alpha_used) : (dsq_factors){0.0f, 1.0f, 0.0f, 0.0f};
     const split w = split_work(outer * channels, inner);
-    double *part = malloc(sizeof(double) * 3 * (size_t)w.units);
-    float *s = malloc(sizeof(float) * 2 * (size_t)channels), *zp = s == NULL ? NULL : s + channels;
+    double *part = malloc(sizeof(double) * 3 * ((size_t)w.units + 1));  /* + 1: never malloc(0) */
+    float *s = malloc(sizeof(float) * (2 * (size_t)channels + 1)), *zp = s == NULL ? NULL : s + channels;
     if (part == NULL || s == NULL) {
         free(part);
         free(s);
