@@ -97,7 +97,15 @@ def nncf_quantize(float_onnx: Path, out: Path, calibration: list[np.ndarray], fu
     return out
 
 
-def aimet_quantize(model, out: Path, calibration: list[np.ndarray]) -> Path:
+AIMET_ADAROUND_ITERATIONS = 200  # per layer, as deployq's default (AIMET's own default: 10,000)
+AIMET_ADAROUND_SAMPLES = 8
+
+
+def aimet_quantize(model, out: Path, calibration: list[np.ndarray], method: str = "") -> Path:
+    """AIMET's QuantSim (min/max, 8-bit, per-channel weights) after BatchNorm folding, or after its
+    cross-layer equalization (`method` "cle": BN folding, equalization and bias absorption), or with
+    AdaRound's weights (`method` "adaround": AIMET_ADAROUND_ITERATIONS per layer on the first
+    AIMET_ADAROUND_SAMPLES inputs, its parameter encodings frozen in the QuantSim)."""
     import aimet_torch
     import aimet_torch.onnx
     import torch
@@ -106,12 +114,29 @@ def aimet_quantize(model, out: Path, calibration: list[np.ndarray]) -> Path:
     from aimet_torch.model_preparer import prepare_model
     from aimet_torch.quantsim import QuantizationSimModel
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.from_numpy(calibration[0])
     model = prepare_model(model.eval())
-    fold_all_batch_norms(model, input_shapes=tuple(dummy.shape), dummy_input=dummy)
     config = Path(aimet_torch.__path__[0]) / "common" / "quantsim_config" / "default_config_per_channel.json"
+    encodings = None
+    if method == "cle":
+        from aimet_torch.cross_layer_equalization import equalize_model
+
+        equalize_model(model, dummy_input=dummy)
+    else:
+        fold_all_batch_norms(model, input_shapes=tuple(dummy.shape), dummy_input=dummy)
+    if method == "adaround":
+        from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
+
+        batches = [torch.from_numpy(x) for x in calibration[:AIMET_ADAROUND_SAMPLES]]
+        params = AdaroundParameters(batches, len(batches), default_num_iterations=AIMET_ADAROUND_ITERATIONS)
+        model = Adaround.apply_adaround(model, dummy, params, str(out.parent), "adaround", default_param_bw=8,
+                                        default_quant_scheme=QuantScheme.min_max, default_config_file=str(config))
+        encodings = out.parent / "adaround.encodings"
     sim = QuantizationSimModel(model, dummy_input=dummy, quant_scheme=QuantScheme.min_max, default_output_bw=8,
                                default_param_bw=8, config_file=str(config))
+    if encodings is not None:
+        sim.set_and_freeze_param_encodings(str(encodings))
 
     def forward(m, _):
         with torch.no_grad():
@@ -190,6 +215,13 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
         ("NNCF full bias correction, min/max, no overflow fix",
          lambda: nncf_quantize(float_onnx, work / "nncf_tuned.onnx", calibration, True, tuned=True)),
         ("AIMET QuantSim min/max", lambda: aimet_quantize(case.source().float_model, work / "aimet.onnx", calibration)),
+        ("deployq --ptq cle", lambda: deployq("cle", ("cle",))),
+        ("AIMET CLE + QuantSim", lambda: aimet_quantize(case.source().float_model, work / "aimet_cle.onnx",
+                                                         calibration, "cle")),
+        ("deployq --ptq adaround", lambda: deployq("adaround", ("adaround",))),
+        (f"AIMET AdaRound ({AIMET_ADAROUND_ITERATIONS} it., {AIMET_ADAROUND_SAMPLES} inputs) + QuantSim",
+         lambda: aimet_quantize(case.source().float_model, work / "aimet_ada" / "aimet_ada.onnx", calibration,
+                                "adaround")),
     ]
     rows = [_row("deployq (min/max)", plain.files["int8"], plain_s, score, float_onnx, calibration, work)]
     for label, make in contenders:
@@ -225,6 +257,9 @@ def run(argv: list[str]) -> common.Section:
             body += common.table(["quantization", "output SQNR dB (top-1 = float)", "seconds",
                                   "integer layers", "diff: weight layers paired, tensors unpaired"], rows)
     body += ["", "NNCF 3.4.0 and AIMET 2.42.0 (`scripts/install-peers.sh`), onnxruntime's CPU provider, 1 thread. "
+             f"AdaRound: {AIMET_ADAROUND_ITERATIONS} steps per layer for both tools, AIMET's on its first "
+             f"{AIMET_ADAROUND_SAMPLES} calibration inputs (its guide's batch budget), deployq's on its "
+             "`--refine-samples` (all the calibration inputs here). "
              "Seconds: the tool's own quantization (calibration included; deployq's export also writes the float "
              "graph, the checkpoint and qparams.json), one run. One seed. Machine: " + common.machine_text() + "."]
     return common.Section("peers", "deployq against NNCF, AIMET and quantize_static on trained models",

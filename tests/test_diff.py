@@ -1,5 +1,6 @@
 """deployq diff: matching by name, the four modes, a found fault, quantize_static models, errors."""
 
+import copy
 import json
 import re
 
@@ -485,6 +486,49 @@ def test_another_exporters_quantize_static_model_pairs_every_convolution(tmp_pat
     acts = [r for r in report.rows if r.point.kind == "activation"]
     assert len(acts) == 9 and all(r.stats.sqnr_db > 35 for r in acts)  # measured 37-55 dB
     assert report.gate_sqnr > 20
+
+
+def test_weights_balanced_are_blind_to_channel_scaling_and_nothing_else():
+    """balanced(diag(a)·W·diag(b)) = balanced(W) for positive a, b (what CLE does to a layer); another
+    W of the same shape stays far from it."""
+    from deployq.verify.positions import balanced
+
+    gen = np.random.default_rng(0)
+    w = gen.standard_normal((8, 6, 3, 3))
+    a, b = gen.uniform(0.1, 10, 8), gen.uniform(0.1, 10, 6)
+    scaled = w * a[:, None, None, None] * b[None, :, None, None]
+    assert np.linalg.norm(scaled - w) / np.linalg.norm(w) > 1  # the plain comparison cannot pair them
+    assert np.linalg.norm(balanced(scaled) - balanced(w)) < 1e-6
+    assert np.linalg.norm(balanced(gen.standard_normal(w.shape)) - balanced(w)) > 1
+
+
+def test_an_equalized_export_by_another_tool_pairs_every_layer_with_the_float_model(tmp_path):
+    """Another tool's cross-layer equalization rescales channels before it quantizes (AIMET's CLE:
+    conv1's output channel i by 1/s_i, conv2's input channel i by s_i, the same function through the
+    ReLU): its weights are far from the float model's, and diff pairs each layer by its balanced
+    weights."""
+    from deployq.deploy.float_graph import export_float
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    equalized = copy.deepcopy(model)
+    with torch.no_grad():
+        for first, second in ((equalized[0], equalized[2]), (equalized[2], equalized[4])):
+            s = torch.rand(first.out_channels) * 4 + 0.25
+            first.weight.div_(s.reshape(-1, 1, 1, 1)), first.bias.div_(s)
+            second.weight.mul_(s.reshape(1, -1, 1, 1))
+    x = torch.rand(*SHAPE)
+    torch.testing.assert_close(equalized(x), model(x), rtol=1e-4, atol=1e-5)  # the same function
+    float_model = export_float(deployq.prepare(model, x), (x,))
+    torch.onnx.export(equalized, (x,), str(tmp_path / "theirs.onnx"), dynamo=False)
+    name = float_model.graph.input[0].name  # (a Sequential's input is called `input`)
+    inputs = [{name: f["x"]} for f in feeds(2)]
+    report = diff(float_model, _quantize_static(tmp_path), inputs, mode="local", progress=False)
+    layers = [n for n in float_model.graph.node if n.op_type == "Conv"]
+    assert len(layers) == 3
+    assert {r.point.name for r in report.rows if r.point.kind == "weight"} == {n.input[1] for n in layers}
+    assert not report.unmatched
 
 
 def test_another_tools_convtranspose_pairs_with_deployqs_conv_and_depth_to_space(tmp_path):

@@ -9,7 +9,9 @@ TorchScript ONNX exporter's ``/conv1/Conv_output_0``, against deployq's module p
    float layer whose weights are nearest to its dequantized ones: same shape, within
    :data:`MAX_WEIGHT_ERROR` (BatchNorm folded on both sides first; a float layer a rewrite pass
    wrote in another layout, deployq's ConvTranspose as Conv + DepthToSpace, taken back to the
-   layout its record names, and paired at the tensor that holds its output in that layout);
+   layout its record names, and paired at the tensor that holds its output in that layout); then
+   the layers left over, with their weights' channels balanced (:func:`balanced`): a tool's
+   cross-layer equalization rescales them;
 3. every other op pairs forward from there: an op of the quantized model whose inputs are paired
    (through their Q -> DQ) pairs with the float model's op of the same type reading those inputs.
 
@@ -34,7 +36,7 @@ from deployq.exporters.graph import PREQUANT_SUFFIXES, WEIGHT_LAYER_OPS, base_na
 
 from .match import weight_value
 
-__all__ = ["MAX_WEIGHT_ERROR", "PositionPairing", "names_differ", "pair_by_position"]
+__all__ = ["MAX_WEIGHT_ERROR", "PositionPairing", "balanced", "names_differ", "pair_by_position"]
 
 # ||w_quant - w_float|| / ||w_float|| of two layers taken for the same one: 8-bit weights are ~1 %
 # off, 4-bit per-channel ~10 %; unrelated layers of one shape are ~140 % (independent weights)
@@ -148,18 +150,44 @@ def _weight_error(q: _Layer, f: _Layer) -> float:
     return float(np.linalg.norm(q.weight - f.weight) / norm) if norm > 0 else np.inf
 
 
+def balanced(weight: np.ndarray, rounds: int = 30) -> np.ndarray:
+    """`weight` (out, in, ...) with every output channel and every input channel scaled to the same
+    norm (alternating, as Sinkhorn balances a matrix), then to a norm of 1: the same array for
+    diag(a)·W·diag(b) with any positive a and b. Cross-layer equalization (AIMET's CLE, deployq's
+    `--ptq cle`) rescales channels so; the balanced forms of the two still agree."""
+    w = weight.reshape(weight.shape[0], weight.shape[1], -1).astype(np.float64)
+    for _ in range(rounds):
+        rows = np.sqrt((w * w).sum(axis=(1, 2), keepdims=True))
+        w = w / np.where(rows > 0, rows, 1.0)
+        cols = np.sqrt((w * w).sum(axis=(0, 2), keepdims=True))
+        w = w / np.where(cols > 0, cols, 1.0)
+    norm = np.linalg.norm(w)
+    return w / norm if norm > 0 else w
+
+
 def _align(quant: list[_Layer], floating: list[_Layer]) -> list[tuple[_Layer, _Layer]]:
     """Each quantized layer, in graph order, with the float layer not yet taken whose weights are
     nearest to its own, if within :data:`MAX_WEIGHT_ERROR`. Weights, not order, decide: two
-    exporters may visit parallel branches in different orders."""
+    exporters may visit parallel branches in different orders. Layers left over are then compared
+    by their :func:`balanced` weights, which a tool's channel rescaling (CLE) leaves as they were."""
     pairs, taken = [], set()  # a float node is taken once, in whichever of its layouts it paired
-    for q in quant:
-        errors = [(_weight_error(q, f), j) for j, f in enumerate(floating) if id(f.node) not in taken]
-        error, j = min(errors, default=(np.inf, -1))
-        if error <= MAX_WEIGHT_ERROR:
-            pairs.append((q, floating[j]))
-            taken.add(id(floating[j].node))
-    return pairs
+    for measure in (_weight_error, _balanced_error):
+        for q in quant:
+            if any(q is p for p, _ in pairs):
+                continue
+            errors = [(measure(q, f), j) for j, f in enumerate(floating) if id(f.node) not in taken]
+            error, j = min(errors, default=(np.inf, -1))
+            if error <= MAX_WEIGHT_ERROR:
+                pairs.append((q, floating[j]))
+                taken.add(id(floating[j].node))
+    return sorted(pairs, key=lambda pair: next(i for i, q in enumerate(quant) if q is pair[0]))
+
+
+def _balanced_error(q: _Layer, f: _Layer) -> float:
+    """:func:`_weight_error` of the two layers' :func:`balanced` weights."""
+    if _weight_error(q, f) == np.inf:  # another kind or shape
+        return np.inf
+    return float(np.linalg.norm(balanced(q.weight) - balanced(f.weight)))
 
 
 def pair_by_position(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> PositionPairing:
