@@ -207,3 +207,37 @@ def test_c_kernels_take_an_empty_tensor(kernels):
     grad_x, grad_s, grad_zp, grad_alpha = kernels.gradients(x, x, x.shape, scale, None, zero_point, False, 0.2,
                                                             fake_quant.ALPHA_RANGE, 0.0, 255.0, 1.0, False)
     assert grad_x.shape == x.shape and not grad_s.any() and not grad_zp.any() and grad_alpha.item() == 0.0
+
+
+def test_qat_steps_with_the_c_kernels_follow_the_eager_ones():
+    """A few Adam steps of a whole QAT model (LSQ+ scales and offsets, DSQ's α, the int32-bias
+    floors, per-channel weights) with the C kernels and eagerly, from the same start: the same
+    losses and parameters to float rounding (a wrong sign or factor anywhere would drift apart)."""
+    import copy
+
+    import deployq
+    from deployq.examples import zoo
+
+    config = {"weight": {"quantizer": "dsq_lsq"}, "activation": {"quantizer": "dsq_lsq"}}
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.rand((4, 3, 16, 16), generator=gen) for _ in range(3)]
+    student = deployq.prepare(zoo.resnet().train(), (data[0][:1],), config)
+    deployq.calibrate(student, data, progress=False)
+    runs = []
+    for fused in (False, True):
+        model = copy.deepcopy(student)
+        fake_quant.use_compiled_kernels(fused)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for x in data * 3:
+            loss = model(x).abs().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        runs.append((losses, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    fake_quant.use_compiled_kernels(False)
+    (eager_losses, eager_params), (c_losses, c_params) = runs
+    assert eager_losses[-1] < eager_losses[0]  # it trains
+    np.testing.assert_allclose(c_losses, eager_losses, rtol=1e-3)
+    assert float((c_params - eager_params).norm() / eager_params.norm()) < 1e-3
