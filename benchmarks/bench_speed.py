@@ -230,10 +230,19 @@ STE_ROW = "deployq QAT, straight-through rounding gradient (DSQ off)"
 def straight_through_config(config: QConfig) -> Optional[QConfig]:
     """`config` with DSQ's soft-rounding gradient replaced by the straight-through one (dsq_lsq ->
     lsq+, dsq -> fixed: the same learned or observed qparams), or None where it uses no DSQ."""
-    text = json.dumps(config.to_dict())
-    if '"dsq' not in text:
-        return None
-    return config_from_dict(json.loads(text.replace('"dsq_lsq"', '"lsq+"').replace('"dsq"', '"fixed"')))
+    plain = {"dsq_lsq": "lsq+", "dsq": "fixed"}
+    found = []
+
+    def swapped(value):
+        if isinstance(value, dict):
+            if value.get("quantizer") in plain:
+                found.append(value["quantizer"])
+                value = {**value, "quantizer": plain[value["quantizer"]], "quantizer_args": {}}
+            return {k: swapped(v) for k, v in value.items()}
+        return [swapped(v) for v in value] if isinstance(value, list) else value
+
+    data = swapped(config.to_dict())
+    return config_from_dict(data) if found else None
 
 
 def training_section(args: argparse.Namespace, ckpts: common.LowlightCheckpoints,

@@ -21,11 +21,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from deployq.core.files import atomic_path
 
 __all__ = ["Kernels", "load", "FAILURE"]
 
@@ -49,19 +50,12 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str, flags: list[str], target: Path) -> None:
-    """Compile SOURCE into `target` through a temporary file in the same folder (then renamed), so a
-    concurrent or interrupted build never leaves a half-written library."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    """Compile SOURCE into `target` through a temporary file renamed into place (deployq's atomic
+    outputs), so a concurrent or interrupted build never leaves a half-written library."""
+    with atomic_path(target) as tmp:
         result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:400]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _pointer(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -122,10 +116,15 @@ def load() -> Optional[Kernels]:
     global FAILURE
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
     failures = []
+    try:
+        source = SOURCE.read_text()
+    except OSError as err:  # a packaging mistake: kernels.c left out of the wheel
+        FAILURE = f"{type(err).__name__}: {err}"
+        return None
     for flags in _flag_sets():
+        key = hashlib.sha256("\0".join([source, compiler, *flags]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"deployq_kernels_{key}.so"
         try:
-            key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags]).encode()).hexdigest()[:16]
-            target = _cache_dir() / f"deployq_kernels_{key}.so"
             if not target.is_file():
                 _build(compiler, flags, target)
             return Kernels(ctypes.CDLL(str(target)))

@@ -141,11 +141,13 @@ def _attribute(node: onnx.NodeProto, name: str, default):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
+def _comparable(q: _Layer, f: _Layer) -> bool:
+    """Two layers of one kind (Gemm and MatMul alike) and one weight shape."""
+    return (q.op == f.op or {q.op, f.op} <= {"Gemm", "MatMul"}) and q.weight.shape == f.weight.shape
+
+
 def _weight_error(q: _Layer, f: _Layer) -> float:
-    """||w_q - w_f|| / ||w_f|| of two layers of one kind and shape (inf otherwise)."""
-    same_kind = q.op == f.op or {q.op, f.op} <= {"Gemm", "MatMul"}
-    if not same_kind or q.weight.shape != f.weight.shape:
-        return np.inf
+    """||w_q - w_f|| / ||w_f|| of two :func:`_comparable` layers."""
     norm = np.linalg.norm(f.weight)
     return float(np.linalg.norm(q.weight - f.weight) / norm) if norm > 0 else np.inf
 
@@ -170,24 +172,27 @@ def _align(quant: list[_Layer], floating: list[_Layer]) -> list[tuple[_Layer, _L
     nearest to its own, if within :data:`MAX_WEIGHT_ERROR`. Weights, not order, decide: two
     exporters may visit parallel branches in different orders. Layers left over are then compared
     by their :func:`balanced` weights, which a tool's channel rescaling (CLE) leaves as they were."""
-    pairs, taken = [], set()  # a float node is taken once, in whichever of its layouts it paired
-    for measure in (_weight_error, _balanced_error):
+    matched: dict[int, _Layer] = {}  # id of a quantized layer -> its float layer
+    taken: set[int] = set()  # a float node is taken once, in whichever of its layouts it paired
+    forms: dict[int, np.ndarray] = {}  # balanced weights, each computed once
+
+    def balanced_error(q: _Layer, f: _Layer) -> float:
+        for layer in (q, f):
+            if id(layer) not in forms:
+                forms[id(layer)] = balanced(layer.weight)
+        return float(np.linalg.norm(forms[id(q)] - forms[id(f)]))
+
+    for measure in (_weight_error, balanced_error):
         for q in quant:
-            if any(q is p for p, _ in pairs):
+            if id(q) in matched:
                 continue
-            errors = [(measure(q, f), j) for j, f in enumerate(floating) if id(f.node) not in taken]
+            errors = [(measure(q, f) if _comparable(q, f) else np.inf, j)
+                      for j, f in enumerate(floating) if id(f.node) not in taken]
             error, j = min(errors, default=(np.inf, -1))
             if error <= MAX_WEIGHT_ERROR:
-                pairs.append((q, floating[j]))
+                matched[id(q)] = floating[j]
                 taken.add(id(floating[j].node))
-    return sorted(pairs, key=lambda pair: next(i for i, q in enumerate(quant) if q is pair[0]))
-
-
-def _balanced_error(q: _Layer, f: _Layer) -> float:
-    """:func:`_weight_error` of the two layers' :func:`balanced` weights."""
-    if _weight_error(q, f) == np.inf:  # another kind or shape
-        return np.inf
-    return float(np.linalg.norm(balanced(q.weight) - balanced(f.weight)))
+    return [(q, matched[id(q)]) for q in quant if id(q) in matched]
 
 
 def pair_by_position(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> PositionPairing:
