@@ -176,3 +176,15 @@ def test_a_checkpoint_from_before_the_float_placement_keeps_every_point(saved, t
     assert ck.parse(payload, path).config.quantize_float_ops is False
     del payload["config"]["quantize_float_ops"]
     assert ck.parse(payload, path).config.quantize_float_ops is True
+
+
+def test_a_checkpoint_from_before_wide_concatenations_keeps_its_concat_widths(saved, tmp_path):
+    """A checkpoint written before ``concat_keeps_bits`` learned its concat scales at the default
+    width: read without the key it keeps that width; new ones keep their own setting."""
+    _, path = saved
+    payload = torch.load(path, weights_only=True)
+    assert payload["config"]["concat_keeps_bits"] is True
+    assert ck.parse(payload, path).config.concat_keeps_bits is True
+    del payload["config"]["concat_keeps_bits"]
+    assert ck.parse(payload, path).config.concat_keeps_bits is False
+    assert ck.parse(payload, path).config.quantize_float_ops is False  # the other legacy key left as written

@@ -144,11 +144,13 @@ def load(path: str | Path) -> Checkpoint:
 
 
 def _config_as_written(config: object) -> object:
-    """A checkpoint written before ``quantize_float_ops`` existed quantized every compute op's
-    output: read it so, or its learned qparams would not fit the quant points."""
-    if isinstance(config, dict) and "extra_quantizer_dict" not in config and "quantize_float_ops" not in config:
-        return {**config, "quantize_float_ops": True}
-    return config
+    """A checkpoint's config read as it was trained, or its learned qparams would not fit the quant
+    points: one written before ``quantize_float_ops`` existed quantized every compute op's output,
+    and one written before ``concat_keeps_bits`` gave a concatenation the default activation width."""
+    if not isinstance(config, dict) or "extra_quantizer_dict" in config:
+        return config
+    legacy = {"quantize_float_ops": True, "concat_keeps_bits": False}
+    return {**{key: value for key, value in legacy.items() if key not in config}, **config}
 
 
 def parse(payload: Any, path: Path) -> Checkpoint:

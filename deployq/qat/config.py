@@ -10,6 +10,7 @@ Native form (YAML or a dict)::
     leaf_modules: [backbone.attn]     # modules kept whole (not traced into): quantized at their boundary
     quantize_float_ops: false         # true: also quantize tensors only float ops read (see placement)
     quantize_outputs: true            # false: a layer that makes a model output keeps it float
+    concat_keeps_bits: true           # a concatenation no rule sets is as wide as the widest tensor it joins
     layers:                           # applied in order; a later match overrides an earlier one
       "DBLE.*_conv1.*": {weight: 10 per_channel_affine, activation: 10 per_tensor_affine}
       "DBLE.DBLE_out":  {activation: {bits: 10}}
@@ -74,9 +75,12 @@ class QConfig:
     # False: a layer whose output only the model's outputs read keeps that output float (its
     # weights stay quantized; onnxruntime then runs it in float), as NNCF does by default
     quantize_outputs: bool = True
+    # True: a concatenation whose bits no layer rule sets takes the widest width among the quant
+    # points it joins (a 10-bit skip joined to an 8-bit path stays 10-bit; deployq.qat.placement)
+    concat_keeps_bits: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("quantize_float_ops", "quantize_outputs"):
+        for key in ("quantize_float_ops", "quantize_outputs", "concat_keeps_bits"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false")
         if isinstance(self.leaf_modules, str) or not all(isinstance(m, str) and m for m in self.leaf_modules):
@@ -140,6 +144,7 @@ class QConfig:
             **({"leaf_modules": list(self.leaf_modules)} if self.leaf_modules else {}),
             "quantize_float_ops": self.quantize_float_ops,
             "quantize_outputs": self.quantize_outputs,
+            "concat_keeps_bits": self.concat_keeps_bits,
             "layers": {
                 r.pattern: ({"quantize": False} if not r.quantize else
                             {k: dict(v) for k, v in (("weight", r.weight), ("activation", r.activation)) if v})
@@ -180,7 +185,7 @@ def _spec(value: Any, default: QuantSpec, where: str) -> QuantSpec:
 
 
 NATIVE_KEYS = {"weight", "activation", "input", "layers", "fuse_activations", "leaf_modules", "quantize_float_ops",
-               "quantize_outputs"}
+               "quantize_outputs", "concat_keeps_bits"}
 
 
 def from_dict(data: Mapping[str, Any] | None, source: str = "config") -> QConfig:
@@ -215,6 +220,7 @@ def from_dict(data: Mapping[str, Any] | None, source: str = "config") -> QConfig
         leaf_modules=tuple(str(m) for m in leaves),
         quantize_float_ops=data.get("quantize_float_ops", False),
         quantize_outputs=data.get("quantize_outputs", True),
+        concat_keeps_bits=data.get("concat_keeps_bits", True),
     )
 
 

@@ -138,11 +138,26 @@ def is_data_movement(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 T = TypeVar("T")
 
+_CONCATENATIONS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+
+
+def joined_tensors(node: fx.Node) -> list[fx.Node]:
+    """The tensors a concatenation (``torch.cat`` / ``stack`` in any form) joins; [] for other ops."""
+    if node.op != "call_function" or not (node.target in _CONCATENATIONS or aten_name(node.target) in ("cat", "stack")):
+        return []
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    return [t for t in tensors if isinstance(t, fx.Node)] if isinstance(tensors, (list, tuple)) else []
+
 
 def upstream(node: fx.Node, modules: dict[str, nn.Module], found: Mapping[fx.Node, T]) -> Optional[T]:
     """What `found` holds for the nearest node `node`'s first input comes from, looking back through
     data movement (views, pads, max pools...); None where a computing op comes first."""
-    current = node.args[0] if node.args else None
+    return carried_from(node.args[0] if node.args else None, modules, found)
+
+
+def carried_from(value: Any, modules: dict[str, nn.Module], found: Mapping[fx.Node, T]) -> Optional[T]:
+    """What `found` holds for `value` or the nearest node it comes from through data movement."""
+    current = value
     while isinstance(current, fx.Node):
         if current in found:
             return found[current]
