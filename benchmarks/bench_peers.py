@@ -16,7 +16,11 @@ low-light network; the same calibration inputs (32) for every tool and the same 
   and no overflow fix (NNCF's default halves the weight range, 7 bits, for CPUs without VNNI);
 * AIMET's ``QuantizationSimModel`` on the torch model (BatchNorm folded, min/max, 8-bit weights per
   channel and activations, its default per-channel config), exported as a QDQ ONNX file with
-  int32 biases (``aimet_torch.onnx.export``).
+  int32 biases (``aimet_torch.onnx.export``);
+* on the low-light model, the example's 10-bit head and tail (``examples/lowlight/quant.yaml``):
+  deployq's export with it, and AIMET's QuantSim with the same layers' and input's widths set on its
+  quantizers, run in torch (AIMET exports no 10-bit file; its QuantSim shares one quantizer among a
+  concat's inputs and output, deployq widens a concat to the widest tensor it joins).
 
 Columns: output SQNR (dB) of the fully optimized graph against deployq's float graph on the
 held-out inputs (top-1 agreement with float for digits); the seconds the tool took (calibration
@@ -48,6 +52,7 @@ PEERS = common.ROOT / ".peers"  # where scripts/install-peers.sh puts NNCF and A
 # point) into an opset-21 graph such as deployq's float export; it is given the graph at opset 19
 NNCF_OPSET = 19
 FLOAT_OUTPUTS = {"quantize_outputs": False}  # the layer making a model output runs in float, as NNCF leaves it
+WIDE_CONFIG = common.ROOT / "examples" / "lowlight" / "quant.yaml"  # the example's 10-bit head and tail layers
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -105,7 +110,18 @@ def aimet_quantize(model, out: Path, calibration: list[np.ndarray], method: str 
     """AIMET's QuantSim (min/max, 8-bit, per-channel weights) after BatchNorm folding, or after its
     cross-layer equalization (`method` "cle": BN folding, equalization and bias absorption), or with
     AdaRound's weights (`method` "adaround": AIMET_ADAROUND_ITERATIONS per layer on the first
-    AIMET_ADAROUND_SAMPLES inputs, its parameter encodings frozen in the QuantSim)."""
+    AIMET_ADAROUND_SAMPLES inputs, its parameter encodings frozen in the QuantSim), exported."""
+    import aimet_torch.onnx
+
+    sim, dummy = aimet_sim(model, out.parent, calibration, method)
+    aimet_torch.onnx.export(sim, dummy, str(out), input_names=["input"], output_names=["output"], opset_version=13,
+                            dynamo=False, export_int32_bias=True, prequantize_constants=True)
+    return out
+
+
+def aimet_sim(model, work: Path, calibration: list[np.ndarray], method: str = "", widths: Optional[Path] = None):
+    """(AIMET's calibrated QuantSim as `aimet_quantize` describes it, its dummy input); `widths`: a
+    deployq config whose layer rules' and input's bit widths are set on the same modules first."""
     import aimet_torch
     import aimet_torch.onnx
     import torch
@@ -114,7 +130,7 @@ def aimet_quantize(model, out: Path, calibration: list[np.ndarray], method: str 
     from aimet_torch.model_preparer import prepare_model
     from aimet_torch.quantsim import QuantizationSimModel
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     dummy = torch.from_numpy(calibration[0])
     model = prepare_model(model.eval())
     config = Path(aimet_torch.__path__[0]) / "common" / "quantsim_config" / "default_config_per_channel.json"
@@ -130,13 +146,15 @@ def aimet_quantize(model, out: Path, calibration: list[np.ndarray], method: str 
 
         batches = [torch.from_numpy(x) for x in calibration[:AIMET_ADAROUND_SAMPLES]]
         params = AdaroundParameters(batches, len(batches), default_num_iterations=AIMET_ADAROUND_ITERATIONS)
-        model = Adaround.apply_adaround(model, dummy, params, str(out.parent), "adaround", default_param_bw=8,
+        model = Adaround.apply_adaround(model, dummy, params, str(work), "adaround", default_param_bw=8,
                                         default_quant_scheme=QuantScheme.min_max, default_config_file=str(config))
-        encodings = out.parent / "adaround.encodings"
+        encodings = work / "adaround.encodings"
     sim = QuantizationSimModel(model, dummy_input=dummy, quant_scheme=QuantScheme.min_max, default_output_bw=8,
                                default_param_bw=8, config_file=str(config))
     if encodings is not None:
         sim.set_and_freeze_param_encodings(str(encodings))
+    if widths is not None:
+        set_aimet_widths(sim.model, widths)
 
     def forward(m, _):
         with torch.no_grad():
@@ -144,9 +162,35 @@ def aimet_quantize(model, out: Path, calibration: list[np.ndarray], method: str 
                 m(torch.from_numpy(x))
 
     sim.compute_encodings(forward, None)
-    aimet_torch.onnx.export(sim, dummy, str(out), input_names=["input"], output_names=["output"], opset_version=13,
-                            dynamo=False, export_int32_bias=True, prequantize_constants=True)
-    return out
+    return sim, dummy
+
+
+def set_aimet_widths(sim_model, config_path: Path) -> None:
+    """The widths a deployq config gives by layer rule (weight and activation bits) and to the
+    model input, set on the quantizers of the QuantSim modules with the same names (deployq names a
+    reused module's second call ``<name>_dup1``, AIMET's model preparer ``module_<name>_1``)."""
+    import fnmatch
+    import re
+
+    from deployq.qat.config import load_config
+
+    config = load_config(config_path)
+    for name, module in sim_model.named_modules():
+        if not hasattr(module, "output_quantizers"):
+            continue
+        for q in getattr(module, "input_quantizers", []):
+            if q is not None and "bits" in config.input:  # AIMET quantizes the model inputs there
+                q.bitwidth = config.input["bits"]
+        for rule in config.layers:
+            pattern = re.sub(r"(\w+)_dup(\d+)", r"module_\1_\2", rule.pattern)
+            if not fnmatch.fnmatchcase(name, pattern):
+                continue
+            weight = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
+            if weight is not None and "bits" in rule.weight:
+                weight.bitwidth = rule.weight["bits"]
+            for q in module.output_quantizers:
+                if q is not None and "bits" in rule.activation:
+                    q.bitwidth = rule.activation["bits"]
 
 
 def integer_layers(path: Path, work: Path) -> tuple[int, int]:
@@ -188,18 +232,21 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
     float_onnx = plain.files["float"]
     reference = None
 
-    def score(path: Path) -> tuple[float, Optional[float]]:
+    def score(path_or_outputs) -> tuple[float, Optional[float]]:
+        """SQNR against the float graph of a file's outputs on the held-out inputs (or of those outputs)."""
         nonlocal reference
         feeds_float = [{plain.float_model.graph.input[0].name: x} for x in case.held_out]
         if reference is None:
             reference = outputs(float_onnx, feeds_float)
         import onnx
 
-        feeds = [{onnx.load(str(path)).graph.input[0].name: x} for x in case.held_out]
-        ours = outputs(path, feeds)
+        ours = path_or_outputs
+        if isinstance(path_or_outputs, Path):
+            ours = outputs(path_or_outputs, [{onnx.load(str(path_or_outputs)).graph.input[0].name: x}
+                                             for x in case.held_out])
         return sqnr_db([o for out in reference for o in out], [o for out in ours for o in out]), top1(reference, ours)
 
-    def deployq(folder: str, methods: tuple[str, ...] = (), config: Optional[dict] = None) -> Path:
+    def deployq(folder: str, methods: tuple[str, ...] = (), config=None) -> Path:
         extra = {"ptq": PTQOptions(methods)} if methods else {}
         return export(case.source(config), work / folder, calib=calibration, calib_limit=args.calib, progress=False,
                       ort_format=False, **extra).files["int8"]
@@ -223,6 +270,13 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
          lambda: aimet_quantize(case.source().float_model, work / "aimet_ada" / "aimet_ada.onnx", calibration,
                                 "adaround")),
     ]
+    if name == "lowlight":  # the example's 10-bit head/tail layers, against AIMET's simulation of them
+        contenders += [
+            ("deployq, 10-bit head/tail (`examples/lowlight/quant.yaml`)", lambda: deployq("ten", (), str(WIDE_CONFIG))),
+            ("deployq --ptq bias, 10-bit head/tail", lambda: deployq("ten_bias", ("bias",), str(WIDE_CONFIG))),
+            ("AIMET QuantSim min/max, the same 10-bit layers (simulated in torch: it writes no 10-bit file)",
+             lambda: aimet_simulated(case.source().float_model, work / "aimet_ten", calibration, case.held_out)),
+        ]
     rows = [_row("deployq (min/max)", plain.files["int8"], plain_s, score, float_onnx, calibration, work)]
     for label, make in contenders:
         try:  # a tool that cannot quantize this model, or writes a file onnxruntime refuses, is a row
@@ -235,11 +289,24 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
     return rows
 
 
-def _row(label: str, path: Path, seconds: float, score, float_onnx: Path, calibration, work: Path) -> list[str]:
-    sqnr, agreement = score(path)
-    integer, layers = integer_layers(path, work)
-    paired, quantized, unpaired = pairing(float_onnx, path, calibration)
+def aimet_simulated(model, work: Path, calibration: list[np.ndarray], held_out: list[np.ndarray]) -> list[list]:
+    """AIMET's QuantSim with WIDE_CONFIG's widths, run in torch on the held-out inputs: its outputs."""
+    import torch
+
+    sim, _ = aimet_sim(model, work, calibration, widths=WIDE_CONFIG)
+    with torch.no_grad():
+        results = [sim.model(torch.from_numpy(x)) for x in held_out]
+    return [[t.numpy() for t in (r if isinstance(r, (tuple, list)) else (r,))] for r in results]
+
+
+def _row(label: str, made, seconds: float, score, float_onnx: Path, calibration, work: Path) -> list[str]:
+    """A table row for a file (`made` a Path), or for outputs simulated in torch (no file to run)."""
+    sqnr, agreement = score(made)
     text = f"{sqnr:.2f}" + (f" ({100 * agreement:.0f}%)" if agreement is not None else "")
+    if not isinstance(made, Path):
+        return [label, text, f"{seconds:.1f}", "- (no file)", "- (no file)"]
+    integer, layers = integer_layers(made, work)
+    paired, quantized, unpaired = pairing(float_onnx, made, calibration)
     return [label, text, f"{seconds:.1f}", f"{integer}/{layers}", f"{paired}/{quantized}, {unpaired} unpaired"]
 
 
