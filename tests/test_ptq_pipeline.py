@@ -168,7 +168,7 @@ def _harmful_bias_correction(model, batches, **kwargs):
 def test_a_method_that_lowers_the_held_out_score_is_undone(float_model, monkeypatch):
     """A refinement is scored on the calibration samples it did not learn from and undone if it
     lowers the output SQNR there: the model is then exactly what calibration left, and the note
-    says so. Without held-out samples nothing is checked, and the note says that instead."""
+    says so. Without held-out samples it is scored on the samples it learned from instead."""
     from deployq.ptq import pipeline
 
     monkeypatch.setattr(pipeline, "correct_bias", _harmful_bias_correction)
@@ -184,7 +184,22 @@ def test_a_method_that_lowers_the_held_out_score_is_undone(float_model, monkeypa
     result = pipeline.quantize_post_training(model, _photos(4, 2), PTQOptions(("bias",), refine_samples=4),
                                              progress=False)
     assert any(n.startswith("held-out check: none, all 4 calibration samples") for n in result.notes)
-    assert not any("undone" in n for n in result.notes)
+    assert any(n.startswith("bias: undone, it lowered the output SQNR on the 4 calibration samples it learned from")
+               for n in result.notes)
+    with torch.no_grad():
+        assert all(torch.equal(result.model(x), result.reference(x)) for x in _photos(3, 5))
+
+
+def test_without_held_out_samples_a_method_that_helps_its_own_samples_is_kept(float_model):
+    """All calibration samples learned from: real bias correction raises the output SQNR on them,
+    so it stays and the model differs from what calibration left."""
+    from deployq.ptq import pipeline
+
+    model = deployq.prepare(float_model, torch.rand(*SHAPE))
+    result = pipeline.quantize_post_training(model, _photos(12, 2), PTQOptions(("bias",), refine_samples=12),
+                                             progress=False)
+    assert any(n.startswith("held-out check: none, all 12 calibration samples") for n in result.notes)
+    assert not any("undone" in n for n in result.notes), result.notes
     with torch.no_grad():
         assert not any(torch.equal(result.model(x), result.reference(x)) for x in _photos(3, 5))
 
