@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import deployq
 from deployq.examples.torchvision_models import import_torchvision
 from deployq.ptq.equalize import EqualizeError, equalize
 
@@ -327,3 +329,34 @@ class Untraceable(nn.Module):
 def test_untraceable_model_names_its_class(x):
     with pytest.raises(EqualizeError, match="Untraceable"):
         equalize(Untraceable(), x)
+
+
+def _imbalanced(model: ConvBnReluConv) -> ConvBnReluConv:
+    """The same float function with channel ranges 10^-2..10^2 apart: BN's output channel i scaled
+    by k_i > 0, conv2's input channel i by 1/k_i (ReLU commutes with positive scaling)."""
+    out = copy.deepcopy(model)
+    k = torch.logspace(-2, 2, out.bn.num_features)
+    with torch.no_grad():
+        out.bn.weight.mul_(k)
+        out.bn.bias.mul_(k)
+        out.conv2.weight.div_(k.reshape(1, -1, 1, 1))
+    return out
+
+
+def test_cle_stays_only_where_the_quantized_model_gains_by_it(x):
+    """The export keeps CLE's model when its output SQNR on the calibration samples is at least the
+    plain model's: kept where it balances spread channels, undone (with a note) where the 'equalized'
+    model is the one with spread channels."""
+    from deployq.ptq.pipeline import better_of_equalization
+
+    torch.manual_seed(0)
+    balanced = ConvBnReluConv().eval()
+    batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    prepared = lambda m: deployq.prepare(m, x[:1])
+    spread_model = spread(copy.deepcopy(balanced)).eval()
+    equalized_model, report = equalize(spread_model, x)
+    assert report.pairs
+    assert better_of_equalization(prepared(spread_model), prepared(equalized_model), batches) == (True, None)
+    keep, note = better_of_equalization(prepared(balanced), prepared(_imbalanced(balanced).eval()), batches)
+    assert not keep and note.startswith("cle: undone, it lowered the output SQNR on the 12 calibration samples from")
+    assert_same_output(balanced, _imbalanced(balanced).eval(), x)  # the planted model computes the same function

@@ -36,7 +36,8 @@ from deployq.core.files import AtomicOutputs, json_text
 from deployq.qat.loading import ModelSource
 from deployq.qat.capture import EXPORT, ONNX_FIXED
 from deployq.qat.prepare import capture_notes, prepare, quant_points
-from deployq.ptq.pipeline import ZEROQ, PTQOptions, equalized, quantize_post_training, zeroq_feeds
+from deployq.ptq.pipeline import (ZEROQ, PTQOptions, better_of_equalization, equalized, quantize_post_training,
+                                  zeroq_feeds)
 from deployq.core.progress import end_stage, stage
 from deployq.qat.calibrate import qparams_of, set_mode
 from deployq.core.qformula import qparams_from_range, qrange
@@ -140,10 +141,14 @@ def prepare_for_target(source: ModelSource, target: str, *, weight_bits: Optiona
             set_mode(model, "quantize")
         return Prepared(model.eval(), model)
     float_model, notes = equalized(source.float_model, source.example_inputs(), ptq)
-    model = (source.with_config(config) if float_model is source.float_model
-             else prepare(float_model, source.example_inputs(), config))
-    result = quantize_post_training(model, calibration_batches(source, float_model, calib, calib_limit, progress),
-                                    ptq, limit=calib_limit, progress=progress)
+    batches = calibration_batches(source, float_model, calib, calib_limit, progress)
+    model = source.with_config(config)
+    if float_model is not source.float_model:  # CLE stays only where the quantized model gains by it
+        stage("ptq: checking cross-layer equalization against the model as it was", progress)
+        equalized_model = prepare(float_model, source.example_inputs(), config)
+        keep, undone = better_of_equalization(model, equalized_model, batches, limit=calib_limit)
+        model, notes = (equalized_model, notes) if keep else (model, notes + [undone])
+    result = quantize_post_training(model, batches, ptq, limit=calib_limit, progress=progress)
     return Prepared(result.model.eval(), (result.reference or result.model).eval(), notes + result.notes)
 
 
