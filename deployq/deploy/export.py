@@ -32,6 +32,7 @@ from deployq.exporters.rewriter import Rewritten, rewrite
 from deployq.deploy.float_graph import export_float
 from deployq.qat.checkpoint import save as save_checkpoint
 from deployq.deploy.devices import DEVICE_KEY, DEVICES, Coverage, Device, check_config, coverage, device as get_device, fix_shapes, learned_float, to_ort_format
+from deployq.deploy.refined_graph import with_values_of
 from deployq.core.files import AtomicOutputs, json_text
 from deployq.qat.loading import ModelSource
 from deployq.qat.capture import EXPORT, ONNX_FIXED
@@ -256,12 +257,15 @@ def _onnx_models(qmodel: torch.nn.Module, reference: torch.nn.Module, records: O
     parameters (`reference`), the model users compare against."""
     examples = tuple(i.example() for i in source.inputs)
     stage("export: tracing the model (torch.export -> ONNX)", progress)
-    float_onnx = export_float(qmodel, examples, opset, dynamic_hw)
+    original = export_float(reference, examples, opset, dynamic_hw)
+    float_onnx = original
+    if reference is not qmodel:  # AdaRound / bias correction changed values, not the graph
+        float_onnx = (with_values_of(original, reference, qmodel, examples)
+                      or export_float(qmodel, examples, opset, dynamic_hw))
     stage("export: rewriting (fold BN, insert Q/DQ)", progress)
     result = rewrite(float_onnx, records, opset, block_convtranspose=dev.block_convtranspose,
                      carry_bits=dev.carry_bits)
     if reference is not qmodel:
-        original = export_float(reference, examples, opset, dynamic_hw)
         float_model = rewrite(original, records, opset, block_convtranspose=dev.block_convtranspose).float_model
         result = replace(result, float_model=float_model)
     for model in (result.float_model, result.quant_model):
