@@ -215,3 +215,41 @@ def test_a_method_that_helps_on_held_out_samples_is_kept(float_model):
     assert any(n.startswith("bias: ") and "on 12 calibration samples" in n for n in result.notes)
     check = pipeline.HeldOut(result.reference, _photos(24, 2)[12:])  # float outputs before bias correction
     assert check.measure(result.model) > check.score
+
+
+class _Counting(torch.nn.Module):
+    """Counts its forward calls; with `one_at_a_time` it refuses a batch of more than one."""
+
+    def __init__(self, one_at_a_time: bool = False):
+        super().__init__()
+        self.conv, self.calls, self.one = torch.nn.Conv2d(3, 2, 3), 0, one_at_a_time
+
+    def forward(self, x):
+        self.calls += 1
+        if self.one and x.shape[0] != 1:
+            raise RuntimeError("written for one sample")
+        return self.conv(x), x.mean((1, 2, 3))
+
+
+def test_output_scores_run_inputs_stacked_and_sum_as_one_by_one():
+    """model_outputs runs equal-shaped inputs as one batch (8 samples at most) and its sums are the
+    one-by-one sums; a model that refuses the stacked batch gets its inputs one by one; inputs of
+    another shape start a new batch."""
+    from deployq.ptq.calibration_search import model_outputs, output_sqnr_db
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [(torch.rand(1, 3, 8, 8, generator=g),) for _ in range(10)] + [(torch.rand(1, 3, 6, 6, generator=g),)]
+    model = _Counting()
+    stacked = model_outputs(model, inputs)
+    assert model.calls == 3  # 8 stacked, 2 stacked, the 6x6 one alone
+    with torch.no_grad():
+        singles = [[t.double() for t in model(*args)] for args in inputs]
+    flat = lambda runs, k: [run[k] for run in runs]
+    for k in range(2):
+        signal = sum(float(t.square().sum()) for t in flat(singles, k))
+        assert sum(float(t.square().sum()) for t in flat(stacked, k)) == pytest.approx(signal, rel=1e-6)
+    noisy = [[t + 0.01 for t in run] for run in stacked]
+    assert output_sqnr_db(flat(stacked, 0), flat(noisy, 0)) == pytest.approx(
+        output_sqnr_db(flat(singles, 0), [t + 0.01 for t in flat(singles, 0)]), rel=1e-6)
+    refusing = _Counting(one_at_a_time=True)
+    assert len(model_outputs(refusing, inputs)) == 11 and refusing.calls == 2 + 11  # two refused batches, then each
