@@ -80,7 +80,7 @@ STACKED_SAMPLES = 8  # inputs run as one batch by model_outputs (their outputs s
 def model_outputs(model: nn.Module, inputs: Sequence[tuple]) -> list[list[torch.Tensor]]:
     """The model's output tensors for the inputs: one list per batch run. Consecutive inputs of
     equal shapes run stacked, up to STACKED_SAMPLES samples at a time (the held-out check of the
-    low-light model went 3.5 -> 1.0 s); a model that refuses the stacked batch runs them one by
+    low-light model went 3.5 -> 1.4 s); a model that refuses the stacked batch runs them one by
     one. What reads these lists sums over them (:func:`output_sqnr_db`), so how the inputs were
     grouped does not matter, as long as the reference and the values are grouped alike."""
     with torch.no_grad():
