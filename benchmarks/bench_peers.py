@@ -20,7 +20,9 @@ low-light network; the same calibration inputs (32) for every tool and the same 
 * on the low-light model, the example's 10-bit head and tail (``examples/lowlight/quant.yaml``):
   deployq's export with it, and AIMET's QuantSim with the same layers' and input's widths set on its
   quantizers, run in torch (AIMET exports no 10-bit file; its QuantSim shares one quantizer among a
-  concat's inputs and output, deployq widens a concat to the widest tensor it joins).
+  concat's inputs and output, deployq widens a concat to the widest tensor it joins);
+* on the digits CNN, 4-bit weights (W4A8): deployq plain and ``--ptq adaround``, AIMET's QuantSim
+  and AdaRound at ``default_param_bw=4``, run in torch (its ONNX export holds 8-bit weight codes).
 
 Columns: output SQNR (dB) of the fully optimized graph against deployq's float graph on the
 held-out inputs (top-1 agreement with float for digits); the seconds the tool took (calibration
@@ -53,6 +55,7 @@ PEERS = common.ROOT / ".peers"  # where scripts/install-peers.sh puts NNCF and A
 NNCF_OPSET = 19
 FLOAT_OUTPUTS = {"quantize_outputs": False}  # the layer making a model output runs in float, as NNCF leaves it
 WIDE_CONFIG = common.ROOT / "examples" / "lowlight" / "quant.yaml"  # the example's 10-bit head and tail layers
+W4A8 = {"weight": {"bits": 4}}  # 4-bit weights, 8-bit activations
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -119,9 +122,11 @@ def aimet_quantize(model, out: Path, calibration: list[np.ndarray], method: str 
     return out
 
 
-def aimet_sim(model, work: Path, calibration: list[np.ndarray], method: str = "", widths: Optional[Path] = None):
+def aimet_sim(model, work: Path, calibration: list[np.ndarray], method: str = "", widths: Optional[Path] = None,
+              param_bw: int = 8):
     """(AIMET's calibrated QuantSim as `aimet_quantize` describes it, its dummy input); `widths`: a
-    deployq config whose layer rules' and input's bit widths are set on the same modules first."""
+    deployq config whose layer rules' and input's bit widths are set on the same modules first;
+    `param_bw`: the weights' bits (AdaRound's too)."""
     import aimet_torch
     import aimet_torch.onnx
     import torch
@@ -146,11 +151,11 @@ def aimet_sim(model, work: Path, calibration: list[np.ndarray], method: str = ""
 
         batches = [torch.from_numpy(x) for x in calibration[:AIMET_ADAROUND_SAMPLES]]
         params = AdaroundParameters(batches, len(batches), default_num_iterations=AIMET_ADAROUND_ITERATIONS)
-        model = Adaround.apply_adaround(model, dummy, params, str(work), "adaround", default_param_bw=8,
+        model = Adaround.apply_adaround(model, dummy, params, str(work), "adaround", default_param_bw=param_bw,
                                         default_quant_scheme=QuantScheme.min_max, default_config_file=str(config))
         encodings = work / "adaround.encodings"
     sim = QuantizationSimModel(model, dummy_input=dummy, quant_scheme=QuantScheme.min_max, default_output_bw=8,
-                               default_param_bw=8, config_file=str(config))
+                               default_param_bw=param_bw, config_file=str(config))
     if encodings is not None:
         sim.set_and_freeze_param_encodings(str(encodings))
     if widths is not None:
@@ -270,6 +275,18 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
          lambda: aimet_quantize(case.source().float_model, work / "aimet_ada" / "aimet_ada.onnx", calibration,
                                 "adaround")),
     ]
+    if name == "digits":  # 4-bit weights (W4A8): AIMET simulated in torch (its ONNX export writes 8-bit weights)
+        contenders += [
+            ("deployq, 4-bit weights (W4A8)", lambda: deployq("w4", (), W4A8)),
+            ("deployq --ptq adaround, 4-bit weights", lambda: deployq("w4_ada", ("adaround",), W4A8)),
+            ("AIMET QuantSim min/max, 4-bit weights (simulated in torch)",
+             lambda: aimet_simulated(case.source().float_model, work / "aimet_w4", calibration, case.held_out,
+                                     param_bw=4)),
+            (f"AIMET AdaRound ({AIMET_ADAROUND_ITERATIONS} it., {AIMET_ADAROUND_SAMPLES} inputs), 4-bit weights "
+             "(simulated in torch)",
+             lambda: aimet_simulated(case.source().float_model, work / "aimet_w4_ada", calibration, case.held_out,
+                                     method="adaround", param_bw=4)),
+        ]
     if name == "lowlight":  # the example's 10-bit head/tail layers, against AIMET's simulation of them
         contenders += [
             ("deployq, 10-bit head/tail (`examples/lowlight/quant.yaml`)", lambda: deployq("ten", (), str(WIDE_CONFIG))),
@@ -289,11 +306,14 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
     return rows
 
 
-def aimet_simulated(model, work: Path, calibration: list[np.ndarray], held_out: list[np.ndarray]) -> list[list]:
-    """AIMET's QuantSim with WIDE_CONFIG's widths, run in torch on the held-out inputs: its outputs."""
+def aimet_simulated(model, work: Path, calibration: list[np.ndarray], held_out: list[np.ndarray], *,
+                    method: str = "", param_bw: Optional[int] = None) -> list[list]:
+    """AIMET's QuantSim run in torch on the held-out inputs: its outputs. With `param_bw` its weights
+    have those bits, else WIDE_CONFIG's widths are set."""
     import torch
 
-    sim, _ = aimet_sim(model, work, calibration, widths=WIDE_CONFIG)
+    sim, _ = (aimet_sim(model, work, calibration, method, param_bw=param_bw) if param_bw is not None
+              else aimet_sim(model, work, calibration, widths=WIDE_CONFIG))
     with torch.no_grad():
         results = [sim.model(torch.from_numpy(x)) for x in held_out]
     return [[t.numpy() for t in (r if isinstance(r, (tuple, list)) else (r,))] for r in results]
