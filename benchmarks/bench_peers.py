@@ -292,7 +292,8 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
             ("deployq, 10-bit head/tail (`examples/lowlight/quant.yaml`)", lambda: deployq("ten", (), str(WIDE_CONFIG))),
             ("deployq --ptq bias, 10-bit head/tail", lambda: deployq("ten_bias", ("bias",), str(WIDE_CONFIG))),
             ("AIMET QuantSim min/max, the same 10-bit layers (simulated in torch: it writes no 10-bit file)",
-             lambda: aimet_simulated(case.source().float_model, work / "aimet_ten", calibration, case.held_out)),
+             lambda: aimet_simulated(case.source().float_model, work / "aimet_ten", calibration, case.held_out,
+                                     widths=WIDE_CONFIG)),
         ]
     rows = [_row("deployq (min/max)", plain.files["int8"], plain_s, score, float_onnx, calibration, work)]
     for label, make in contenders:
@@ -307,13 +308,11 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
 
 
 def aimet_simulated(model, work: Path, calibration: list[np.ndarray], held_out: list[np.ndarray], *,
-                    method: str = "", param_bw: Optional[int] = None) -> list[list]:
-    """AIMET's QuantSim run in torch on the held-out inputs: its outputs. With `param_bw` its weights
-    have those bits, else WIDE_CONFIG's widths are set."""
+                    method: str = "", widths: Optional[Path] = None, param_bw: int = 8) -> list[list]:
+    """AIMET's QuantSim (:func:`aimet_sim`'s arguments) run in torch on the held-out inputs: its outputs."""
     import torch
 
-    sim, _ = (aimet_sim(model, work, calibration, method, param_bw=param_bw) if param_bw is not None
-              else aimet_sim(model, work, calibration, widths=WIDE_CONFIG))
+    sim, _ = aimet_sim(model, work, calibration, method, widths, param_bw)
     with torch.no_grad():
         results = [sim.model(torch.from_numpy(x)) for x in held_out]
     return [[t.numpy() for t in (r if isinstance(r, (tuple, list)) else (r,))] for r in results]

@@ -167,24 +167,20 @@ def test_factory_arguments_from_a_file_must_be_plain_data_the_factory_takes(save
         loading.checkpoint_float_model(c)
 
 
-def test_a_checkpoint_from_before_the_float_placement_keeps_every_point(saved, tmp_path):
-    """Checkpoints written before ``quantize_float_ops`` quantized every op's output: read without
-    the key, they keep that placement (their qparams name those points); new ones keep their own."""
+@pytest.mark.parametrize("key, written, legacy, other", [
+    ("quantize_float_ops", False, True, "concat_keeps_bits"),
+    ("concat_keeps_bits", True, False, "quantize_float_ops"),
+])
+def test_a_checkpoint_from_before_a_placement_option_keeps_its_placement(saved, tmp_path, key, written, legacy, other):
+    """A checkpoint written before ``quantize_float_ops`` quantized every op's output, one written
+    before ``concat_keeps_bits`` learned its concat scales at the default width: read without the
+    key, each keeps the placement its qparams were learned for; new ones keep their own setting,
+    and the other key is read as written."""
     _, path = saved
     payload = torch.load(path, weights_only=True)
-    assert payload["config"]["quantize_float_ops"] is False
-    assert ck.parse(payload, path).config.quantize_float_ops is False
-    del payload["config"]["quantize_float_ops"]
-    assert ck.parse(payload, path).config.quantize_float_ops is True
-
-
-def test_a_checkpoint_from_before_wide_concatenations_keeps_its_concat_widths(saved, tmp_path):
-    """A checkpoint written before ``concat_keeps_bits`` learned its concat scales at the default
-    width: read without the key it keeps that width; new ones keep their own setting."""
-    _, path = saved
-    payload = torch.load(path, weights_only=True)
-    assert payload["config"]["concat_keeps_bits"] is True
-    assert ck.parse(payload, path).config.concat_keeps_bits is True
-    del payload["config"]["concat_keeps_bits"]
-    assert ck.parse(payload, path).config.concat_keeps_bits is False
-    assert ck.parse(payload, path).config.quantize_float_ops is False  # the other legacy key left as written
+    other_value = payload["config"][other]
+    assert payload["config"][key] is written
+    assert getattr(ck.parse(payload, path).config, key) is written
+    del payload["config"][key]
+    assert getattr(ck.parse(payload, path).config, key) is legacy
+    assert getattr(ck.parse(payload, path).config, other) is other_value
