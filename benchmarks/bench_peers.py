@@ -21,8 +21,9 @@ low-light network; the same calibration inputs (32) for every tool and the same 
   deployq's export with it, and AIMET's QuantSim with the same layers' and input's widths set on its
   quantizers, run in torch (AIMET exports no 10-bit file; its QuantSim shares one quantizer among a
   concat's inputs and output, deployq widens a concat to the widest tensor it joins);
-* on the digits CNN, 4-bit weights (W4A8): deployq plain and ``--ptq adaround``, AIMET's QuantSim
-  and AdaRound at ``default_param_bw=4``, run in torch (its ONNX export holds 8-bit weight codes).
+* 4-bit weights (W4A8): deployq plain (its default observer at 4 bits, ``mse``, and ``minmax``) and
+  ``--ptq adaround``, AIMET's QuantSim and AdaRound at ``default_param_bw=4``, run in torch (its
+  ONNX export holds 8-bit weight codes).
 
 Columns: output SQNR (dB) of the fully optimized graph against deployq's float graph on the
 held-out inputs (top-1 agreement with float for digits); the seconds the tool took (calibration
@@ -56,6 +57,7 @@ NNCF_OPSET = 19
 FLOAT_OUTPUTS = {"quantize_outputs": False}  # the layer making a model output runs in float, as NNCF leaves it
 WIDE_CONFIG = common.ROOT / "examples" / "lowlight" / "quant.yaml"  # the example's 10-bit head and tail layers
 W4A8 = {"weight": {"bits": 4}}  # 4-bit weights, 8-bit activations
+W4A8_MINMAX = {"weight": {"bits": 4, "observer": "minmax"}}  # the same with min/max weight ranges
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -274,19 +276,18 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
         (f"AIMET AdaRound ({AIMET_ADAROUND_ITERATIONS} it., {AIMET_ADAROUND_SAMPLES} inputs) + QuantSim",
          lambda: aimet_quantize(case.source().float_model, work / "aimet_ada" / "aimet_ada.onnx", calibration,
                                 "adaround")),
+        # 4-bit weights (W4A8): AIMET simulated in torch (its ONNX export writes 8-bit weights)
+        ("deployq, 4-bit weights (W4A8; observer `auto`: mse)", lambda: deployq("w4", (), W4A8)),
+        ("deployq, 4-bit weights, `observer: minmax`", lambda: deployq("w4_minmax", (), W4A8_MINMAX)),
+        ("deployq --ptq adaround, 4-bit weights", lambda: deployq("w4_ada", ("adaround",), W4A8)),
+        ("AIMET QuantSim min/max, 4-bit weights (simulated in torch)",
+         lambda: aimet_simulated(case.source().float_model, work / "aimet_w4", calibration, case.held_out,
+                                 param_bw=4)),
+        (f"AIMET AdaRound ({AIMET_ADAROUND_ITERATIONS} it., {AIMET_ADAROUND_SAMPLES} inputs), 4-bit weights "
+         "(simulated in torch)",
+         lambda: aimet_simulated(case.source().float_model, work / "aimet_w4_ada", calibration, case.held_out,
+                                 method="adaround", param_bw=4)),
     ]
-    if name == "digits":  # 4-bit weights (W4A8): AIMET simulated in torch (its ONNX export writes 8-bit weights)
-        contenders += [
-            ("deployq, 4-bit weights (W4A8)", lambda: deployq("w4", (), W4A8)),
-            ("deployq --ptq adaround, 4-bit weights", lambda: deployq("w4_ada", ("adaround",), W4A8)),
-            ("AIMET QuantSim min/max, 4-bit weights (simulated in torch)",
-             lambda: aimet_simulated(case.source().float_model, work / "aimet_w4", calibration, case.held_out,
-                                     param_bw=4)),
-            (f"AIMET AdaRound ({AIMET_ADAROUND_ITERATIONS} it., {AIMET_ADAROUND_SAMPLES} inputs), 4-bit weights "
-             "(simulated in torch)",
-             lambda: aimet_simulated(case.source().float_model, work / "aimet_w4_ada", calibration, case.held_out,
-                                     method="adaround", param_bw=4)),
-        ]
     if name == "lowlight":  # the example's 10-bit head/tail layers, against AIMET's simulation of them
         contenders += [
             ("deployq, 10-bit head/tail (`examples/lowlight/quant.yaml`)", lambda: deployq("ten", (), str(WIDE_CONFIG))),

@@ -53,6 +53,8 @@ def folded_codes(layer: QuantLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def rounded_4bit():
     """(nearest, adarounded, report): a 4-bit model before and after AdaRound."""
     nearest = calibrated(BITS4)
+    with torch.no_grad():
+        nearest(CALIB[0])  # weight qparams follow the weights: computed on a forward
     qmodel = copy.deepcopy(nearest)
     report = adaround(qmodel, CALIB, iterations=100)
     return nearest, qmodel, report
@@ -97,6 +99,28 @@ def test_codes_are_floor_plus_a_binary_h_and_are_what_export_writes(rounded_4bit
     assert modes(qmodel) == {"quantize"}
 
 
+def test_under_the_default_4_bit_ranges_it_still_gains_and_exports_exactly(tmp_path):
+    """At 4 bits the default observer clips each channel's range (MSE search). AdaRound keeps those
+    scales, chooses between the two codes around each weight (a weight beyond the range keeps
+    the edge code), lowers every layer's loss and the output error, and export writes its codes."""
+    nearest = calibrated({"weight": {"bits": 4}})
+    with torch.no_grad():
+        nearest(CALIB[0])
+    qmodel = copy.deepcopy(nearest)
+    report = adaround(qmodel, CALIB, iterations=100)
+    assert all(l.loss_after <= l.loss_before for l in report.layers) and sqnr(qmodel) > sqnr(nearest)
+    result = deployq.export(qmodel, CALIB[0], tmp_path, ort_format=False)
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(result.files["int8"]).graph.initializer}
+    for path, layer in weight_layers(qmodel):
+        ratio, s, _ = folded_codes(layer)
+        before, s0, _ = folded_codes(nearest.get_submodule(path))
+        np.testing.assert_array_equal(s, s0)
+        codes = np.clip(np.rint(ratio), -8, 7)
+        assert np.all((codes == np.clip(np.floor(before), -8, 7)) | (codes == np.clip(np.floor(before) + 1, -8, 7)))
+        np.testing.assert_array_equal(initializers[f"{path}.weight_quantized"], codes)
+    assert deployq.check(qmodel, result.files["int8"], inputs=HELD_OUT).ok(max_lsb=1)
+
+
 def test_8bit_export_and_parity_and_layer_selection(tmp_path):
     qmodel = calibrated()
     untouched = {p: l.layer.weight.detach().clone() for p, l in weight_layers(qmodel)}
@@ -122,7 +146,7 @@ def test_affine_weights_are_rounded_too():
     """Asymmetric weights (a zero point per channel): AdaRound works on W/s + zp, so a wrong
     zero-point term shows as no weight flipped and no loss gained (the safety revert would hide it
     from `check`); here it flips weights and lowers every later layer's reconstruction loss."""
-    affine4 = {"weight": {"bits": 4, "scheme": "per_channel_affine"}}
+    affine4 = {"weight": {**BITS4["weight"], "scheme": "per_channel_affine"}}
     nearest = calibrated(affine4)
     with torch.no_grad():
         nearest(CALIB[0])  # weight qparams follow the weights: computed on a forward

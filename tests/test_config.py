@@ -112,3 +112,17 @@ def test_config_round_trips_through_dict():
                         "layers": {"a*": {"activation": "10 per_tensor_affine"}, "b": {"quantize": False}},
                         "quantize_float_ops": True})
     assert from_dict(config.to_dict()) == config and config.quantize_float_ops
+
+
+def test_the_default_weight_observer_follows_the_width_and_a_named_one_stays():
+    """``observer: auto`` is min/max at 8 bits and the MSE search at 4, globally or in a layer rule;
+    a config naming min/max keeps it at 4 bits; arguments need a named observer."""
+    names = ["Conv1"]
+    assert from_dict(None).spec_for("weight", names).observer_name == "minmax"
+    assert from_dict({"weight": {"bits": 4}}).spec_for("weight", names).observer_name == "mse"
+    assert from_dict({"layers": {"Conv*": {"weight": 4}}}).spec_for("weight", names).observer_name == "mse"
+    named = from_dict({"weight": {"bits": 4, "observer": "minmax"}, "layers": {"Conv*": {"weight": 3}}})
+    assert named.spec_for("weight", names).observer_name == "minmax"
+    assert from_dict(named.to_dict()) == named
+    with pytest.raises(ConfigError, match="weight: observer_args need a named observer"):
+        from_dict({"weight": {"bits": 4, "observer_args": {"steps": 10}}})

@@ -310,3 +310,28 @@ def test_code_range_tensors_live_on_the_datas_device():
     low, high = fake_quant._bounds(0, 255, torch.float32, torch.device("meta"))
     assert low.device.type == high.device.type == "meta" and float(fake_quant._bounds(0, 255, torch.float32,
                                                                                         torch.device("cpu"))[1]) == 255
+
+
+def test_a_searching_weight_observer_runs_again_only_when_the_weight_changes(monkeypatch, rng):
+    """Weight qparams follow the weight at every forward; with the MSE search (4-bit ``auto``) the
+    qparams of unchanged values are remembered, and a changed weight gets its own again."""
+    from deployq.qat import quantizers
+
+    runs = []
+    real = quantizers.create_observer
+    monkeypatch.setattr(quantizers, "create_observer", lambda *a: runs.append(a) or real(*a))
+    spec = QuantSpec(bits=4, signed=True, symmetric=True, per_channel=True)
+    q = create_quantizer(spec, "w", axis=0, channels=3, is_weight=True)
+    q.mode = "quantize"
+    weight = torch.from_numpy(rng.laplace(0, 1, (3, 50)).astype(np.float32))
+    first = q(weight)
+    runs.clear()
+    assert torch.equal(q(weight.clone()), first) and not runs
+    q.set_qparams(np.ones(3), np.zeros(3))  # someone else's qparams: the remembered ones come back
+    assert torch.equal(q(weight), first)
+    changed = weight * 2
+    doubled = q(changed)
+    assert len(runs) == 1
+    fresh = create_quantizer(spec, "w", axis=0, channels=3, is_weight=True)
+    fresh.mode = "quantize"
+    assert torch.equal(doubled, fresh(changed))

@@ -38,7 +38,7 @@ def inspect(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str
     for col in ("kind", "op", "type", "quantizer", "observer"):
         table.add_column(col)
     for p in points.values():
-        table.add_row(p.name, p.kind, p.op, p.spec.describe(), p.spec.quantizer, p.spec.observer)
+        table.add_row(p.name, p.kind, p.op, p.spec.describe(), p.spec.quantizer, p.spec.observer_label)
     console.print(table)
     for note in found.notes:
         console.print(f"[dim]{note}[/dim]")

@@ -54,7 +54,7 @@ def _observer(method: str, spec: QuantSpec) -> tuple[str, tuple]:
     """(observer name, observer arguments) of a candidate for a quantizer of `spec`."""
     if method in VARIANTS:
         return VARIANTS[method]
-    return method, spec.observer_args if method == spec.observer else ()
+    return method, spec.observer_args if method == spec.observer_name else ()
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def search_calibration(model: nn.Module, batches: Iterable[Any], *, methods: Seq
     model.eval()
     quantizers = {name: model.get_submodule(p.quantizer) for name, p in quant_points(model).items()
                   if p.kind != "weight"}
-    default = {name: q.spec.observer for name, q in quantizers.items()}
+    default = {name: q.spec.observer_name for name, q in quantizers.items()}
     scored = first_samples(inputs, eval_samples)
     held_out = sum(samples_in(x) for x in inputs) >= 2 * eval_samples and len(scored) < len(inputs)
     observed = inputs[len(scored):] if held_out else inputs

@@ -2,7 +2,7 @@
 
 Native form (YAML or a dict)::
 
-    weight:     {bits: 8, scheme: per_channel_symmetric, quantizer: lsq, observer: minmax}
+    weight:     {bits: 8, scheme: per_channel_symmetric, quantizer: lsq, observer: auto}
     activation: {bits: 8, scheme: per_tensor_affine, quantizer: lsq, observer: percentile,
                  observer_args: {lower: 0.01, upper: 99.99}}
     input: 10                         # the model input(s): bits, a short string or a mapping
@@ -15,6 +15,9 @@ Native form (YAML or a dict)::
       "DBLE.*_conv1.*": {weight: 10 per_channel_affine, activation: 10 per_tensor_affine}
       "DBLE.DBLE_out":  {activation: {bits: 10}}
       "head.softmax":   {quantize: false}
+
+``observer: auto`` (the default) is ``minmax`` above 4 bits and ``mse`` at 4 bits or fewer
+(:mod:`deployq.core.qspec`); a named observer is used at any width.
 
 The seeds' format is read as is: ``extra_quantizer_dict: {special_layer: {input_layer: 10,
 NAME: {weight: "10 per_channel_affine", activation: "10 per_tensor_affine"}}}``; the other keys of
@@ -164,7 +167,7 @@ def _apply(spec: QuantSpec, changes: Mapping[str, Any], where: str) -> QuantSpec
     try:
         spec = spec.updated(dict(changes)) if changes else spec
         QUANTIZERS.get(spec.quantizer)
-        OBSERVERS.get(spec.observer)
+        OBSERVERS.get(spec.observer_name)
     except (ValueError, TypeError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) else err
         raise ConfigError(f"{where}: {message}") from None

@@ -12,6 +12,7 @@ exactly one place, :func:`deployq.core.qformula.qparams_from_range`.
 | ``mse``       | the clipping range, shrunk from min/max, that minimizes quantization MSE       |
 | ``kl``        | the clipping threshold minimizing KL(P || Q) of the histogram (TensorRT entropy) |
 | ``probability``| [0, 1] whatever the data (a softmax's output: a certain choice, p = 1, kept)   |
+| ``auto``      | ``minmax`` above 4 bits, ``mse`` at 4 bits or fewer (the default; qspec)       |
 
 Histogram-based observers keep ``bins`` counts per channel over a range that grows with the data;
 when a batch falls outside, the old counts are re-binned by interpolating their cumulative sum.
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,21 +37,9 @@ import torch
 from deployq.core.qformula import qparams_from_range
 from deployq.core.qspec import QuantSpec
 from deployq.core.registry import Registry
+from deployq.qat.statistics import Histogram, StatisticsReducer
 
 OBSERVERS: Registry[type["Observer"]] = Registry("observer")
-
-
-class StatisticsReducer(Protocol):
-    """Combines an array element-wise across processes; every process receives the result.
-
-    All processes call the same methods in the same order with arrays of the same shape.
-    """
-
-    def min(self, values: np.ndarray) -> np.ndarray: ...
-
-    def max(self, values: np.ndarray) -> np.ndarray: ...
-
-    def sum(self, values: np.ndarray) -> np.ndarray: ...
 
 
 def _per_channel_view(x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -187,79 +175,10 @@ class ProbabilityObserver(MinMaxObserver):
         return np.full(self.min.numel(), lo), np.full(self.min.numel(), hi)
 
 
-class _Histogram:
-    """Per-channel histograms with `bins` equal bins over a range [lo, hi] that grows with the data."""
-
-    def __init__(self, bins: int) -> None:
-        if bins < 16:
-            raise ValueError(f"histogram needs at least 16 bins, got {bins}")
-        self.bins = bins
-        self.counts: np.ndarray | None = None  # (C, bins) float64
-        self.lo: np.ndarray | None = None  # histogram range, per channel
-        self.hi: np.ndarray | None = None
-        self.data_lo: np.ndarray | None = None  # exact extremes of the data
-        self.data_hi: np.ndarray | None = None
-
-    def add(self, x2d: torch.Tensor) -> None:
-        x2d = x2d.detach().cpu()  # the histogram lives in host memory, whatever device the model runs on
-        blo, bhi = x2d.amin(dim=1).double().numpy(), x2d.amax(dim=1).double().numpy()
-        if self.counts is None:
-            self.data_lo, self.data_hi = blo, bhi
-            self.lo, self.hi = blo, np.where(bhi > blo, bhi, blo + 1e-12)
-            self.counts = np.zeros((x2d.shape[0], self.bins))
-        elif np.any(blo < self.lo) or np.any(bhi > self.hi):
-            self._rebin(np.minimum(self.lo, blo), np.maximum(self.hi, bhi))
-        self.data_lo, self.data_hi = np.minimum(self.data_lo, blo), np.maximum(self.data_hi, bhi)
-        lo = torch.from_numpy(self.lo).float()[:, None]
-        width = torch.from_numpy((self.hi - self.lo) / self.bins).float()[:, None]
-        idx = torch.clamp(((x2d - lo) / width).floor().long(), 0, self.bins - 1)
-        offsets = torch.arange(x2d.shape[0])[:, None] * self.bins
-        counts = torch.bincount((idx + offsets).reshape(-1), minlength=x2d.shape[0] * self.bins)
-        self.counts += counts.reshape(x2d.shape[0], self.bins).double().numpy()
-
-    def reduce(self, reducer: StatisticsReducer, channels: int) -> None:
-        """Agree on the common range (MIN of the lower ends, MAX of the upper ends), re-bin the
-        local counts to it, then sum the counts; the exact data extremes merge by MIN / MAX."""
-        empty = self.counts is None
-        low, high = np.full(channels, np.inf), np.full(channels, -np.inf)
-        lo = reducer.min(low if empty else self.lo)
-        hi = reducer.max(high if empty else self.hi)
-        data_lo = reducer.min(low if empty else self.data_lo)
-        data_hi = reducer.max(high if empty else self.data_hi)
-        if not np.isfinite(lo).all():
-            return  # no process saw any data
-        if empty:
-            self.counts, self.lo, self.hi = np.zeros((channels, self.bins)), lo, hi
-        elif not (np.array_equal(lo, self.lo) and np.array_equal(hi, self.hi)):
-            self._rebin(lo, hi)
-        self.counts = reducer.sum(self.counts)
-        self.data_lo, self.data_hi = data_lo, data_hi
-
-    def _rebin(self, lo: np.ndarray, hi: np.ndarray) -> None:
-        new = np.zeros_like(self.counts)
-        for c in range(self.counts.shape[0]):
-            old_edges = np.linspace(self.lo[c], self.hi[c], self.bins + 1)
-            cdf = np.concatenate([[0.0], np.cumsum(self.counts[c])])
-            new_edges = np.linspace(lo[c], hi[c], self.bins + 1)
-            new[c] = np.diff(np.interp(new_edges, old_edges, cdf))
-        self.counts, self.lo, self.hi = new, lo, hi
-
-    def edges(self, c: int) -> np.ndarray:
-        return np.linspace(self.lo[c], self.hi[c], self.bins + 1)
-
-    def centers(self, c: int) -> np.ndarray:
-        e = self.edges(c)
-        return (e[:-1] + e[1:]) / 2
-
-    def quantile(self, c: int, q: float) -> float:
-        cdf = np.concatenate([[0.0], np.cumsum(self.counts[c])])
-        return float(np.interp(q * cdf[-1], cdf, self.edges(c)))
-
-
 class _HistogramObserver(Observer):
     def __init__(self, spec: QuantSpec, axis: int | None, name: str, bins: int = 2048) -> None:
         super().__init__(spec, axis, name)
-        self.hist = _Histogram(bins)
+        self.hist = Histogram(bins)
 
     def _update(self, x2d: torch.Tensor) -> None:
         self.hist.add(x2d)
@@ -321,6 +240,30 @@ class MSEObserver(_HistogramObserver):
         errors = [_fake_quant_error(centers, counts, t * lo, t * hi, self.spec) for t in self.ratios]
         t = float(self.ratios[int(np.argmin(errors))])
         return t * lo, t * hi
+
+    def _range(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_channel_range` of every channel at once, on the bins that hold values only (a
+        per-channel weight is one array operation per ratio, not one per channel and ratio); a
+        ratio whose range has no float32 scale in some channel is scored channel by channel."""
+        h = self.hist
+        flat = h.data_lo == h.data_hi  # one value seen: that value is the range (the base class's rule)
+        lo, hi = np.where(flat, -1.0, h.lo), np.where(flat, 1.0, h.hi)
+        edges = np.linspace(lo, hi, h.bins + 1, axis=1)
+        channel, bin_ = np.nonzero(h.counts)
+        centers, counts = ((edges[:, :-1] + edges[:, 1:]) / 2)[channel, bin_], h.counts[channel, bin_]
+        errors = np.empty((len(lo), len(self.ratios)))
+        for i, t in enumerate(self.ratios):
+            try:
+                scale, zero_point = qparams_from_range(t * lo, t * hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
+            except ValueError:
+                errors[:, i] = [_fake_quant_error(h.centers(c), h.counts[c], t * lo[c], t * hi[c], self.spec)
+                                for c in range(len(lo))]
+                continue
+            s, z = scale.astype(np.float64)[channel], zero_point.astype(np.float64)[channel]
+            q = np.clip(np.rint(centers / s) + z, self.spec.qmin, self.spec.qmax)
+            errors[:, i] = np.bincount(channel, counts * ((q - z) * s - centers) ** 2, minlength=len(lo))
+        t = self.ratios[np.argmin(errors, axis=1)]
+        return np.where(flat, h.data_lo, t * lo), np.where(flat, h.data_hi, t * hi)
 
 
 def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
@@ -393,8 +336,8 @@ class KLObserver(_HistogramObserver):
 
 
 def create_observer(spec: QuantSpec, axis: int | None, name: str) -> Observer:
-    cls = OBSERVERS.get(spec.observer)
+    cls = OBSERVERS.get(spec.observer_name)
     try:
         return cls(spec, axis, name, **dict(spec.observer_args))
     except TypeError as err:
-        raise ValueError(f"{name}: bad observer_args for {spec.observer!r}: {err}") from None
+        raise ValueError(f"{name}: bad observer_args for {spec.observer_name!r}: {err}") from None

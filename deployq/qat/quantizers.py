@@ -115,10 +115,20 @@ class FakeQuantizer(nn.Module):
 
     # --- calibration -----------------------------------------------------------------------
     def calibrate_from(self, x: torch.Tensor) -> None:
-        """Set qparams from `x` alone (weights), with a fresh observer of the configured kind."""
+        """Set qparams from `x` alone (weights), with a fresh observer of the configured kind. A
+        searching observer (all but min/max: ``mse`` at 4 bits, ~0.3 s for 256 channels) runs
+        again only when the values differ from the last ones it ran on: the qparams of those are
+        remembered (not stored in checkpoints)."""
+        memo = self.__dict__.get("_weight_memo") if self.spec.observer_name != "minmax" else None
+        if memo is not None and memo[0].shape == x.shape and memo[0].device == x.device and torch.equal(memo[0], x):
+            self.set_qparams(*memo[1])
+            return
         observer = create_observer(self.spec, self.axis, self.name)
         observer.update(x)
-        self.set_qparams(*observer.qparams())
+        qparams = observer.qparams()
+        self.set_qparams(*qparams)
+        if self.spec.observer_name != "minmax":
+            self.__dict__["_weight_memo"] = (x.detach().clone(), qparams)
 
     def finish_calibration(self) -> None:
         """Turn what the observer saw into qparams (activations, when leaving ``observe``)."""

@@ -127,7 +127,7 @@ def barrier(ctx: Context) -> None:
 
 
 class ProcessGroupReducer:
-    """:class:`deployq.qat.observers.StatisticsReducer` over ``torch.distributed.all_reduce``.
+    """:class:`deployq.qat.statistics.StatisticsReducer` over ``torch.distributed.all_reduce``.
 
     Arrays travel as float64 on the collective's device (CUDA for NCCL), so min / max of float32
     statistics are exact and every rank receives bit-identical results.
