@@ -335,3 +335,16 @@ def test_a_searching_weight_observer_runs_again_only_when_the_weight_changes(mon
     fresh = create_quantizer(spec, "w", axis=0, channels=3, is_weight=True)
     fresh.mode = "quantize"
     assert torch.equal(doubled, fresh(changed))
+
+
+@pytest.mark.parametrize("weight,searched", [({"bits": 4}, True), ({"bits": 4, "quantizer": "lsq"}, False),
+                                             ({"bits": 4, "observer": "minmax"}, False), ({"bits": 8}, False)])
+def test_training_is_told_which_weights_search_their_range_at_every_step(weight, searched):
+    """`deployq train` names the weight quantizers that would run the MSE search at every step."""
+    import deployq
+    from deployq.examples import zoo
+    from deployq.qat.calibrate import weights_searched_every_step
+
+    qmodel = deployq.prepare(zoo.reused(), torch.randn(1, 3, 16, 16), {"weight": weight})
+    names = weights_searched_every_step(qmodel)
+    assert bool(names) == searched and all(n.endswith("weight") for n in names)

@@ -63,7 +63,9 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
 @api_option(api.export, "opset", "--opset", type=click.IntRange(21), show_default=True,
             help="ONNX opset: 21 (16-bit QuantizeLinear) up to the newest the installed onnxruntime runs.")
 @api_option(api.export, "weight_bits", "--weight-bits", type=click.IntRange(2, 16),
-            help="Bits of the 8-bit-body weights, e.g. 7 for CPUs without VNNI (u8 x s8 saturation).")
+            help="Bits of the 8-bit-body weights, e.g. 7 for CPUs without VNNI (u8 x s8 saturation), or 4; "
+                 "at 4 or fewer the default observer (auto) searches each channel's range for the least "
+                 "squared error instead of taking its min/max.")
 @api_option(api.export, "act_signed", "--act-signed", is_flag=True,
             help="Signed 8-bit activations (s8s8 kernels; exact, same grid).")
 @api_option(api.export, "dynamic_hw", "--dynamic-hw", is_flag=True,

@@ -182,3 +182,17 @@ def load_qparams(model: nn.Module, records: dict[str, qp.QuantPoint]) -> None:
         if (r.bits, r.signed) != (point.bits, point.signed):
             raise qp.QParamsError(f"{name}: qparams are {r.bits}-bit, the model wants {point.bits}-bit")
         model.get_submodule(point.quantizer).set_qparams(r.scale_array, r.zero_point_array)
+
+
+def weights_searched_every_step(model: nn.Module) -> list[str]:
+    """Weight quant points whose qparams follow the weight at every forward with an observer that
+    searches (not min/max: ``mse``, ``auto`` at 4 bits or fewer). In training the weight changes
+    every step, so each step runs the search again (~0.1 s per 256-channel layer on a CPU); a
+    learned-scale quantizer (``lsq``) searches once, at calibration."""
+    model = getattr(model, "module", model)
+    names = []
+    for name, point in quant_points(model).items():
+        q = model.get_submodule(point.quantizer)
+        if point.kind == "weight" and q.weights_follow_observer and q.spec.observer_name != "minmax":
+            names.append(name)
+    return names

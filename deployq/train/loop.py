@@ -66,7 +66,8 @@ from deployq.core import qparams as qp
 from deployq.core.files import AtomicOutputs, json_text
 from deployq.core.progress import progress_bar
 from deployq.qat import checkpoint as ck
-from deployq.qat.calibrate import calibrate, freeze_bn_stats, load_qparams, qparams_of, set_mode
+from deployq.qat.calibrate import (calibrate, freeze_bn_stats, load_qparams, qparams_of, set_mode,
+                                   weights_searched_every_step)
 from deployq.qat.fake_quant import use_compiled_kernels
 from deployq.train import distill as dst
 from deployq.train import distributed as dd
@@ -310,6 +311,11 @@ def _run(recipe: Recipe, resume: bool, progress: bool, ctx: dd.Context, say: Cal
     datasets = {split: build_dataset(recipe.data, split) for split in ("train", "val")}
     models = build_models(recipe, datasets, loss, metric, ctx.device)
     params = [p for p in models.student.parameters() if p.requires_grad]
+    searched = weights_searched_every_step(models.student)
+    if searched:
+        say(f"note: {len(searched)} weight quantizers (first {searched[0]}) search their range again at every "
+            "step (a fixed quantizer with a searching observer, e.g. 4-bit weights' default mse): slow; "
+            "`quantizer: lsq` learns the scale instead, `observer: minmax` takes min/max")
 
     def make_optimizer() -> torch.optim.Optimizer:
         return _optimizer(recipe, params)
