@@ -1,6 +1,6 @@
 """How many calibration samples AdaRound and bias correction should learn from (``--refine-samples``).
 
-    pip install --no-deps facenet-pytorch==2.6.0 requests   # trained MTCNN weights inside the wheel
+    scripts/install-peers.sh    # facenet-pytorch (trained MTCNN weights inside its wheel) into .peers/
     python benchmarks/bench_budgets.py [--samples 8,32,64] [--calib 64] [--eval 32]
 
 facenet-pytorch's wheel ships the trained weights of MTCNN's three face-detection networks (PNet,
@@ -10,7 +10,7 @@ scikit-image's photographs (calibration: astronaut, coffee, chelsea; held out: t
 scaled as MTCNN expects ((x·255 − 127.5) / 128). The score is the int8 model's output SQNR against
 the float model in onnxruntime (fully optimized), all outputs of the held-out crops.
 Not part of ``run_all.py``: facenet-pytorch pins old torch releases, so it is installed without
-its dependencies by hand. The results go to ``benchmarks/results/budgets.md``.
+its dependencies, beside the venv. The results go to ``benchmarks/results/budgets.md``.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ def trained(class_name: str, weights: str):
     from deployq.examples.torchvision_models import import_torchvision
 
     import_torchvision()  # facenet-pytorch imports torchvision: the CPU torch / CUDA torchvision fix first
+    common.peers_importable()
     try:
         mtcnn = importlib.import_module("facenet_pytorch.models.mtcnn")
     except ImportError as err:
-        raise common.BenchmarkError(f"{err}: pip install --no-deps facenet-pytorch==2.6.0 requests") from None
+        raise common.BenchmarkError(f"{err}: run scripts/install-peers.sh first") from None
     model = getattr(mtcnn, class_name)(pretrained=False)
     path = Path(mtcnn.__file__).parents[1] / "data" / f"{weights}.pt"
     model.load_state_dict(torch.load(path, weights_only=True))

@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 from benchmarks import common
 
 SCRIPT = "bench_onnx_in.py"
-WHEELS = common.ROOT / ".peers" / "wheels"
+WHEELS = common.PEERS / "wheels"
 FILES = {"cls": ("rapidocr_onnxruntime-1.4.4-py3-none-any.whl", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
          "det": ("rapidocr_onnxruntime-1.4.4-py3-none-any.whl", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
          "rec": ("rapidocr_onnxruntime-1.4.4-py3-none-any.whl", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),

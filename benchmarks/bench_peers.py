@@ -1,15 +1,19 @@
 """deployq against the tools users pick instead (NNCF, AIMET, quantize_static), on trained models, in one run.
 
-    scripts/install-peers.sh            # NNCF 3.4.0 and AIMET 2.42.0 into .peers/ (not the venv)
-    python benchmarks/bench_peers.py [--models digits,lowlight]
+    scripts/install-peers.sh            # NNCF, AIMET and facenet-pytorch into .peers/ (not the venv)
+    python benchmarks/bench_peers.py [--models digits,lowlight,pnet,rnet,onet]
 
 Models and data as in ``bench_ptq.py``: the digits CNN trained here (seed 0) and the shipped
 low-light network; the same calibration inputs (32) for every tool and the same held-out inputs
-(16; 450 for digits). Contenders, each from the same trained weights:
+(16; 450 for digits). And MTCNN's three face-detection networks with the trained weights inside
+facenet-pytorch's wheel (PReLU, max pooling, two or three outputs), on ``bench_budgets.py``'s
+crops: 32 of three photographs to calibrate, 32 of three others held out. Contenders, each from
+the same trained weights:
 
 * deployq: plain min/max calibration, and ``--ptq bias`` (bias correction); each also with
   ``quantize_outputs: false`` (the layer making the model's output keeps it float, as NNCF does);
-* ``quantize_static`` (MinMax; QDQ, per-channel s8 weights, u8 activations) on deployq's float graph;
+* ``quantize_static`` (MinMax, Entropy, Percentile; QDQ, per-channel s8 weights, u8 activations) on
+  deployq's float graph;
 * NNCF's ONNX ``nncf.quantize`` on deployq's float graph (converted to opset 19: at 21, NNCF 3.4
   writes QuantizeLinear nodes onnxruntime refuses): its default (fast bias correction), its
   full bias correction (``fast_bias_correction=False``), and that with min/max activation ranges
@@ -21,7 +25,7 @@ low-light network; the same calibration inputs (32) for every tool and the same 
   deployq's export with it, and AIMET's QuantSim with the same layers' and input's widths set on its
   quantizers, run in torch (AIMET exports no 10-bit file; its QuantSim shares one quantizer among a
   concat's inputs and output, deployq widens a concat to the widest tensor it joins);
-* 4-bit weights (W4A8): deployq plain (its default observer at 4 bits, ``mse``, and ``minmax``) and
+* on the digits CNN and the low-light model, 4-bit weights (W4A8): deployq plain (its default observer at 4 bits, ``mse``, and ``minmax``) and
   ``--ptq adaround``, AIMET's QuantSim and AdaRound at ``default_param_bw=4``, run in torch (its
   ONNX export holds 8-bit weight codes).
 
@@ -49,8 +53,11 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 from benchmarks import common
 
 SCRIPT = "bench_peers.py"
-MODELS = ("digits", "lowlight")
-PEERS = common.ROOT / ".peers"  # where scripts/install-peers.sh puts NNCF and AIMET
+MODELS = ("digits", "lowlight", "pnet", "rnet", "onet")
+TITLES = {"digits": "digits CNN (trained)", "lowlight": "low-light network (trained)",
+          **{f"{n}net": f"MTCNN {n.upper()}Net (facenet-pytorch's trained weights)" for n in "pro"}}
+STATIC_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime's calibration methods
+MTCNN_HELD_OUT = 32  # crops of three other photographs, as bench_budgets.py scores them
 # NNCF 3.4 writes QuantizeLinear nodes onnxruntime refuses (output_dtype INT8 with a UINT8 zero
 # point) into an opset-21 graph such as deployq's float export; it is given the graph at opset 19
 NNCF_OPSET = 19
@@ -71,8 +78,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def import_peers() -> None:
     """Make NNCF and AIMET importable from .peers/, or say how to install them."""
-    if str(PEERS) not in sys.path:
-        sys.path.append(str(PEERS))
+    common.peers_importable()
     from deployq.examples.torchvision_models import import_torchvision
 
     import_torchvision()  # AIMET imports torchvision; the CPU-safe way in
@@ -224,7 +230,27 @@ def pairing(float_onnx: Path, path: Path, calibration: list[np.ndarray]) -> tupl
 def _case(name: str, args: argparse.Namespace, work: Path):
     from benchmarks import bench_ptq
 
-    return bench_ptq.lowlight_case(args) if name == "lowlight" else bench_ptq.digits_case(args, work)
+    if name == "lowlight":
+        return bench_ptq.lowlight_case(args)
+    return bench_ptq.digits_case(args, work) if name == "digits" else mtcnn_case(name, args, work)
+
+
+def mtcnn_case(name: str, args: argparse.Namespace, work: Path):
+    """One of MTCNN's networks with facenet-pytorch's trained weights: calibrated on crops of three
+    photographs, scored on crops of three others (bench_budgets.py's data)."""
+    import torch
+
+    from benchmarks import bench_budgets
+    from benchmarks.bench_ptq import Case
+    from deployq.qat.loading import resolve_model
+
+    class_name, weights, size = next(n for n in bench_budgets.NETWORKS if n[0].lower() == name)
+    torch.save(bench_budgets.trained(class_name, weights).state_dict(), work / f"{name}.pt")
+    return Case(TITLES[name], lambda config=None: resolve_model(
+        ckpt=str(work / f"{name}.pt"), factory=f"facenet_pytorch.models.mtcnn:{class_name}",
+        factory_kwargs={"pretrained": False}, input_shape=(1, 3, size, size), config=config),
+        bench_budgets.crops(size, args.calib, 0, bench_budgets.CALIB_PHOTOS),
+        bench_budgets.crops(size, MTCNN_HELD_OUT, 1, bench_budgets.HELD_OUT_PHOTOS))
 
 
 def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
@@ -262,8 +288,8 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
         ("deployq --ptq bias", lambda: deployq("bias", ("bias",))),
         ("deployq, outputs float (`quantize_outputs: false`)", lambda: deployq("out", (), FLOAT_OUTPUTS)),
         ("deployq --ptq bias, outputs float", lambda: deployq("bias_out", ("bias",), FLOAT_OUTPUTS)),
-        ("quantize_static MinMax", lambda: common.quantize_static_qdq(float_onnx, work / "static.onnx", calibration,
-                                                                      "MinMax")),
+        *((f"quantize_static {method}", lambda method=method: common.quantize_static_qdq(
+            float_onnx, work / f"static_{method}.onnx", calibration, method)) for method in STATIC_METHODS),
         ("NNCF default (fast bias correction)", lambda: nncf_quantize(float_onnx, work / "nncf.onnx", calibration, False)),
         ("NNCF full bias correction", lambda: nncf_quantize(float_onnx, work / "nncf_full.onnx", calibration, True)),
         ("NNCF full bias correction, min/max, no overflow fix",
@@ -276,18 +302,20 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
         (f"AIMET AdaRound ({AIMET_ADAROUND_ITERATIONS} it., {AIMET_ADAROUND_SAMPLES} inputs) + QuantSim",
          lambda: aimet_quantize(case.source().float_model, work / "aimet_ada" / "aimet_ada.onnx", calibration,
                                 "adaround")),
-        # 4-bit weights (W4A8): AIMET simulated in torch (its ONNX export writes 8-bit weights)
-        ("deployq, 4-bit weights (W4A8; observer `auto`: mse)", lambda: deployq("w4", (), W4A8)),
-        ("deployq, 4-bit weights, `observer: minmax`", lambda: deployq("w4_minmax", (), W4A8_MINMAX)),
-        ("deployq --ptq adaround, 4-bit weights", lambda: deployq("w4_ada", ("adaround",), W4A8)),
-        ("AIMET QuantSim min/max, 4-bit weights (simulated in torch)",
-         lambda: aimet_simulated(case.source().float_model, work / "aimet_w4", calibration, case.held_out,
-                                 param_bw=4)),
-        (f"AIMET AdaRound ({AIMET_ADAROUND_ITERATIONS} it., {AIMET_ADAROUND_SAMPLES} inputs), 4-bit weights "
-         "(simulated in torch)",
-         lambda: aimet_simulated(case.source().float_model, work / "aimet_w4_ada", calibration, case.held_out,
-                                 method="adaround", param_bw=4)),
     ]
+    if name in ("digits", "lowlight"):  # 4-bit weights (W4A8): AIMET simulated in torch (it writes 8-bit weights)
+        contenders += [
+            ("deployq, 4-bit weights (W4A8; observer `auto`: mse)", lambda: deployq("w4", (), W4A8)),
+            ("deployq, 4-bit weights, `observer: minmax`", lambda: deployq("w4_minmax", (), W4A8_MINMAX)),
+            ("deployq --ptq adaround, 4-bit weights", lambda: deployq("w4_ada", ("adaround",), W4A8)),
+            ("AIMET QuantSim min/max, 4-bit weights (simulated in torch)",
+             lambda: aimet_simulated(case.source().float_model, work / "aimet_w4", calibration, case.held_out,
+                                     param_bw=4)),
+            (f"AIMET AdaRound ({AIMET_ADAROUND_ITERATIONS} it., {AIMET_ADAROUND_SAMPLES} inputs), 4-bit weights "
+             "(simulated in torch)",
+             lambda: aimet_simulated(case.source().float_model, work / "aimet_w4_ada", calibration, case.held_out,
+                                     method="adaround", param_bw=4)),
+        ]
     if name == "lowlight":  # the example's 10-bit head/tail layers, against AIMET's simulation of them
         contenders += [
             ("deployq, 10-bit head/tail (`examples/lowlight/quant.yaml`)", lambda: deployq("ten", (), str(WIDE_CONFIG))),
@@ -340,7 +368,7 @@ def run(argv: list[str]) -> common.Section:
             with tempfile.TemporaryDirectory(prefix=f"bench_peers.{name}.") as tmp:
                 with common.quiet():
                     rows = measure(name, args, Path(tmp))
-            body += ["", f"**{'digits CNN (trained)' if name == 'digits' else 'low-light network (trained)'}**", ""]
+            body += ["", f"**{TITLES[name]}**", ""]
             body += common.table(["quantization", "output SQNR dB (top-1 = float)", "seconds",
                                   "integer layers", "diff: weight layers paired, tensors unpaired"], rows)
     body += ["", "NNCF 3.4.0 and AIMET 2.42.0 (`scripts/install-peers.sh`), onnxruntime's CPU provider, 1 thread. "

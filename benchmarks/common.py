@@ -46,6 +46,13 @@ from deployq.core.runtime import cpu_isa, isa_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+PEERS = ROOT / ".peers"  # where scripts/install-peers.sh puts NNCF, AIMET and facenet-pytorch (not the venv)
+
+
+def peers_importable() -> None:
+    """Put .peers/ on the import path (after the venv's own packages)."""
+    if str(PEERS) not in sys.path:
+        sys.path.append(str(PEERS))
 LOWLIGHT_CHECKPOINTS = ROOT / "examples" / "lowlight" / "checkpoints"
 LOWLIGHT_FACTORY = "deployq.examples.lowlight.model:build"
 PACKAGES = ("torch", "onnx", "onnxruntime", "deployq", "polygraphy", "scikit-learn", "numpy")

@@ -553,6 +553,41 @@ def test_another_tools_convtranspose_pairs_with_deployqs_conv_and_depth_to_space
     assert not report.unmatched
 
 
+def test_a_prelu_whose_slope_is_computed_from_constants_pairs_and_so_does_what_follows(tmp_path):
+    """The TorchScript exporter (AIMET's path) writes a PReLU's slope as Unsqueeze(slope): a value
+    computed from constants only, which the float graph holds as an initializer. The PReLU pairs as
+    an op with one variable input, and the max pool after it pairs from there (MTCNN's layers)."""
+    from deployq.deploy.float_graph import export_float
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.PReLU(8), torch.nn.MaxPool2d(2, ceil_mode=True),
+                                torch.nn.Conv2d(8, 4, 3), torch.nn.PReLU(4), torch.nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.PReLU):
+                m.weight.uniform_(0.05, 0.5)
+    x = torch.rand(*SHAPE)
+    float_model = export_float(deployq.prepare(model, x), (x,))
+    torch.onnx.export(model, (x,), str(tmp_path / "theirs.onnx"), dynamo=False)
+    theirs = onnx.load(tmp_path / "theirs.onnx")
+    inits = {i.name: i for i in theirs.graph.initializer}
+    for k, node in enumerate([n for n in theirs.graph.node if n.op_type == "PRelu"]):  # slope (C,) -> Unsqueeze
+        slope = numpy_helper.to_array(inits[node.input[1]])
+        theirs.graph.initializer.remove(inits[node.input[1]])
+        theirs.graph.initializer.extend([numpy_helper.from_array(slope.reshape(-1), f"slope{k}"),
+                                         numpy_helper.from_array(np.array([1, 2], np.int64), f"axes{k}")])
+        theirs.graph.node.insert(list(theirs.graph.node).index(node), onnx.helper.make_node(
+            "Unsqueeze", [f"slope{k}", f"axes{k}"], [f"/prelu{k}/Unsqueeze_output_0"]))
+        node.input[1] = f"/prelu{k}/Unsqueeze_output_0"
+    onnx.save(theirs, tmp_path / "theirs.onnx")
+    name = float_model.graph.input[0].name
+    report = diff(float_model, _quantize_static(tmp_path), [{name: f["x"]} for f in feeds(2)], mode="local",
+                  progress=False)
+    assert not report.unmatched
+    ops = {r.point.op for r in report.rows if r.point.kind == "activation"}
+    assert {"PRelu", "MaxPool"} <= ops, ops
+
+
 def test_a_model_of_another_network_is_not_paired_by_position(exported, tmp_path):
     """Position pairing needs the weights to agree: another UNet's export (other random weights)
     renamed throughout aligns no layer, and diff says the models have nothing in common."""

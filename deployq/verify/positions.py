@@ -105,14 +105,20 @@ class _Graph:
         self.inits = {i.name: i for i in model.graph.initializer}
         self.producer = {o: n for n in model.graph.node for o in n.output}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
+        self.known: dict[str, bool] = {}  # constant() of the tensors asked about
         for n in model.graph.node:
             for i in n.input:
                 self.readers.setdefault(i, []).append(n)
 
     def constant(self, tensor: str) -> bool:
-        node = self.producer.get(tensor)
-        return tensor in self.inits or (node is not None and (node.op_type == "Constant" or (
-            node.op_type in ("DequantizeLinear", "QuantizeLinear") and self.constant(node.input[0]))))
+        """An initializer, a Constant's output, or what an op computes from constants alone (a PReLU
+        slope that AIMET's export dequantizes and unsqueezes; the float graph holds it as one
+        initializer). An op without inputs (RandomNormal) is not one."""
+        if tensor not in self.known:
+            node = self.producer.get(tensor)
+            self.known[tensor] = tensor in self.inits or (node is not None and (node.op_type == "Constant" or (
+                bool(node.input) and all(self.constant(t) for t in node.input if t))))
+        return self.known[tensor]
 
     def value(self, tensor: str) -> str:
         """The tensor a dequantized value was quantized from (`tensor` itself if it is not one)."""
