@@ -11,7 +11,9 @@ crops: 32 of three photographs to calibrate, 32 of three others held out. Conten
 the same trained weights:
 
 * deployq: plain min/max calibration, and ``--ptq bias`` (bias correction); each also with
-  ``quantize_outputs: false`` (the layer making the model's output keeps it float, as NNCF does);
+  ``quantize_outputs: false`` (the layer making the model's output keeps it float, as NNCF does)
+  and, on the models with PReLU or LeakyReLU, ``quantize_before_sloped: false`` (a layer whose
+  output only those read keeps it float, NNCF's placement there: fewer integer kernels);
 * ``quantize_static`` (MinMax, Entropy, Percentile; QDQ, per-channel s8 weights, u8 activations) on
   deployq's float graph;
 * NNCF's ONNX ``nncf.quantize`` on deployq's float graph (converted to opset 19: at 21, NNCF 3.4
@@ -62,6 +64,7 @@ MTCNN_HELD_OUT = 32  # crops of three other photographs, as bench_budgets.py sco
 # point) into an opset-21 graph such as deployq's float export; it is given the graph at opset 19
 NNCF_OPSET = 19
 FLOAT_OUTPUTS = {"quantize_outputs": False}  # the layer making a model output runs in float, as NNCF leaves it
+BEFORE_SLOPED_FLOAT = {"quantize_before_sloped": False}  # a layer read only by PReLU / LeakyReLU runs in float
 WIDE_CONFIG = common.ROOT / "examples" / "lowlight" / "quant.yaml"  # the example's 10-bit head and tail layers
 W4A8 = {"weight": {"bits": 4}}  # 4-bit weights, 8-bit activations
 W4A8_MINMAX = {"weight": {"bits": 4, "observer": "minmax"}}  # the same with min/max weight ranges
@@ -303,6 +306,13 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
          lambda: aimet_quantize(case.source().float_model, work / "aimet_ada" / "aimet_ada.onnx", calibration,
                                 "adaround")),
     ]
+    if name != "digits":  # LeakyReLU (low-light) or PReLU (MTCNN) after the layers: NNCF's placement as an option
+        contenders += [
+            ("deployq, outputs read by PReLU / LeakyReLU float (`quantize_before_sloped: false`)",
+             lambda: deployq("sloped", (), BEFORE_SLOPED_FLOAT)),
+            ("deployq --ptq bias, outputs read by PReLU / LeakyReLU float",
+             lambda: deployq("sloped_bias", ("bias",), BEFORE_SLOPED_FLOAT)),
+        ]
     if name in ("digits", "lowlight"):  # 4-bit weights (W4A8): AIMET simulated in torch (it writes 8-bit weights)
         contenders += [
             ("deployq, 4-bit weights (W4A8; observer `auto`: mse)", lambda: deployq("w4", (), W4A8)),

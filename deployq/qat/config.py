@@ -11,6 +11,7 @@ Native form (YAML or a dict)::
     quantize_float_ops: false         # true: also quantize tensors only float ops read (see placement)
     quantize_outputs: true            # false: a layer that makes a model output keeps it float
     concat_keeps_bits: true           # a concatenation no rule sets is as wide as the widest tensor it joins
+    quantize_before_sloped: true      # false: a layer read only by PReLU / LeakyReLU keeps its output float
     layers:                           # applied in order; a later match overrides an earlier one
       "DBLE.*_conv1.*": {weight: 10 per_channel_affine, activation: 10 per_tensor_affine}
       "DBLE.DBLE_out":  {activation: {bits: 10}}
@@ -81,9 +82,13 @@ class QConfig:
     # True: a concatenation whose bits no layer rule sets takes the widest width among the quant
     # points it joins (a 10-bit skip joined to an 8-bit path stays 10-bit; deployq.qat.placement)
     concat_keeps_bits: bool = True
+    # False: a Conv / Linear whose output only PReLU or LeakyReLU read keeps that output float, as
+    # NNCF's ONNX export leaves it: one rounding less per layer, and onnxruntime runs the layer in
+    # float (its input and weights stay quantized). MTCNN's networks in torch: +3.1 to +4.4 dB
+    quantize_before_sloped: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("quantize_float_ops", "quantize_outputs", "concat_keeps_bits"):
+        for key in ("quantize_float_ops", "quantize_outputs", "concat_keeps_bits", "quantize_before_sloped"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false")
         if isinstance(self.leaf_modules, str) or not all(isinstance(m, str) and m for m in self.leaf_modules):
@@ -148,6 +153,7 @@ class QConfig:
             "quantize_float_ops": self.quantize_float_ops,
             "quantize_outputs": self.quantize_outputs,
             "concat_keeps_bits": self.concat_keeps_bits,
+            "quantize_before_sloped": self.quantize_before_sloped,
             "layers": {
                 r.pattern: ({"quantize": False} if not r.quantize else
                             {k: dict(v) for k, v in (("weight", r.weight), ("activation", r.activation)) if v})
@@ -188,7 +194,7 @@ def _spec(value: Any, default: QuantSpec, where: str) -> QuantSpec:
 
 
 NATIVE_KEYS = {"weight", "activation", "input", "layers", "fuse_activations", "leaf_modules", "quantize_float_ops",
-               "quantize_outputs", "concat_keeps_bits"}
+               "quantize_outputs", "concat_keeps_bits", "quantize_before_sloped"}
 
 
 def from_dict(data: Mapping[str, Any] | None, source: str = "config") -> QConfig:
@@ -224,6 +230,7 @@ def from_dict(data: Mapping[str, Any] | None, source: str = "config") -> QConfig
         quantize_float_ops=data.get("quantize_float_ops", False),
         quantize_outputs=data.get("quantize_outputs", True),
         concat_keeps_bits=data.get("concat_keeps_bits", True),
+        quantize_before_sloped=data.get("quantize_before_sloped", True),
     )
 
 

@@ -216,6 +216,15 @@ def activation_kind(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[st
     return None
 
 
+def is_sloped_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A PReLU or a LeakyReLU (a negative slope): after a convolution, onnxruntime's CPU provider
+    runs it in float between a DequantizeLinear and a QuantizeLinear."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], (nn.PReLU, nn.LeakyReLU))
+    return node.op == "call_function" and (node.target in (F.prelu, F.leaky_relu) or aten_name(node.target) in (
+        "prelu", "_prelu_kernel", "leaky_relu"))
+
+
 def _clamp_kind(node: fx.Node) -> Optional[str]:
     """``clamp(x, 0)`` is a ReLU and ``clamp(x, 0, 6)`` a ReLU6 (how some models write them)."""
     bounds = (_arg(node, 1, "min", None), _arg(node, 2, "max", None))

@@ -10,7 +10,8 @@ On a normalized graph (:mod:`deployq.qat.normalize`):
   fused activation) is a quant point; data movement carries quantization through; a concatenation
   is at least as wide as the widest quant point it joins (``concat_keeps_bits``); ``act(a + b)``,
   ``act(a * b)`` and ``act(bn(x))`` are one quant point after the activation; a model output
-  that no layer makes is left float (one that a layer makes too, with ``quantize_outputs: false``); so is the output of an op with no integer kernel (a
+  that no layer makes is left float (one that a layer makes too, with ``quantize_outputs: false``;
+  a layer's output that only PReLU / LeakyReLU read, with ``quantize_before_sloped: false``); so is the output of an op with no integer kernel (a
   normalization, GELU, a subtraction, a division...) that only such ops read
   (``pool(norm(x)) - norm(x)``: nothing reads integer codes there; ``QConfig.quantize_float_ops``
   turns this off); values computed from parameters only are constants; a windowed average pool
@@ -34,7 +35,8 @@ from deployq.qat.config import QConfig
 from deployq.qat.fused import BATCHNORMS, WEIGHT_LAYERS, QuantLayer
 from deployq.qat.onnx_import import ONNX_NAME
 from deployq.qat.fx_ops import (activation_kind, activation_module, aten_name, carried_from, computes_in_float,
-                               float_tensor_output, is_add, is_data_movement, is_mul, is_softmax, is_window_average,
+                               float_tensor_output, is_add, is_data_movement, is_mul, is_sloped_activation, is_softmax,
+                               is_window_average,
                                joined_tensors, max_pool_function, op_label, upstream)
 
 __all__ = ["Group", "Namer", "Planned", "find_groups", "fuse", "plan_activations"]
@@ -227,8 +229,9 @@ def plan_activations(gm: fx.GraphModule, fused: dict[fx.Node, Group], namer: Nam
         elif group is not None:
             name, kind, members, op = group.names[-1], "activation", tuple(group.names), modules[node.target].kind
             readers = _readers(node, modules)
-            if not config.quantize_outputs and readers and all(r.op == "output" for r in readers):
-                known.update((name, *members))  # the model's output, left float as the config asks
+            if readers and ((not config.quantize_outputs and all(r.op == "output" for r in readers)) or (
+                    not config.quantize_before_sloped and all(is_sloped_activation(r, modules) for r in readers))):
+                known.update((name, *members))  # the model's output, or a PReLU's input: float as the config asks
                 continue
         else:
             name, kind, op = namer.name(node), "activation", op_label(node, modules)
