@@ -16,7 +16,9 @@ people) for the YOLO detector. Calibration draws (seed 0) and held-out draws
 
 * ``deployq export --onnx FILE --calib ...`` (plain min/max, and ``--ptq bias``);
 * ``quantize_static`` (MinMax; QDQ, per-channel s8 weights, u8 activations);
-* NNCF's ONNX ``nncf.quantize`` (its defaults: fast bias correction).
+* NNCF's ONNX ``nncf.quantize``: its defaults (fast bias correction), and its full bias correction
+  (``fast_bias_correction=False``), and that with min/max activation ranges and no overflow fix
+  (its best on the trained models of ``bench_peers.py``).
 
 Columns, on the held-out inputs: output SQNR (dB) of the quantized model's output against the user's
 float file in onnxruntime (fully optimized, 1 thread); the task metric (classifier: predictions that
@@ -177,7 +179,8 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
     reference = outputs(user_file, held_out)
     import_peers()
     labels = ["deployq export --onnx (min/max)", "deployq export --onnx --ptq bias", "quantize_static MinMax",
-              "NNCF default (fast bias correction)"]
+              "NNCF default (fast bias correction)", "NNCF full bias correction",
+              "NNCF full bias correction, min/max, no overflow fix"]
     results: dict[str, list] = {label: [] for label in labels}
     for seed in range(args.seeds):
         calibration, _ = data(name, args.calib, seed=2 * seed)
@@ -192,7 +195,9 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
         makers: list[Callable[[], tuple[Path, Optional[int]]]] = [
             lambda: deployq_export("plain", ()), lambda: deployq_export("bias", ("bias",)),
             lambda: (common.quantize_static_qdq(user_file, work / "static.onnx", batches, "MinMax"), None),
-            lambda: (nncf_quantize(user_file, work / "nncf.onnx", batches, False), None)]
+            lambda: (nncf_quantize(user_file, work / "nncf.onnx", batches, False), None),
+            lambda: (nncf_quantize(user_file, work / "nncf_full.onnx", batches, True), None),
+            lambda: (nncf_quantize(user_file, work / "nncf_tuned.onnx", batches, True, tuned=True), None)]
         for label, make in zip(labels, makers):
             try:  # a tool that cannot quantize the file, or writes one onnxruntime refuses, is a row
                 with common.quiet():
