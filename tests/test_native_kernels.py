@@ -241,3 +241,34 @@ def test_qat_steps_with_the_c_kernels_follow_the_eager_ones():
     assert eager_losses[-1] < eager_losses[0]  # it trains
     np.testing.assert_allclose(c_losses, eager_losses, rtol=1e-3)
     assert float((c_params - eager_params).norm() / eager_params.norm()) < 1e-3
+
+
+def test_export_runs_the_c_kernels_while_it_calibrates_and_leaves_the_setting_as_it_was(monkeypatch, tmp_path):
+    """native_kernels_where_built: the C kernels serve the quantizers inside the block (what export
+    wraps its calibration and PTQ in) and not after it; where none build, the block runs eagerly
+    without a warning (export is not training: nothing to switch off)."""
+    served = []
+    real = fake_quant._native_for
+    monkeypatch.setattr(fake_quant, "_native_for", lambda x, s: served.append(real(x, s)) or served[-1])
+    x, _, scale, zero_point = _case((1, 4, 50))
+    rule = fake_quant.Rule(0, 255, 1)
+    run = lambda: fake_quant.FakeQuantize.apply(x, scale, zero_point, None, None, rule, 1.0)  # noqa: E731
+    assert fake_quant._NATIVE[0] is None
+    eager = run()
+    with fake_quant.native_kernels_where_built():
+        inside = run()
+    after = run()
+    assert served[0] is None and served[1] is not None and served[2] is None
+    assert torch.equal(inside, eager) and torch.equal(after, eager)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    native.load.cache_clear()
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with fake_quant.native_kernels_where_built():
+                assert torch.equal(run(), eager) and fake_quant._NATIVE[0] is None
+    finally:
+        native.load.cache_clear()

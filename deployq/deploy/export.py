@@ -31,6 +31,7 @@ from deployq.exporters.graph import PassLog
 from deployq.exporters.rewriter import Rewritten, rewrite
 from deployq.deploy.float_graph import export_float
 from deployq.qat.checkpoint import save as save_checkpoint
+from deployq.qat.fake_quant import native_kernels_where_built
 from deployq.deploy.devices import DEVICE_KEY, DEVICES, Coverage, Device, check_config, coverage, device as get_device, fix_shapes, learned_float, to_ort_format
 from deployq.deploy.refined_graph import with_values_of
 from deployq.core.files import AtomicOutputs, json_text
@@ -195,8 +196,9 @@ def export(source: ModelSource, out_dir: str | Path, *, target: str = "int8", op
     else:
         stage("export: preparing the model for its target" + (" and calibrating" if calib is not None else ""),
               progress)
-        prepared = prepare_for_target(source, target, weight_bits=weight_bits, act_signed=act_signed,
-                                      calib=calib, calib_limit=calib_limit, ptq=ptq, progress=progress)
+        with native_kernels_where_built():  # the same values, faster (fake_quant says how much)
+            prepared = prepare_for_target(source, target, weight_bits=weight_bits, act_signed=act_signed,
+                                          calib=calib, calib_limit=calib_limit, ptq=ptq, progress=progress)
         qmodel, reference, ptq_notes = prepared.model, prepared.reference, prepared.notes
         records = qparams_of(qmodel)
         check_config(dev, records.values())
