@@ -82,6 +82,11 @@ class QuantSpec(CodeRange):
         return "mse" if self.bits <= LOW_BITS else "minmax"
 
     @property
+    def observer_searches(self) -> bool:
+        """Whether the observer searches for its range (every one but min/max): costly to rerun."""
+        return self.observer_name != "minmax"
+
+    @property
     def observer_label(self) -> str:
         """The observer that runs with its arguments, as ``qparams.json`` records it: ``minmax``,
         ``percentile(lower=0.001, upper=99.999)``."""

@@ -193,6 +193,6 @@ def weights_searched_every_step(model: nn.Module) -> list[str]:
     names = []
     for name, point in quant_points(model).items():
         q = model.get_submodule(point.quantizer)
-        if point.kind == "weight" and q.weights_follow_observer and q.spec.observer_name != "minmax":
+        if point.kind == "weight" and q.weights_follow_observer and q.spec.observer_searches:
             names.append(name)
     return names

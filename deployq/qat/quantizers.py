@@ -119,7 +119,7 @@ class FakeQuantizer(nn.Module):
         searching observer (all but min/max: ``mse`` at 4 bits, ~0.3 s for 256 channels) runs
         again only when the values differ from the last ones it ran on: the qparams of those are
         remembered (not stored in checkpoints)."""
-        memo = self.__dict__.get("_weight_memo") if self.spec.observer_name != "minmax" else None
+        memo = self.__dict__.get("_weight_memo") if self.spec.observer_searches else None
         if memo is not None and memo[0].shape == x.shape and memo[0].device == x.device and torch.equal(memo[0], x):
             self.set_qparams(*memo[1])
             return
@@ -127,7 +127,7 @@ class FakeQuantizer(nn.Module):
         observer.update(x)
         qparams = observer.qparams()
         self.set_qparams(*qparams)
-        if self.spec.observer_name != "minmax":
+        if self.spec.observer_searches:
             self.__dict__["_weight_memo"] = (x.detach().clone(), qparams)
 
     def finish_calibration(self) -> None:
