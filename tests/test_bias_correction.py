@@ -172,11 +172,29 @@ def test_one_stacked_pass_corrects_as_the_layer_by_layer_passes_do(monkeypatch):
     one_pass = calibrated_on(samples, BITS4)
     by_layer = copy.deepcopy(one_pass)
     correct_bias(one_pass, samples, max_batches=16)
-    monkeypatch.setattr(bc, "_in_one_pass", lambda *args: False)
+    monkeypatch.setattr(bc, "_in_one_pass", lambda *args: None)
     correct_bias(by_layer, samples, max_batches=16)
     a, b = _biases(one_pass), _biases(by_layer)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], _biases(calibrated_on(samples, BITS4))[k]) for k in a)  # it did correct
+
+
+def test_the_pass_returns_the_corrected_models_outputs():
+    """What the one pass returns (each layer's output computed once, its bias change added) is
+    what the corrected model computes on the same samples: the held-out check scores it instead
+    of running the model again."""
+    from deployq.ptq.batched import model_outputs
+
+    g = torch.Generator().manual_seed(3)
+    samples = [torch.rand(1, 3, 16, 16, generator=g) for _ in range(12)]
+    model = calibrated_on(samples, BITS4)
+    before = model_outputs(model, [(s,) for s in samples])
+    report = correct_bias(model, samples, max_batches=12)
+    after = model_outputs(model, [(s,) for s in samples])
+    assert [len(run) for run in report.outputs] == [len(run) for run in after] and len(after) == 2  # 8 + 4
+    for ours, theirs, old in zip(report.outputs, after, before):
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
+        assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, old))  # it did change them
 
 
 class BatchOfOne(torch.nn.Module):
@@ -200,8 +218,8 @@ def test_a_model_that_takes_one_sample_at_a_time_is_corrected_layer_by_layer():
     model = deployq.prepare(BatchOfOne().eval(), samples[0])
     deployq.calibrate(model, samples, progress=False)
     reference = copy.deepcopy(model)
-    assert not bc._in_one_pass(model, bc.select_layers(model, None), [(s,) for s in samples],
-                               lambda path, layer, x: bc.shift_bias(layer, torch.ones(1)))
+    assert bc._in_one_pass(model, bc.select_layers(model, None), [(s,) for s in samples],
+                           lambda path, layer, x: bc.shift_bias(layer, torch.ones(1))) is None
     assert all(torch.equal(v, _biases(reference)[k]) for k, v in _biases(model).items())  # the failed pass undone
     report = correct_bias(model, samples, max_batches=8)
     assert len(report.layers) == 2

@@ -153,7 +153,7 @@ def test_zeroq_needs_batchnorm(tmp_path):
 
 
 class _Report:  # what the pipeline's note reads from a bias-correction report
-    layers, within_noise, channels, skipped = [], 0, 0, []
+    layers, within_noise, channels, skipped, outputs = [], 0, 0, [], None
 
 
 def _harmful_bias_correction(model, batches, **kwargs):
@@ -235,7 +235,8 @@ def test_output_scores_run_inputs_stacked_and_sum_as_one_by_one():
     """model_outputs runs equal-shaped inputs as one batch (8 samples at most) and its sums are the
     one-by-one sums; a model that refuses the stacked batch gets its inputs one by one; inputs of
     another shape start a new batch."""
-    from deployq.ptq.calibration_search import model_outputs, output_sqnr_db
+    from deployq.ptq.batched import model_outputs
+    from deployq.ptq.calibration_search import output_sqnr_db
 
     g = torch.Generator().manual_seed(0)
     inputs = [(torch.rand(1, 3, 8, 8, generator=g),) for _ in range(10)] + [(torch.rand(1, 3, 6, 6, generator=g),)]

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from deployq.ptq.batched import model_outputs
 from deployq.qat.observers import OBSERVERS, create_observer
 from deployq.core.decibels import ratio_db
 from deployq.core.qspec import QuantSpec
@@ -72,59 +73,6 @@ class SearchReport:
 
     def counts(self) -> dict[str, int]:
         return {m: sum(1 for c in self.chosen.values() if c == m) for m in dict.fromkeys(self.chosen.values())}
-
-
-STACKED_SAMPLES = 8  # inputs run as one batch by model_outputs (their outputs summed over, not read one by one)
-
-
-def model_outputs(model: nn.Module, inputs: Sequence[tuple]) -> list[list[torch.Tensor]]:
-    """The model's output tensors for the inputs: one list per batch run. Consecutive inputs of
-    equal shapes run stacked, up to STACKED_SAMPLES samples at a time (the held-out check of the
-    low-light model went 3.5 -> 1.4 s); a model that refuses the stacked batch runs them one by
-    one. What reads these lists sums over them (:func:`output_sqnr_db`), so how the inputs were
-    grouped does not matter, as long as the reference and the values are grouped alike."""
-    with torch.no_grad():
-        return [_tensors(result) for result in _stacked_runs(model, list(inputs))]
-
-
-def _stacked_runs(model: nn.Module, inputs: list[tuple]) -> Iterable[Any]:
-    group: list[tuple] = []
-    for args in [*inputs, None]:
-        if group and (args is None or not _stack_with(group, args)):
-            yield from _run_group(model, group)
-            group = []
-        if args is not None:
-            group.append(args)
-
-
-def _stack_with(group: list[tuple], args: tuple) -> bool:
-    """Whether `args` joins `group`: tensors of the same shapes past the batch, within the size."""
-    first = group[0]
-    return (len(args) == len(first) and all(isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.ndim > 0
-                                            and a.shape[1:] == b.shape[1:] and a.dtype == b.dtype
-                                            for a, b in zip(args, first))
-            and sum(int(a[0].shape[0]) for a in group) + int(args[0].shape[0]) <= STACKED_SAMPLES)
-
-
-def _run_group(model: nn.Module, group: list[tuple]) -> Iterable[Any]:
-    if len(group) > 1:
-        try:
-            yield model(*(torch.cat(parts) for parts in zip(*group)))
-            return
-        except (RuntimeError, ValueError, IndexError):
-            pass  # a model written for one batch size: input by input
-    for args in group:
-        yield model(*args)
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value.detach().double()]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 CEILING_DB = 200.0  # an output quantization leaves exact counts as this (the mean stays finite)

@@ -29,7 +29,8 @@ from torch import fx, nn
 from deployq.core.progress import stage
 from deployq.ptq.adaround import adaround
 from deployq.ptq.bias_correction import SIGNIFICANCE, correct_bias
-from deployq.ptq.calibration_search import mean_output_sqnr_db, model_outputs, search_calibration
+from deployq.ptq.batched import model_outputs
+from deployq.ptq.calibration_search import mean_output_sqnr_db, search_calibration
 from deployq.ptq.equalize import equalize
 from deployq.ptq.zeroq import distilled_data
 from deployq.qat.calibrate import calibrate, first_samples, input_names, model_inputs, samples_in, set_mode
@@ -133,8 +134,9 @@ def quantize_post_training(model: fx.GraphModule, batches: Sequence[Any], option
     notes.append(check.describe(sum(samples_in(b) for b in learn)))
     for method in refine:
         before = copy.deepcopy(model.state_dict())
-        notes.append(_refine(method, model, learn, reference, options, progress))
-        undone = check.undo(method, model)
+        note, outputs = _refine(method, model, learn, reference, options, progress)
+        notes.append(note)
+        undone = check.undo(method, model, outputs if check.learned else None)
         if undone:
             model.load_state_dict(before)
             notes.append(undone)
@@ -142,8 +144,9 @@ def quantize_post_training(model: fx.GraphModule, batches: Sequence[Any], option
 
 
 def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.GraphModule, options: PTQOptions,
-            progress: bool) -> str:
-    """Run AdaRound or bias correction on `model`, learning from `learn`; the note saying what it did."""
+            progress: bool) -> tuple[str, Optional[list]]:
+    """Run AdaRound or bias correction on `model`, learning from `learn`: the note saying what it
+    did, and the refined model's outputs on `learn` where the method computed them (else None)."""
     learned_from = f"{sum(samples_in(b) for b in learn)} calibration samples"
     if method == "adaround":
         stage("ptq: AdaRound, layer by layer", progress)
@@ -151,13 +154,13 @@ def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.Graph
                           reference=reference, progress=progress)
         flipped = sum(layer.flipped for layer in report.layers) / max(1, len(report.layers))
         return (f"adaround: {len(report.layers)} layers, {flipped:.1%} of weights rounded away from nearest "
-                f"on average ({options.adaround_iterations} steps per layer on {learned_from})")
+                f"on average ({options.adaround_iterations} steps per layer on {learned_from})"), None
     stage("ptq: bias correction, layer by layer", progress)
     report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress)
     return (f"bias: {len(report.layers)} layers corrected on {learned_from}; {report.within_noise} of "
             f"{report.channels} channels left as they were (their mean error within "
             f"{SIGNIFICANCE:g} standard errors of zero)"
-            + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else ""))
+            + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else "")), report.outputs
 
 
 class HeldOut:
@@ -189,6 +192,7 @@ class HeldOut:
         if self.inputs:
             set_mode(model, "float")
             self.reference = model_outputs(model, self.inputs)
+            self.shapes = [[t.shape for t in run] for run in self.reference]
             set_mode(model, "quantize")
             self.score = self.measure(model)
 
@@ -211,11 +215,14 @@ class HeldOut:
         return (f"held-out check: output SQNR on the {self.samples} calibration samples not learned from, "
                 f"{self.score:.2f} dB after calibration")
 
-    def undo(self, method: str, model: fx.GraphModule) -> Optional[str]:
-        """A note if `method` lowered the checked score (then the caller restores the model), else None."""
+    def undo(self, method: str, model: fx.GraphModule, outputs: Optional[list] = None) -> Optional[str]:
+        """A note if `method` lowered the checked score (then the caller restores the model), else
+        None. `outputs`: the model's outputs on the checked samples where the method computed them
+        (grouped as :func:`model_outputs` groups them), which spares running the model again."""
         if self.score is None:
             return None
-        now = self.measure(model)
+        same_shapes = outputs is not None and [[t.shape for t in run] for run in outputs] == self.shapes
+        now = mean_output_sqnr_db(self.reference, outputs) if same_shapes else self.measure(model)
         if now >= self.score:
             self.score = now
             return None
