@@ -197,6 +197,29 @@ def test_the_pass_returns_the_corrected_models_outputs():
         assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, old))  # it did change them
 
 
+def test_the_float_pass_gives_the_float_models_outputs_and_one_row_per_sample():
+    """float_targets' outputs are the float model's, bit for bit (the check reads them as its
+    reference); on a model that refuses stacked samples each sample counts once, not again after
+    the refused run."""
+    from deployq.ptq.batched import model_outputs
+    from deployq.ptq.bias_correction import float_targets
+    from deployq.ptq.layers import modes as in_mode
+
+    g = torch.Generator().manual_seed(4)
+    samples = [torch.rand(1, 3, 16, 16, generator=g) for _ in range(10)]
+    model = calibrated_on(samples, BITS4)
+    targets = float_targets(model, samples, max_batches=10)
+    with in_mode(model, "float"):
+        expected = model_outputs(model, [(s,) for s in samples])
+    assert all(torch.equal(a, b) for ours, theirs in zip(targets.outputs, expected) for a, b in zip(ours, theirs))
+    assert all(means.shape[0] == 10 for means, _ in targets.means.values())
+
+    one = deployq.prepare(BatchOfOne().eval(), samples[0])
+    deployq.calibrate(one, samples, progress=False)
+    targets = float_targets(one, samples, max_batches=10)
+    assert len(targets.outputs) == 10 and all(means.shape[0] == 10 for means, _ in targets.means.values())
+
+
 class BatchOfOne(torch.nn.Module):
     """A model written for one sample at a time: its view puts the batch size in by hand."""
 

@@ -204,6 +204,25 @@ def test_without_held_out_samples_a_method_that_helps_its_own_samples_is_kept(fl
         assert not any(torch.equal(result.model(x), result.reference(x)) for x in _photos(3, 5))
 
 
+def test_the_check_on_learned_samples_scores_the_outputs_bias_correction_computed(float_model, monkeypatch):
+    """On the samples bias correction learns from, one float pass gives the check its reference
+    and bias correction its targets, and the check scores the outputs bias correction computed:
+    the model runs once more, for the score after calibration."""
+    from deployq.ptq import pipeline
+
+    runs = []
+    counted = pipeline.model_outputs
+    monkeypatch.setattr(pipeline, "model_outputs", lambda model, inputs: runs.append(1) or counted(model, inputs))
+    model = deployq.prepare(float_model, torch.rand(*SHAPE))
+    result = pipeline.quantize_post_training(model, _photos(12, 2), PTQOptions(("bias",), refine_samples=12),
+                                             progress=False)
+    assert len(runs) == 1  # the check's score after calibration; its float reference came with bias correction's
+    # targets, and its score after the method with bias correction's outputs
+    assert not any("undone" in n for n in result.notes), result.notes
+    check = pipeline.HeldOut(result.reference, _photos(12, 2))  # running the models: it did gain there
+    assert check.measure(result.model) > check.score
+
+
 def test_a_method_that_helps_on_held_out_samples_is_kept(float_model):
     """Real bias correction on this model raises the held-out score: it stays, nothing is undone."""
     from deployq.ptq import pipeline

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 STACKED_SAMPLES = 8  # inputs run as one batch (their outputs summed over, not read one by one)
 
@@ -53,7 +53,7 @@ def stacked(group: Sequence[tuple]) -> tuple:
     return tuple(group[0]) if len(group) == 1 else tuple(torch.cat(parts) for parts in zip(*group))
 
 
-def model_outputs(model: nn.Module, inputs: Sequence[tuple]) -> list[list[torch.Tensor]]:
+def model_outputs(model: Callable[..., Any], inputs: Sequence[tuple]) -> list[list[torch.Tensor]]:
     """The model's output tensors (float64) for the inputs: one list per group run. A model that
     refuses a stacked group gets its inputs one by one. What reads these lists sums over them, so
     how the inputs were grouped does not matter, as long as the reference and the values are
@@ -62,7 +62,7 @@ def model_outputs(model: nn.Module, inputs: Sequence[tuple]) -> list[list[torch.
         return [output_tensors(result) for group in stack_groups(list(inputs)) for result in _run_group(model, group)]
 
 
-def _run_group(model: nn.Module, group: list[tuple]) -> Iterable[Any]:
+def _run_group(model: Callable[..., Any], group: list[tuple]) -> Iterable[Any]:
     if len(group) > 1:
         try:
             yield model(*stacked(group))

@@ -48,7 +48,7 @@ from torch import fx
 
 from deployq.core.progress import progress_bar
 from deployq.ptq.batched import output_tensors, run_node_by_node, stack_groups, stacked
-from deployq.ptq.layers import (LayerData, capture, channel_dim, float_output_means, modes, quantized_input,
+from deployq.ptq.layers import (FloatPass, LayerData, capture, channel_dim, float_pass, modes, quantized_input,
                                 quantized_output, select_layers, take_batches)
 from deployq.qat.fused import QuantLayer
 
@@ -139,30 +139,52 @@ def layer_errors(model: fx.GraphModule, batches: Iterable[Any], reference: fx.Gr
             for path, layer in select_layers(model, layers)}
 
 
+def correctable_layers(model: fx.GraphModule, layers: Optional[Sequence[str]] = None
+                       ) -> tuple[list[tuple[str, QuantLayer]], tuple[str, ...]]:
+    """(path, layer) of the layers bias correction corrects (`layers`, or every quantized weight
+    layer that owns its parameters, with a bias or BatchNorm to put the shift in), and the paths
+    of those it leaves alone for having neither."""
+    chosen = select_layers(model, layers)
+    skipped = tuple(path for path, layer in chosen if not has_bias_parameter(layer))
+    return [(path, layer) for path, layer in chosen if has_bias_parameter(layer)], skipped
+
+
+def float_targets(model: fx.GraphModule, batches: Iterable[Any], *, max_batches: int = 8,
+                  layers: Optional[Sequence[str]] = None,
+                  reference: Optional[fx.GraphModule] = None) -> FloatPass:
+    """What :func:`correct_bias` compares with, taken in one float pass of `reference` (default:
+    `model`) before anything is corrected; computed by the caller where it also needs the float
+    outputs (the check of the post-training pipeline)."""
+    chosen, _ = correctable_layers(model, layers)
+    return float_pass(reference if reference is not None else model, [p for p, _ in chosen],
+                      take_batches(model, batches, max_batches))
+
+
 def correct_bias(model: fx.GraphModule, batches: Iterable[Any], *, max_batches: int = 8,
                  layers: Optional[Sequence[str]] = None, progress: bool = False,
-                 reference: Optional[fx.GraphModule] = None) -> BiasCorrectionReport:
+                 reference: Optional[fx.GraphModule] = None, targets: Optional[FloatPass] = None
+                 ) -> BiasCorrectionReport:
     """Correct the bias of every quantized weight layer of a prepared, calibrated `model`, in place.
 
     `batches`: calibration inputs (the first `max_batches` are used). `layers`: module paths to
     restrict to (default: every QuantLayer with a weight quantizer that owns its parameters).
     `reference`: the prepared model whose float mode gives the targets; by default `model` as it
     is when called (its targets are taken in one float pass before anything is corrected).
+    `targets`: :func:`float_targets` of the same arguments, where the caller has taken them.
     Every module's mode is restored afterwards.
     """
     inputs = take_batches(model, batches, max_batches)
-    chosen = select_layers(model, layers)
-    skipped = tuple(path for path, layer in chosen if not has_bias_parameter(layer))
-    chosen = [(path, layer) for path, layer in chosen if has_bias_parameter(layer)]
-    # every layer's float target in one pass, before any correction changes the float parameters
-    targets = float_output_means(reference if reference is not None else model, [p for p, _ in chosen], inputs)
+    chosen, skipped = correctable_layers(model, layers)
+    if targets is None:  # every layer's float target in one pass, before any correction changes them
+        targets = float_pass(reference if reference is not None else model, [p for p, _ in chosen], inputs)
+    means = targets.means
     corrected: dict[str, torch.Tensor] = {}
 
     def correct(path: str, layer: QuantLayer, outputs: list[torch.Tensor]) -> None:
         """Correct `layer` from its uncorrected pre-activation outputs on every sample."""
         dim = channel_dim(layer)
         per_sample = torch.cat([per_sample_means(y, dim) for y in outputs])
-        delta = significant(per_sample - targets[path][0]).to(outputs[0].dtype)
+        delta = significant(per_sample - means[path][0]).to(outputs[0].dtype)
         shift_bias(layer, bias_rounding(layer) - delta)
         corrected[path] = delta
 
@@ -170,7 +192,7 @@ def correct_bias(model: fx.GraphModule, batches: Iterable[Any], *, max_batches: 
     if outputs is None:
         for path, layer in progress_bar(chosen, "bias correction", total=len(chosen), enabled=progress):
             correct(path, layer, [quantized_output(layer, quantized_input(model, path, inputs))])
-    results = tuple((path, float(corrected[path].abs().mean()) / targets[path][1] if targets[path][1] > 0 else 0.0)
+    results = tuple((path, float(corrected[path].abs().mean()) / means[path][1] if means[path][1] > 0 else 0.0)
                     for path, _ in chosen)
     within_noise = sum(int((d == 0).sum()) for d in corrected.values())
     return BiasCorrectionReport(results, skipped, within_noise, sum(d.numel() for d in corrected.values()), outputs)

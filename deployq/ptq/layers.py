@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import fx, nn
 
+from deployq.ptq.batched import model_outputs
 from deployq.qat.calibrate import input_names, is_calibrated, model_inputs
 from deployq.qat.fused import QuantLayer
 from deployq.qat.quantizers import FakeQuantizer
@@ -183,38 +184,58 @@ def float_input_output(model: fx.GraphModule, path: str, inputs: Sequence[tuple]
     return torch.cat(xs), torch.cat(ys)
 
 
-def float_output_means(model: fx.GraphModule, paths: Sequence[str], inputs: Sequence[tuple]
-                       ) -> dict[str, tuple[torch.Tensor, float]]:
-    """{path: (means, spread)} for layers `paths` in one float pass over every batch: the mean of
-    each sample and output channel of the layer's pre-activation output (BN applied), (N, C) in
-    float64, and the standard deviation of that output over all its elements. What bias
-    correction compares with, at a fraction of :func:`float_input_output`'s memory and passes."""
-    sums: dict[str, list] = {p: [[], 0.0, 0.0, 0] for p in paths}  # per-sample means, Σy, Σy², count
+@dataclass(frozen=True)
+class FloatPass:
+    """One float pass over the inputs: per layer path (means, spread), the mean of each sample
+    and output channel of the layer's pre-activation output (BN applied), (N, C) in float64, and
+    the standard deviation of that output over all its elements; and the model's outputs as
+    :func:`~deployq.ptq.batched.model_outputs` returns them (so a check scored on the same
+    inputs reads them instead of running the float model again)."""
+
+    means: dict[str, tuple[torch.Tensor, float]]
+    outputs: list[list[torch.Tensor]]
+
+
+def float_pass(model: fx.GraphModule, paths: Sequence[str], inputs: Sequence[tuple]) -> FloatPass:
+    """:class:`FloatPass` of layers `paths`, the inputs run grouped as model_outputs groups them.
+    What bias correction compares with, at a fraction of :func:`float_input_output`'s memory."""
+    kept: dict[str, list] = {p: [] for p in paths}  # per call: per-sample means, Σy, Σy², count
+    pending: dict[str, list] = {}
 
     def grab(path: str, dim: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             y = output.detach()
-            kept = sums[path]
             means = y.movedim(dim, 1).reshape(y.shape[0], y.shape[dim], -1).mean(2).double()
-            kept[0].append(means)
-            kept[1] += float(means.sum()) * (y.numel() // means.numel())
-            flat = y.reshape(-1)
-            kept[2] += float(flat.dot(flat))  # for the spread the report gives: float32 is enough
-            kept[3] += y.numel()
+            flat = y.reshape(-1)  # Σy² for the spread the report gives: float32 is enough
+            pending.setdefault(path, []).append((means, float(means.sum()) * (y.numel() // means.numel()),
+                                                 float(flat.dot(flat)), y.numel()))
         return hook
 
-    hooks = []
+    def run(*args: Any) -> Any:
+        pending.clear()  # a stacked run the model refused leaves nothing behind
+        result = model(*args)
+        for path, calls in pending.items():
+            kept[path].extend(calls)
+        return result
+
+    handles = []
     for path in paths:
         layer: QuantLayer = model.get_submodule(path)
-        hooks.append((layer.bn if layer.bn is not None else layer.layer, "post", grab(path, channel_dim(layer))))
-    with modes(model, "float"):
-        _run_until(model, inputs, hooks)
+        handles.append((layer.bn if layer.bn is not None else layer.layer).register_forward_hook(
+            grab(path, channel_dim(layer))))
+    try:
+        with modes(model, "float"):
+            outputs = model_outputs(run, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
     found = {}
-    for path, (means, total, squares, count) in sums.items():
-        mean = total / max(count, 1)
-        variance = max(squares / max(count, 1) - mean * mean, 0.0) * count / max(count - 1, 1)
-        found[path] = (torch.cat(means), variance ** 0.5)
-    return found
+    for path, calls in kept.items():
+        count = sum(c[3] for c in calls)
+        mean = sum(c[1] for c in calls) / max(count, 1)
+        variance = max(sum(c[2] for c in calls) / max(count, 1) - mean * mean, 0.0) * count / max(count - 1, 1)
+        found[path] = (torch.cat([c[0] for c in calls]), variance ** 0.5)
+    return FloatPass(found, outputs)
 
 
 def capture(model: fx.GraphModule, path: str, inputs: Sequence[tuple],

@@ -28,10 +28,11 @@ from torch import fx, nn
 
 from deployq.core.progress import stage
 from deployq.ptq.adaround import adaround
-from deployq.ptq.bias_correction import SIGNIFICANCE, correct_bias
+from deployq.ptq.bias_correction import SIGNIFICANCE, correct_bias, float_targets
 from deployq.ptq.batched import model_outputs
 from deployq.ptq.calibration_search import mean_output_sqnr_db, search_calibration
 from deployq.ptq.equalize import equalize
+from deployq.ptq.layers import FloatPass
 from deployq.ptq.zeroq import distilled_data
 from deployq.qat.calibrate import calibrate, first_samples, input_names, model_inputs, samples_in, set_mode
 
@@ -130,11 +131,14 @@ def quantize_post_training(model: fx.GraphModule, batches: Sequence[Any], option
     reference = copy.deepcopy(model)
     learn = first_samples(batches, options.refine_samples)
     held_out = list(batches[len(learn):limit])  # the calibration samples beyond the learned ones
-    check = HeldOut(model, held_out) if held_out else HeldOut(model, learn, learned=True)
+    targets = None
+    if not held_out and "bias" in refine:  # one float pass: the check's reference, bias correction's targets
+        targets = float_targets(model, learn, max_batches=len(learn))
+    check = HeldOut(model, held_out or learn, learned=not held_out, reference=targets and targets.outputs)
     notes.append(check.describe(sum(samples_in(b) for b in learn)))
     for method in refine:
         before = copy.deepcopy(model.state_dict())
-        note, outputs = _refine(method, model, learn, reference, options, progress)
+        note, outputs = _refine(method, model, learn, reference, options, progress, targets)
         notes.append(note)
         undone = check.undo(method, model, outputs if check.learned else None)
         if undone:
@@ -144,9 +148,10 @@ def quantize_post_training(model: fx.GraphModule, batches: Sequence[Any], option
 
 
 def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.GraphModule, options: PTQOptions,
-            progress: bool) -> tuple[str, Optional[list]]:
-    """Run AdaRound or bias correction on `model`, learning from `learn`: the note saying what it
-    did, and the refined model's outputs on `learn` where the method computed them (else None)."""
+            progress: bool, targets: Optional[FloatPass] = None) -> tuple[str, Optional[list]]:
+    """Run AdaRound or bias correction on `model`, learning from `learn` (bias correction's float
+    `targets` where already taken): the note saying what it did, and the refined model's outputs
+    on `learn` where the method computed them (else None)."""
     learned_from = f"{sum(samples_in(b) for b in learn)} calibration samples"
     if method == "adaround":
         stage("ptq: AdaRound, layer by layer", progress)
@@ -156,7 +161,7 @@ def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.Graph
         return (f"adaround: {len(report.layers)} layers, {flipped:.1%} of weights rounded away from nearest "
                 f"on average ({options.adaround_iterations} steps per layer on {learned_from})"), None
     stage("ptq: bias correction, layer by layer", progress)
-    report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress)
+    report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress, targets=targets)
     return (f"bias: {len(report.layers)} layers corrected on {learned_from}; {report.within_noise} of "
             f"{report.channels} channels left as they were (their mean error within "
             f"{SIGNIFICANCE:g} standard errors of zero)"
@@ -183,7 +188,10 @@ class HeldOut:
     the gain) and loses 4.1 dB unseen, a recognizer draw gains with t = 0.28 and gains 2.0 dB
     unseen."""
 
-    def __init__(self, model: fx.GraphModule, batches: list, *, learned: bool = False) -> None:
+    def __init__(self, model: fx.GraphModule, batches: list, *, learned: bool = False,
+                 reference: Optional[list] = None) -> None:
+        """`reference`: the model's float outputs on `batches` (grouped as :func:`model_outputs`
+        groups them) where the caller has them; else they are computed here."""
         names = input_names(model)
         self.inputs = [model_inputs(b, names) for b in batches]
         self.samples = sum(samples_in(b) for b in batches)
@@ -191,7 +199,7 @@ class HeldOut:
         self.score = None
         if self.inputs:
             set_mode(model, "float")
-            self.reference = model_outputs(model, self.inputs)
+            self.reference = reference if reference is not None else model_outputs(model, self.inputs)
             self.shapes = [[t.shape for t in run] for run in self.reference]
             set_mode(model, "quantize")
             self.score = self.measure(model)
