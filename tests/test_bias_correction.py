@@ -246,3 +246,16 @@ def test_a_model_that_takes_one_sample_at_a_time_is_corrected_layer_by_layer():
     assert all(torch.equal(v, _biases(reference)[k]) for k, v in _biases(model).items())  # the failed pass undone
     report = correct_bias(model, samples, max_batches=8)
     assert len(report.layers) == 2
+
+
+def test_the_one_pass_reports_each_layer_it_corrects(monkeypatch, capsys):
+    """Progress on long work: away from a terminal, one line per corrected layer at interval 0."""
+    from deployq.core import progress
+
+    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)
+    monkeypatch.setattr(progress, "QUIET", False)
+    model = calibrated()
+    report = correct_bias(model, CALIB, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bias correction, one pass")]
+    assert len(lines) == len(report.layers) >= 2 and lines[-1].startswith(
+        f"bias correction, one pass: {len(report.layers)}/{len(report.layers)}")

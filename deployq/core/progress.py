@@ -75,3 +75,18 @@ def _progress_lines(items: Iterable[T], description: str, total: Optional[int]) 
             print(f"{description}: {done}/{total if total is not None else '?'} ({now - start:.0f} s)",
                   file=sys.stderr, flush=True)
             last = now
+
+
+class Ticks:
+    """A progress bar for work that reports from callbacks (a layer corrected inside a forward):
+    :meth:`tick` once per item done, :meth:`close` when the work ends (early or not)."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
+        self._bar = progress_bar(range(total + 1), description, total=total, enabled=enabled)
+        next(self._bar, None)  # shown at 0 of total
+
+    def tick(self) -> None:
+        next(self._bar, None)
+
+    def close(self) -> None:
+        self._bar.close()

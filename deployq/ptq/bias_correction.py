@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import fx
 
-from deployq.core.progress import progress_bar
+from deployq.core.progress import Ticks, progress_bar
 from deployq.ptq.batched import output_tensors, run_node_by_node, stack_groups, stacked
 from deployq.ptq.layers import (FloatPass, LayerData, capture, channel_dim, float_pass, modes, quantized_input,
                                 quantized_output, select_layers, take_batches)
@@ -188,9 +188,14 @@ def correct_bias(model: fx.GraphModule, batches: Iterable[Any], *, max_batches: 
         shift_bias(layer, bias_rounding(layer) - delta)
         corrected[path] = delta
 
-    outputs = _in_one_pass(model, chosen, inputs, correct)
+    ticks = Ticks(len(chosen), "bias correction, one pass", enabled=progress)
+    try:
+        outputs = _in_one_pass(model, chosen, inputs, lambda *args: (correct(*args), ticks.tick()))
+    finally:
+        ticks.close()
     if outputs is None:
-        for path, layer in progress_bar(chosen, "bias correction", total=len(chosen), enabled=progress):
+        for path, layer in progress_bar(chosen, "bias correction, layer by layer", total=len(chosen),
+                                        enabled=progress):
             correct(path, layer, [quantized_output(layer, quantized_input(model, path, inputs))])
     results = tuple((path, float(corrected[path].abs().mean()) / means[path][1] if means[path][1] > 0 else 0.0)
                     for path, _ in chosen)
