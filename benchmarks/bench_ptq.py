@@ -118,7 +118,8 @@ def digits_case(args: argparse.Namespace, work: Path) -> Case:
 
     data = load_digits_split()
     torch.manual_seed(0)
-    model = fit(digits_cnn(seed=0), data, args.digits_epochs, lr=3e-3, seed=0)
+    with common.torch_threads(1):  # the same weights whatever threads the tools then run at
+        model = fit(digits_cnn(seed=0), data, args.digits_epochs, lr=3e-3, seed=0)
     torch.save(model.state_dict(), work / "digits.pt")
     return Case("digits CNN (trained)", lambda config=None: resolve_model(
         ckpt=str(work / "digits.pt"), factory="benchmarks.models:digits_cnn", input_shape=(1, 1, 8, 8),

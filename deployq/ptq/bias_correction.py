@@ -29,9 +29,8 @@ adds noise to the data it did not see. On facenet-pytorch's RNet, correcting eve
 The model runs once in quantize mode, node by node over groups of stacked samples
 (:func:`deployq.ptq.batched.run_node_by_node`): at each layer its output on every sample gives δ,
 the bias is corrected, and the layers after it compute with the corrected bias, as one pass per
-layer would. The layer's output is computed once: its corrected value is the uncorrected one plus
-the change of its int32 bias, Q_b(c' + Δ) − Q_b(c'). The float targets come from one float pass
-before anything changes. A model that will not run that way gets one pass per layer.
+layer would; what the pass returns is the corrected model's output, bit for bit. The float
+targets come from one float pass before anything changes. A model that will not run that way gets one pass per layer.
 
 The corrected bias is then quantized like any other: int32 codes rint(c' / (s_in·s_w)) where the
 input and weights are 8-bit or narrower (:mod:`deployq.core.qformula`), so what remains of δ after
@@ -231,20 +230,14 @@ def _in_one_pass(model: fx.GraphModule, chosen: Sequence[tuple[str, QuantLayer]]
 
 
 def _corrected_outputs(path: str, layer: QuantLayer, correct: Correct) -> Callable[[list[torch.Tensor]], list]:
-    """What the layer returns for every group once corrected: its pre-activation output with the
-    int32 bias it had, plus the change of that bias (computed again where the correction changed
-    the quantized weight too: its scale is bounded by the bias), through its activation."""
+    """What the layer returns for every group: corrected on its uncorrected pre-activation outputs,
+    then run as the model's forward runs it, so that what the pass returns is, bit for bit, what
+    the corrected model computes. (Adding the bias change to the uncorrected output instead saves
+    a convolution per layer but differs by float rounding, which the next quantizer turns into
+    whole steps: on the low-light model with 10-bit head and tail, the check then scored
+    36.50 dB where the corrected model itself scores above 36.58.)"""
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         weight, bias = layer.deployed_weight_and_bias()
-        outputs = [layer._run_layer(x, weight, bias) for x in inputs]
-        correct(path, layer, outputs)
-        new_weight, new_bias = layer.deployed_weight_and_bias()
-        if torch.equal(new_weight, weight):
-            shape = [1] * outputs[0].ndim
-            shape[channel_dim(layer)] = -1
-            change = (new_bias - bias).reshape(shape)
-            outputs = [y.add_(change) for y in outputs]
-        else:
-            outputs = [layer._run_layer(x, new_weight, new_bias) for x in inputs]
-        return [layer.act(y) if layer.act is not None else y for y in outputs]
+        correct(path, layer, [layer._run_layer(x, weight, bias) for x in inputs])
+        return [layer(x) for x in inputs]
     return run
