@@ -369,22 +369,19 @@ def _row(label: str, made, seconds: float, score, float_onnx: Path, calibration,
 
 
 def run(argv: list[str]) -> common.Section:
-    import torch
-
     args = parse_args(argv)
     names = common.chosen_models(args.models, MODELS)
     import_peers()
     body: list[str] = []
-    for name in names:  # every tool at its default threads, as a user runs it
-        with tempfile.TemporaryDirectory(prefix=f"bench_peers.{name}.") as tmp:
-            with common.quiet():
-                rows = measure(name, args, Path(tmp))
-        body += ["", f"**{TITLES[name]}**", ""]
-        body += common.table(["quantization", "output SQNR dB (top-1 = float)", "seconds",
-                              "integer layers", "diff: weight layers paired, tensors unpaired"], rows)
-    body += ["", "NNCF 3.4.0 and AIMET 2.42.0 (`scripts/install-peers.sh`); scored with onnxruntime's CPU provider, "
-             f"1 thread; every tool at its default threads (torch, for deployq and AIMET: {torch.get_num_threads()}; the "
-             "onnxruntime sessions inside NNCF and quantize_static: one per core). "
+    with common.torch_threads(1):
+        for name in names:
+            with tempfile.TemporaryDirectory(prefix=f"bench_peers.{name}.") as tmp:
+                with common.quiet():
+                    rows = measure(name, args, Path(tmp))
+            body += ["", f"**{TITLES[name]}**", ""]
+            body += common.table(["quantization", "output SQNR dB (top-1 = float)", "seconds",
+                                  "integer layers", "diff: weight layers paired, tensors unpaired"], rows)
+    body += ["", "NNCF 3.4.0 and AIMET 2.42.0 (`scripts/install-peers.sh`), onnxruntime's CPU provider, 1 thread. "
              f"AdaRound: {AIMET_ADAROUND_ITERATIONS} steps per layer for both tools, AIMET's on its first "
              f"{AIMET_ADAROUND_SAMPLES} calibration inputs (its guide's batch budget), deployq's on its "
              "`--refine-samples` (all the calibration inputs here). "
