@@ -29,8 +29,9 @@ adds noise to the data it did not see. On facenet-pytorch's RNet, correcting eve
 The model runs once in quantize mode, node by node over groups of stacked samples
 (:func:`deployq.ptq.batched.run_node_by_node`): at each layer its output on every sample gives δ,
 the bias is corrected, and the layers after it compute with the corrected bias, as one pass per
-layer would; what the pass returns is the corrected model's output (up to float rounding). The float
-targets come from one float pass before anything changes. A model that will not run that way gets one pass per layer.
+layer would; what the pass returns is the corrected model's output (up to float rounding). The
+float targets come from one float pass before anything changes. A model that will not run that
+way gets one pass per layer.
 
 The corrected bias is then quantized like any other: int32 codes rint(c' / (s_in·s_w)) where the
 input and weights are 8-bit or narrower (:mod:`deployq.core.qformula`), so what remains of δ after

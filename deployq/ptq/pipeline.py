@@ -161,11 +161,13 @@ def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.Graph
         return (f"adaround: {len(report.layers)} layers, {flipped:.1%} of weights rounded away from nearest "
                 f"on average ({options.adaround_iterations} steps per layer on {learned_from})"), None
     stage("ptq: bias correction, layer by layer", progress)
-    report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress, targets=targets)
-    return (f"bias: {len(report.layers)} layers corrected on {learned_from}; {report.within_noise} of "
+    report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress,
+                          targets=targets)
+    note = (f"bias: {len(report.layers)} layers corrected on {learned_from}; {report.within_noise} of "
             f"{report.channels} channels left as they were (their mean error within "
             f"{SIGNIFICANCE:g} standard errors of zero)"
-            + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else "")), report.outputs
+            + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else ""))
+    return note, report.outputs
 
 
 class HeldOut:
