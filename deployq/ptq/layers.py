@@ -184,6 +184,13 @@ def float_input_output(model: fx.GraphModule, path: str, inputs: Sequence[tuple]
     return torch.cat(xs), torch.cat(ys)
 
 
+def per_sample_means(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N, C) in float64: the mean of every sample (dimension 0) and channel (`dim`) over the rest
+    (summed in the tensor's own precision, pairwise, which keeps its relative error near 1e-7;
+    a float64 copy of every activation took 0.9 s of bias correction's 6.6 s on PP-OCR's detector)."""
+    return t.movedim(dim, 1).reshape(t.shape[0], t.shape[dim], -1).mean(2).double()
+
+
 @dataclass(frozen=True)
 class FloatPass:
     """One float pass over the inputs: per layer path (means, spread), the mean of each sample
@@ -205,7 +212,7 @@ def float_pass(model: fx.GraphModule, paths: Sequence[str], inputs: Sequence[tup
     def grab(path: str, dim: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             y = output.detach()
-            means = y.movedim(dim, 1).reshape(y.shape[0], y.shape[dim], -1).mean(2).double()
+            means = per_sample_means(y, dim)
             flat = y.reshape(-1)  # Σy² for the spread the report gives: float32 is enough
             pending.setdefault(path, []).append((means, float(means.sum()) * (y.numel() // means.numel()),
                                                  float(flat.dot(flat)), y.numel()))

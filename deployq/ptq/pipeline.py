@@ -200,10 +200,12 @@ class HeldOut:
         self.learned = learned
         self.score = None
         if self.inputs:
-            set_mode(model, "float")
-            self.reference = reference if reference is not None else model_outputs(model, self.inputs)
+            if reference is None:
+                set_mode(model, "float")
+                reference = model_outputs(model, self.inputs)
+                set_mode(model, "quantize")
+            self.reference = reference
             self.shapes = [[t.shape for t in run] for run in self.reference]
-            set_mode(model, "quantize")
             self.score = self.measure(model)
 
     @property
