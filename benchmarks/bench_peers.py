@@ -369,24 +369,29 @@ def _row(label: str, made, seconds: float, score, float_onnx: Path, calibration,
 
 
 def run(argv: list[str]) -> common.Section:
+    import torch
+
     args = parse_args(argv)
     names = common.chosen_models(args.models, MODELS)
     import_peers()
     body: list[str] = []
-    with common.torch_threads(1):
-        for name in names:
-            with tempfile.TemporaryDirectory(prefix=f"bench_peers.{name}.") as tmp:
-                with common.quiet():
-                    rows = measure(name, args, Path(tmp))
-            body += ["", f"**{TITLES[name]}**", ""]
-            body += common.table(["quantization", "output SQNR dB (top-1 = float)", "seconds",
-                                  "integer layers", "diff: weight layers paired, tensors unpaired"], rows)
-    body += ["", "NNCF 3.4.0 and AIMET 2.42.0 (`scripts/install-peers.sh`), onnxruntime's CPU provider, 1 thread. "
+    for name in names:  # every tool at its default threads, as a user runs it (see the footer)
+        with tempfile.TemporaryDirectory(prefix=f"bench_peers.{name}.") as tmp:
+            with common.quiet():
+                rows = measure(name, args, Path(tmp))
+        body += ["", f"**{TITLES[name]}**", ""]
+        body += common.table(["quantization", "output SQNR dB (top-1 = float)", "seconds",
+                              "integer layers", "diff: weight layers paired, tensors unpaired"], rows)
+    body += ["", "NNCF 3.4.0 and AIMET 2.42.0 (`scripts/install-peers.sh`); scored with onnxruntime's CPU provider, "
+             "1 thread. "
              f"AdaRound: {AIMET_ADAROUND_ITERATIONS} steps per layer for both tools, AIMET's on its first "
              f"{AIMET_ADAROUND_SAMPLES} calibration inputs (its guide's batch budget), deployq's on its "
              "`--refine-samples` (all the calibration inputs here). "
              "Seconds: the tool's own quantization (calibration included; deployq's export also writes the float "
-             "graph, the checkpoint and qparams.json), one run. One seed. Machine: " + common.machine_text() + "."]
+             "graph, the checkpoint and qparams.json), one run, each tool at its default threads (torch, for deployq "
+             f"and AIMET: {torch.get_num_threads()}; the onnxruntime sessions inside quantize_static and NNCF: one per "
+             "core; the digits CNN is trained at 1 thread, so its weights do not depend on them). One seed. Machine: "
+             + common.machine_text() + "."]
     return common.Section("peers", "deployq against NNCF, AIMET and quantize_static on trained models",
                           common.command_line(SCRIPT, argv), body)
 

@@ -11,7 +11,9 @@ from onnx import numpy_helper
 from torch import nn
 
 import deployq
-from deployq.ptq.adaround import AdaRoundReport, adaround, beta_at, initial_v, rectified_sigmoid
+from deployq.ptq.adaround import (NOT_GENERAL, UNDERDETERMINED, AdaRoundReport, adaround, beta_at, initial_v,
+                                  rectified_sigmoid, rows_and_columns)
+from deployq.ptq.layers import LayerData
 from deployq.ptq.layers import weight_layers
 from deployq.qat.fused import QuantLayer
 from ptq_models import BITS4, modes, tiny_model
@@ -51,12 +53,13 @@ def folded_codes(layer: QuantLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 @pytest.fixture(scope="module")
 def rounded_4bit():
-    """(nearest, adarounded, report): a 4-bit model before and after AdaRound."""
+    """(nearest, adarounded, report): a 4-bit model before and after AdaRound, every layer learned
+    (no guard: the first layer, on white noise, would keep nearest rounding, as tested below)."""
     nearest = calibrated(BITS4)
     with torch.no_grad():
         nearest(CALIB[0])  # weight qparams follow the weights: computed on a forward
     qmodel = copy.deepcopy(nearest)
-    report = adaround(qmodel, CALIB, iterations=100)
+    report = adaround(qmodel, CALIB, iterations=100, guard=False)
     return nearest, qmodel, report
 
 
@@ -153,7 +156,53 @@ def test_affine_weights_are_rounded_too():
     qmodel = copy.deepcopy(nearest)
     zero_points = [l.weight_quant.qparams()[1] for _, l in weight_layers(qmodel)]
     assert any(bool((zp != 0).any()) for zp in zero_points)  # the case: non-zero zero points
-    report = adaround(qmodel, CALIB, iterations=100)
+    report = adaround(qmodel, CALIB, iterations=100, guard=False)  # every layer learned, as above
     assert all(l.loss_after < 0.9 * l.loss_before for l in report.layers[1:])
     assert all(l.flipped > 0.05 for l in report.layers[1:])  # measured 7-11 %
     assert sqnr(qmodel) >= sqnr(nearest) + 1.0  # measured +2.7 dB
+
+
+def linear_case(features: int, samples_per_batch: int = 4, batches: int = 8):
+    """A calibrated Linear(features -> 8) at 4-bit weights, its float copy, and its white-noise
+    calibration batches: with input covariance ∝ I, rounding to nearest is the best rounding in
+    expectation, so whatever AdaRound gains on its own samples is fitted noise."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(features, 8)).eval()
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(samples_per_batch, features, generator=g) for _ in range(batches)]
+    qmodel = deployq.prepare(copy.deepcopy(model), batches[0], BITS4)
+    deployq.calibrate(qmodel, batches, progress=False)
+    with torch.no_grad():
+        qmodel(batches[0])
+    return qmodel, model, batches
+
+
+def output_error(qmodel: nn.Module, model: nn.Module, inputs: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((qmodel(inputs) - model(inputs)).pow(2).mean())
+
+
+def test_a_layer_with_fewer_rows_than_weights_per_channel_keeps_nearest_rounding():
+    """32 samples of a Linear(64 -> 8): each channel's 64 weights could fit them exactly."""
+    qmodel, _, batches = linear_case(64)
+    before = qmodel.get_submodule("0").layer.weight.detach().clone()
+    report = adaround(qmodel, batches, iterations=50)
+    assert report.layers[0].kept_nearest == UNDERDETERMINED and report.layers[0].flipped == 0
+    assert torch.equal(qmodel.get_submodule("0").layer.weight, before)
+    assert rows_and_columns(qmodel.get_submodule("0"), LayerData(*[torch.zeros(32, 64)] * 2, torch.zeros(32, 8))) == (32, 64)
+
+
+def test_a_rounding_that_only_fits_its_own_samples_is_not_kept():
+    """48 samples of a Linear(32 -> 8) on white noise. Unguarded, AdaRound lowers the loss on its
+    samples and raises the error on new ones (the failure the guard is for); guarded, the rounding
+    learned on the even samples loses on the odd ones, and nearest rounding is kept."""
+    held_out = torch.randn(4096, 32, generator=torch.Generator().manual_seed(5))
+    qmodel, model, batches = linear_case(32, batches=12)
+    nearest_error = output_error(qmodel, model, held_out)
+    unguarded = copy.deepcopy(qmodel)
+    fitted = adaround(unguarded, batches, iterations=200, max_batches=12, guard=False).layers[0]
+    assert fitted.loss_after < fitted.loss_before and fitted.flipped > 0
+    assert output_error(unguarded, model, held_out) > nearest_error
+    guarded = adaround(qmodel, batches, iterations=200, max_batches=12).layers[0]
+    assert guarded.kept_nearest == NOT_GENERAL and guarded.flipped == 0
+    assert output_error(qmodel, model, held_out) == nearest_error

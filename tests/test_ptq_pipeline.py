@@ -273,3 +273,15 @@ def test_output_scores_run_inputs_stacked_and_sum_as_one_by_one():
         output_sqnr_db(flat(singles, 0), [t + 0.01 for t in flat(singles, 0)]), rel=1e-6)
     refusing = _Counting(one_at_a_time=True)
     assert len(model_outputs(refusing, inputs)) == 11 and refusing.calls == 2 + 11  # two refused batches, then each
+
+
+def test_the_adaround_note_says_which_layers_kept_nearest_rounding_and_why():
+    from deployq.ptq.adaround import NOT_GENERAL, UNDERDETERMINED, AdaRoundLayer, AdaRoundReport
+    from deployq.ptq.pipeline import kept_nearest_text
+
+    layers = [AdaRoundLayer("a", 10, 1.0, 0.5, 0.1), AdaRoundLayer("b", 10, 1.0, 1.0, 0.0, UNDERDETERMINED),
+              AdaRoundLayer("c", 10, 1.0, 1.0, 0.0, NOT_GENERAL), AdaRoundLayer("d", 10, 1.0, 1.0, 0.0, NOT_GENERAL)]
+    text = kept_nearest_text(AdaRoundReport(tuple(layers)))
+    assert "1 (fewer samples × positions than weights per channel)" in text
+    assert "2 (their rounding learned on half the samples lost on the other half)" in text
+    assert kept_nearest_text(AdaRoundReport(tuple(layers[:1]))) == ""

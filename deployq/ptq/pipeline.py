@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from deployq.core.progress import stage
-from deployq.ptq.adaround import adaround
+from deployq.ptq.adaround import NOT_GENERAL, UNDERDETERMINED, WORSE, AdaRoundReport, adaround
 from deployq.ptq.bias_correction import SIGNIFICANCE, correct_bias, float_targets
 from deployq.ptq.batched import model_outputs
 from deployq.ptq.calibration_search import mean_output_sqnr_db, search_calibration
@@ -159,7 +159,8 @@ def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.Graph
                           reference=reference, progress=progress)
         flipped = sum(layer.flipped for layer in report.layers) / max(1, len(report.layers))
         return (f"adaround: {len(report.layers)} layers, {flipped:.1%} of weights rounded away from nearest "
-                f"on average ({options.adaround_iterations} steps per layer on {learned_from})"), None
+                f"on average ({options.adaround_iterations} steps per layer on {learned_from})"
+                + kept_nearest_text(report)), None
     stage("ptq: bias correction, layer by layer", progress)
     report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress,
                           targets=targets)
@@ -168,6 +169,16 @@ def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.Graph
             f"{SIGNIFICANCE:g} standard errors of zero)"
             + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else ""))
     return note, report.outputs
+
+
+def kept_nearest_text(report: AdaRoundReport) -> str:
+    """What the AdaRound note adds about the layers left at nearest rounding, and why."""
+    reasons = {UNDERDETERMINED: "fewer samples × positions than weights per channel",
+               NOT_GENERAL: "their rounding learned on half the samples lost on the other half",
+               WORSE: "their learned rounding did not lower the loss"}
+    counts = {reason: sum(layer.kept_nearest == reason for layer in report.layers) for reason in reasons}
+    kept = [f"{n} ({reasons[reason]})" for reason, n in counts.items() if n]
+    return "; nearest rounding kept on " + ", ".join(kept) if kept else ""
 
 
 class HeldOut:
