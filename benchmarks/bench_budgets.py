@@ -1,7 +1,7 @@
 """How many calibration samples AdaRound and bias correction should learn from (``--refine-samples``).
 
     scripts/install-peers.sh    # facenet-pytorch (trained MTCNN weights inside its wheel) into .peers/
-    python benchmarks/bench_budgets.py [--samples 8,32,64] [--calib 64] [--eval 32]
+    python benchmarks/bench_budgets.py [--samples 8,32,64] [--calib 64] [--eval 256] [--seeds 3]
 
 facenet-pytorch's wheel ships the trained weights of MTCNN's three face-detection networks (PNet,
 RNet, ONet: PReLU, max pooling, several outputs); nothing is downloaded. Each is exported with
@@ -38,7 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", default="8,32,64", help="the budgets tried (comma-separated)")
     parser.add_argument("--calib", type=int, default=64, help="calibration crops (at least the largest budget)")
-    parser.add_argument("--eval", type=int, default=32, help="held-out crops the SQNR is measured on")
+    parser.add_argument("--eval", type=int, default=256, help="held-out crops the SQNR is measured on")
+    parser.add_argument("--seeds", type=int, default=3, help="calibration draws (seeds 0, 2, 4, ...)")
     return parser.parse_args(argv)
 
 
@@ -80,8 +81,6 @@ def run(argv: list[str]) -> common.Section:
     args = parse_args(argv)
     import torch
 
-    import deployq
-    from benchmarks.bench_conformance import outputs, sqnr_db
     from deployq.ptq.pipeline import PTQOptions
 
     budgets = [int(n) for n in args.samples.split(",") if n]
@@ -92,31 +91,42 @@ def run(argv: list[str]) -> common.Section:
     rows, deltas = [], {name: [] for name, _ in settings[1:]}
     for class_name, weights, size in NETWORKS:
         model = trained(class_name, weights)
-        calib = [torch.from_numpy(c) for c in crops(size, args.calib, 0, CALIB_PHOTOS)]
         feeds = [{"input": x} for x in crops(size, args.eval, 1, HELD_OUT_PHOTOS)]
-        cells, plain = [class_name], None
-        for name, options in settings:
-            with tempfile.TemporaryDirectory(prefix="bench_budgets.") as tmp, common.quiet():
-                start = time.perf_counter()
-                result = deployq.export(model, calib[0], tmp, calib=calib, calib_limit=args.calib, ptq=options,
-                                        ort_format=False)
-                seconds = time.perf_counter() - start
-                name_in = result.quant_model.graph.input[0].name
-                named = [{name_in: f["input"]} for f in feeds]
-                flat = [o for out in outputs(result.files["float"], named) for o in out]
-                db = sqnr_db(flat, [o for out in outputs(result.files["int8"], named) for o in out])
-            plain = db if plain is None else plain
-            if name != "plain":
-                deltas[name].append(db - plain)
-            cells.append(f"{db:.2f} ({seconds:.0f} s)")
-        rows.append(cells)
-    rows.append(["mean change from plain", "", *(f"{np.mean(d):+.2f} dB" for d in deltas.values())])
+        scores: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in settings}
+        for seed in range(args.seeds):
+            calib = [torch.from_numpy(c) for c in crops(size, args.calib, 2 * seed, CALIB_PHOTOS)]
+            for name, options in settings:
+                scores[name].append(_score(model, calib, feeds, options, args.calib))
+                if name != "plain":
+                    deltas[name].append(scores[name][-1][0] - scores["plain"][-1][0])
+            print(f"{class_name} seed {seed}: " + ", ".join(f"{n} {v[-1][0]:.2f}" for n, v in scores.items()),
+                  file=sys.stderr, flush=True)
+        rows.append([class_name, *(f"{np.mean([db for db, _ in v]):.2f} ({np.mean([t for _, t in v]):.0f} s)"
+                                   for v in scores.values())])
+    rows.append(["mean change from plain", "", *(f"{np.mean(d):+.2f} dB (worst {min(d):+.2f})"
+                                                 for d in deltas.values())])
     body = common.table(["network", *(name for name, _ in settings)], rows, "l" + "r" * len(settings))
-    notes = ["", f"Output SQNR (dB) of the int8 model on {args.eval} held-out crops, the whole export's seconds in "
-             f"brackets; {args.calib} calibration crops; one seed (the spread between budgets on one network is "
-             "of the order of 1 dB: read the mean row, not single cells). Machine: " + common.machine_text() + "."]
+    notes = ["", f"Output SQNR (dB) of the int8 model on {args.eval} held-out crops, mean over {args.seeds} "
+             f"calibration draws of {args.calib} crops (seeds 0, 2, ...), the whole export's seconds (mean) in "
+             "brackets; the last row: the mean change from plain calibration over networks and draws, and the "
+             "largest loss of one network on one draw. Machine: " + common.machine_text() + "."]
     return common.Section("budgets", "PTQ budgets: calibration samples for AdaRound and bias correction",
                           common.command_line(SCRIPT, argv), body + notes)
+
+
+def _score(model, calib: list, feeds: list[dict], options, limit: int) -> tuple[float, float]:
+    """(output SQNR dB on the held-out `feeds`, seconds) of one export of `model` calibrated on `calib`."""
+    import deployq
+    from benchmarks.bench_conformance import outputs, sqnr_db
+
+    with tempfile.TemporaryDirectory(prefix="bench_budgets.") as tmp, common.quiet():
+        start = time.perf_counter()
+        result = deployq.export(model, calib[0], tmp, calib=calib, calib_limit=limit, ptq=options, ort_format=False)
+        seconds = time.perf_counter() - start
+        name_in = result.quant_model.graph.input[0].name
+        named = [{name_in: f["input"]} for f in feeds]
+        flat = [o for out in outputs(result.files["float"], named) for o in out]
+        return sqnr_db(flat, [o for out in outputs(result.files["int8"], named) for o in out]), seconds
 
 
 if __name__ == "__main__":

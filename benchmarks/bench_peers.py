@@ -7,7 +7,7 @@ Models and data as in ``bench_ptq.py``: the digits CNN trained here (seed 0) and
 low-light network; the same calibration inputs (32) for every tool and the same held-out inputs
 (16; 450 for digits). And MTCNN's three face-detection networks with the trained weights inside
 facenet-pytorch's wheel (PReLU, max pooling, two or three outputs), on ``bench_budgets.py``'s
-crops: 32 of three photographs to calibrate, 32 of three others held out. Contenders, each from
+crops: 32 of three photographs to calibrate, 256 of three others held out. Contenders, each from
 the same trained weights:
 
 * deployq: plain min/max calibration, and ``--ptq bias`` (bias correction); each also with
@@ -59,7 +59,7 @@ MODELS = ("digits", "lowlight", "pnet", "rnet", "onet")
 TITLES = {"digits": "digits CNN (trained)", "lowlight": "low-light network (trained)",
           **{f"{n}net": f"MTCNN {n.upper()}Net (facenet-pytorch's trained weights)" for n in "pro"}}
 STATIC_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime's calibration methods
-MTCNN_HELD_OUT = 32  # crops of three other photographs, as bench_budgets.py scores them
+MTCNN_HELD_OUT = 256  # crops of three other photographs, as many as bench_budgets.py scores on
 # NNCF 3.4 writes QuantizeLinear nodes onnxruntime refuses (output_dtype INT8 with a UINT8 zero
 # point) into an opset-21 graph such as deployq's float export; it is given the graph at opset 19
 NNCF_OPSET = 19

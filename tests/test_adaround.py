@@ -189,7 +189,8 @@ def test_a_layer_with_fewer_rows_than_weights_per_channel_keeps_nearest_rounding
     report = adaround(qmodel, batches, iterations=50)
     assert report.layers[0].kept_nearest == UNDERDETERMINED and report.layers[0].flipped == 0
     assert torch.equal(qmodel.get_submodule("0").layer.weight, before)
-    assert rows_and_columns(qmodel.get_submodule("0"), LayerData(*[torch.zeros(32, 64)] * 2, torch.zeros(32, 8))) == (32, 64)
+    captured = LayerData(torch.zeros(32, 64), torch.zeros(32, 64), torch.zeros(32, 8))
+    assert rows_and_columns(qmodel.get_submodule("0"), captured) == (32, 64)
 
 
 def test_a_rounding_that_only_fits_its_own_samples_is_not_kept():

@@ -280,7 +280,8 @@ def test_the_adaround_note_says_which_layers_kept_nearest_rounding_and_why():
     from deployq.ptq.pipeline import kept_nearest_text
 
     layers = [AdaRoundLayer("a", 10, 1.0, 0.5, 0.1), AdaRoundLayer("b", 10, 1.0, 1.0, 0.0, UNDERDETERMINED),
-              AdaRoundLayer("c", 10, 1.0, 1.0, 0.0, NOT_GENERAL), AdaRoundLayer("d", 10, 1.0, 1.0, 0.0, NOT_GENERAL)]
+              AdaRoundLayer("c", 10, 1.0, 1.0, 0.0, NOT_GENERAL),
+              AdaRoundLayer("d", 10, 1.0, 1.0, 0.0, NOT_GENERAL)]
     text = kept_nearest_text(AdaRoundReport(tuple(layers)))
     assert "1 (fewer samples × positions than weights per channel)" in text
     assert "2 (their rounding learned on half the samples lost on the other half)" in text

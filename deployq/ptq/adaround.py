@@ -223,7 +223,8 @@ def why_nearest(layer: QuantLayer, data: LayerData, floor: torch.Tensor, rest: t
     h = learn_rounding(layer, learn, floor, rest, grid, bias, **learning)
     dim = channel_dim(layer)
     with torch.no_grad():
-        learned = reconstruction_loss(layer._run_layer(check.x_quant, _weight(floor, h, grid), bias), check.y_float, dim)
+        learned_output = layer._run_layer(check.x_quant, _weight(floor, h, grid), bias)
+        learned = reconstruction_loss(learned_output, check.y_float, dim)
         nearest = reconstruction_loss(quantized_output(layer, check.x_quant), check.y_float, dim)
     return "" if learned < nearest else NOT_GENERAL
 
