@@ -69,6 +69,9 @@ UNDERDETERMINED = "underdetermined"  # why_nearest's reasons, as AdaRoundLayer.k
 NOT_GENERAL = "not general"
 WORSE = "worse"
 MIN_HALF = 4  # samples in each half below which the learned rounding is not checked on a half
+KEPT_NEAREST = {UNDERDETERMINED: "fewer samples × positions than weights per channel",  # each reason, in words
+                NOT_GENERAL: "their rounding learned on half the samples lost on the other half",
+                WORSE: "their learned rounding did not lower the loss"}
 
 
 @dataclass(frozen=True)

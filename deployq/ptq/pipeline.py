@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from deployq.core.progress import stage
-from deployq.ptq.adaround import NOT_GENERAL, UNDERDETERMINED, WORSE, AdaRoundReport, adaround
+from deployq.ptq.adaround import KEPT_NEAREST, AdaRoundReport, adaround
 from deployq.ptq.bias_correction import SIGNIFICANCE, correct_bias, float_targets
 from deployq.ptq.batched import model_outputs
 from deployq.ptq.calibration_search import mean_output_sqnr_db, search_calibration
@@ -175,11 +175,8 @@ def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.Graph
 
 def kept_nearest_text(report: AdaRoundReport) -> str:
     """What the AdaRound note adds about the layers left at nearest rounding, and why."""
-    reasons = {UNDERDETERMINED: "fewer samples × positions than weights per channel",
-               NOT_GENERAL: "their rounding learned on half the samples lost on the other half",
-               WORSE: "their learned rounding did not lower the loss"}
-    counts = {reason: sum(layer.kept_nearest == reason for layer in report.layers) for reason in reasons}
-    kept = [f"{n} ({reasons[reason]})" for reason, n in counts.items() if n]
+    counts = {reason: sum(layer.kept_nearest == reason for layer in report.layers) for reason in KEPT_NEAREST}
+    kept = [f"{n} ({KEPT_NEAREST[reason]})" for reason, n in counts.items() if n]
     return "; nearest rounding kept on " + ", ".join(kept) if kept else ""
 
 
