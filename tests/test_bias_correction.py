@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deployq
-from deployq.ptq.bias_correction import BiasCorrectionReport, channel_mean, correct_bias, layer_errors
+from deployq.ptq.bias_correction import SHRINK, BiasCorrectionReport, channel_mean, correct_bias, layer_errors
 from ptq_models import BITS4, modes
 from ptq_models import calibrated as calibrated_on
 
@@ -33,21 +33,36 @@ def test_channel_mean_keeps_the_channel_dimension():
     assert torch.equal(channel_mean(t, -1), t.mean((0, 1)))
 
 
-def test_mean_error_per_channel_is_removed_and_export_stays_exact(tmp_path):
+def per_sample_spread(qmodel: torch.fx.GraphModule, reference: torch.fx.GraphModule, path: str) -> torch.Tensor:
+    """σ_c: the standard deviation over the calibration samples of the layer's per-sample mean error."""
+    from deployq.ptq.layers import capture, per_sample_means, quantized_output, take_batches
+
+    data = capture(qmodel, path, take_batches(qmodel, CALIB, 8), reference)
+    error = quantized_output(qmodel.get_submodule(path), data.x_quant) - data.y_float
+    return per_sample_means(error, 1).std(0)
+
+
+@pytest.mark.parametrize("shrink", [0.0, SHRINK])
+def test_mean_error_per_channel_is_removed_and_export_stays_exact(tmp_path, shrink):
+    """With `shrink` 0 what is left of each channel's mean error is the int32 bias's rounding;
+    with the default, at most SHRINK of the channel's spread over samples more."""
     qmodel = calibrated(BITS4)
     reference = copy.deepcopy(qmodel)  # the float targets, before any correction
     before = layer_errors(qmodel, CALIB, reference)
-    report = correct_bias(qmodel, CALIB)
+    report = correct_bias(qmodel, CALIB, shrink=shrink)
     after = layer_errors(qmodel, CALIB, reference)
     assert isinstance(report, BiasCorrectionReport)
     assert [p for p, _ in report.layers] == ["0", "3", "6"] and report.skipped == ("9",)
     assert all(r > 0 for _, r in report.layers)
     assert qmodel.get_submodule("9").layer.bias is None  # nowhere to put a correction: left alone
-    for path, error in list(after.items())[:3]:  # what is left is the int32 bias's rounding, half a step at most
+    for path, error in list(after.items())[:3]:
         layer = qmodel.get_submodule(path)
         step = layer.input_quant.qparams()[0] * layer.weight_quant.qparams()[0]
-        assert torch.all(error.abs() <= 0.5 * step * 1.01), path
-        assert error.abs().mean() < 0.05 * before[path].abs().mean(), path
+        allowed = 0.5 * step + shrink * per_sample_spread(qmodel, reference, path)
+        assert torch.all(error.abs() <= allowed * 1.01), path
+        assert torch.all(error.abs() < before[path].abs() + 0.5 * step * 1.01), path  # never a larger shift
+        if shrink == 0:
+            assert error.abs().mean() < 0.05 * before[path].abs().mean(), path
     assert modes(qmodel) == {"quantize"}
     result = deployq.export(qmodel, CALIB[0], tmp_path, ort_format=False)
     parity = deployq.check(qmodel, result.files["int8"], inputs=HELD_OUT)
@@ -112,8 +127,9 @@ def test_correction_lowers_the_mean_output_error_on_held_out_data():
 def test_a_shift_within_the_noise_is_not_corrected():
     """A channel whose mean error is a steady offset is corrected by it; one whose per-sample errors
     only scatter around zero (their mean within 2 standard errors) keeps its bias: correcting
-    measurement noise adds noise to the data the correction did not see."""
-    from deployq.ptq.bias_correction import significant_error
+    measurement noise adds noise to the data the correction did not see. A significant shift the
+    samples disagree on is corrected by its mean less SHRINK of their spread."""
+    from deployq.ptq.bias_correction import layer_correction
     from deployq.ptq.layers import LayerData, quantized_output
 
     layer = calibrated(BITS4).get_submodule("0")
@@ -124,11 +140,41 @@ def test_a_shift_within_the_noise_is_not_corrected():
     error[:, 0] = 0.5  # a steady shift
     error[:, 1] = torch.randn(x.shape[0], 1, 1, generator=g)  # per-sample scatter, mean ~ 0
     error[:, 1] -= error[:, 1].mean() - 0.1  # mean 0.1, standard error ~ 1 / sqrt(32) = 0.18
-    delta = significant_error(layer, LayerData(x, x, y_quant - error))
+    error[:, 2] = error[:, 1] + 0.9  # mean 1.0, the same scatter: significant, shrunk
+    delta = layer_correction(layer, LayerData(x, x, y_quant - error))
+    spread = float(error[:, 2, 0, 0].std())
     assert delta[0] == pytest.approx(0.5, rel=1e-5) and delta[1] == 0
-    assert torch.all(delta[2:] == 0)  # no error at all
-    one = significant_error(layer, LayerData(x[:1], x[:1], y_quant[:1] - error[:1]))
+    assert delta[2] == pytest.approx(1.0 - SHRINK * spread, rel=1e-4) and 0 < delta[2] < 1.0
+    assert torch.all(delta[3:] == 0)  # no error at all
+    one = layer_correction(layer, LayerData(x[:1], x[:1], y_quant[:1] - error[:1]))
     assert one[1] == pytest.approx(float(error[0, 1].mean()), rel=1e-5)  # one sample: no spread, kept
+
+
+def brightness_varied(seed: int, batches: int, low: float, high: float) -> list[torch.Tensor]:
+    """Image-like batches, each sample scaled by its own brightness in [low, high): the first
+    layer's mean error ΔW·E[x] changes with it."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(4, 3, 16, 16, generator=g) * (low + (high - low) * torch.rand(4, 1, 1, 1, generator=g))
+            for _ in range(batches)]
+
+
+def test_a_shift_the_samples_disagree_on_is_corrected_less():
+    """What the shrink is for: calibration samples of varied brightness disagree about each
+    layer's mean error, and on other data the full correction over-corrects. On held-out samples
+    of the same kind and on darker ones (a smaller error than the calibration average), the shrunk
+    correction leaves less mean output error than the full one; both leave less than none."""
+    calib = brightness_varied(1, 8, 0.0, 2.0)
+    qmodel = calibrated_on(calib, {**BITS4, "fuse_activations": []})
+    float_model = copy.deepcopy(qmodel)
+    deployq.set_mode(float_model, "float")
+    for held_out in (brightness_varied(10, 4, 0.0, 2.0), brightness_varied(11, 4, 0.0, 0.6)):
+        drift = {}
+        for shrink in (None, 0.0, SHRINK):
+            model = copy.deepcopy(qmodel)
+            if shrink is not None:
+                correct_bias(model, calib, shrink=shrink)
+            drift[shrink] = sum(_output_drift(model, float_model, held_out).values())
+        assert drift[SHRINK] < 0.95 * drift[0.0] < 0.95 * drift[None], drift
 
 
 def test_reused_weights_are_the_fresh_ones_and_follow_in_place_changes():
@@ -195,7 +241,9 @@ class PlainBiases(torch.nn.Module):
 @pytest.mark.parametrize("wide", [False, True], ids=["4-bit, BN folded", "10-bit, float biases"])
 def test_the_pass_returns_the_corrected_models_outputs(wide):
     """What the one pass returns is what the corrected model computes on the same samples (up to
-    float rounding): the check on learned samples scores it instead of running the model again.
+    float rounding: the pass adds the bias change to the uncorrected output, and a value that lands
+    on a later quantizer's rounding boundary may round the other way, one step in a few thousand
+    values): the check on learned samples scores it instead of running the model again.
     With float biases (10 bits) the deployed bias is the parameter the correction changes."""
     from deployq.ptq.batched import model_outputs
 
@@ -211,7 +259,9 @@ def test_the_pass_returns_the_corrected_models_outputs(wide):
     after = model_outputs(model, [(s,) for s in samples])
     assert [len(run) for run in report.outputs] == [len(run) for run in after] and len(after) == 2  # 8 + 4
     for ours, theirs, old in zip(report.outputs, after, before):
-        assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(ours, theirs))
+        for a, b in zip(ours, theirs):  # float rounding may move a value on a rounding boundary one step
+            off = (a - b).abs() > 1e-6
+            assert off.float().mean() < 1e-3 and (a - b).abs().max() < 0.01 * b.abs().max()
         assert not all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(ours, old))  # it did change them
 
 

@@ -10,7 +10,8 @@ per output channel c of the pre-activation output is measured on calibration dat
 
 and the layer's BN-folded bias c' = a·(c − μ) + β is set to Q_b(c') − δ, the bias the layer
 really adds (int32-rounded, r = Q_b(c') − c' is part of δ) minus its error, so that E[y_q] = E[y]
-on that data. The shift Δ = r − δ goes into the float parameters:
+on that data (δ kept where it is significant and shrunk by its spread over samples: see below).
+The shift Δ = r − δ goes into the float parameters:
 
     BN with affine parameters:  β ← β + Δ
     BN without them:            c ← c + Δ / a      (a = 1/√(σ² + ε))
@@ -25,6 +26,19 @@ corrected (δ_c = 0 there): the standard error comes from the spread of the per-
 and on few samples (a Linear layer sees one value per sample and channel) a correction of noise
 adds noise to the data it did not see. On facenet-pytorch's RNet, correcting every channel cost
 1.6–2.5 dB of held-out output SQNR.
+
+A significant shift is then moved toward zero by ``SHRINK`` of that spread σ_c (the standard
+deviation of the per-sample mean errors, not the standard error): the correction is
+sign(δ_c)·max(|δ_c| − SHRINK·σ_c, 0), the part of the shift the samples share. Where the samples
+disagree, δ_c depends on which samples were drawn, and other data (other photographs) has another
+mean error; a correction d lowers the squared mean error of data whose own mean error is m as long
+as d lies between 0 and 2m, so a smaller d is safe on more data. On NudeNet's YOLOv8n (32
+calibration photographs, 256 others, 3 draws) the full correction lowered the box F1 against float
+from 0.902 to 0.849 while it raised the output SQNR 30.41 -> 32.28 dB; with SHRINK 0.125, 0.25, 0.5
+and 1: F1 0.916 / 0.915 / 0.909 / 0.911, SQNR 32.51 / 32.58 / 32.52 / 31.91 dB. On MTCNN (6 draws
+of 64 crops, 512 crops of other photographs) 0.25 moved the mean change from plain calibration from
+−0.19 to −0.15 dB (worst −1.03 to −0.70); it cost the digits CNN 0.02 dB and the low-light model
+0.09 dB (36.46 -> 36.44, 31.47 -> 31.38) and gave PP-OCR's text detector 0.12 dB (13.46 -> 13.58).
 
 The model runs once in quantize mode, node by node over groups of stacked samples
 (:func:`deployq.ptq.batched.run_node_by_node`): at each layer its output on every sample gives δ,
@@ -54,6 +68,7 @@ from deployq.qat.fused import QuantLayer
 
 
 SIGNIFICANCE = 2.0  # a channel's mean error is corrected when it is this many standard errors from zero
+SHRINK = 0.25  # ... by its mean less this many standard deviations of the per-sample mean errors (see above)
 
 
 @dataclass(frozen=True)
@@ -62,9 +77,10 @@ class BiasCorrectionReport:
     standard deviation of the float pre-activation output over all its elements; ``skipped``: the
     layers with neither a bias nor a BatchNorm (left as they are); ``within_noise``: how many
     output channels, over all layers, were left uncorrected because their shift was not
-    significant, and ``channels`` how many there were; ``outputs``: the corrected model's outputs
-    on the samples it learned from, as :func:`~deployq.ptq.batched.model_outputs` returns them
-    (None where the layers were corrected one pass each)."""
+    significant or not above ``SHRINK`` of its spread over samples, and ``channels`` how many
+    there were; ``outputs``: the corrected model's outputs on the samples it learned from, as
+    :func:`~deployq.ptq.batched.model_outputs` returns them (None where the layers were corrected
+    one pass each)."""
 
     layers: tuple[tuple[str, float], ...]
     skipped: tuple[str, ...] = ()
@@ -83,21 +99,25 @@ def output_error(layer: QuantLayer, data: LayerData) -> torch.Tensor:
     return channel_mean(quantized_output(layer, data.x_quant) - data.y_float, channel_dim(layer))
 
 
-def significant(per_sample: torch.Tensor, significance: float = SIGNIFICANCE) -> torch.Tensor:
-    """δ_c, the mean of the per-sample mean errors (N, C), where it is more than `significance`
-    standard errors (their spread over √N) from zero, else 0. With one sample there is no spread
-    to measure and every channel keeps its δ_c."""
+def correction(per_sample: torch.Tensor, significance: float = SIGNIFICANCE, shrink: float = SHRINK) -> torch.Tensor:
+    """The correction per channel from the per-sample mean errors (N, C): their mean δ_c moved
+    toward zero by `shrink` of their spread σ_c, sign(δ_c)·max(|δ_c| − shrink·σ_c, 0), where δ_c is
+    more than `significance` standard errors (σ_c / √N) from zero, else 0. With one sample there
+    is no spread to measure and every channel keeps its δ_c."""
     delta = per_sample.mean(0)
     if per_sample.shape[0] < 2:
         return delta
-    standard_error = per_sample.std(0) / per_sample.shape[0] ** 0.5
-    return torch.where(delta.abs() > significance * standard_error, delta, torch.zeros_like(delta))
+    spread = per_sample.std(0)
+    shared = torch.sign(delta) * (delta.abs() - shrink * spread).clamp(min=0)
+    return torch.where(delta.abs() > significance * spread / per_sample.shape[0] ** 0.5, shared,
+                       torch.zeros_like(delta))
 
 
-def significant_error(layer: QuantLayer, data: LayerData, significance: float = SIGNIFICANCE) -> torch.Tensor:
-    """:func:`significant` of the layer's error on captured data: y_q − y per sample and channel."""
+def layer_correction(layer: QuantLayer, data: LayerData, significance: float = SIGNIFICANCE,
+                     shrink: float = SHRINK) -> torch.Tensor:
+    """:func:`correction` of the layer's error on captured data: y_q − y per sample and channel."""
     error = quantized_output(layer, data.x_quant) - data.y_float
-    return significant(per_sample_means(error, channel_dim(layer)), significance).to(error.dtype)
+    return correction(per_sample_means(error, channel_dim(layer)), significance, shrink).to(error.dtype)
 
 
 def bias_rounding(layer: QuantLayer) -> torch.Tensor | float:
@@ -155,8 +175,8 @@ def float_targets(model: fx.GraphModule, batches: Iterable[Any], *, max_batches:
 
 def correct_bias(model: fx.GraphModule, batches: Iterable[Any], *, max_batches: int = 8,
                  layers: Optional[Sequence[str]] = None, progress: bool = False,
-                 reference: Optional[fx.GraphModule] = None, targets: Optional[FloatPass] = None
-                 ) -> BiasCorrectionReport:
+                 reference: Optional[fx.GraphModule] = None, targets: Optional[FloatPass] = None,
+                 shrink: float = SHRINK) -> BiasCorrectionReport:
     """Correct the bias of every quantized weight layer of a prepared, calibrated `model`, in place.
 
     `batches`: calibration inputs (the first `max_batches` are used). `layers`: module paths to
@@ -164,6 +184,8 @@ def correct_bias(model: fx.GraphModule, batches: Iterable[Any], *, max_batches: 
     `reference`: the prepared model whose float mode gives the targets; by default `model` as it
     is when called (its targets are taken in one float pass before anything is corrected).
     `targets`: :func:`float_targets` of the same arguments, where the caller has taken them.
+    `shrink`: how many standard deviations of a channel's per-sample errors its correction stays
+    short of their mean (0: the whole mean error, as in the papers).
     Every module's mode is restored afterwards.
     """
     inputs = take_batches(model, batches, max_batches)
@@ -177,7 +199,7 @@ def correct_bias(model: fx.GraphModule, batches: Iterable[Any], *, max_batches: 
         """Correct `layer` from its uncorrected pre-activation outputs on every sample."""
         dim = channel_dim(layer)
         per_sample = torch.cat([per_sample_means(y, dim) for y in outputs])
-        delta = significant(per_sample - means[path][0]).to(outputs[0].dtype)
+        delta = correction(per_sample - means[path][0], shrink=shrink).to(outputs[0].dtype)
         shift_bias(layer, bias_rounding(layer) - delta)
         corrected[path] = delta
 

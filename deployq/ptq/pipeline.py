@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from deployq.core.progress import stage
 from deployq.ptq.adaround import KEPT_NEAREST, AdaRoundReport, adaround
-from deployq.ptq.bias_correction import SIGNIFICANCE, correct_bias, float_targets
+from deployq.ptq.bias_correction import SHRINK, SIGNIFICANCE, correct_bias, float_targets
 from deployq.ptq.batched import model_outputs
 from deployq.ptq.calibration_search import mean_output_sqnr_db, search_calibration
 from deployq.ptq.equalize import equalize
@@ -168,7 +168,8 @@ def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.Graph
                           targets=targets)
     note = (f"bias: {len(report.layers)} layers corrected on {learned_from}; {report.within_noise} of "
             f"{report.channels} channels left as they were (their mean error within "
-            f"{SIGNIFICANCE:g} standard errors of zero)"
+            f"{SIGNIFICANCE:g} standard errors of zero, or under {SHRINK:g} of its spread over samples; "
+            f"the others corrected by their mean error less {SHRINK:g} of that spread)"
             + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else ""))
     return note, report.outputs
 
@@ -252,7 +253,7 @@ class HeldOut:
         if now >= self.score:
             self.score = now
             return None
-        return f"{method}: undone, it lowered the output SQNR on {self.where} from {self.score:.2f} to {now:.2f} dB"
+        return f"{method}: undone, it lowered the output SQNR on {self.where}: {self.score:.2f} -> {now:.2f} dB"
 
 
 def zeroq_feeds(float_model: nn.Module, names_and_shapes: Sequence[tuple[str, tuple[int, ...]]], count: int, *,
