@@ -114,7 +114,7 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
            ort_format: bool = True, weight_bits: Optional[int] = None, act_signed: bool = False,
            output_names: Optional[Sequence[str]] = None, adaround_iterations: int = PTQOptions.adaround_iterations,
            refine_samples: int = PTQOptions.refine_samples, search_samples: int = PTQOptions.search_samples,
-           progress: bool = False) -> ExportResult:
+           bias_shrink: float = PTQOptions.bias_shrink, progress: bool = False) -> ExportResult:
     """Export to ``out_dir``: model.float.onnx, model.<target>.onnx, qparams.json (and the ORT file).
 
     `model`: a model from :func:`deployq.qat.prepare` (calibrated or trained), a float ``nn.Module``
@@ -125,7 +125,7 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
     of batches (tensors, or tuples of tensors for several inputs), or ``"zeroq"`` (inputs synthesized
     from the model's BatchNorm statistics). `ptq`: post-training methods to apply with the
     calibration, a subset of ("cle", "search", "adaround", "bias"), with their budgets
-    `adaround_iterations`, `refine_samples` and `search_samples` (or a
+    `adaround_iterations`, `refine_samples`, `search_samples` and `bias_shrink` (or a
     :class:`deployq.ptq.pipeline.PTQOptions` holding methods and budgets).
     `calib_limit`, `target`, `device`, `opset`, `dynamic_hw`, `ort_format`, `weight_bits`,
     `act_signed` and `output_names` are ``deployq export``'s options of the same names (``--help``).
@@ -143,7 +143,8 @@ def export(model: ModelLike, example_inputs: object = None, out_dir: Union[str, 
         calib = _batches(calib)
     return _export(source, out_dir, target=target, opset=opset, calib=calib, calib_limit=calib_limit,
                    ptq=ptq if isinstance(ptq, PTQOptions) else PTQOptions(tuple(ptq), adaround_iterations,
-                                                                          refine_samples, search_samples),
+                                                                          refine_samples, search_samples,
+                                                                          bias_shrink),
                    dynamic_hw=dynamic_hw,
                    device=device, ort_format=ort_format, weight_bits=weight_bits, act_signed=act_signed,
                    output_names=list(output_names) if output_names else None, progress=progress)

@@ -75,8 +75,9 @@ def _recorder(calls: dict, name: str, result: object = None):
 
 
 INVOCATIONS = {  # command line -> the API function it must reach, and keywords it must pass
-    "export": (["export", "--ckpt", "x.pt", "--calib-batches", "7", "--ptq", "bias", "--refine-samples", "5"],
-               "export", {"calib_limit": 7, "ptq": ("bias",), "refine_samples": 5}),
+    "export": (["export", "--ckpt", "x.pt", "--calib-batches", "7", "--ptq", "bias", "--refine-samples", "5",
+                "--bias-shrink", "0"], "export", {"calib_limit": 7, "ptq": ("bias",), "refine_samples": 5,
+                                                  "bias_shrink": 0.0}),
     "export defaults": (["export", "--ckpt", "x.pt"], "export", {"calib_limit": 100, "ptq": (), "target": "int8"}),
     "inspect": (["inspect", "--ckpt", "x.pt"], "inspect", {}),
     "hessian": (["hessian", "--ckpt", "x.pt", "--data", ".", "--batches", "3", "--estimator", "per-layer"], "hessian",

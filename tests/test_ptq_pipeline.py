@@ -63,6 +63,23 @@ def test_method_budgets_count_samples_whatever_the_batch_size():
     assert len(first_samples(pairs, 8)) == 2 and len(first_samples(ones[:3], 32)) == 3
     with pytest.raises(ValueError, match="refine_samples and search_samples"):
         PTQOptions(("bias",), refine_samples=0)
+    with pytest.raises(ValueError, match="bias_shrink must be 0 or more"):
+        PTQOptions(("bias",), bias_shrink=-0.5)
+
+
+def test_bias_shrink_reaches_the_correction_and_its_note(float_model, monkeypatch):
+    from deployq.ptq import pipeline
+
+    seen = []
+    real = pipeline.correct_bias
+    monkeypatch.setattr(pipeline, "correct_bias", lambda *args, **kwargs: seen.append(kwargs["shrink"])
+                        or real(*args, **kwargs))
+    for shrink in (0.0, 0.5):
+        model = deployq.prepare(float_model, torch.rand(*SHAPE))
+        result = pipeline.quantize_post_training(model, _photos(4, 2), PTQOptions(("bias",), bias_shrink=shrink),
+                                                 progress=False)
+        assert any(n.startswith("bias: ") and f"less {shrink:g} of that spread" in n for n in result.notes)
+    assert seen == [0.0, 0.5]
 
 
 def test_every_method_together_stays_exact_and_diff_compares_with_the_users_float_model(every_method):

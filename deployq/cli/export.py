@@ -56,6 +56,10 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
 @api_option(api.export, "search_samples", "--search-samples", type=click.IntRange(1), show_default=True,
             help="--ptq search: calibration samples each choice is scored on (held out of the observation "
                  "when the calibration set has at least twice as many).")
+@api_option(api.export, "bias_shrink", "--bias-shrink", type=click.FloatRange(0), show_default=True,
+            help="--ptq bias: each channel's correction is its mean error on the samples less this many standard "
+                 "deviations of that error over the samples (0: the whole mean error, as the papers do); where the "
+                 "samples disagree, data unlike them needs a smaller correction.")
 @api_option(api.export, "target", "--target", type=click.Choice(["int8", "int16", "fp32"]), show_default=True,
             help="int8: 8-bit body, special layers at their bits; int16: everything 16-bit; fp32: float only.")
 @api_option(api.export, "out_dir", "--out", type=click.Path(file_okay=False), show_default=True,
@@ -86,7 +90,8 @@ DEVICE_NAMES = ("cpu", "nnapi", "qnn", "xnnpack", "coreml")  # the profiles of d
 @handle_errors
 def export(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str], model_kwargs: Optional[dict],
            config: Optional[str], input_shape: Optional[list], leaf: tuple, calib: Optional[str], calib_limit: int,
-           ptq: tuple, adaround_iterations: int, refine_samples: int, search_samples: int, target: str,
+           ptq: tuple, adaround_iterations: int, refine_samples: int, search_samples: int, bias_shrink: float,
+           target: str,
            out_dir: str, opset: int, weight_bits: Optional[int], act_signed: bool, dynamic_hw: bool, device: str,
            ort_format: bool, output_names: Optional[list], json_path: Optional[str]) -> None:
     """Export a checkpoint to ONNX: the float model and the integer (QDQ) model.
@@ -119,7 +124,7 @@ def export(onnx_file: Optional[str], ckpt: Optional[str], factory: Optional[str]
                             config=config, input_shape=input_shape, leaf=leaf)
     result = api.export(source, out_dir=out_dir, calib=calib, calib_limit=calib_limit, ptq=ptq,
                         adaround_iterations=adaround_iterations, refine_samples=refine_samples,
-                        search_samples=search_samples, target=target, device=device, opset=opset,
+                        search_samples=search_samples, bias_shrink=bias_shrink, target=target, device=device, opset=opset,
                         dynamic_hw=dynamic_hw, ort_format=ort_format, weight_bits=weight_bits, act_signed=act_signed,
                         output_names=output_names, progress=json_path != "-")
     write_json(json_path, export_json(result))

@@ -63,11 +63,14 @@ class PTQOptions:
     adaround_iterations: int = 200  # optimization steps per layer
     refine_samples: int = REFINE_SAMPLES  # calibration samples AdaRound and bias correction learn from
     search_samples: int = 8  # calibration samples the search scores its choices on (held out)
+    bias_shrink: float = SHRINK  # per-sample standard deviations each bias correction stays short of the mean
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", parse_methods(",".join(self.methods)))
         if min(self.adaround_iterations, self.refine_samples, self.search_samples) < 1:
             raise ValueError("adaround_iterations, refine_samples and search_samples must be at least 1")
+        if not self.bias_shrink >= 0:
+            raise ValueError(f"bias_shrink must be 0 or more, got {self.bias_shrink}")
 
 
 @dataclass
@@ -165,11 +168,11 @@ def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.Graph
                 + kept_nearest_text(report)), None
     stage("ptq: bias correction, layer by layer", progress)
     report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress,
-                          targets=targets)
+                          targets=targets, shrink=options.bias_shrink)
     note = (f"bias: {len(report.layers)} layers corrected on {learned_from}; {report.within_noise} of "
             f"{report.channels} channels left as they were (their mean error within "
-            f"{SIGNIFICANCE:g} standard errors of zero, or under {SHRINK:g} of its spread over samples; "
-            f"the others corrected by their mean error less {SHRINK:g} of that spread)"
+            f"{SIGNIFICANCE:g} standard errors of zero, or under {options.bias_shrink:g} of its spread over "
+            f"samples; the others corrected by their mean error less {options.bias_shrink:g} of that spread)"
             + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else ""))
     return note, report.outputs
 
