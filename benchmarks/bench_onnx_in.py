@@ -14,7 +14,8 @@ preprocessed as rapidocr does, and crops of scikit-image's sample photographs (t
 people) for the YOLO detector. Calibration draws (seed 0) and held-out draws
 (seed 1) are disjoint; every tool gets the same calibration inputs and the same user file:
 
-* ``deployq export --onnx FILE --calib ...`` (plain min/max, and ``--ptq bias``);
+* ``deployq export --onnx FILE --calib ...`` (plain min/max, ``--ptq bias``, and that with
+  ``--bias-shrink 0.25``: each correction its mean less a quarter of its spread over the samples);
 * ``quantize_static`` (MinMax; QDQ, per-channel s8 weights, u8 activations);
 * NNCF's ONNX ``nncf.quantize``: its defaults (fast bias correction), and its full bias correction
   (``fast_bias_correction=False``), and that with min/max activation ranges and no overflow fix
@@ -188,7 +189,8 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
     held_out, truth = data(name, held_out_count(name, args), seed=1)
     reference = outputs(user_file, held_out)
     import_peers()
-    labels = ["deployq export --onnx (min/max)", "deployq export --onnx --ptq bias", "quantize_static MinMax",
+    labels = ["deployq export --onnx (min/max)", "deployq export --onnx --ptq bias",
+              "deployq export --onnx --ptq bias --bias-shrink 0.25", "quantize_static MinMax",
               "NNCF default (fast bias correction)", "NNCF full bias correction",
               "NNCF full bias correction, min/max, no overflow fix"]
     results: dict[str, list] = {label: [] for label in labels}
@@ -196,14 +198,15 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
         calibration, _ = data(name, args.calib, seed=2 * seed)
         batches = [x[None] for x in calibration]
 
-        def deployq_export(folder: str, methods: tuple[str, ...]) -> tuple[Path, int]:
+        def deployq_export(folder: str, methods: tuple[str, ...], shrink: float = 0.0) -> tuple[Path, int]:
             result = deployq.export(str(user_file), calibration[:1], work / folder, calib=batches, ptq=methods,
-                                    ort_format=False)
+                                    bias_shrink=shrink, ort_format=False)
             parity = deployq.check(str(result.files["checkpoint"]), result.files["int8"], batches[:2])
             return result.files["int8"], parity.max_lsb
 
         makers: list[Callable[[], tuple[Path, Optional[int]]]] = [
             lambda: deployq_export("plain", ()), lambda: deployq_export("bias", ("bias",)),
+            lambda: deployq_export("shrunk", ("bias",), 0.25),
             lambda: (common.quantize_static_qdq(user_file, work / "static.onnx", batches, "MinMax"), None),
             lambda: (nncf_quantize(user_file, work / "nncf.onnx", batches, False), None),
             lambda: (nncf_quantize(user_file, work / "nncf_full.onnx", batches, True), None),

@@ -78,7 +78,8 @@ def test_bias_shrink_reaches_the_correction_and_its_note(float_model, monkeypatc
         model = deployq.prepare(float_model, torch.rand(*SHAPE))
         result = pipeline.quantize_post_training(model, _photos(4, 2), PTQOptions(("bias",), bias_shrink=shrink),
                                                  progress=False)
-        assert any(n.startswith("bias: ") and f"less {shrink:g} of that spread" in n for n in result.notes)
+        note = next(n for n in result.notes if n.startswith("bias: ") and "corrected on" in n)
+        assert ("less 0.5 of that spread" in note) == (shrink == 0.5), note
     assert seen == [0.0, 0.5]
 
 

@@ -169,10 +169,11 @@ def _refine(method: str, model: fx.GraphModule, learn: list, reference: fx.Graph
     stage("ptq: bias correction, layer by layer", progress)
     report = correct_bias(model, learn, max_batches=len(learn), reference=reference, progress=progress,
                           targets=targets, shrink=options.bias_shrink)
+    shrunk = (f", or under {options.bias_shrink:g} of its spread over samples; the others corrected by their "
+              f"mean error less {options.bias_shrink:g} of that spread" if options.bias_shrink else "")
     note = (f"bias: {len(report.layers)} layers corrected on {learned_from}; {report.within_noise} of "
             f"{report.channels} channels left as they were (their mean error within "
-            f"{SIGNIFICANCE:g} standard errors of zero, or under {options.bias_shrink:g} of its spread over "
-            f"samples; the others corrected by their mean error less {options.bias_shrink:g} of that spread)"
+            f"{SIGNIFICANCE:g} standard errors of zero{shrunk})"
             + (f", {len(report.skipped)} without a bias or BatchNorm left alone" if report.skipped else ""))
     return note, report.outputs
 
