@@ -260,7 +260,10 @@ def run(argv: list[str]) -> common.Section:
              "(`scripts/install-peers.sh`). Seconds: the tool's own quantization, mean, each tool at its default "
              f"threads (torch: {torch_threads()}; the onnxruntime sessions inside quantize_static and NNCF: one per core) "
              "(deployq's export also writes "
-             "the float graph, the checkpoint and qparams.json, and traces the model to ONNX). diff: the quant points "
+             "the float graph, the checkpoint and qparams.json, and traces the model to ONNX; its seconds include "
+             "`deployq check` on 2 inputs, and the trace takes 1-8 s on the classifier by what ran before it in the "
+             "process: the `--bias-shrink` row, third in each draw, mostly gets the short one, so its seconds do not "
+             "compare with the two rows before it). diff: the quant points "
              "`deployq diff USER_FILE QUANT_FILE` pairs, of all, on the first draw. Machine: "
              + common.machine_text() + "."]
     return common.Section("onnx_in", "ONNX in: trained models shipped in a PyPI wheel, deployq vs quantize_static "

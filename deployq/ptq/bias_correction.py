@@ -35,11 +35,12 @@ samples disagree, other data (other photographs) has another mean error; a corre
 the squared mean error of data whose own mean error is m as long as d lies between 0 and 2m, so a
 smaller d is safe on more data. The default, ``SHRINK`` = 0, corrects the whole mean error, as the
 papers do. Measured against 0.25 on the trained models of ``bench_peers.py`` and
-``bench_onnx_in.py`` (the same runs, held out as there): 0.25 kept NudeNet's YOLOv8n box F1 against
+``bench_onnx_in.py`` (held out as there; ``bench_peers.py`` at commit cafe4d5, where 0.25 was the
+default; ``bench_onnx_in.py`` has a row for it): 0.25 kept NudeNet's YOLOv8n box F1 against
 float (0.902 plain, 0.849 with the whole correction, 0.915 shrunk; output SQNR 32.28 -> 32.58 dB)
 and gained 0.12 dB on PP-OCR's detector, but lowered the output SQNR in 13 of the 19 settings
 (MTCNN's ONet 35.50 -> 35.05 dB, below plain calibration, where the whole correction had been
-undone by the check; PP-OCR's recognizer −0.37 dB, classifier −0.24, the low-light model −0.09);
+undone by the check; PP-OCR's recognizer −0.39 dB, classifier −0.24, the low-light model −0.09);
 over the 15 bias rows of ``bench_peers.py`` −0.13 dB on average.
 
 The model runs once in quantize mode, node by node over groups of stacked samples
