@@ -199,6 +199,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
         batches = [x[None] for x in calibration]
 
         def deployq_export(folder: str, methods: tuple[str, ...], shrink: float = 0.0) -> tuple[Path, int]:
+            common.clear_export_cache()  # timed from scratch, as a new process runs it
             result = deployq.export(str(user_file), calibration[:1], work / folder, calib=batches, ptq=methods,
                                     bias_shrink=shrink, ort_format=False)
             parity = deployq.check(str(result.files["checkpoint"]), result.files["int8"], batches[:2])
@@ -260,10 +261,9 @@ def run(argv: list[str]) -> common.Section:
              "(`scripts/install-peers.sh`). Seconds: the tool's own quantization, mean, each tool at its default "
              f"threads (torch: {torch_threads()}; the onnxruntime sessions inside quantize_static and NNCF: one per core) "
              "(deployq's export also writes "
-             "the float graph, the checkpoint and qparams.json, and traces the model to ONNX; its seconds include "
-             "`deployq check` on 2 inputs, and the trace takes 1-8 s on the classifier by what ran before it in the "
-             "process: the `--bias-shrink` row, third in each draw, mostly gets the short one, so its seconds do not "
-             "compare with the two rows before it). diff: the quant points "
+             "the float graph, the checkpoint and qparams.json, and traces the model to ONNX, each export from scratch, "
+             "not from the trace an earlier export in the process left behind; its seconds include `deployq check` "
+             "on 2 inputs). diff: the quant points "
              "`deployq diff USER_FILE QUANT_FILE` pairs, of all, on the first draw. Machine: "
              + common.machine_text() + "."]
     return common.Section("onnx_in", "ONNX in: trained models shipped in a PyPI wheel, deployq vs quantize_static "
