@@ -184,6 +184,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
     calibration draws (seeds 0, 2, 4, ...; the held-out draw is seed 1)."""
     import deployq
     from benchmarks.bench_peers import import_peers, nncf_quantize
+    from deployq.ptq.bias_correction import SHRINK
 
     user_file = model_file(name, work)
     held_out, truth = data(name, held_out_count(name, args), seed=1)
@@ -198,7 +199,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> list[list[str]]:
         calibration, _ = data(name, args.calib, seed=2 * seed)
         batches = [x[None] for x in calibration]
 
-        def deployq_export(folder: str, methods: tuple[str, ...], shrink: float = 0.0) -> tuple[Path, int]:
+        def deployq_export(folder: str, methods: tuple[str, ...], shrink: float = SHRINK) -> tuple[Path, int]:
             common.clear_export_cache()  # timed from scratch, as a new process runs it
             result = deployq.export(str(user_file), calibration[:1], work / folder, calib=batches, ptq=methods,
                                     bias_shrink=shrink, ort_format=False)
